@@ -1,0 +1,65 @@
+"""Records the agent keeps about jobs and leases, shared by the node, journal and API."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# queued -> placed -> running -> succeeded | failed | cancelled | preempted | lost
+QUEUED = "queued"
+PLACED = "placed"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+PREEMPTED = "preempted"
+LOST = "lost"
+
+STATES = (QUEUED, PLACED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST})
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """One job as one agent knows it.
+
+    The submitting agent (``origin``) keeps the record the user sees. The owner of the
+    leased device (``node``) keeps its own record of the process it runs; when a job runs
+    on the node where it was submitted, both are the same row.
+    """
+
+    id: str
+    origin: str
+    command: list[str]
+    compute_milli: int
+    memory_mib: int
+    kind: str = "any"
+    priority: int = 0
+    requeue: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    state: str = QUEUED
+    reason: str = ""
+    node: str = ""  # owner of the leased device, once placed
+    device: str = ""
+    lease_id: str = ""
+    token: int = 0  # fencing token of the lease
+    term: int = 0  # coordinator term that placed it
+    exit_code: int | None = None
+    pid: int | None = None
+    pid_start: int | None = None  # /proc start time, to tell a reused pid from ours
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    role: str = "origin"  # "origin", "owner" or "both"
+    uid: int | None = None  # submitting user, when known
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in names})
