@@ -1,0 +1,751 @@
+"""One node's sans-IO composition: membership, facts, election, scheduler, leases, jobs.
+
+Theory of operation
+-------------------
+The runtime (or the simulator) feeds the node four kinds of input and carries out the
+effects it returns from ``drain()``:
+
+- ``step_packet(src, bytes, now)``: a UDP datagram; anything undecodable is counted.
+- ``handle_request(msg, now) -> reply``: an agent-to-agent call that arrived over TCP.
+- ``call_result(call_id, reply | None, error, now)``: the outcome of a ``Call`` effect.
+- ``tick(now)``: time passed; call again no later than ``next_deadline()``.
+
+A job's life across nodes::
+
+    origin --Submit--> coordinator --LeaseRequest--> owner      (owner reserves on its books)
+    origin <--Placed-- coordinator                              (lease id + fencing token)
+    origin --StartJob--> owner                                  (owner starts the process)
+    origin --JobSync (long poll)--> owner                       (state and output, by runtime)
+
+Only the origin starts a job, once per lease, so a coordinator that dies half-way can
+cause at most a reserved lease that expires, never a job that runs twice. The origin
+re-submits a queued job whenever the coordinator changes and every ``submit_refresh``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flexmesh.agent.devices.base import Device
+from flexmesh.agent.models import (
+    CANCELLED,
+    FAILED,
+    LOST,
+    PLACED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+)
+from flexmesh.agent.scheduler import Scheduler
+from flexmesh.policies import Candidate, NoFit, Request, get_policy
+from flexmesh.protocol import wire
+from flexmesh.protocol.election import Belief, Voter, decide
+from flexmesh.protocol.lease import Lease, LeaseTable, Refusal
+from flexmesh.protocol.membership import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    Config,
+    FactsEvent,
+    Member,
+    MemberEvent,
+    Membership,
+    SendPacket,
+    StartPushPull,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    addr: str
+    membership: Config = field(default_factory=Config)
+    priority: int = 0
+    eligible: bool = True  # may be elected coordinator
+    policy: str = "best-fit"
+    lease_ttl: float = 15.0  # a reserved lease not started within this is taken back
+    call_timeout: float = 5.0
+    submit_refresh: float = 5.0  # re-send Submit for a still-queued job this often
+    local_fallback_after: float = 6.0  # no coordinator answer: place on own devices
+
+
+# --- effects the runtime carries out -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    call_id: int
+    node: str
+    addr: str
+    msg: wire.Message
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PersistJob:
+    job: JobRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PersistLease:
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class RunJob:
+    job: JobRecord
+    device: Device
+
+
+@dataclass(frozen=True, slots=True)
+class StopJob:
+    job_id: str
+    reason: str
+    state: str  # the terminal state the job gets once stopped
+
+
+@dataclass(frozen=True, slots=True)
+class WatchJob:
+    """Origin: follow a job that runs on another node (state and output)."""
+
+    job_id: str
+    node: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    event: str
+    fields: dict[str, Any]
+
+
+Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | Call | PersistJob
+          | PersistLease | RunJob | StopJob | WatchJob | LogEvent)
+Continuation = Callable[[wire.Message | None, str, float], None]
+
+
+@dataclass(slots=True)
+class _OriginState:
+    sent_to: tuple[str, int] | None = None  # (coordinator, term) that acknowledged it
+    next_submit: float = 0.0
+    coordinator_silent_since: float | None = None
+    start_deadline: float = 0.0
+    start_inflight: bool = False
+
+
+class Node:
+    def __init__(
+        self, config: NodeConfig, rng: random.Random, now: float, incarnation: int = 0,
+        token: int = 0, max_term: int = 0,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.rng = rng
+        self.membership = Membership(config.name, config.addr, config.membership, rng, now,
+                                     incarnation)
+        self.leases = LeaseTable(config.name, token, max_term)
+        self.scheduler = Scheduler(get_policy(config.policy))
+        self.devices: dict[str, Device] = {}
+        self.foreign: dict[str, tuple[int, int]] = {}
+        self.jobs: dict[str, JobRecord] = {}
+        self.belief = Belief(None, 0)
+        self.claim = 0
+        self.max_term = max_term
+        self.counters: dict[str, int] = {}
+        self._out: list[Effect] = []
+        self._calls: dict[int, Continuation] = {}
+        self._call_seq = 0
+        self._origin: dict[str, _OriginState] = {}
+        self._stopping: dict[str, StopJob] = {}
+        self._dirty_election = True
+        self._dirty_schedule = False
+        self._next_housekeeping = now
+        self._publish_facts()
+
+    # --- effects ------------------------------------------------------------------------
+
+    def drain(self) -> list[Effect]:
+        self._pull_membership()
+        out, self._out = self._out, []
+        return out
+
+    def _pull_membership(self) -> None:
+        for eff in self.membership.drain():
+            self._out.append(eff)
+            if isinstance(eff, MemberEvent):
+                self._on_member_event(eff)
+            elif isinstance(eff, FactsEvent):
+                self._dirty_election = True
+                self._dirty_schedule = True
+
+    def _log(self, event: str, **fields: Any) -> None:
+        self._out.append(LogEvent(event, fields))
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def _call(self, node: str, msg: wire.Message, then: Continuation, now: float) -> None:
+        member = self.membership.members.get(node)
+        if member is None or member.state in (DEAD, LEFT):
+            then(None, f"node {node} is not a live member", now)
+            return
+        self._call_seq += 1
+        self._calls[self._call_seq] = then
+        self._out.append(Call(self._call_seq, node, member.addr, msg, self.config.call_timeout))
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def step_packet(self, src: str, data: bytes, now: float) -> None:
+        try:
+            msgs = wire.decode_packet(data)
+        except wire.DecodeError:
+            self._count("packets_dropped_malformed")
+            return
+        self.membership.step(src, msgs, now)
+        self._after_input(now)
+
+    def call_result(self, call_id: int, reply: wire.Message | None, error: str,
+                    now: float) -> None:
+        then = self._calls.pop(call_id, None)
+        if then is not None:
+            then(reply, error, now)
+            self._after_input(now)
+
+    def tick(self, now: float) -> None:
+        self.membership.tick(now)
+        for lease in self.leases.expire(now):
+            self._log("lease_expired", lease=lease.id, job=lease.job_id)
+            self._out.append(PersistLease(lease))
+            self._publish_facts()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + 0.5
+            self._tick_origin(now)
+            self.scheduler.prune_placed(now - 4 * self.config.lease_ttl)
+            self._dirty_schedule = self._dirty_schedule or bool(self.scheduler.queue)
+        self._after_input(now)
+
+    def next_deadline(self) -> float:
+        times = [self.membership.next_deadline(), self._next_housekeeping]
+        lease_deadline = self.leases.next_deadline()
+        if lease_deadline is not None:
+            times.append(lease_deadline)
+        return min(times)
+
+    def _after_input(self, now: float) -> None:
+        self._pull_membership()
+        if self._dirty_election:
+            self._dirty_election = False
+            self._elect(now)
+        if self._dirty_schedule and self.is_coordinator:
+            self._dirty_schedule = False
+            self._schedule(now)
+
+    # --- membership and election --------------------------------------------------------
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.belief.coordinator == self.name
+
+    def _on_member_event(self, ev: MemberEvent) -> None:
+        self._dirty_election = True
+        self._dirty_schedule = True
+        if ev.state in (DEAD, LEFT):
+            self._owner_gone(ev.name, ev.state)
+
+    def _voters(self) -> list[Voter]:
+        out = []
+        for m in self.membership.members.values():
+            f = m.facts
+            out.append(Voter(
+                m.name, m.state, _int(f.get("prio")), bool(f.get("elig", True)),
+                _int(f.get("claim")), _int(f.get("mt")),
+            ))
+        return out
+
+    def _elect(self, now: float) -> None:
+        voters = self._voters()
+        before = self.belief
+        self.belief, claim = decide(voters, self.name, self.belief, self.claim)
+        term_seen = max(self.max_term, self.belief.term, max((max(v.claim, v.max_term)
+                                                               for v in voters), default=0))
+        changed_claim = claim != self.claim
+        self.claim = claim
+        if term_seen != self.max_term or changed_claim:
+            self.max_term = term_seen
+            self._publish_facts()
+        if self.belief != before:
+            self._log("coordinator", name=self.belief.coordinator, term=self.belief.term)
+            if self.belief.coordinator != before.coordinator and not self.is_coordinator:
+                self.scheduler.queue.clear()  # their origins re-submit to the new one
+            for st in self._origin.values():
+                st.sent_to = None
+                st.next_submit = now
+            self._dirty_schedule = True
+
+    # --- facts --------------------------------------------------------------------------
+
+    def set_devices(self, devices: list[Device], lendable: dict[str, tuple[int, int]]) -> None:
+        """Declare local devices and what of each may be lent (capacity minus local use)."""
+        known = set(self.devices)
+        self.devices = {d.id: d for d in devices}
+        for d in devices:
+            lend_c, lend_m = lendable.get(d.id, (d.compute_milli, d.memory_mib))
+            if not d.healthy:
+                lend_c = lend_m = 0
+            self.leases.set_device(d.id, d.compute_milli, d.memory_mib, lend_c, lend_m)
+        for gone in known - set(self.devices):
+            for lease in self.leases.remove_device(gone):
+                self._out.append(PersistLease(lease))
+        self._publish_facts()
+
+    def _publish_facts(self) -> None:
+        rows = []
+        for d in self.devices.values():
+            used_c, used_m = self.leases.used(d.id)
+            free_c, free_m = self.leases.free(d.id)
+            rows.append([d.id, d.kind, d.model, d.memory_mib, d.compute_milli, used_c, used_m,
+                         free_c, free_m, d.backend, d.healthy])
+        self.membership.set_facts({
+            "dev": rows, "prio": self.config.priority, "elig": self.config.eligible,
+            "claim": self.claim, "mt": self.max_term,
+        })
+
+    def candidates(self, nodes: set[str] | None = None) -> list[Candidate]:
+        out = []
+        for m in self.membership.members.values():
+            if m.state != ALIVE or (nodes is not None and m.name not in nodes):
+                continue
+            out.extend(_device_candidates(m))
+        return out
+
+    # --- coordinator --------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        versions = {m.name: m.facts_version for m in self.membership.members.values()}
+        self.scheduler.prune_shadows(versions)
+        view = self.scheduler.apply_shadows(self.candidates())
+        for prop in self.scheduler.propose(view, now):
+            s = prop.submit
+            req = wire.LeaseRequest(s.job_id, s.origin, prop.placement.device, s.compute_milli,
+                                    s.memory_mib, self.belief.term, self.name)
+            self._log("propose", job=s.job_id, node=prop.placement.node,
+                      device=prop.placement.device)
+            owner = prop.placement.node
+            self._call(owner, req, self._lease_reply_handler(req, owner), now)
+
+    def _lease_reply_handler(self, req: wire.LeaseRequest, owner: str) -> Continuation:
+        def then(reply: wire.Message | None, error: str, now: float) -> None:
+            if isinstance(reply, wire.LeaseReply) and reply.granted:
+                placed = wire.Placed(req.job_id, owner, req.device, reply.lease_id, reply.token,
+                                     req.term)
+                self.scheduler.granted(req.job_id, placed, req.compute_milli, req.memory_mib,
+                                       reply.facts_version, now)
+                self._log("placed", job=req.job_id, node=owner, device=req.device,
+                          lease=reply.lease_id)
+                self._call(req.origin, placed, _ignore, now)
+                return
+            reason = reply.reason if isinstance(reply, wire.LeaseReply) else (
+                error or f"unexpected reply {type(reply).__name__}")
+            self._log("lease_refused", job=req.job_id, node=owner, reason=reason)
+            self.scheduler.refused(req.job_id, reason, now)
+            self._dirty_schedule = True
+        return then
+
+    def _handle_submit(self, msg: wire.Submit, now: float) -> wire.Message:
+        if not self.is_coordinator:
+            return wire.Error(f"not the coordinator (ask {self.belief.coordinator})")
+        result = self.scheduler.enqueue(msg, now)
+        if isinstance(result, wire.Placed):
+            return result
+        self._dirty_schedule = True
+        return wire.Ok(result.reason)
+
+    # --- owner --------------------------------------------------------------------------
+
+    def _handle_lease_request(self, msg: wire.LeaseRequest, now: float) -> wire.Message:
+        result = self.leases.request(
+            job_id=msg.job_id, device=msg.device, compute_milli=msg.compute_milli,
+            memory_mib=msg.memory_mib, term=msg.term, coordinator=msg.coordinator,
+            origin=msg.origin, now=now, ttl=self.config.lease_ttl,
+        )
+        if isinstance(result, Refusal):
+            self._count("leases_refused")
+            return wire.LeaseReply(False, "", 0, self.membership.me.facts_version, result.reason)
+        if result.term > self.max_term:
+            self.max_term = result.term
+            self._dirty_election = True
+        self._out.append(PersistLease(result))
+        self._publish_facts()
+        return wire.LeaseReply(True, result.id, result.token, self.membership.me.facts_version,
+                               "")
+
+    def _handle_start(self, msg: wire.StartJob, now: float) -> wire.Message:
+        job = self.jobs.get(msg.job_id)
+        if job is not None and job.lease_id == msg.lease_id and job.role in ("owner", "both"):
+            return wire.Ok(job.state)  # already started: starting is idempotent
+        result = self.leases.start(msg.lease_id, msg.job_id, msg.token)
+        if isinstance(result, Refusal):
+            return wire.Error(result.reason)
+        device = self.devices.get(result.device)
+        if device is None:
+            self.leases.release(result.id)
+            return wire.Error(f"device {result.device} is gone")
+        if job is None:
+            job = JobRecord(
+                id=msg.job_id, origin=msg.origin, command=list(msg.command),
+                compute_milli=result.compute_milli, memory_mib=result.memory_mib,
+                env=dict(msg.env), created_at=now, role="owner",
+            )
+            self.jobs[job.id] = job
+        else:
+            job.role = "both"
+        job.state, job.node, job.device = PLACED, self.name, result.device
+        job.lease_id, job.token, job.term = result.id, result.token, result.term
+        job.updated_at = now
+        self._out.append(PersistLease(result))
+        self._out.append(PersistJob(replace(job)))
+        self._out.append(RunJob(replace(job), device))
+        self._log("job_start", job=job.id, device=device.id, origin=job.origin)
+        return wire.Ok("starting")
+
+    def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal:
+            return
+        job.state, job.pid, job.pid_start, job.updated_at = RUNNING, pid, pid_start, now
+        self._out.append(PersistJob(replace(job)))
+        self._after_input(now)
+
+    def job_exited(self, job_id: str, exit_code: int | None, reason: str, now: float,
+                   state: str | None = None) -> None:
+        """The process of a job this node owns has ended (or could not start)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal:
+            return
+        stop = self._stopping.pop(job_id, None)
+        if stop is not None:
+            state, reason = stop.state, stop.reason
+        elif state is None:
+            state = SUCCEEDED if exit_code == 0 else FAILED
+        job.state, job.exit_code, job.reason, job.updated_at = state, exit_code, reason, now
+        lease = self.leases.release(job.lease_id)
+        if lease is not None:
+            self._out.append(PersistLease(lease))
+        self._out.append(PersistJob(replace(job)))
+        self._log("job_end", job=job_id, state=state, reason=reason)
+        self._publish_facts()
+        self._after_input(now)
+
+    def _owner_gone(self, node: str, state: str) -> None:
+        """Origin: jobs on a node that died or left can no longer be followed."""
+        for job in self.jobs.values():
+            if job.role == "origin" and job.node == node and job.state in (PLACED, RUNNING):
+                job.state = LOST
+                job.reason = f"node {node} {'left the mesh' if state == LEFT else 'died'}"
+                self._out.append(PersistJob(replace(job)))
+                self._log("job_lost", job=job.id, node=node)
+
+    # --- origin -------------------------------------------------------------------------
+
+    def submit(self, job: JobRecord, now: float) -> None:
+        """A job accepted on this node (already journaled by the runtime)."""
+        self.jobs[job.id] = job
+        self._origin[job.id] = _OriginState(next_submit=now)
+        self._tick_origin(now)
+        self._after_input(now)
+
+    def resume(self, job: JobRecord, now: float) -> None:
+        """Re-adopt a job read from the journal after a restart."""
+        self.jobs[job.id] = job
+        if job.role in ("origin", "both") and job.state == QUEUED:
+            self._origin[job.id] = _OriginState(next_submit=now)
+        elif job.role == "origin" and job.state in (PLACED, RUNNING):
+            self._watch(job)
+
+    def _tick_origin(self, now: float) -> None:
+        for job_id, st in list(self._origin.items()):
+            job = self.jobs.get(job_id)
+            if job is None or job.state != QUEUED:
+                if job is not None and job.state == PLACED and job.role == "origin":
+                    self._maybe_retry_start(job, st, now)
+                    continue
+                del self._origin[job_id]
+                continue
+            if now >= st.next_submit:
+                self._send_submit(job, st, now)
+
+    def _send_submit(self, job: JobRecord, st: _OriginState, now: float) -> None:
+        st.next_submit = now + self.config.submit_refresh
+        coordinator = self.belief.coordinator
+        silent = st.coordinator_silent_since
+        fallback = coordinator is None or (
+            silent is not None and now - silent >= self.config.local_fallback_after)
+        if fallback and self._place_locally(job, now):
+            return
+        if coordinator is None:
+            return
+        msg = wire.Submit(job.id, self.name, job.compute_milli, job.memory_mib, job.kind,
+                          job.priority)
+        if coordinator == self.name:
+            self._on_submit_reply(job.id, self._handle_submit(msg, now), "", now)
+            return
+
+        def then(reply: wire.Message | None, error: str, t: float) -> None:
+            self._on_submit_reply(job.id, reply, error, t)
+        self._call(coordinator, msg, then, now)
+
+    def _on_submit_reply(self, job_id: str, reply: wire.Message | None, error: str,
+                         now: float) -> None:
+        st = self._origin.get(job_id)
+        job = self.jobs.get(job_id)
+        if st is None or job is None:
+            return
+        if isinstance(reply, wire.Placed):
+            self._accept_placed(reply, now)
+        elif isinstance(reply, wire.Ok):
+            st.sent_to = (self.belief.coordinator or "", self.belief.term)
+            st.coordinator_silent_since = None
+            if reply.detail and reply.detail != job.reason:
+                job.reason = reply.detail
+        else:
+            if st.coordinator_silent_since is None:
+                st.coordinator_silent_since = now
+            st.next_submit = min(st.next_submit, now + 1.0)
+            self._log("submit_failed", job=job_id, error=error or str(reply))
+
+    def _place_locally(self, job: JobRecord, now: float) -> bool:
+        """No coordinator answers: place on this node's own devices if the job fits."""
+        req = Request(job.compute_milli, job.memory_mib, job.kind, self.name, job.priority)
+        mine = self.candidates({self.name})
+        result = self.scheduler.policy(req, mine)
+        if isinstance(result, NoFit):
+            return False
+        lease = self.leases.request(
+            job_id=job.id, device=result.device, compute_milli=job.compute_milli,
+            memory_mib=job.memory_mib, term=self.leases.max_term, coordinator=self.name,
+            origin=self.name, now=now, ttl=self.config.lease_ttl,
+        )
+        if isinstance(lease, Refusal):
+            return False
+        self._out.append(PersistLease(lease))
+        self._log("placed_locally", job=job.id, device=result.device)
+        self._publish_facts()
+        self._accept_placed(wire.Placed(job.id, self.name, result.device, lease.id, lease.token,
+                                        lease.term), now)
+        return True
+
+    def _handle_placed(self, msg: wire.Placed, now: float) -> wire.Message:
+        job = self.jobs.get(msg.job_id)
+        if job is None:
+            return wire.Error(f"unknown job {msg.job_id}")
+        if job.state == PLACED and job.lease_id == msg.lease_id:
+            return wire.Ok("already placed")
+        if job.state != QUEUED:
+            return wire.Error(f"job {msg.job_id} is {job.state}")
+        self._accept_placed(msg, now)
+        return wire.Ok("placed")
+
+    def _accept_placed(self, msg: wire.Placed, now: float) -> None:
+        job = self.jobs[msg.job_id]
+        if job.state != QUEUED:
+            return
+        job.state, job.node, job.device = PLACED, msg.node, msg.device
+        job.lease_id, job.token, job.term = msg.lease_id, msg.token, msg.term
+        job.reason, job.updated_at = "", now
+        self._out.append(PersistJob(replace(job)))
+        self._log("job_placed", job=job.id, node=msg.node, device=msg.device)
+        st = self._origin.setdefault(job.id, _OriginState())
+        st.start_deadline = now + self.config.lease_ttl
+        self._send_start(job, now)
+
+    def _send_start(self, job: JobRecord, now: float) -> None:
+        msg = wire.StartJob(job.id, job.lease_id, job.token, self.name, job.command, job.env,
+                            job.compute_milli, job.memory_mib)
+        if job.node == self.name:
+            reply = self._handle_start(msg, now)
+            self._on_start_reply(job.id, reply, "", now)
+            return
+
+        def then(reply: wire.Message | None, error: str, t: float) -> None:
+            self._on_start_reply(job.id, reply, error, t)
+        st = self._origin.get(job.id)
+        if st is not None:
+            st.start_inflight = True
+        self._call(job.node, msg, then, now)
+
+    def _on_start_reply(self, job_id: str, reply: wire.Message | None, error: str,
+                        now: float) -> None:
+        job = self.jobs.get(job_id)
+        st = self._origin.get(job_id)
+        if st is not None:
+            st.start_inflight = False
+        if job is None or job.state != PLACED:
+            return
+        if isinstance(reply, wire.Ok):
+            self._origin.pop(job_id, None)
+            if job.role == "origin":
+                self._watch(job)
+        elif isinstance(reply, wire.Error):
+            self._requeue(job, f"owner {job.node} refused to start: {reply.reason}", now)
+        # No reply at all: _tick_origin retries until the lease would have expired.
+
+    def _maybe_retry_start(self, job: JobRecord, st: _OriginState, now: float) -> None:
+        if st.start_inflight:
+            return
+        if now >= st.start_deadline:
+            self._requeue(job, f"owner {job.node} did not answer before the lease expired", now)
+        else:
+            self._send_start(job, now)
+
+    def _requeue(self, job: JobRecord, reason: str, now: float) -> None:
+        self._log("job_requeued", job=job.id, reason=reason)
+        job.state, job.node, job.device, job.lease_id, job.token = QUEUED, "", "", "", 0
+        job.reason, job.updated_at = f"requeued: {reason}", now
+        self._out.append(PersistJob(replace(job)))
+        self._origin[job.id] = _OriginState(next_submit=now)
+
+    def _watch(self, job: JobRecord) -> None:
+        member = self.membership.members.get(job.node)
+        if member is not None:
+            self._out.append(WatchJob(job.id, job.node, member.addr))
+
+    def remote_update(self, job_id: str, state: str, reason: str, exit_code: int | None,
+                      now: float) -> None:
+        """Origin: what the owner reported about a job it runs."""
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal or state == job.state or state in (QUEUED, ""):
+            return
+        job.state, job.reason, job.exit_code, job.updated_at = state, reason, exit_code, now
+        self._out.append(PersistJob(replace(job)))
+
+    def cancel(self, job_id: str, now: float) -> str:
+        """Cancel a job submitted here; returns what was done, for the user."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return "unknown"
+        if job.terminal:
+            return job.state
+        reason = "cancelled by user"
+        if job.state == QUEUED:
+            job.state, job.reason, job.updated_at = CANCELLED, reason, now
+            self._out.append(PersistJob(replace(job)))
+            self._origin.pop(job_id, None)
+            coordinator = self.belief.coordinator
+            if coordinator == self.name:
+                self.scheduler.withdraw(job_id)
+            elif coordinator:
+                self._call(coordinator, wire.Withdraw(job_id), _ignore, now)
+            return CANCELLED
+        if job.node == self.name:
+            self._handle_cancel(wire.Cancel(job_id, reason), now)
+        else:
+            self._call(job.node, wire.Cancel(job_id, reason), _ignore, now)
+        self._after_input(now)
+        return "cancelling"
+
+    def _handle_cancel(self, msg: wire.Cancel, now: float) -> wire.Message:
+        job = self.jobs.get(msg.job_id)
+        if job is None or job.role not in ("owner", "both"):
+            return wire.Error(f"no job {msg.job_id} runs here")
+        if job.terminal:
+            return wire.Ok(job.state)
+        stop = StopJob(job.id, msg.reason, CANCELLED)
+        self._stopping[job.id] = stop
+        self._out.append(stop)
+        return wire.Ok("stopping")
+
+    # --- requests from peers ------------------------------------------------------------
+
+    def handle_request(self, msg: wire.Message, now: float) -> wire.Message:
+        reply: wire.Message
+        if isinstance(msg, wire.Submit):
+            reply = self._handle_submit(msg, now)
+        elif isinstance(msg, wire.Withdraw):
+            self.scheduler.withdraw(msg.job_id)
+            reply = wire.Ok("withdrawn")
+        elif isinstance(msg, wire.LeaseRequest):
+            reply = self._handle_lease_request(msg, now)
+        elif isinstance(msg, wire.Placed):
+            reply = self._handle_placed(msg, now)
+        elif isinstance(msg, wire.StartJob):
+            reply = self._handle_start(msg, now)
+        elif isinstance(msg, wire.Cancel):
+            reply = self._handle_cancel(msg, now)
+        elif isinstance(msg, wire.PushPull):
+            self.membership.merge_remote_state(msg.states, now)
+            reply = wire.PushPull(False, self.name, self.membership.local_state())
+        else:
+            self._count("unexpected_requests")
+            reply = wire.Error(f"unexpected request {type(msg).__name__}")
+        self._after_input(now)
+        return reply
+
+    def pushpull_request(self, join: bool) -> wire.PushPull:
+        return wire.PushPull(join, self.name, self.membership.local_state())
+
+    def pushpull_reply(self, reply: wire.Message | None, now: float) -> None:
+        if isinstance(reply, wire.PushPull):
+            self.membership.merge_remote_state(reply.states, now)
+            self._after_input(now)
+
+    # --- views for the API ----------------------------------------------------------------
+
+    def nodes_view(self) -> list[dict[str, Any]]:
+        return [
+            {"name": m.name, "address": m.addr, "state": m.state, "incarnation": m.incarnation,
+             "coordinator": m.name == self.belief.coordinator,
+             "devices": len(m.facts.get("dev", []) if isinstance(m.facts.get("dev"), list)
+                            else [])}
+            for m in sorted(self.membership.members.values(), key=lambda m: m.name)
+        ]
+
+    def devices_view(self) -> list[dict[str, Any]]:
+        out = []
+        for m in sorted(self.membership.members.values(), key=lambda m: m.name):
+            if m.state != ALIVE:
+                continue
+            for row in _device_rows(m):
+                out.append({
+                    "node": m.name, "id": row[0], "kind": row[1], "model": row[2],
+                    "memory_mib": row[3], "compute_milli": row[4],
+                    "leased_compute_milli": row[5], "leased_memory_mib": row[6],
+                    "lendable_compute_milli": row[7], "lendable_memory_mib": row[8],
+                    "backend": row[9], "healthy": row[10],
+                })
+        return out
+
+
+def _ignore(reply: wire.Message | None, error: str, now: float) -> None:
+    """For calls whose answer changes nothing (the other side retries on its own)."""
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+_ROW_TYPES = (str, str, str, int, int, int, int, int, int, str, bool)
+
+
+def _device_rows(m: Member) -> list[list[Any]]:
+    """A member's device rows, skipping any that do not have the expected shape."""
+    rows = m.facts.get("dev")
+    if not isinstance(rows, list):
+        return []
+    return [
+        r for r in rows
+        if isinstance(r, list) and len(r) >= len(_ROW_TYPES)
+        and all(isinstance(v, t) for v, t in zip(r, _ROW_TYPES, strict=False))
+    ]
+
+
+def _device_candidates(m: Member) -> list[Candidate]:
+    return [
+        Candidate(node=m.name, device=r[0], kind=r[1], model=r[2], compute_milli=r[4],
+                  memory_mib=r[3], free_compute_milli=r[7], free_memory_mib=r[8],
+                  healthy=r[10])
+        for r in _device_rows(m)
+    ]

@@ -1,0 +1,423 @@
+"""The wire format: typed messages, msgpack bodies, one error for every malformed input.
+
+Theory of operation
+-------------------
+A message is a small frozen dataclass with a numeric ``TYPE_ID``. On the wire it is the
+msgpack array ``[type_id, [field, field, ...]]``; fields are positional, so a later
+version may only *append* fields (older decoders ignore the extra ones) and may only
+*append* message types.
+
+A UDP packet is one version byte followed by a msgpack array of messages, so several
+messages share one datagram (a compound packet) within ``UDP_BUDGET`` bytes. A TCP frame is
+a 4-byte big-endian length followed by one version byte and one message.
+
+Two rules for this file: it does no I/O, and every input that is not a well-formed packet
+raises ``DecodeError`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+UDP_BUDGET = 1400  # bytes: fits a 1500-byte Ethernet MTU with IP/UDP headers and sealing
+MAX_FRAME = 8 * 1024 * 1024  # bytes: the largest TCP frame a peer may send
+FRAME_HEADER = struct.Struct(">I")
+
+
+class DecodeError(Exception):
+    """Raised for any bytes that are not a valid packet or frame of this protocol."""
+
+
+class Message:
+    """Base of every wire message. Subclasses are frozen dataclasses with ``TYPE_ID``."""
+
+    TYPE_ID: ClassVar[int]
+    _checks: ClassVar[tuple[Callable[[Any], bool], ...]]
+
+
+# --- field checks: a decoded value must have exactly the type the field declares ---------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_bytes(v: Any) -> bool:
+    return isinstance(v, bytes)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or _is_int(v)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_str_dict(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+    )
+
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": _is_int,
+    "str": _is_str,
+    "bool": _is_bool,
+    "bytes": _is_bytes,
+    "dict[str, Any]": _is_dict,
+    "list[Any]": _is_list,
+    "int | None": _is_opt_int,
+    "list[str]": _is_str_list,
+    "dict[str, str]": _is_str_dict,
+}
+
+REGISTRY: dict[int, type[Message]] = {}
+
+
+M = TypeVar("M", bound=type[Message])
+
+
+def message(type_id: int) -> Callable[[M], M]:
+    """Register a message dataclass under an append-only type id."""
+
+    def wrap(cls: M) -> M:
+        if type_id in REGISTRY:
+            raise RuntimeError(f"type id {type_id} used twice")
+        cls.TYPE_ID = type_id
+        cls._checks = tuple(_CHECKS[str(f.type)] for f in fields(cls))  # type: ignore[arg-type]
+        REGISTRY[type_id] = cls
+        return cls
+
+    return wrap
+
+
+# ONLY APPEND TO THESE LISTS. The numeric ids and field orders are the protocol itself.
+
+# --- membership, over UDP ----------------------------------------------------------------
+
+
+@message(1)
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    seq: int
+    target: str  # the node the sender means to reach; a restarted address may differ
+    source: str
+    source_addr: str
+
+
+@message(2)
+@dataclass(frozen=True, slots=True)
+class IndirectPing(Message):
+    seq: int
+    target: str
+    target_addr: str
+    source: str
+    source_addr: str
+    nack: bool  # the requester wants a Nack if the target does not answer
+
+
+@message(3)
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    seq: int
+    source: str
+
+
+@message(4)
+@dataclass(frozen=True, slots=True)
+class Nack(Message):
+    seq: int
+    source: str
+
+
+@message(5)
+@dataclass(frozen=True, slots=True)
+class Alive(Message):
+    node: str
+    addr: str
+    incarnation: int
+
+
+@message(6)
+@dataclass(frozen=True, slots=True)
+class Suspect(Message):
+    node: str
+    incarnation: int
+    source: str
+
+
+@message(7)
+@dataclass(frozen=True, slots=True)
+class Dead(Message):
+    node: str
+    incarnation: int
+    source: str  # equal to ``node`` for a graceful leave
+
+
+@message(8)
+@dataclass(frozen=True, slots=True)
+class Facts(Message):
+    """A node's versioned facts (devices, usage, coordinator claim), merged by version."""
+
+    node: str
+    incarnation: int
+    version: int
+    data: dict[str, Any]
+
+
+# --- agent-to-agent calls, over TCP ---------------------------------------------------
+
+
+@message(32)
+@dataclass(frozen=True, slots=True)
+class PushPull(Message):
+    """Full membership state, sent both ways on join and for anti-entropy.
+
+    ``states`` rows: ``[name, addr, incarnation, state, facts_version, facts]``.
+    """
+
+    join: bool
+    source: str
+    states: list[Any]
+
+
+@message(33)
+@dataclass(frozen=True, slots=True)
+class Submit(Message):
+    """Origin -> coordinator: queue a resource request (the command stays at the origin)."""
+
+    job_id: str
+    origin: str
+    compute_milli: int
+    memory_mib: int
+    kind: str
+    priority: int
+
+
+@message(34)
+@dataclass(frozen=True, slots=True)
+class Withdraw(Message):
+    """Origin -> coordinator: drop a queued request (cancelled at the origin)."""
+
+    job_id: str
+
+
+@message(35)
+@dataclass(frozen=True, slots=True)
+class LeaseRequest(Message):
+    """Coordinator -> owner: reserve a fraction of a device for a job."""
+
+    job_id: str
+    origin: str
+    device: str
+    compute_milli: int
+    memory_mib: int
+    term: int
+    coordinator: str
+
+
+@message(36)
+@dataclass(frozen=True, slots=True)
+class LeaseReply(Message):
+    granted: bool
+    lease_id: str
+    token: int
+    facts_version: int
+    reason: str
+
+
+@message(37)
+@dataclass(frozen=True, slots=True)
+class Placed(Message):
+    """Coordinator -> origin: a lease is reserved for the job on ``node``/``device``."""
+
+    job_id: str
+    node: str
+    device: str
+    lease_id: str
+    token: int
+    term: int
+
+
+@message(38)
+@dataclass(frozen=True, slots=True)
+class StartJob(Message):
+    """Origin -> owner: run the job under the reserved lease."""
+
+    job_id: str
+    lease_id: str
+    token: int
+    origin: str
+    command: list[str]
+    env: dict[str, str]
+    compute_milli: int
+    memory_mib: int
+
+
+@message(39)
+@dataclass(frozen=True, slots=True)
+class JobSync(Message):
+    """Origin -> owner: long-poll a job's state and the output past the given offsets."""
+
+    job_id: str
+    stdout_offset: int
+    stderr_offset: int
+    wait_ms: int
+
+
+@message(40)
+@dataclass(frozen=True, slots=True)
+class JobSyncReply(Message):
+    state: str
+    reason: str
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    complete: bool  # terminal, and no output beyond what this reply carries
+
+
+@message(41)
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    job_id: str
+    reason: str
+
+
+@message(42)
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    detail: str
+
+
+@message(43)
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A call was understood but refused; ``reason`` is for a person to read."""
+
+    reason: str
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+
+def encode_message(msg: Message) -> bytes:
+    body = [getattr(msg, f.name) for f in fields(msg)]  # type: ignore[arg-type]
+    out: bytes = msgpack.packb([msg.TYPE_ID, body], use_bin_type=True)
+    return out
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def packet_overhead(count: int) -> int:
+    """Bytes a packet of ``count`` messages adds around their encodings."""
+    return 1 + len(_array_header(count))
+
+
+def encode_packet_raw(encoded: Sequence[bytes]) -> bytes:
+    """A compound packet from messages already encoded with ``encode_message``."""
+    return bytes([PROTOCOL_VERSION]) + _array_header(len(encoded)) + b"".join(encoded)
+
+
+def encode_packet(msgs: Iterable[Message]) -> bytes:
+    return encode_packet_raw([encode_message(m) for m in msgs])
+
+
+def encode_frame(msg: Message) -> bytes:
+    body = bytes([PROTOCOL_VERSION]) + encode_message(msg)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+        )
+    except Exception as exc:  # msgpack raises many types for bad input; all mean the same
+        raise DecodeError(f"not msgpack: {exc.__class__.__name__}") from None
+
+
+def _check_version(data: bytes) -> None:
+    if not data:
+        raise DecodeError("empty packet")
+    if data[0] != PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported protocol version {data[0]}")
+
+
+def decode_message(item: Any) -> Message:
+    if not isinstance(item, list) or len(item) != 2:
+        raise DecodeError("a message is [type_id, fields]")
+    type_id, body = item
+    if not _is_int(type_id):
+        raise DecodeError("type id is not an integer")
+    cls = REGISTRY.get(type_id)
+    if cls is None:
+        raise DecodeError(f"unknown message type {type_id}")
+    if not isinstance(body, list):
+        raise DecodeError(f"{cls.__name__}: fields are not a list")
+    checks = cls._checks
+    if len(body) < len(checks):
+        raise DecodeError(f"{cls.__name__}: {len(body)} fields, expected {len(checks)}")
+    for i, check in enumerate(checks):
+        if not check(body[i]):
+            raise DecodeError(f"{cls.__name__}: field {i} has the wrong type")
+    return cls(*body[: len(checks)])
+
+
+def decode_packet(data: bytes) -> list[Message]:
+    """Decode a UDP packet into its messages, or raise DecodeError."""
+    _check_version(data)
+    items = _unpack(data[1:])
+    if not isinstance(items, list) or not items:
+        raise DecodeError("a packet is a non-empty list of messages")
+    return [decode_message(item) for item in items]
+
+
+def decode_frame_body(data: bytes) -> Message:
+    """Decode a TCP frame's body (after the length prefix), or raise DecodeError."""
+    _check_version(data)
+    return decode_message(_unpack(data[1:]))
+
+
+def frame_length(header: bytes) -> int:
+    """The body length announced by a frame header, or DecodeError if out of bounds."""
+    if len(header) != FRAME_HEADER.size:
+        raise DecodeError("short frame header")
+    (n,) = FRAME_HEADER.unpack(header)
+    if n == 0 or n > MAX_FRAME:
+        raise DecodeError(f"frame length {n} out of bounds")
+    return int(n)
