@@ -1,0 +1,425 @@
+"""The agent's journal: jobs, leases and a few counters in one SQLite file.
+
+Durability
+----------
+The journal runs in WAL mode with ``synchronous=FULL`` by default. Either FULL or NORMAL
+keeps a committed transaction through a ``kill -9`` of the agent: once ``COMMIT`` has
+returned, the transaction's frames are in the WAL file (in the kernel's page cache at
+least), and the next process that opens the database replays them. The two settings
+differ on power loss or a kernel panic: with NORMAL the WAL is fsynced only at
+checkpoints, so the last transactions before the power cut can be rolled back; with FULL
+the WAL is fsynced at every commit. The journal writes a row a few times per job and lease,
+never in a hot loop, and every write runs off the event loop (``AsyncJournal``), so the
+cost of one fsync per commit buys the promise the design makes: "a job accepted by an
+agent is written to its journal before the agent answers; it is never silently dropped",
+also on a drone whose battery is pulled. ``Journal(path, synchronous="NORMAL")`` trades
+that for speed where power loss is not a concern.
+
+Schema
+------
+``PRAGMA user_version`` holds the schema version; ``_MIGRATIONS[i]`` brings a database
+from version ``i`` to ``i + 1`` in one transaction. A database written by a newer agent
+(a higher version than this code knows) is refused rather than guessed at.
+
+A row whose data cannot be turned back into a ``JobRecord`` (or a lease dict) is logged and
+skipped, so one damaged row never stops an agent from starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from flexmesh.agent.models import JobRecord
+
+__all__ = ["SCHEMA_VERSION", "AsyncJournal", "Journal", "JournalError"]
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# JobRecord fields kept as their own columns (queryable, indexed); every other field goes
+# into the ``data`` JSON column. On read the columns win over anything in ``data``.
+_JOB_COLUMNS = ("id", "state", "origin", "node", "lease_id", "role", "created_at", "updated_at")
+
+# One entry per schema version: the statements that bring version i to version i + 1.
+# Append only; never edit a released migration.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE jobs (
+            id         TEXT PRIMARY KEY,
+            state      TEXT NOT NULL,
+            origin     TEXT NOT NULL DEFAULT '',
+            node       TEXT NOT NULL DEFAULT '',
+            lease_id   TEXT NOT NULL DEFAULT '',
+            role       TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL DEFAULT 0,
+            data       TEXT NOT NULL
+        )""",
+        "CREATE INDEX jobs_by_state ON jobs (state, created_at)",
+        "CREATE INDEX jobs_by_created ON jobs (created_at)",
+        """CREATE TABLE leases (
+            id     TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL DEFAULT '',
+            device TEXT NOT NULL DEFAULT '',
+            data   TEXT NOT NULL
+        )""",
+        """CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+    ),
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class JournalError(Exception):
+    """The journal file cannot be used (unreadable, or written by a newer agent)."""
+
+
+class Journal:
+    """The SQLite journal, synchronous, on one connection.
+
+    Not thread-safe: use it from one thread at a time (``AsyncJournal`` guarantees that by
+    running every call on one worker thread). The connection is opened with
+    ``check_same_thread=False`` so it may be created on one thread and used on another.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Jobs carry their environment, which may hold secrets: create the file 0600
+        # (SQLite gives the -wal and -shm files the same permissions).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        try:
+            # isolation_level=None: no implicit transactions; _tx() opens them explicitly.
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise JournalError(f"cannot open journal {self.path}: {e}") from e
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("journal %s: WAL mode unavailable, running in %s mode", path, mode)
+            self._conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise JournalError(f"journal {self.path} is unreadable: {e}") from e
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- schema --------------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._tx():
+            version = self.schema_version
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {self.path} has schema version {version}, newer than this "
+                    f"agent supports ({SCHEMA_VERSION}); upgrade flexmesh"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target - 1]:
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {target}")
+                if version:
+                    log.info("journal %s: migrated to schema version %d", self.path, target)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; COMMIT on success, ROLLBACK on any error."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def put_job(self, job: JobRecord) -> None:
+        """Insert or replace one job. Durable once this returns (see the module doc)."""
+        record = job.to_dict()
+        columns = [record.pop(name) for name in _JOB_COLUMNS]
+        data = json.dumps(record, separators=(",", ":"), sort_keys=True)
+        with self._tx() as conn:
+            conn.execute(
+                f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}, data) "
+                f"VALUES ({', '.join('?' * (len(_JOB_COLUMNS) + 1))}) "
+                "ON CONFLICT (id) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in (*_JOB_COLUMNS[1:], "data")),
+                (*columns, data),
+            )
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._conn.execute(
+            f"SELECT {', '.join(_JOB_COLUMNS)}, data FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None else _job_from_row(row)
+
+    def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
+        """Jobs ordered by ``created_at`` (then by insertion), optionally only some states."""
+        sql = f"SELECT {', '.join(_JOB_COLUMNS)}, data FROM jobs"
+        params: tuple[str, ...] = ()
+        if states is not None:
+            params = tuple(states)
+            if not params:
+                return []
+            sql += f" WHERE state IN ({', '.join('?' * len(params))})"
+        sql += " ORDER BY created_at, rowid"
+        jobs = []
+        for row in self._conn.execute(sql, params):
+            job = _job_from_row(row)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def delete_job(self, job_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    # -- leases --------------------------------------------------------------------------
+
+    def put_lease(self, lease: dict[str, Any]) -> None:
+        """Insert or replace one lease, keyed by ``lease["id"]`` (or ``lease["lease_id"]``).
+
+        The dict must be JSON-serialisable; it comes back from ``list_leases`` equal.
+        """
+        lease_id = _lease_id(lease)
+        data = json.dumps(lease, separators=(",", ":"), sort_keys=True)
+        job_id = lease.get("job_id", lease.get("job", ""))
+        device = lease.get("device", "")
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO leases (id, job_id, device, data) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET job_id = excluded.job_id, "
+                "device = excluded.device, data = excluded.data",
+                (lease_id, str(job_id or ""), str(device or ""), data),
+            )
+
+    def delete_lease(self, lease_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
+
+    def list_leases(self) -> list[dict[str, Any]]:
+        """Every stored lease, in the order they were first written."""
+        leases = []
+        for lease_id, data in self._conn.execute("SELECT id, data FROM leases ORDER BY rowid"):
+            try:
+                lease = json.loads(data)
+                if not isinstance(lease, dict):
+                    raise ValueError(f"expected an object, got {type(lease).__name__}")
+            except (ValueError, TypeError) as e:
+                log.error("journal: skipping corrupt lease row %r: %s", lease_id, e)
+                continue
+            leases.append(lease)
+        return leases
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, str(value)),
+            )
+
+    def bump_meta(self, key: str, at_least: int = 0) -> int:
+        """Atomically store ``max(current + 1, at_least)`` under ``key`` and return it.
+
+        For counters that must rise across restarts (incarnation, fencing token). A missing
+        or non-integer value counts as 0.
+        """
+        with self._tx() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            try:
+                current = int(row[0]) if row is not None else 0
+            except ValueError:
+                log.error("journal: meta %r holds %r, not an integer; restarting at 0", key, row[0])
+                current = 0
+            value = max(current + 1, at_least)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, str(value)),
+            )
+        return value
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Committed data is already durable."""
+        self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lease_id(lease: dict[str, Any]) -> str:
+    lease_id = lease.get("id", lease.get("lease_id"))
+    if not isinstance(lease_id, str) or not lease_id:
+        raise ValueError("a lease needs a non-empty string 'id' (or 'lease_id')")
+    return lease_id
+
+
+# Types a JobRecord field must have to be usable; a row that fails this is corrupt.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "origin": str,
+    "command": list,
+    "compute_milli": int,
+    "memory_mib": int,
+    "kind": str,
+    "priority": int,
+    "env": dict,
+    "state": str,
+    "reason": str,
+    "exit_code": (int, type(None)),
+    "pid": (int, type(None)),
+    "pid_start": (int, type(None)),
+    "created_at": (int, float),
+    "updated_at": (int, float),
+}
+
+
+def _job_from_row(row: tuple[Any, ...]) -> JobRecord | None:
+    job_id = row[0]
+    try:
+        data = json.loads(row[-1])
+        if not isinstance(data, dict):
+            raise ValueError(f"data is a {type(data).__name__}, not an object")
+        data.update(zip(_JOB_COLUMNS, row[:-1], strict=True))
+        job = JobRecord.from_dict(data)
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(job, name)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ValueError(f"field {name!r} has type {type(value).__name__}")
+        if not all(isinstance(a, str) for a in job.command):
+            raise ValueError("command is not a list of strings")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in job.env.items()):
+            raise ValueError("env is not a mapping of strings")
+    except (ValueError, TypeError) as e:
+        log.error("journal: skipping corrupt job row %r: %s", job_id, e)
+        return None
+    return job
+
+
+class AsyncJournal:
+    """A ``Journal`` whose every call runs on one dedicated worker thread.
+
+    The event loop never waits on SQLite (or on fsync). Calls run one at a time, in the
+    order they were made, so a ``put_job`` awaited before another call is visible to it.
+    Cancelling an awaiting caller does not undo a write already handed to the worker.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmesh-journal")
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path | str, **kwargs: Any) -> AsyncJournal:
+        """Open ``Journal(path, **kwargs)`` on the worker thread and wrap it."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmesh-journal")
+        loop = asyncio.get_running_loop()
+        try:
+            journal = await loop.run_in_executor(
+                executor, functools.partial(Journal, path, **kwargs)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self = cls.__new__(cls)
+        self._journal = journal
+        self._executor = executor
+        self._closed = False
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self._journal.path
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._closed:
+            raise JournalError("journal is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def put_job(self, job: JobRecord) -> None:
+        await self._call(self._journal.put_job, job)
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        return await self._call(self._journal.get_job, job_id)
+
+    async def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
+        # Materialise here: a generator must not be consumed on the worker thread.
+        return await self._call(self._journal.list_jobs, None if states is None else list(states))
+
+    async def delete_job(self, job_id: str) -> None:
+        await self._call(self._journal.delete_job, job_id)
+
+    async def put_lease(self, lease: dict[str, Any]) -> None:
+        await self._call(self._journal.put_lease, dict(lease))
+
+    async def delete_lease(self, lease_id: str) -> None:
+        await self._call(self._journal.delete_lease, lease_id)
+
+    async def list_leases(self) -> list[dict[str, Any]]:
+        return await self._call(self._journal.list_leases)
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self._call(self._journal.get_meta, key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._call(self._journal.set_meta, key, value)
+
+    async def bump_meta(self, key: str, at_least: int = 0) -> int:
+        return await self._call(self._journal.bump_meta, key, at_least)
+
+    async def close(self) -> None:
+        """Close the journal on its worker thread, then stop the thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._journal.close)
+        finally:
+            # The worker is idle now (calls run in order), so this join is immediate.
+            self._executor.shutdown(wait=True)

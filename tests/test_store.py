@@ -1,0 +1,251 @@
+"""The SQLite journal: schema, durability across reopen and kill -9, corrupt rows, async use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from flexmesh.agent.models import FAILED, QUEUED, RUNNING, JobRecord
+from flexmesh.agent.store import SCHEMA_VERSION, AsyncJournal, Journal, JournalError
+
+
+def make_job(job_id: str, created_at: float = 1.0, state: str = QUEUED) -> JobRecord:
+    return JobRecord(
+        id=job_id,
+        origin="node-a",
+        command=["python", "-c", "print('hi')"],
+        compute_milli=250,
+        memory_mib=1024,
+        env={"FOO": "bar"},
+        state=state,
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "journal.db"
+
+
+def test_schema_wal_and_durability_settings(db: Path) -> None:
+    with Journal(db) as j:
+        assert j.schema_version == SCHEMA_VERSION
+        assert j._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    conn = raw(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"jobs", "leases", "meta"} <= tables
+    finally:
+        conn.close()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_normal_synchronous_is_selectable(db: Path) -> None:
+    with Journal(db, synchronous="NORMAL") as j:
+        assert j._conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError):
+        Journal(db, synchronous="OFF")  # type: ignore[arg-type]
+
+
+def test_job_roundtrip_survives_reopen(db: Path) -> None:
+    job = make_job("j1")
+    job.exit_code = 3
+    job.pid, job.pid_start = 1234, 98765
+    job.token, job.term, job.lease_id, job.node = 7, 2, "lease-1", "node-b"
+    with Journal(db) as j:
+        j.put_job(job)
+        assert j.get_job("j1") == job
+        assert j.get_job("nope") is None
+    with Journal(db) as j:
+        assert j.get_job("j1") == job
+        assert j.list_jobs() == [job]
+
+
+def test_second_journal_sees_committed_write(db: Path) -> None:
+    first = Journal(db)
+    try:
+        first.put_job(make_job("j1"))
+        with Journal(db) as second:
+            assert second.get_job("j1") == make_job("j1")
+    finally:
+        first.close()
+
+
+def test_upsert_and_list_order_and_state_filter(db: Path) -> None:
+    with Journal(db) as j:
+        j.put_job(make_job("late", created_at=30.0))
+        j.put_job(make_job("early", created_at=10.0))
+        j.put_job(make_job("mid", created_at=20.0))
+        updated = make_job("early", created_at=10.0, state=RUNNING)
+        updated.reason = "started"
+        j.put_job(updated)
+        assert [x.id for x in j.list_jobs()] == ["early", "mid", "late"]
+        assert j.get_job("early") == updated
+        assert [x.id for x in j.list_jobs([RUNNING])] == ["early"]
+        assert [x.id for x in j.list_jobs({QUEUED, FAILED})] == ["mid", "late"]
+        assert j.list_jobs([]) == []
+        j.delete_job("mid")
+        assert [x.id for x in j.list_jobs()] == ["early", "late"]
+
+
+def test_leases_and_meta(db: Path) -> None:
+    lease = {"id": "l1", "job_id": "j1", "device": "gpu0", "compute_milli": 500, "token": 3}
+    with Journal(db) as j:
+        j.put_lease(lease)
+        j.put_lease({"id": "l2", "job_id": "j2", "device": "gpu1", "token": 4})
+        j.put_lease({**lease, "token": 5})
+        assert j.list_leases() == [
+            {**lease, "token": 5},
+            {"id": "l2", "job_id": "j2", "device": "gpu1", "token": 4},
+        ]
+        j.delete_lease("l2")
+        j.delete_lease("missing")
+        with pytest.raises(ValueError):
+            j.put_lease({"job_id": "x"})
+        assert j.get_meta("incarnation") is None
+        j.set_meta("incarnation", "4")
+        assert j.bump_meta("token") == 1
+        assert j.bump_meta("token", at_least=100) == 100
+    with Journal(db) as j:
+        assert j.list_leases() == [{**lease, "token": 5}]
+        assert j.get_meta("incarnation") == "4"
+        assert j.bump_meta("token") == 101
+        assert j.bump_meta("incarnation") == 5
+
+
+def test_corrupt_rows_are_skipped_and_logged(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with Journal(db) as j:
+        for i in range(5):
+            j.put_job(make_job(f"j{i}", created_at=float(i)))
+        j.put_lease({"id": "good", "job_id": "j0"})
+        j.put_lease({"id": "bad", "job_id": "j1"})
+    conn = raw(db)
+    try:
+        conn.execute("UPDATE jobs SET data = '{not json' WHERE id = 'j1'")
+        conn.execute("UPDATE jobs SET data = '[1, 2]' WHERE id = 'j2'")
+        conn.execute("""UPDATE jobs SET data = '{"command": 5}' WHERE id = 'j3'""")
+        conn.execute("UPDATE leases SET data = 'garbage' WHERE id = 'bad'")
+    finally:
+        conn.close()
+    with caplog.at_level(logging.ERROR, logger="flexmesh.agent.store"), Journal(db) as j:
+        assert [x.id for x in j.list_jobs()] == ["j0", "j4"]
+        assert j.get_job("j1") is None
+        assert j.get_job("j4") == make_job("j4", created_at=4.0)
+        assert j.list_leases() == [{"id": "good", "job_id": "j0"}]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    for bad in ("'j1'", "'j2'", "'j3'", "'bad'"):
+        assert bad in messages
+
+
+def test_newer_schema_and_garbage_file_are_refused(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.db"
+    Journal(newer).close()
+    conn = raw(newer)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(JournalError, match="newer than this agent supports"):
+        Journal(newer)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an sqlite database" * 100)
+    with pytest.raises(JournalError, match="unreadable"):
+        Journal(garbage)
+
+
+def test_migration_from_empty_database_keeps_file(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    raw(db).close()  # an empty database at version 0
+    with Journal(db) as j:
+        assert j.schema_version == SCHEMA_VERSION
+        j.put_job(make_job("j1"))
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys
+    from flexmesh.agent.models import JobRecord
+    from flexmesh.agent.store import Journal
+
+    j = Journal(sys.argv[1])
+    j.put_job(JobRecord(id="survivor", origin="n", command=["true"], compute_milli=1000,
+                        memory_mib=1, created_at=5.0))
+    j.set_meta("incarnation", "9")
+    print("ok", flush=True)
+    signal.pause()
+    """
+)
+
+
+def test_job_survives_kill_9_after_put_job(db: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(db)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ok\n"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    with Journal(db) as j:
+        job = j.get_job("survivor")
+        assert job is not None and job.command == ["true"] and job.created_at == 5.0
+        assert j.get_meta("incarnation") == "9"
+
+
+async def test_async_journal(db: Path) -> None:
+    aj = await AsyncJournal.open(db)
+    try:
+        jobs = [make_job(f"j{i}", created_at=float(i)) for i in range(20)]
+        await asyncio.gather(*(aj.put_job(job) for job in jobs))
+        assert await aj.list_jobs() == jobs
+        assert await aj.list_jobs(x for x in [QUEUED]) == jobs
+        assert await aj.get_job("j3") == jobs[3]
+        await aj.delete_job("j3")
+        assert await aj.get_job("j3") is None
+        await aj.put_lease({"id": "l1", "device": "gpu0"})
+        assert await aj.list_leases() == [{"id": "l1", "device": "gpu0"}]
+        await aj.delete_lease("l1")
+        assert await aj.list_leases() == []
+        await aj.set_meta("k", "v")
+        assert await aj.get_meta("k") == "v"
+        assert await aj.bump_meta("n") == 1
+        # Every call runs on the same worker thread, never on the loop's.
+        idents = {await aj._call(threading.get_ident) for _ in range(5)}
+        assert len(idents) == 1 and threading.get_ident() not in idents
+    finally:
+        await aj.close()
+    await aj.close()  # idempotent
+    with pytest.raises(JournalError):
+        await aj.get_job("j1")
+    wrapped = AsyncJournal(Journal(db))
+    try:
+        assert len(await wrapped.list_jobs()) == 19
+    finally:
+        await wrapped.close()
+
+
+async def test_async_journal_open_error_is_raised(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"x" * 4096)
+    with pytest.raises(JournalError):
+        await AsyncJournal.open(garbage)
