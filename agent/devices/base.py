@@ -45,6 +45,14 @@ class DeviceSample:
     foreign_compute_milli: int = 0
     utilization_pct: int = 0
     detail: str = ""  # why a device is unhealthy, for a person
+    # Optional readings; backends fill what they can measure.
+    memory_used_mib: int = 0  # everything in use on the device, jobs included
+    temperature_c: int | None = None
+    power_mw: int | None = None
+    # Device memory held by each flexmesh job process seen on this device (pid -> MiB),
+    # for the memory watchdog. Empty where the backend cannot see processes.
+    job_memory_mib: dict[int, int] = field(default_factory=dict)
+    lost: bool = False  # the device has fallen off the bus: end its leases
 
 
 class Backend(Protocol):
