@@ -1,0 +1,426 @@
+"""JobRunner: spawning, logs, exit reasons, stop, adopt, under the default loop and uvloop.
+
+Each scenario is a coroutine run by ``run``, a fixture parametrised over the loop
+implementations (``asyncio.Runner(loop_factory=...)``), so the same code is exercised
+under both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from flexmesh.agent.jobs import (
+    ADOPTED_EXIT_REASON,
+    JobRunner,
+    JobStartError,
+    describe_exit,
+    pid_start_time,
+)
+
+try:
+    import uvloop
+
+    HAVE_UVLOOP = True
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    HAVE_UVLOOP = False
+
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
+
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+if HAVE_UVLOOP:
+    LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Run[Any]:
+    factory = request.param
+
+    def _run(coro: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(asyncio.wait_for(coro, 30))
+
+    return _run
+
+
+class Exits:
+    """Records on_exit calls; lets a test wait for a given job's end."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int | None, str]] = []
+        self._events: dict[str, asyncio.Event] = {}
+
+    def _event(self, job_id: str) -> asyncio.Event:
+        return self._events.setdefault(job_id, asyncio.Event())
+
+    def __call__(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        self.calls.append((job_id, exit_code, reason))
+        self._event(job_id).set()
+
+    async def wait(self, job_id: str, timeout: float = 10.0) -> tuple[int | None, str]:
+        await asyncio.wait_for(self._event(job_id).wait(), timeout)
+        [(code, reason)] = [(c, r) for j, c, r in self.calls if j == job_id]
+        return code, reason
+
+
+async def wait_for_output(runner: JobRunner, job_id: str, needle: bytes) -> bytes:
+    """Wait (bounded) until the job's stdout contains needle; a condition, not a race."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while needle not in (out := runner.read_log(job_id, "stdout")):
+        assert loop.time() < deadline, f"{needle!r} never appeared in {out!r}"
+        await asyncio.sleep(0.01)
+    return out
+
+
+async def wait_gone(pid: int) -> None:
+    """Wait (bounded) until pid is dead: gone, or a zombie its new parent has not reaped."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in (b"Z", b"X"):
+            return
+        assert loop.time() < deadline, f"pid {pid} still alive"
+        await asyncio.sleep(0.01)
+
+
+async def spawn_orphan(*argv: str) -> int:
+    """Start argv in its own session as a grandchild whose parent exits at once, as a job
+    left behind by a previous agent instance is: not a child of this process."""
+    code = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid)\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code, *argv], capture_output=True, check=True
+    )
+    return int(done.stdout)
+
+
+def sh(script: str) -> list[str]:
+    return ["/bin/sh", "-c", script]
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(0) == (0, "exited with code 0")
+    assert describe_exit(2) == (2, "exited with code 2")
+    assert describe_exit(-9) == (137, "killed by signal 9 (SIGKILL)")
+    assert describe_exit(-15) == (143, "killed by signal 15 (SIGTERM)")
+    assert pid_start_time(os.getpid()) is not None
+
+
+def test_env_logs_and_exit_codes(
+    run: Run[None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEXMESH_TEST_INHERITED", "from-agent")
+
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            pid, pid_start = await runner.start(
+                "j1",
+                sh('echo "$FOO $FLEXMESH_TEST_INHERITED"; echo oops >&2; pwd; exit 3'),
+                {"FOO": "bar"},
+                cwd=str(tmp_path),
+            )
+            assert pid > 0 and pid_start > 0
+            assert await exits.wait("j1") == (3, "exited with code 3")
+            assert runner.running() == {}
+            expected = f"bar from-agent\n{tmp_path}\n".encode()
+            assert runner.read_log("j1", "stdout") == expected
+            assert runner.read_log("j1", "stderr") == b"oops\n"
+            assert runner.read_log("j1", "stdout", offset=4, limit=4) == b"from"
+            assert runner.read_log("j1", "stdout", offset=10_000) == b""
+            assert runner.read_log("never-ran", "stdout") == b""
+            assert runner.log_path("j1", "stderr") == tmp_path / "jobs" / "j1" / "stderr"
+            with pytest.raises(ValueError):
+                runner.log_path("j1", "stdin")
+
+            await runner.start("j0", ["true"], {})
+            assert await exits.wait("j0") == (0, "exited with code 0")
+            await runner.start("j9", sh("kill -9 $$"), {})
+            assert await exits.wait("j9") == (137, "killed by signal 9 (SIGKILL)")
+            assert len(exits.calls) == 3
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_start_errors(run: Run[None], tmp_path: Path) -> None:
+    not_executable = tmp_path / "script.sh"
+    not_executable.write_text("#!/bin/sh\necho hi\n")
+
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path / "state", exits)
+        try:
+            with pytest.raises(JobStartError, match=r"^command not found: no-such-cmd-xyz$"):
+                await runner.start("a", ["no-such-cmd-xyz", "arg"], {})
+            with pytest.raises(JobStartError, match=r"^permission denied: "):
+                await runner.start("b", [str(not_executable)], {})
+            with pytest.raises(JobStartError, match=r"^working directory not found: /nope"):
+                await runner.start("c", ["true"], {}, cwd="/nope/nowhere")
+            with pytest.raises(JobStartError, match="empty command"):
+                await runner.start("d", [], {})
+            with pytest.raises(ValueError):
+                await runner.start("../escape", ["true"], {})
+            assert runner.running() == {}
+            # A job id whose start failed can be started again.
+            await runner.start("a", ["true"], {})
+            assert await exits.wait("a") == (0, "exited with code 0")
+            assert [c[0] for c in exits.calls] == ["a"]
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_stop_with_grace_kills_a_process_that_ignores_sigterm(
+    run: Run[None], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            await runner.start("stubborn", sh('trap "" TERM; echo ready; exec sleep 30'), {})
+            await runner.start("polite", ["sleep", "30"], {})
+            await wait_for_output(runner, "stubborn", b"ready")
+            with pytest.raises(ValueError, match="already running"):
+                await runner.start("polite", ["true"], {})
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            polite = await runner.stop("polite", grace_s=10, reason="cancelled by user")
+            assert polite and loop.time() - t0 < 5  # SIGTERM was enough
+            assert exits.calls == [("polite", 143, "cancelled by user")]
+            t0 = loop.time()
+            assert await runner.stop("stubborn", grace_s=0.3, reason="cancelled by user")
+            assert loop.time() - t0 >= 0.3  # the grace period was given
+            assert exits.calls[1] == ("stubborn", 137, "cancelled by user")
+            assert runner.running() == {}
+            assert not await runner.stop("stubborn")  # no longer running
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_stop_and_exit_sweep_the_process_group(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            # The leader exits at once, leaving a background child in its group.
+            await runner.start("leaves", sh("sleep 30 & echo $!"), {})
+            assert (await exits.wait("leaves"))[0] == 0
+            await wait_gone(int(runner.read_log("leaves", "stdout")))
+            # Stopping a job stops its children too.
+            await runner.start("tree", sh("sleep 30 & echo $!; wait"), {})
+            straggler = int(await wait_for_output(runner, "tree", b"\n"))
+            assert await runner.stop("tree", grace_s=5, reason="preempted by owner")
+            assert exits.calls[-1] == ("tree", 143, "preempted by owner")
+            await wait_gone(straggler)
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_many_concurrent_jobs_beside_asyncio_subprocesses(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            n = 40
+            # asyncio's own subprocess machinery (uvloop's SIGCHLD handling, or the default
+            # loop's child watcher) runs at the same time and must not steal our exits.
+            other = await asyncio.create_subprocess_exec("true")
+            await asyncio.gather(
+                *(runner.start(f"j{i}", sh(f"exit {i % 7}"), {}) for i in range(n)),
+                other.wait(),
+            )
+            results = await asyncio.gather(*(exits.wait(f"j{i}") for i in range(n)))
+            assert results == [(i % 7, f"exited with code {i % 7}") for i in range(n)]
+            assert other.returncode == 0
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
+def test_adopt_live_and_vanished(run: Run[None], tmp_path: Path, use_pidfd: bool) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits, use_pidfd=use_pidfd, poll_interval_s=0.05)
+        try:
+            one = await spawn_orphan("sleep", "30")
+            two = await spawn_orphan("sleep", "30")
+            one_start, two_start = pid_start_time(one), pid_start_time(two)
+            assert one_start is not None and two_start is not None
+
+            # A pid whose start time does not match: reused by another process.
+            assert not runner.adopt("reused", one, one_start + 1)
+            assert runner.running() == {}
+
+            assert runner.adopt("one", one, one_start)
+            assert runner.adopt("two", two, two_start)
+            assert runner.running() == {"one": one, "two": two}
+
+            # An adopted process ending on its own: exit code unknown.
+            os.kill(two, signal.SIGTERM)
+            assert await exits.wait("two") == (None, ADOPTED_EXIT_REASON)
+            # Stop works on adopted processes.
+            assert await runner.stop("one", grace_s=5, reason="cancelled by user")
+            assert exits.calls[-1] == ("one", None, "cancelled by user")
+            await wait_gone(one)
+            assert runner.running() == {}
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_adopt_a_pid_that_exited(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner = JobRunner(tmp_path, Exits())
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, ["sh", "-c", "echo $$"], capture_output=True
+            )
+            pid = int(done.stdout)
+            assert not runner.adopt("gone", pid, 12345)
+            assert not runner.adopt("bad", -1, 0)
+        finally:
+            await runner.shutdown(kill=True)
+
+    run(scenario())
+
+
+def test_detach_on_shutdown_then_adopt_again(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        first_exits, second_exits = Exits(), Exits()
+        first = JobRunner(tmp_path, first_exits)
+        second = JobRunner(tmp_path, second_exits)
+        try:
+            pid, pid_start = await first.start("keep", ["sleep", "30"], {})
+            await first.shutdown(kill=False)
+            assert first.running() == {}
+            assert pid_start_time(pid) == pid_start  # still running
+            with pytest.raises(RuntimeError):
+                await first.start("x", ["true"], {})
+            assert second.adopt("keep", pid, pid_start)
+            assert await second.stop("keep", grace_s=5, reason="cancelled by user")
+            # Adopted back in the process that spawned it: it is our child after all, so it
+            # is reaped and its exit code is known.
+            assert second_exits.calls == [("keep", 143, "cancelled by user")]
+            assert first_exits.calls == []
+        finally:
+            await first.shutdown(kill=True, grace_s=1)
+            await second.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_shutdown_kill_stops_everything(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        for i in range(3):
+            await runner.start(f"j{i}", ["sleep", "30"], {})
+        await runner.shutdown(kill=True, grace_s=5, reason="agent shutting down")
+        assert sorted(exits.calls) == [(f"j{i}", 143, "agent shutting down") for i in range(3)]
+
+    run(scenario())
+
+
+def test_cancelled_start_kills_the_process(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            task = asyncio.create_task(runner.start("c", ["sleep", "30"], {}))
+            await asyncio.sleep(0)  # let it reach the spawn
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await exits.wait("c") == (137, "start was cancelled")
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_on_exit_errors_are_logged(
+    run: Run[None], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        def broken(job_id: str, code: int | None, reason: str) -> None:
+            raise RuntimeError("boom")
+
+        runner = JobRunner(tmp_path, broken)
+        try:
+            await runner.start("j", ["sleep", "30"], {})
+            assert await runner.stop("j", grace_s=5)
+            assert runner.running() == {}
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    with caplog.at_level(logging.ERROR, logger="flexmesh.agent.jobs"):
+        run(scenario())
+    assert "on_exit callback failed" in caplog.text
+
+
+def test_polling_fallback_for_children(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits, use_pidfd=False, poll_interval_s=0.02)
+        try:
+            await runner.start("a", sh("exit 5"), {})
+            await runner.start("b", ["sleep", "30"], {})
+            assert await exits.wait("a") == (5, "exited with code 5")
+            assert await runner.stop("b", grace_s=5, reason="cancelled by user")
+            assert exits.calls[-1] == ("b", 143, "cancelled by user")
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_stop_while_starting_waits_for_the_start(run: Run[None], tmp_path: Path) -> None:
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            start = asyncio.create_task(runner.start("s", ["sleep", "30"], {}))
+            await asyncio.sleep(0)  # the start is in flight
+            assert await runner.stop("s", grace_s=5, reason="cancelled by user")
+            pid, _ = await start
+            assert pid > 0
+            assert exits.calls == [("s", 143, "cancelled by user")]
+            failing = asyncio.create_task(runner.start("f", ["no-such-cmd-xyz"], {}))
+            await asyncio.sleep(0)
+            assert not await runner.stop("f")
+            with pytest.raises(JobStartError):
+                await failing
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
