@@ -429,10 +429,13 @@ class JobRunner:
         else:
             # An adopted process is normally not our child; if it is (adopted back in the
             # same process), reap it so it does not linger as a zombie, and say what we know.
-            with contextlib.suppress(ChildProcessError):
-                pid, status = os.waitpid(job.pid, os.WNOHANG)
-                if pid == job.pid:
-                    exit_code, reason = describe_exit(os.waitstatus_to_exitcode(status))
+            # Only while /proc still shows the same process: never reap a reused pid.
+            stat = _read_stat(job.pid)
+            if stat is not None and stat.start == job.pid_start:
+                with contextlib.suppress(ChildProcessError):
+                    pid, status = os.waitpid(job.pid, os.WNOHANG)
+                    if pid == job.pid:
+                        exit_code, reason = describe_exit(os.waitstatus_to_exitcode(status))
         if job.stop_reason is not None:
             reason = job.stop_reason
         if self._jobs.get(job.job_id) is job:

@@ -186,11 +186,12 @@ class Journal:
         return None if row is None else _job_from_row(row)
 
     def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
-        """Jobs ordered by ``created_at`` (then by insertion), optionally only some states."""
+        """Jobs ordered by ``created_at`` (then by insertion), optionally only some states
+        (a single state string is accepted too)."""
         sql = f"SELECT {', '.join(_JOB_COLUMNS)}, data FROM jobs"
         params: tuple[str, ...] = ()
         if states is not None:
-            params = tuple(states)
+            params = (states,) if isinstance(states, str) else tuple(states)
             if not params:
                 return []
             sql += f" WHERE state IN ({', '.join('?' * len(params))})"

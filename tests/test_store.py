@@ -98,6 +98,7 @@ def test_upsert_and_list_order_and_state_filter(db: Path) -> None:
         assert [x.id for x in j.list_jobs()] == ["early", "mid", "late"]
         assert j.get_job("early") == updated
         assert [x.id for x in j.list_jobs([RUNNING])] == ["early"]
+        assert [x.id for x in j.list_jobs(RUNNING)] == ["early"]
         assert [x.id for x in j.list_jobs({QUEUED, FAILED})] == ["mid", "late"]
         assert j.list_jobs([]) == []
         j.delete_job("mid")
