@@ -51,6 +51,7 @@ class Config:
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
     pushpull_interval: float = 30.0  # scaled up with log N beyond 32 nodes
+    reconnect_interval: float = 10.0  # push-pull with one dead member (heals partitions)
     dead_reap: float = 3600.0  # forget dead members after this long
     awareness_max: int = 8
 
@@ -189,6 +190,7 @@ class Membership:
         self._next_probe = now + rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
         self._next_pushpull = now + self._pushpull_every()
+        self._next_reconnect = now + config.reconnect_interval
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, _Suspicion] = {}
         self._left = False
@@ -210,7 +212,7 @@ class Membership:
         return out
 
     def next_deadline(self) -> float:
-        times = [self._next_probe, self._next_pushpull]
+        times = [self._next_probe, self._next_pushpull, self._next_reconnect]
         if len(self._queue):
             times.append(self._next_gossip)
         if self._probe and not self._probe.acked and not self._probe.indirect_sent:
@@ -441,6 +443,9 @@ class Membership:
         if now >= self._next_pushpull:
             self._start_pushpull()
             self._next_pushpull = now + self._pushpull_every()
+        if now >= self._next_reconnect:
+            self._reconnect()
+            self._next_reconnect = now + self.config.reconnect_interval
         self._reap(now)
 
     def _tick_suspicions(self, now: float) -> None:
@@ -540,6 +545,14 @@ class Membership:
         peers = [m for m in self.members.values() if m.name != self.name and m.state == ALIVE]
         if peers:
             self._out.append(StartPushPull(self.rng.choice(peers).addr, join=False))
+
+    def _reconnect(self) -> None:
+        """Try one member we believe dead (as Serf does): after a partition heals, the
+        exchange makes each side refute the other's verdict and the views merge."""
+        dead = [m for m in self.members.values() if m.state == DEAD]
+        if dead:
+            self._count("reconnect_attempts")
+            self._out.append(StartPushPull(self.rng.choice(dead).addr, join=False))
 
     def _pushpull_every(self) -> float:
         n = max(len(self.members), 1)

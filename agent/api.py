@@ -1,0 +1,305 @@
+"""The local HTTP API on the agent's Unix socket (aiohttp).
+
+    POST   /v1/jobs                  submit (JSON body, validated; 400 says what is wrong)
+    GET    /v1/jobs                  list jobs known here
+    GET    /v1/jobs/{id}[?wait=S]    one job; with ``wait`` block up to S s for it to end
+    DELETE /v1/jobs/{id}             cancel
+    GET    /v1/jobs/{id}/logs        output: ``?stream=stdout|stderr`` as text, or
+                                     ``?format=ndjson`` both streams; ``&follow=1`` to follow
+    GET    /v1/nodes, /v1/devices    the mesh as this node sees it
+    GET    /v1/status                this agent: name, address, coordinator, counters
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from flexmesh.agent.models import TERMINAL, JobRecord
+from flexmesh.agent.runtime import Agent
+
+log = logging.getLogger("flexmesh.api")
+
+MAX_BODY = 256 * 1024
+MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
+_SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
+                "requeue"}
+AGENT_KEY = web.AppKey("agent", Agent)
+
+
+class BadRequest(Exception):
+    pass
+
+
+def job_view(job: JobRecord) -> dict[str, Any]:
+    return {
+        "id": job.id, "state": job.state, "reason": job.reason, "node": job.node,
+        "device": job.device, "compute_milli": job.compute_milli, "memory_mib": job.memory_mib,
+        "exit_code": job.exit_code, "origin": job.origin, "kind": job.kind,
+        "priority": job.priority, "command": job.command, "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def peer_uid(request: web.Request) -> int | None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def parse_submit(body: Any) -> dict[str, Any]:
+    """Validate a submission; return normalised fields or raise BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - _SUBMIT_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    command = body.get("command")
+    if (not isinstance(command, list) or not command
+            or not all(isinstance(a, str) for a in command) or not command[0]):
+        raise BadRequest("command must be a non-empty list of strings")
+    if "gpu" in body and "compute_milli" in body:
+        raise BadRequest("give either gpu (a fraction) or compute_milli, not both")
+    if "gpu" in body:
+        frac = body["gpu"]
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)):
+            raise BadRequest("gpu must be a number between 0 and 1")
+        if not 0 < frac <= 1:
+            raise BadRequest(f"gpu fraction {frac} must be above 0 and at most 1 "
+                             "(one whole device)")
+        compute = max(1, round(frac * 1000))
+    else:
+        compute = body.get("compute_milli", 1000)
+        if isinstance(compute, bool) or not isinstance(compute, int):
+            raise BadRequest("compute_milli must be an integer")
+        if not 0 < compute <= 1000:
+            raise BadRequest(f"compute_milli {compute} must be 1..1000 (1000 = one device)")
+    memory = body.get("memory_mib", 0)
+    if isinstance(memory, bool) or not isinstance(memory, int):
+        raise BadRequest("memory_mib must be an integer")
+    if memory < 0:
+        raise BadRequest(f"memory_mib {memory} is negative")
+    if memory > MAX_MEMORY_MIB:
+        raise BadRequest(f"memory_mib {memory} is larger than any device could be")
+    kind = body.get("kind", "any")
+    if kind not in ("gpu", "npu", "any"):
+        raise BadRequest(f"kind {kind!r} must be gpu, npu or any")
+    priority = body.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1000:
+        raise BadRequest("priority must be an integer between -1000 and 1000")
+    env = body.get("env", {})
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+            for k, v in env.items()):
+        raise BadRequest("env must be an object of string names to string values")
+    requeue = body.get("requeue", True)
+    if not isinstance(requeue, bool):
+        raise BadRequest("requeue must be true or false")
+    return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
+            "priority": priority, "env": env, "requeue": requeue}
+
+
+async def submit(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    if agent._stopping:
+        return _error(503, "the agent is shutting down")
+    try:
+        raw = await request.read()
+        if len(raw) > MAX_BODY:
+            raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        fields = parse_submit(body)
+    except BadRequest as exc:
+        log.info("submit refused uid=%s reason=%r", peer_uid(request), str(exc))
+        return _error(400, str(exc))
+    job = JobRecord(id=uuid.uuid4().hex[:12], origin=agent.node.name, role="origin",
+                    uid=peer_uid(request), **fields)
+    await agent.submit(job)
+    log.info("job accepted job=%s uid=%s compute_milli=%d memory_mib=%d", job.id, job.uid,
+             job.compute_milli, job.memory_mib)
+    return web.json_response(job_view(job), status=201)
+
+
+def _job(request: web.Request) -> JobRecord:
+    agent = request.app[AGENT_KEY]
+    job_id = request.match_info["id"]
+    job = agent.node.jobs.get(job_id)
+    if job is None or job.role == "owner":
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id} was submitted here"}),
+                               content_type="application/json")
+    return job
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    jobs = [j for j in agent.node.jobs.values() if j.role != "owner"]
+    jobs.sort(key=lambda j: j.created_at)
+    return web.json_response([job_view(j) for j in jobs])
+
+
+async def show_job(request: web.Request) -> web.Response:
+    job = _job(request)
+    wait = request.query.get("wait")
+    if wait:
+        try:
+            seconds = min(max(float(wait), 0.0), 300.0)
+        except ValueError:
+            return _error(400, "wait must be a number of seconds")
+        agent = request.app[AGENT_KEY]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while job.state not in TERMINAL and loop.time() < deadline:
+            ev = agent.job_event(job.id)
+            ev.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
+            job = agent.node.jobs[job.id]
+    return web.json_response(job_view(job))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    job = _job(request)
+    agent = request.app[AGENT_KEY]
+    result = await agent.cancel(job.id)
+    log.info("cancel job=%s uid=%s result=%s", job.id, peer_uid(request), result)
+    return web.json_response({"id": job.id, "result": result, "job": job_view(job)},
+                             status=202)
+
+
+async def job_logs(request: web.Request) -> web.StreamResponse:
+    job = _job(request)
+    agent = request.app[AGENT_KEY]
+    follow = request.query.get("follow") in ("1", "true", "yes")
+    ndjson = request.query.get("format") == "ndjson"
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        return _error(400, "stream must be stdout or stderr")
+    streams = ("stdout", "stderr") if ndjson else (stream,)
+    base = agent.state_dir / "jobs" / job.id
+    resp = web.StreamResponse()
+    resp.content_type = "application/x-ndjson" if ndjson else "application/octet-stream"
+    await resp.prepare(request)
+    offsets = dict.fromkeys(streams, 0)
+    while True:
+        job = agent.node.jobs[job.id]
+        done = job.state in TERMINAL  # read state first: output written before it counts
+        got = False
+        for name in streams:
+            data = await asyncio.to_thread(_read, base / name, offsets[name])
+            if data:
+                got = True
+                offsets[name] += len(data)
+                if ndjson:
+                    line = {"stream": name, "b64": base64.b64encode(data).decode()}
+                    await resp.write(json.dumps(line).encode() + b"\n")
+                else:
+                    await resp.write(data)
+        if not follow or (done and not got):
+            break
+        if not got:
+            ev = agent.job_event(job.id)
+            ev.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), 0.25)
+    if ndjson:
+        end = {"end": True, "state": job.state, "reason": job.reason, "exit_code": job.exit_code}
+        await resp.write(json.dumps(end).encode() + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+def _read(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+async def nodes(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].node.nodes_view())
+
+
+async def devices(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    rows = agent.node.devices_view()
+    for row in rows:
+        if row["node"] == agent.node.name:
+            row["enforcement"] = agent.enforcement
+    return web.json_response(rows)
+
+
+async def status(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    node = agent.node
+    return web.json_response({
+        "name": node.name, "address": agent.addr, "coordinator": node.belief.coordinator,
+        "term": node.belief.term, "is_coordinator": node.is_coordinator,
+        "queue": len(node.scheduler.queue), "enforcement": agent.enforcement,
+        "counters": {**node.counters, **node.membership.counters, **agent.counters,
+                     **node.scheduler.counters},
+    })
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("API handler failed path=%s", request.path)
+        return _error(500, "internal error; see the agent's log")
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app[AGENT_KEY] = agent
+    app.router.add_post("/v1/jobs", submit)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{id}", show_job)
+    app.router.add_delete("/v1/jobs/{id}", cancel_job)
+    app.router.add_get("/v1/jobs/{id}/logs", job_logs)
+    app.router.add_get("/v1/nodes", nodes)
+    app.router.add_get("/v1/devices", devices)
+    app.router.add_get("/v1/status", status)
+    return app
+
+
+async def serve(agent: Agent, path: str) -> web.AppRunner:
+    runner = web.AppRunner(make_app(agent), access_log=None)
+    await runner.setup()
+    sock_path = Path(path)
+    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        sock_path.unlink()
+    site = web.UnixSite(runner, str(sock_path))
+    await site.start()
+    os.chmod(sock_path, 0o660)
+    return runner

@@ -1,0 +1,192 @@
+"""Agent settings: TOML file, ``FLEXMESH_*`` environment, flags; validated with clear errors.
+
+Precedence: a command-line flag overrides the file; the file overrides an environment
+variable ``FLEXMESH_<KEY>``; that overrides the built-in default. Every problem is
+reported as one line naming the file (or flag), the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexmesh.policies import POLICIES
+from flexmesh.protocol.membership import PRESETS
+
+
+class ConfigError(Exception):
+    """A setting is missing, of the wrong type or impossible; the message says which."""
+
+
+@dataclass
+class Settings:
+    name: str = field(default_factory=socket.gethostname)
+    bind: str = "127.0.0.1:7946"
+    advertise: str = ""  # address others reach us at; defaults to bind
+    join: list[str] = field(default_factory=list)
+    socket: str = "/run/flexmesh/agent.sock"
+    state_dir: str = "/var/lib/flexmesh"
+    profile: str = "lan"
+    sim_devices: str = ""
+    sim_load_file: str = ""
+    npu_smi: str = ""
+    nvml: bool = True
+    reserve_memory_mib: int = 0
+    reserve_compute_milli: int = 0
+    priority: int = 0
+    coordinator_eligible: bool = True
+    policy: str = "best-fit"
+    lease_ttl: float = 15.0
+    stop_grace: float = 10.0
+    enforcement: str = "auto"
+    hami_lib: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def bind_host_port(self) -> tuple[str, int]:
+        return split_hostport(self.bind, "bind")
+
+
+# TOML layout: top-level keys mirror the flags; tables group the rest.
+_TABLES: dict[str, dict[str, str]] = {
+    "": {"name": "name", "bind": "bind", "advertise": "advertise", "join": "join",
+         "socket": "socket", "state_dir": "state_dir", "profile": "profile"},
+    "devices": {"sim": "sim_devices", "sim_load_file": "sim_load_file", "npu_smi": "npu_smi",
+                "nvml": "nvml", "reserve_memory_mib": "reserve_memory_mib",
+                "reserve_compute_milli": "reserve_compute_milli",
+                "enforcement": "enforcement", "hami_lib": "hami_lib"},
+    "scheduler": {"policy": "policy", "priority": "priority",
+                  "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl"},
+    "jobs": {"stop_grace": "stop_grace"},
+    "log": {"format": "log_format", "level": "log_level"},
+}
+
+
+def split_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{what}: port {port!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{what}: port {p} is out of range 0..65535")
+    return host.strip("[]"), p
+
+
+def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif want is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: {key} must be a {want.__name__}, got {value!r}")
+
+
+def load(path: str | None, flags: dict[str, Any], env: dict[str, str] | None = None) -> Settings:
+    """Build and validate settings from a file, the environment and flags."""
+    s = Settings()
+    env = dict(os.environ if env is None else env)
+    for attr in Settings.__dataclass_fields__:
+        value = env.get(f"FLEXMESH_{attr.upper()}")
+        if value is not None and attr != "socket":
+            setattr(s, attr, _coerce(f"FLEXMESH_{attr.upper()}", attr, value, getattr(s, attr)))
+    if path:
+        _apply_file(s, Path(path))
+    for attr, value in flags.items():
+        if value is not None:
+            setattr(s, attr, _coerce(f"--{attr.replace('_', '-')}", attr, value,
+                                     getattr(s, attr)))
+    validate(s, path or "settings")
+    return s
+
+
+def _apply_file(s: Settings, path: Path) -> None:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if isinstance(value, dict) and key in _TABLES and key:
+            for sub, v in value.items():
+                attr = _TABLES[key].get(sub)
+                if attr is None:
+                    raise ConfigError(f"{path}: unknown key [{key}] {sub}")
+                setattr(s, attr, _coerce(str(path), f"[{key}] {sub}", v, getattr(s, attr)))
+            continue
+        attr = _TABLES[""].get(key)
+        if attr is None:
+            raise ConfigError(f"{path}: unknown key {key}")
+        setattr(s, attr, _coerce(str(path), key, value, getattr(s, attr)))
+
+
+def validate(s: Settings, where: str) -> None:
+    if not s.name or any(c.isspace() or c in "/:" for c in s.name) or len(s.name) > 64:
+        raise ConfigError(f"{where}: name {s.name!r} must be 1-64 characters without spaces, "
+                          "'/' or ':'")
+    split_hostport(s.bind, f"{where}: bind")
+    if s.advertise:
+        _, port = split_hostport(s.advertise, f"{where}: advertise")
+        if port == 0:
+            raise ConfigError(f"{where}: advertise needs a real port, not 0")
+    for seed in s.join:
+        split_hostport(seed, f"{where}: join")
+    if s.profile not in PRESETS:
+        raise ConfigError(f"{where}: profile {s.profile!r} is not one of "
+                          f"{', '.join(sorted(PRESETS))}")
+    if s.policy not in POLICIES:
+        raise ConfigError(f"{where}: policy {s.policy!r} is not one of "
+                          f"{', '.join(sorted(POLICIES))}")
+    for key in ("reserve_memory_mib", "reserve_compute_milli"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"{where}: {key} must not be negative")
+    if s.reserve_compute_milli > 1000:
+        raise ConfigError(f"{where}: reserve_compute_milli is above one device (1000)")
+    if s.lease_ttl <= 0 or s.stop_grace < 0:
+        raise ConfigError(f"{where}: lease_ttl must be positive and stop_grace not negative")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"{where}: log format must be text or json")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{where}: log level must be debug, info, warning or error")
+    if s.enforcement not in ("auto", "mps", "hami-core", "watchdog", "none"):
+        raise ConfigError(f"{where}: enforcement must be auto, mps, hami-core, watchdog or none")
+    if s.sim_load_file and not s.sim_devices:
+        raise ConfigError(f"{where}: sim_load_file is set but there are no sim devices")
+    if s.npu_smi and not Path(s.npu_smi).is_file():
+        raise ConfigError(f"{where}: npu_smi {s.npu_smi!r} does not exist")
+    if s.sim_devices:
+        from flexmesh.agent.devices.sim import parse_sim_devices
+        try:
+            parse_sim_devices(s.sim_devices)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: sim devices: {exc}") from None

@@ -1,0 +1,53 @@
+"""The agent's life cycle: start, serve until a signal, shut down within a deadline.
+
+Signal handlers only set flags (uvicorn's pattern). The first SIGTERM or SIGINT leaves
+the mesh gracefully (others see ``left``, not ``dead``), stops answering new work and
+closes the journal; running jobs keep running and are adopted by the next agent instance.
+A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from flexmesh.agent import api
+from flexmesh.agent.config import Settings
+from flexmesh.agent.runtime import Agent, install_signal_handlers
+
+log = logging.getLogger("flexmesh.agent")
+
+STOP_TIMEOUT = 20.0
+
+
+async def run_agent(settings: Settings) -> int:
+    stop, force = asyncio.Event(), asyncio.Event()
+    install_signal_handlers(stop, force)
+    agent = Agent(settings)
+    try:
+        await agent.start()
+        http = await api.serve(agent, settings.socket)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await agent.stop(leave=False)
+        return 1
+    log.info("listening socket=%s gossip=%s", settings.socket, agent.addr)
+    await stop.wait()
+    log.info("shutting down")
+    shutdown = asyncio.ensure_future(_shutdown(agent, http, settings.socket))
+    done, _ = await asyncio.wait({shutdown, asyncio.ensure_future(force.wait())},
+                                 timeout=STOP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+    if shutdown not in done:
+        log.warning("shutdown did not finish in time; exiting now")
+        os._exit(1)
+    return 0
+
+
+async def _shutdown(agent: Agent, http: object, sock: str) -> None:
+    await agent.stop(leave=True)
+    with contextlib.suppress(Exception):
+        await http.cleanup()  # type: ignore[attr-defined]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)

@@ -1,0 +1,505 @@
+"""The asyncio adapter: sockets, timers, processes and the journal around a sans-IO Node.
+
+The runtime owns every piece of I/O. It feeds the node what arrives (datagrams, calls,
+call results, process exits, time) and carries out the effects the node returns, in
+order: journal writes are awaited before anything that depends on them is sent, so a job
+is on disk before its submitter hears it was accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Awaitable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flexmesh.agent import rpc
+from flexmesh.agent.config import Settings
+from flexmesh.agent.devices.base import Backend, Device, DeviceSample
+from flexmesh.agent.devices.discovery import discover_backends
+from flexmesh.agent.devices.enforcement import detect_enforcement, job_env
+from flexmesh.agent.devices.idle import IdleEstimator, lendable
+from flexmesh.agent.jobs import JobRunner, JobStartError
+from flexmesh.agent.models import FAILED, LOST, PLACED, RUNNING, TERMINAL, JobRecord
+from flexmesh.agent.node import (
+    Call, LogEvent, Node, NodeConfig, PersistJob, PersistLease, RunJob, StopJob, WatchJob,
+)
+from flexmesh.agent.store import AsyncJournal
+from flexmesh.protocol import wire
+from flexmesh.protocol.lease import ACTIVE, Lease
+from flexmesh.protocol.membership import PRESETS, MemberEvent, SendPacket, StartPushPull
+
+log = logging.getLogger("flexmesh.agent")
+
+SAMPLE_INTERVAL = 2.0  # seconds between device usage readings
+SYNC_WAIT_MS = 1000  # long-poll window of JobSync
+SYNC_CHUNK = 256 * 1024
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.agent.on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.agent.node._count("udp_errors")
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir)
+        self.loop = asyncio.get_running_loop()
+        self.node: Node = None  # type: ignore[assignment]  # set in start()
+        self.journal: AsyncJournal = None  # type: ignore[assignment]
+        self.runner: JobRunner = None  # type: ignore[assignment]
+        self.backends: list[Backend] = []
+        self.enforcement = "none"
+        self.addr = ""
+        self.started_at = time.time()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._job_events: dict[str, asyncio.Event] = {}
+        self._watching: set[str] = set()
+        self._estimators: dict[str, IdleEstimator] = {}
+        self._device_list: list[Device] = []
+        self._stopping = False
+        self.counters: dict[str, int] = {}
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self.journal = await AsyncJournal.open(self.state_dir / "journal.sqlite3")
+        incarnation = await self.journal.bump_meta("incarnation")
+        host, port = s.bind_host_port()
+        self._udp, port = await self._bind_udp(host, port)
+        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        self.addr = s.advertise or f"{host}:{port}"
+        leases = [Lease.from_dict(x) for x in await self.journal.list_leases()]
+        max_term = max((x.term for x in leases), default=0)
+        token = max((x.token for x in leases), default=0)
+        token = max(token, int(await self.journal.get_meta("token") or 0))
+        config = NodeConfig(
+            name=s.name, addr=self.addr, membership=PRESETS[s.profile], priority=s.priority,
+            eligible=s.coordinator_eligible, policy=s.policy, lease_ttl=s.lease_ttl,
+        )
+        self.node = Node(config, random.Random(os.urandom(16)), self.loop.time(),
+                         incarnation=incarnation, token=token, max_term=max_term)
+        self.runner = JobRunner(self.state_dir, self._on_exit)
+        await self._init_devices()
+        await self._recover(leases)
+        self.node.membership.join(list(s.join))
+        self._spawn(self._timer_loop())
+        self._spawn(self._sample_loop())
+        await self.flush()
+        log.info("agent started name=%s addr=%s incarnation=%d devices=%d enforcement=%s",
+                 s.name, self.addr, incarnation, len(self._device_list), self.enforcement)
+
+    async def _bind_udp(self, host: str, port: int) -> tuple[asyncio.DatagramTransport, int]:
+        """Bind UDP; with port 0, pick one that TCP can have too (same port for both)."""
+        for _ in range(20):
+            transport, _ = await self.loop.create_datagram_endpoint(
+                lambda: _Udp(self), local_addr=(host, port))
+            chosen = transport.get_extra_info("sockname")[1]
+            if port:
+                return transport, chosen
+            try:
+                probe = await asyncio.start_server(lambda r, w: None, host, chosen)
+            except OSError:
+                transport.close()
+                continue
+            probe.close()
+            await probe.wait_closed()
+            return transport, chosen
+        raise OSError(f"no port on {host} free for both UDP and TCP")
+
+    async def stop(self, leave: bool = True, kill_jobs: bool = False) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if leave and self.node is not None:
+            self.node.membership.leave(self.loop.time())
+            await self.flush()
+            # Give the leave a moment to get out before the socket closes.
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.shutdown(kill=kill_jobs, grace_s=self.settings.stop_grace)
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
+        if self._udp is not None:
+            self._udp.close()
+        for backend in self.backends:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(backend.close)
+        if self.journal is not None:
+            await self.journal.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background task failed: %r", exc, exc_info=exc)
+
+    # --- devices ------------------------------------------------------------------------
+
+    async def _init_devices(self) -> None:
+        s = self.settings
+        self.backends = await asyncio.to_thread(
+            discover_backends, s.sim_devices or None,
+            Path(s.sim_load_file) if s.sim_load_file else None, s.npu_smi or None, s.nvml)
+        devices: list[Device] = []
+        for backend in self.backends:
+            try:
+                devices.extend(await asyncio.to_thread(backend.discover))
+            except Exception as exc:  # a broken backend must not stop the agent
+                log.warning("device backend %s failed: %s", backend.name, exc)
+        self._device_list = devices
+        has_nvml = any(b.name == "nvml" for b in self.backends)
+        try:
+            self.enforcement = detect_enforcement(
+                s.enforcement, s.hami_lib or None, nvml_available=has_nvml)
+        except ValueError as exc:
+            log.warning("enforcement: %s; falling back to none", exc)
+            self.enforcement = "none"
+        self._apply_devices({})
+
+    def _apply_devices(self, samples: dict[str, DeviceSample]) -> None:
+        s = self.settings
+        now = self.loop.time()
+        lend: dict[str, tuple[int, int]] = {}
+        devices = []
+        for d in self._device_list:
+            sample = samples.get(d.id)
+            est = self._estimators.setdefault(d.id, IdleEstimator())
+            fc, fm = (sample.foreign_compute_milli, sample.foreign_memory_mib) if sample else (0, 0)
+            foreign = est.observe(now, fc, fm)
+            lend[d.id] = (
+                lendable(d.compute_milli, 0, foreign.compute_milli, s.reserve_compute_milli),
+                lendable(d.memory_mib, 0, foreign.memory_mib, s.reserve_memory_mib),
+            )
+            healthy = d.healthy and (sample.healthy if sample else True)
+            devices.append(d if healthy == d.healthy else replace(d, healthy=healthy))
+        self.node.set_devices(devices, lend)
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            pids = frozenset(self.runner.running().values())
+            samples: dict[str, DeviceSample] = {}
+            for backend in self.backends:
+                try:
+                    for sm in await asyncio.to_thread(backend.sample, pids):
+                        samples[sm.id] = sm
+                except Exception as exc:
+                    log.warning("sampling %s failed: %s", backend.name, exc)
+            before = self.node.membership.me.facts
+            self._apply_devices(samples)
+            if self.node.membership.me.facts == before:
+                continue
+            await self.flush()
+
+    # --- recovery after a restart -------------------------------------------------------
+
+    async def _recover(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            if lease.state in ACTIVE:
+                self.node.leases.restore(lease)
+        now = self.loop.time()
+        for job in await self.journal.list_jobs():
+            if job.terminal:
+                self.node.jobs[job.id] = job
+                continue
+            if job.role in ("owner", "both") and job.state in (PLACED, RUNNING):
+                alive = (job.pid is not None and job.pid_start is not None
+                         and self.runner.adopt(job.id, job.pid, job.pid_start))
+                if not alive:
+                    job.state, job.reason = LOST, "process vanished while the agent was down"
+                    job.updated_at = time.time()
+                    lease = self.node.leases.release(job.lease_id)
+                    if lease is not None:
+                        await self.journal.put_lease(lease.to_dict())
+                    await self.journal.put_job(job)
+                    log.info("job lost job=%s reason=%r", job.id, job.reason)
+                self.node.jobs[job.id] = job
+                continue
+            self.node.resume(job, now)
+        self.node._publish_facts()
+
+    # --- the effect pump ----------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Carry out every pending effect of the node, in order."""
+        async with self._flush_lock:
+            while True:
+                effects = self.node.drain()
+                if not effects:
+                    break
+                for eff in effects:
+                    await self._effect(eff)
+        self._wake.set()
+
+    def kick(self) -> None:
+        self._spawn(self.flush())
+
+    async def _effect(self, eff: Any) -> None:
+        if isinstance(eff, SendPacket):
+            self._send_packet(eff)
+        elif isinstance(eff, PersistJob):
+            job = eff.job
+            # The node keeps its own (monotonic or virtual) time; records carry wall time.
+            job.updated_at = time.time()
+            if job.created_at < 1e9:
+                job.created_at = job.updated_at
+            live = self.node.jobs.get(job.id)
+            if live is not None:
+                live.updated_at, live.created_at = job.updated_at, job.created_at
+            await self.journal.put_job(job)
+            ev = self._job_events.get(job.id)
+            if ev is not None:
+                ev.set()
+        elif isinstance(eff, PersistLease):
+            await self.journal.put_lease(eff.lease.to_dict())
+            await self.journal.set_meta("token", str(self.node.leases.token))
+        elif isinstance(eff, Call):
+            self._spawn(self._do_call(eff))
+        elif isinstance(eff, StartPushPull):
+            self._spawn(self._do_pushpull(eff))
+        elif isinstance(eff, RunJob):
+            self._spawn(self._run_job(eff))
+        elif isinstance(eff, StopJob):
+            self._spawn(self.runner.stop(eff.job_id, self.settings.stop_grace, eff.reason))
+        elif isinstance(eff, WatchJob):
+            if eff.job_id not in self._watching:
+                self._watching.add(eff.job_id)
+                self._spawn(self._watch(eff))
+        elif isinstance(eff, LogEvent):
+            log.info("%s %s", eff.event, " ".join(f"{k}={v}" for k, v in eff.fields.items()))
+        elif isinstance(eff, MemberEvent):
+            log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state, eff.prev,
+                     eff.addr)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            delay = max(0.0, self.node.next_deadline() - self.loop.time())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(delay, 1.0))
+            now = self.loop.time()
+            if now >= self.node.next_deadline():
+                self.node.tick(now)
+                await self.flush()
+
+    # --- UDP ----------------------------------------------------------------------------
+
+    def on_datagram(self, data: bytes, addr: tuple[Any, int]) -> None:
+        if len(data) > wire.UDP_BUDGET + 128:
+            self.node._count("packets_dropped_oversized")
+            return
+        self.node.step_packet(f"{addr[0]}:{addr[1]}", data, self.loop.time())
+        self.kick()
+
+    def _send_packet(self, eff: SendPacket) -> None:
+        if self._udp is None or self._stopping and not self.node.membership._left:
+            return
+        try:
+            host, port = eff.addr.rsplit(":", 1)
+            self._udp.sendto(eff.data, (host.strip("[]"), int(port)))
+        except (OSError, ValueError) as exc:
+            self.node._count("udp_send_errors")
+            log.debug("udp send to %s failed: %s", eff.addr, exc)
+
+    # --- TCP: calls out -----------------------------------------------------------------
+
+    async def _do_call(self, eff: Call) -> None:
+        try:
+            reply = await rpc.call(eff.addr, eff.msg, eff.timeout)
+            error = ""
+        except rpc.CallError as exc:
+            reply, error = None, str(exc)
+        self.node.call_result(eff.call_id, reply, error, self.loop.time())
+        await self.flush()
+
+    async def _do_pushpull(self, eff: StartPushPull) -> None:
+        try:
+            reply = await rpc.call(eff.addr, self.node.pushpull_request(eff.join), 10.0)
+        except rpc.CallError as exc:
+            log.debug("push-pull with %s failed: %s", eff.addr, exc)
+            if eff.join:
+                log.warning("could not join through %s: %s", eff.addr, exc)
+            return
+        self.node.pushpull_reply(reply, self.loop.time())
+        await self.flush()
+
+    # --- TCP: calls in ------------------------------------------------------------------
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await rpc.serve_connection(reader, writer, self._handle_call)
+        except rpc.RemoteError as exc:
+            self.counters["peers_disconnected_garbage"] = (
+                self.counters.get("peers_disconnected_garbage", 0) + 1)
+            log.info("dropped a peer connection: %s", exc)
+
+    async def _handle_call(self, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.JobSync):
+            return await self._job_sync(msg)
+        if self._stopping and isinstance(msg, (wire.Submit, wire.StartJob, wire.LeaseRequest)):
+            return wire.Error("agent is shutting down")
+        reply = self.node.handle_request(msg, self.loop.time())
+        await self.flush()  # what the reply promises is journaled before it is sent
+        return reply
+
+    async def _job_sync(self, msg: wire.JobSync) -> wire.Message:
+        job = self.node.jobs.get(msg.job_id)
+        if job is None or job.role not in ("owner", "both"):
+            return wire.Error(f"no job {msg.job_id} runs here")
+        deadline = self.loop.time() + min(max(msg.wait_ms, 0), 10_000) / 1000
+        while True:
+            state = job.state
+            out = await asyncio.to_thread(self.runner.read_log, job.id, "stdout",
+                                          msg.stdout_offset, SYNC_CHUNK)
+            err = await asyncio.to_thread(self.runner.read_log, job.id, "stderr",
+                                          msg.stderr_offset, SYNC_CHUNK)
+            terminal = state in TERMINAL
+            if out or err or terminal or self.loop.time() >= deadline:
+                complete = terminal and len(out) < SYNC_CHUNK and len(err) < SYNC_CHUNK
+                return wire.JobSyncReply(state, job.reason, job.exit_code, out, err, complete)
+            ev = self._job_events.setdefault(job.id, asyncio.Event())
+            ev.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), min(0.2, deadline - self.loop.time()))
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    async def _run_job(self, eff: RunJob) -> None:
+        job, device = eff.job, eff.device
+        env = {
+            "FLEXMESH_JOB_ID": job.id, "FLEXMESH_DEVICE": device.id,
+            "FLEXMESH_COMPUTE_MILLI": str(job.compute_milli),
+            "FLEXMESH_MEMORY_MIB": str(job.memory_mib), "FLEXMESH_ORIGIN": job.origin,
+        }
+        try:
+            env.update(job_env(device, job.compute_milli, job.memory_mib, self.enforcement,
+                               self.settings.hami_lib or None))
+        except ValueError as exc:
+            log.warning("job %s: no limits applied: %s", job.id, exc)
+            env.update(device.visible_env)
+        env.update({k: v for k, v in job.env.items() if not k.startswith("FLEXMESH_")})
+        try:
+            pid, pid_start = await self.runner.start(job.id, job.command, env)
+        except (JobStartError, ValueError, OSError) as exc:
+            self.node.job_exited(job.id, None, f"could not start: {exc}", self.loop.time(),
+                                 state=FAILED)
+        else:
+            self.node.job_started(job.id, pid, pid_start, self.loop.time())
+        await self.flush()
+
+    def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        state = LOST if exit_code is None else None
+        self.node.job_exited(job_id, exit_code, reason, self.loop.time(), state=state)
+        self.kick()
+
+    async def _watch(self, eff: WatchJob) -> None:
+        """Origin: follow a remote job's state and copy its output here."""
+        out_path = self.state_dir / "jobs" / eff.job_id
+        await asyncio.to_thread(out_path.mkdir, parents=True, exist_ok=True)
+        offsets = {"stdout": _size(out_path / "stdout"), "stderr": _size(out_path / "stderr")}
+        failures = 0
+        try:
+            while True:
+                job = self.node.jobs.get(eff.job_id)
+                if job is None or job.state in TERMINAL:
+                    return
+                msg = wire.JobSync(eff.job_id, offsets["stdout"], offsets["stderr"],
+                                   SYNC_WAIT_MS)
+                try:
+                    reply = await rpc.call(eff.addr, msg, SYNC_WAIT_MS / 1000 + 5.0)
+                except rpc.CallError:
+                    failures += 1
+                    await asyncio.sleep(min(0.2 * 2 ** failures, 2.0))
+                    continue
+                failures = 0
+                if not isinstance(reply, wire.JobSyncReply):
+                    log.warning("job %s: owner %s answered %r", eff.job_id, eff.node, reply)
+                    await asyncio.sleep(1.0)
+                    continue
+                for stream, data in (("stdout", reply.stdout), ("stderr", reply.stderr)):
+                    if data:
+                        await asyncio.to_thread(_write_at, out_path / stream, offsets[stream],
+                                                data)
+                        offsets[stream] += len(data)
+                if reply.state in TERMINAL and not reply.complete:
+                    continue  # fetch the rest of the output before saying it ended
+                self.node.remote_update(eff.job_id, reply.state, reply.reason, reply.exit_code,
+                                        self.loop.time())
+                await self.flush()
+        finally:
+            self._watching.discard(eff.job_id)
+
+    # --- API helpers --------------------------------------------------------------------
+
+    async def submit(self, job: JobRecord) -> JobRecord:
+        job.created_at = job.updated_at = time.time()
+        await self.journal.put_job(job)  # on disk before the submitter hears "accepted"
+        self.node.submit(job, self.loop.time())
+        await self.flush()
+        return job
+
+    async def cancel(self, job_id: str) -> str:
+        result = self.node.cancel(job_id, self.loop.time())
+        await self.flush()
+        return result
+
+    def job_event(self, job_id: str) -> asyncio.Event:
+        return self._job_events.setdefault(job_id, asyncio.Event())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    mode = "r+b" if path.exists() else "wb"
+    with open(path, mode) as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def install_signal_handlers(stop: asyncio.Event, force: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()  # a second Ctrl-C: exit now
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
