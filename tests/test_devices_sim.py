@@ -4,7 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from fake_pynvml import FakeGpu, FakeNvml
+from flexmesh.agent.devices.ascend import AscendBackend
 from flexmesh.agent.devices.base import Backend, Device
+from flexmesh.agent.devices.discovery import discover_backends, find_npu_smi
+from flexmesh.agent.devices.nvml import NvmlBackend
 from flexmesh.agent.devices.sim import SimBackend, parse_sim_devices
 from hypothesis import given
 from hypothesis import strategies as st
@@ -151,3 +155,76 @@ def test_malformed_load_file_is_no_load_and_never_raises(tmp_path: Path, raw: st
 def test_load_file_in_a_missing_directory(tmp_path: Path) -> None:
     backend = SimBackend([Device("gpu0", "gpu", "sim-gpu", 1024, "sim")], tmp_path / "no" / "x")
     assert backend.sample(frozenset())[0].foreign_memory_mib == 0
+
+
+# -- discovery of backends (sim, NVML and Ascend together) ---------------------------------
+
+
+def _npu_smi_script(directory: Path) -> Path:
+    script = directory / "npu-smi"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_discovery_finds_nothing_on_a_bare_machine(tmp_path: Path) -> None:
+    fake = FakeNvml(init_error=FakeNvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    assert discover_backends(None, None, None, nvml=fake, path_env=str(tmp_path)) == []
+
+
+def test_discovery_with_the_real_pynvml_never_raises(tmp_path: Path) -> None:
+    backends = discover_backends(None, None, None, path_env=str(tmp_path))
+    assert [b.name for b in backends] in ([], ["nvml"])  # ["nvml"] on a GPU machine
+    for backend in backends:
+        backend.close()
+
+
+def test_discovery_of_all_three_backends(tmp_path: Path) -> None:
+    script = _npu_smi_script(tmp_path)
+    fake = FakeNvml([FakeGpu("GPU-1")])
+    backends = discover_backends(
+        "gpu:1x8GiB",
+        tmp_path / "load.json",
+        None,
+        nvml=fake,
+        path_env=str(tmp_path),
+        npu_smi_runner=lambda argv: "",
+    )
+    assert [b.name for b in backends] == ["nvml", "ascend", "sim"]
+    nvml, ascend, sim = backends
+    assert isinstance(nvml, NvmlBackend) and [d.id for d in nvml.discover()] == ["GPU-1"]
+    assert isinstance(ascend, AscendBackend) and ascend.npu_smi_path == str(script)
+    assert isinstance(sim, SimBackend) and [d.id for d in sim.discover()] == ["gpu0"]
+
+
+def test_nvml_that_loads_without_gpus_is_left_out(tmp_path: Path) -> None:
+    fake = FakeNvml([])
+    assert discover_backends(None, None, None, nvml=fake, path_env=str(tmp_path)) == []
+    assert fake.shutdowns == 1
+
+
+def test_nvml_can_be_disabled(tmp_path: Path) -> None:
+    fake = FakeNvml([FakeGpu("GPU-1")])
+    assert discover_backends(None, None, None, False, nvml=fake, path_env=str(tmp_path)) == []
+    assert "nvmlInit" not in fake.calls
+
+
+def test_npu_smi_at_a_configured_path(tmp_path: Path) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    script = _npu_smi_script(tools)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert find_npu_smi(str(script), str(empty)) == str(script)
+    # A configured path that is wrong falls back to PATH; not executable counts as wrong.
+    assert find_npu_smi(str(tmp_path / "nope"), str(tools)) == str(script)
+    script.chmod(0o644)
+    assert find_npu_smi(str(script), str(empty)) is None
+    assert find_npu_smi(None, str(empty)) is None
+    fake = FakeNvml(init_error=FakeNvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    assert discover_backends(None, None, str(script), nvml=fake, path_env=str(empty)) == []
+
+
+def test_a_bad_sim_spec_is_the_operators_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown device kind"):
+        discover_backends("tpu:1x1G", None, None, enable_nvml=False, path_env=str(tmp_path))
