@@ -218,11 +218,15 @@ def test_discovery_survives_a_failing_count_and_mig_query() -> None:
     ]
 
 
-def test_unexpected_exceptions_do_not_escape() -> None:
+def test_unexpected_exceptions_do_not_escape(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = two_gpus()
     backend = NvmlBackend(nvml=fake)
     backend.discover()
-    fake.nvmlDeviceGetMemoryInfo = lambda handle: (_ for _ in ()).throw(RuntimeError("ctypes"))
+
+    def broken(handle: FakeGpu) -> None:
+        raise RuntimeError("ctypes went wrong")
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetMemoryInfo", broken)
     assert all(not s.healthy and "ctypes" in s.detail for s in backend.sample(JOBS))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flexmesh.agent.units import MILLI
@@ -34,8 +35,8 @@ def lendable(capacity: int, leased: int, foreign: int, reserve: int) -> int:
 
 def foreign_compute_estimate(
     util_pct: int | None,
-    per_process_pct: dict[int, int] | None,
-    processes: dict[int, int | None],
+    per_process_pct: Mapping[int, int] | None,
+    processes: Mapping[int, int | None],
     job_pids: frozenset[int],
 ) -> int:
     """Foreign compute (milli) of one device from what its backend could measure.
