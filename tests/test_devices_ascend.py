@@ -289,6 +289,18 @@ def test_310b_uses_proc_mem_for_processes() -> None:
     assert sample.foreign_compute_milli == 340 * 1260 // 1900
 
 
+def test_310b_memory_not_available_falls_back_to_process_memory() -> None:
+    info = recorded("info-310b.txt").replace("2917 / 7545", "NA / 7545")
+    fake = FakeNpuSmi(
+        {
+            ("info",): info,
+            ("info", "-t", "proc-mem", "-i", "0", "-c", "0"): recorded("proc-mem-310b.txt"),
+        }
+    )
+    (sample,) = AscendBackend(runner=fake).sample(frozenset({JOB}))
+    assert (sample.memory_used_mib, sample.foreign_memory_mib) == (1900, 1260)
+
+
 def test_310b_without_process_information_is_conservative() -> None:
     fake = FakeNpuSmi({("info",): recorded("info-310b.txt")})
     backend = AscendBackend(runner=fake)

@@ -334,7 +334,9 @@ class AscendBackend:
                 detail=f"NPU {key[0]} chip {key[1]} is no longer listed by npu-smi",
             )
         procs = self._processes(key, info)
-        used = chip.memory_used_mib or 0
+        used = chip.memory_used_mib
+        if used is None:  # "NA / total": the processes' memory is the best figure left
+            used = sum(mib or 0 for mib in (procs or {}).values())
         job_memory = {pid: mib or 0 for pid, mib in (procs or {}).items() if pid in job_pids}
         util = self._utilization(key, chip)
         healthy = chip.health in HEALTHY_STATES
