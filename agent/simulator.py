@@ -364,15 +364,17 @@ class Simulator:
         return out
 
     def converged(self, group: set[str]) -> bool:
-        """Every node in ``group`` sees exactly the group alive and agrees on one coordinator."""
+        """Every node in ``group`` sees exactly the group alive, nobody suspect, and agrees
+        on one coordinator."""
         beliefs = set()
         for n in group:
             node = self.nodes[n].node
-            alive = {m.name for m in node.membership.members.values() if m.state == "alive"}
-            if alive != group:
+            members = node.membership.members.values()
+            alive = {m.name for m in members if m.state == "alive"}
+            if alive != group or any(m.state == "suspect" for m in members):
                 return False
-            beliefs.add(node.belief.coordinator)
-        return len(beliefs) == 1 and None not in beliefs
+            beliefs.add(node.belief)
+        return len(beliefs) == 1 and all(b.coordinator and b.term for b in beliefs)
 
     def terminal_jobs(self) -> dict[str, str]:
         out = {}

@@ -1,0 +1,134 @@
+"""Real agent processes on 127.0.0.1: submit through the CLI, lend a GPU fraction across
+nodes, read the output back at the submitter, survive kill -9 of the coordinator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flexmesh.agent.localmesh import LocalMesh
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def finished(mesh: LocalMesh, node: str, job_id: str) -> dict[str, object] | None:
+    job: dict[str, object] = mesh.json(node, "show", job_id)
+    return job if job["state"] in TERMINAL else None
+
+
+def test_four_agents_lend_a_fraction_and_fail_over(mesh: LocalMesh) -> None:
+    mesh.start("a", sim="gpu:2x16GiB")
+    mesh.start("b", sim="gpu:2x16GiB", join=["a"])
+    mesh.start("c", sim="npu:1x32GiB", join=["a"])
+    mesh.start("d", join=["a"], extra=["--priority", "10"])  # deviceless, never coordinator
+    names = ["a", "b", "c", "d"]
+    mesh.wait_for("convergence", lambda: mesh.converged(names))
+    devices = mesh.json("d", "devices")
+    assert {(r["node"], r["id"]) for r in devices} == {
+        ("a", "gpu0"), ("a", "gpu1"), ("b", "gpu0"), ("b", "gpu1"), ("c", "npu0")}
+    assert all(r["backend"] == "sim" and r["compute_milli"] == 1000 for r in devices)
+
+    res = mesh.cli("d", "submit", "--gpu", "0.25", "--memory", "4GiB", "--kind", "gpu",
+                   "-o", "json", "--", "sh", "-c",
+                   'echo "out $FLEXMESH_DEVICE $FLEXMESH_COMPUTE_MILLI $FLEXMESH_MEMORY_MIB";'
+                   ' echo oops >&2; exit 0')
+    job_id = json.loads(res.stdout)["id"]
+    job = mesh.wait_for("the job to end", lambda: finished(mesh, "d", job_id))
+    assert job["state"] == "succeeded" and job["exit_code"] == 0
+    assert job["node"] in ("a", "b") and job["compute_milli"] == 250
+    assert job["memory_mib"] == 4096
+    logs = mesh.cli("d", "logs", job_id)
+    assert logs.stdout == f"out {job['device']} 250 4096\n"
+    assert logs.stderr == "oops\n"
+
+    # A failing job: its exit code and a readable reason come back to the submitter.
+    res = mesh.cli("d", "submit", "--wait", "--gpu", "0.5", "--", "sh", "-c", "exit 7",
+                   check=False)
+    assert res.returncode == 7 and "exited with code 7" in res.stdout
+
+    # kill -9 the coordinator; a new one is elected and places the next job.
+    coordinator = mesh.coordinator("d")
+    assert coordinator in ("a", "b", "c")
+    mesh.kill(coordinator, signal.SIGKILL)
+    rest = [n for n in names if n != coordinator]
+    res = mesh.cli("d", "submit", "--gpu", "0.5", "-o", "json", "--", "echo", "after")
+    job_id = json.loads(res.stdout)["id"]
+    job = mesh.wait_for("the job after failover", lambda: finished(mesh, "d", job_id),
+                        timeout=60)
+    assert job["state"] == "succeeded" and job["node"] != coordinator
+    mesh.wait_for("a new coordinator", lambda: mesh.converged(rest), timeout=60)
+    assert mesh.coordinator("d") not in (coordinator, "d")
+    assert mesh.cli("d", "logs", job_id).stdout == "after\n"
+
+
+def test_cancel_from_the_submitting_node(mesh: LocalMesh) -> None:
+    mesh.start("a", sim="gpu:1x8GiB")
+    mesh.start("z", join=["a"], extra=["--priority", "10"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "z"]))
+    job_id = mesh.cli("z", "submit", "--gpu", "0.5", "--", "sleep", "300").stdout.strip()
+    mesh.wait_for("running", lambda: mesh.json("z", "show", job_id)["state"] == "running")
+    mesh.cli("z", "cancel", job_id)
+    job = mesh.wait_for("cancelled", lambda: finished(mesh, "z", job_id))
+    assert job["state"] == "cancelled" and job["reason"] == "cancelled by user"
+    # The lease is back: the whole device is lendable again.
+    mesh.wait_for("the lease to be released", lambda: mesh.json("z", "devices")[0]
+                  ["lendable_compute_milli"] == 1000)
+
+
+def test_bad_requests_get_clear_errors(mesh: LocalMesh) -> None:
+    mesh.start("a", sim="gpu:1x8GiB")
+    cases = [
+        (["--gpu", "1.5"], "at most 1"),
+        (["--gpu", "-0.1"], ""),
+        (["--memory", "-4GiB"], ""),
+        (["--memory", "lots"], "lots"),
+    ]
+    for flags, text in cases:
+        res = mesh.cli("a", "submit", *flags, "--", "true", check=False)
+        assert res.returncode == 2, (flags, res.stdout, res.stderr)
+        assert text in res.stderr
+    res = mesh.cli("a", "submit", "--gpu", "0.5", check=False)
+    assert res.returncode == 2 and "command" in res.stderr
+    assert mesh.cli("a", "show", "nope", check=False).returncode == 1
+
+
+def test_journal_survives_kill_and_marks_vanished_jobs_lost(mesh: LocalMesh) -> None:
+    mesh.start("solo", sim="gpu:1x8GiB")
+    done = mesh.cli("solo", "submit", "--wait", "--gpu", "0.2", "--", "echo", "hi").stdout
+    done_id = done.split()[0]
+    job_id = mesh.cli("solo", "submit", "--gpu", "0.5", "--", "sleep", "300").stdout.strip()
+    mesh.wait_for("running", lambda: mesh.json("solo", "show", job_id)["state"] == "running")
+    state = mesh.agents["solo"].dir / "state"
+    mesh.kill("solo", signal.SIGKILL)
+    # The job's process vanishes while the agent is down.
+    from flexmesh.agent.store import Journal
+
+    j = Journal(state / "journal.sqlite3")
+    pid = j.get_job(job_id).pid  # type: ignore[union-attr]
+    j.close()
+    assert pid
+    os.killpg(pid, signal.SIGKILL)
+    mesh.restart("solo")
+    jobs = {j["id"]: j for j in mesh.json("solo", "jobs")}
+    assert jobs[done_id]["state"] == "succeeded"
+    assert jobs[job_id]["state"] == "lost"
+    assert "vanished" in jobs[job_id]["reason"]
+    assert mesh.cli("solo", "logs", done_id).stdout == "hi\n"
+    # Its lease was given back on the owner's books.
+    assert mesh.json("solo", "devices")[0]["lendable_compute_milli"] == 1000
