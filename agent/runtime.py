@@ -29,7 +29,15 @@ from flexmesh.agent.devices.idle import IdleEstimator, lendable
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, PLACED, RUNNING, TERMINAL, JobRecord
 from flexmesh.agent.node import (
-    Call, LogEvent, Node, NodeConfig, PersistJob, PersistLease, RunJob, StopJob, WatchJob,
+    Call,
+    LogEvent,
+    Node,
+    NodeConfig,
+    PersistJob,
+    PersistLease,
+    RunJob,
+    StopJob,
+    WatchJob,
 )
 from flexmesh.agent.store import AsyncJournal
 from flexmesh.protocol import wire
@@ -324,7 +332,7 @@ class Agent:
         self.kick()
 
     def _send_packet(self, eff: SendPacket) -> None:
-        if self._udp is None or self._stopping and not self.node.membership._left:
+        if self._udp is None or (self._stopping and not self.node.membership._left):
             return
         try:
             host, port = eff.addr.rsplit(":", 1)

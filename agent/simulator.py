@@ -24,7 +24,12 @@ from typing import Any
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import RUNNING, TERMINAL, JobRecord
 from flexmesh.agent.node import (
-    Call, Node, NodeConfig, RunJob, StopJob, WatchJob,
+    Call,
+    Node,
+    NodeConfig,
+    RunJob,
+    StopJob,
+    WatchJob,
 )
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import ACTIVE
@@ -217,8 +222,8 @@ class Simulator:
             return
         copies = 2 if self.rng.random() < self.faults.duplicate else 1
         src_addr = self.nodes[src].config.addr
+        target = self.nodes[dst].node
         for _ in range(copies):
-            target = self.nodes[dst].node
             self.at(self.now + self._latency(), lambda: self._deliver(dst, target, src_addr,
                                                                       eff.data))
 

@@ -85,8 +85,8 @@ def main() -> int:
         print(f"  coordinator is {coordinator}; killing it")
         t0 = time.monotonic()
         mesh.kill(coordinator)  # type: ignore[arg-type]
-        job_id = mesh.cli("edge-d", "submit", "--gpu", "0.5", "--kind", "any", "--",
-                          "sh", "-c", "echo placed after failover on $FLEXMESH_DEVICE").stdout.strip()
+        job_id = mesh.cli("edge-d", "submit", "--gpu", "0.5", "--kind", "any", "--", "sh", "-c",
+                          "echo placed after failover on $FLEXMESH_DEVICE").stdout.strip()
         job = mesh.wait_for("the job to finish", lambda: (lambda j: j if j["state"] in
                             ("succeeded", "failed") else None)(mesh.json("edge-d", "show",
                                                                           job_id)), timeout=60)
