@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from flexmesh.agent.devices.ascend import (
     AscendBackend,
     parse_info,
@@ -16,8 +19,6 @@ from flexmesh.agent.devices.ascend import (
     vnpu_template,
 )
 from flexmesh.agent.devices.base import Backend, DeviceSample
-from hypothesis import given
-from hypothesis import strategies as st
 
 DATA = Path(__file__).parent / "data" / "npu-smi"
 JOB = 4242

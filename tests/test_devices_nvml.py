@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from fake_pynvml import FakeGpu, FakeNvml, FakeProcess
+
 from flexmesh.agent.devices.base import Backend, DeviceSample
 from flexmesh.agent.devices.nvml import NvmlBackend
 

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 from fake_pynvml import FakeGpu, FakeNvml
+from hypothesis import given
+from hypothesis import strategies as st
+
 from flexmesh.agent.devices.ascend import AscendBackend
 from flexmesh.agent.devices.base import Backend, Device
 from flexmesh.agent.devices.discovery import discover_backends, find_npu_smi
 from flexmesh.agent.devices.nvml import NvmlBackend
 from flexmesh.agent.devices.sim import SimBackend, parse_sim_devices
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def test_spec_numbers_devices_per_kind() -> None:

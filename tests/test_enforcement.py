@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from flexmesh.agent.devices.base import Device, DeviceSample
 from flexmesh.agent.devices.enforcement import (
     GPU_MEMORY_EXCEEDED,

@@ -4,6 +4,9 @@ import random
 from itertools import pairwise
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from flexmesh.agent.devices.idle import (
     ForeignUsage,
     IdleEstimator,
@@ -11,8 +14,6 @@ from flexmesh.agent.devices.idle import (
     lendable,
     percentile,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
 from flexmesh.agent.jobs import (
     ADOPTED_EXIT_REASON,
     JobRunner,

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from flexmesh.agent.models import FAILED, QUEUED, RUNNING, JobRecord
 from flexmesh.agent.store import SCHEMA_VERSION, AsyncJournal, Journal, JournalError
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from flexmesh.agent.units import (
     format_mib,
     format_milli,
@@ -8,8 +11,6 @@ from flexmesh.agent.units import (
     parse_percent,
     parse_size,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(
