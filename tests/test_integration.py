@@ -132,3 +132,32 @@ def test_journal_survives_kill_and_marks_vanished_jobs_lost(mesh: LocalMesh) -> 
     assert mesh.cli("solo", "logs", done_id).stdout == "hi\n"
     # Its lease was given back on the owner's books.
     assert mesh.json("solo", "devices")[0]["lendable_compute_milli"] == 1000
+
+
+def test_garbage_from_peers_is_dropped_and_counted(mesh: LocalMesh) -> None:
+    import socket
+    import struct
+
+    mesh.start("a", sim="gpu:1x8GiB")
+    host, port = mesh.agents["a"].addr.rsplit(":", 1)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for payload in (b"", b"\x01", b"\x01\xc1garbage", b"\x07\x91\x00", os.urandom(1200)):
+        udp.sendto(payload, (host, int(port)))
+    udp.close()
+    for payload in (b"\x00\x00\x00\x05\x01\xc1\xc1\xc1\xc1",       # not msgpack
+                    struct.pack(">I", 1 << 30) + b"x",              # absurd frame length
+                    b"\x00\x00"):                                   # truncated header
+        with socket.create_connection((host, int(port)), timeout=5) as tcp:
+            tcp.sendall(payload)
+            tcp.shutdown(socket.SHUT_WR)
+            assert tcp.recv(100) == b""  # disconnected, nothing answered
+
+    def counters() -> dict[str, int] | None:
+        c: dict[str, int] = mesh.json("a", "status")["counters"]
+        ok = (c.get("packets_dropped_malformed", 0) >= 4
+              and c.get("peers_disconnected_garbage", 0) >= 2)
+        return c if ok else None
+
+    mesh.wait_for("the drops to be counted", counters)
+    # Still serving.
+    assert mesh.cli("a", "submit", "--wait", "--gpu", "0.5", "--", "true").returncode == 0
