@@ -548,7 +548,8 @@ def test_a_node_that_left_ignores_input_and_time() -> None:
     strict=True,
     reason="BUG: after leave(), tick() returns at once without moving any timer, so "
     "next_deadline() stays in the past for ever: a driver that ticks at next_deadline() "
-    "(the runtime's _timer_loop, the simulator) spins without sleeping",
+    "spins without sleeping (agent/runtime.py's _timer_loop does, from leave() in stop() "
+    "until its task is cancelled)",
 )
 def test_next_deadline_moves_on_after_leave() -> None:
     a = Membership("a", addr("a"), LAN, random.Random(1), 0.0)
