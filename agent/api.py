@@ -48,7 +48,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "device": job.device, "compute_milli": job.compute_milli, "memory_mib": job.memory_mib,
         "exit_code": job.exit_code, "origin": job.origin, "kind": job.kind,
         "priority": job.priority, "command": job.command, "created_at": job.created_at,
-        "updated_at": job.updated_at,
+        "updated_at": job.updated_at, "attempts": job.attempts,
     }
 
 

@@ -51,6 +51,7 @@ class JobRecord:
     updated_at: float = 0.0
     role: str = "origin"  # "origin", "owner" or "both"
     uid: int | None = None  # submitting user, when known
+    attempts: int = 0  # rises on every start and every requeue; a placement is per attempt
 
     @property
     def terminal(self) -> bool:

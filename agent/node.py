@@ -35,6 +35,7 @@ from flexmesh.agent.models import (
     FAILED,
     LOST,
     PLACED,
+    PREEMPTED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
@@ -109,6 +110,13 @@ class StopJob:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveOutput:
+    """Origin: a job goes back to the queue; keep its output so far apart from the next run."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class WatchJob:
     """Origin: follow a job that runs on another node (state and output)."""
 
@@ -124,7 +132,7 @@ class LogEvent:
 
 
 Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | Call | PersistJob
-          | PersistLease | RunJob | StopJob | WatchJob | LogEvent)
+          | PersistLease | RunJob | StopJob | WatchJob | ArchiveOutput | LogEvent)
 Continuation = Callable[[wire.Message | None, str, float], None]
 
 
@@ -164,6 +172,7 @@ class Node:
         self._dirty_election = True
         self._dirty_schedule = False
         self._next_housekeeping = now
+        self._now = now
         self._publish_facts()
 
     # --- effects ------------------------------------------------------------------------
@@ -236,6 +245,7 @@ class Node:
         return min(times)
 
     def _after_input(self, now: float) -> None:
+        self._now = now
         self._pull_membership()
         if self._dirty_election:
             self._dirty_election = False
@@ -300,7 +310,40 @@ class Node:
         for gone in known - set(self.devices):
             for lease in self.leases.remove_device(gone):
                 self._out.append(PersistLease(lease))
+                self.stop_job(lease.job_id, f"device {gone} is gone", LOST, self._now)
+        for d in devices:
+            self._reclaim(d.id)
         self._publish_facts()
+
+    def _reclaim(self, device: str) -> None:
+        """The owner's own use grew into what was lent: take fractions back.
+
+        Victims are the lowest-priority, then newest, jobs on the device, until what stays
+        leased fits what the owner can lend now. Reserved leases whose job has not started
+        go first: nothing runs on them yet.
+        """
+        lend_c, lend_m = self.leases.lendable(device)
+        used_c, used_m = self.leases.used(device, excluding=set(self._stopping))
+        if used_c <= lend_c and used_m <= lend_m:
+            return
+        active = [x for x in self.leases.active() if x.device == device
+                  and x.job_id not in self._stopping]
+        active.sort(key=lambda x: (x.state != "reserved",
+                                   self.jobs[x.job_id].priority if x.job_id in self.jobs else 0,
+                                   -x.created))
+        for lease in active:
+            if used_c <= lend_c and used_m <= lend_m:
+                break
+            used_c -= lease.compute_milli
+            used_m -= lease.memory_mib
+            reason = f"reclaimed by {self.name}: its own workload needs {device}"
+            self._count("reclaims")
+            if lease.job_id in self.jobs and self.jobs[lease.job_id].role in ("owner", "both"):
+                self.stop_job(lease.job_id, reason, PREEMPTED, self._now)
+            else:
+                self.leases.release(lease.id)
+                self._out.append(PersistLease(lease))
+                self._log("lease_reclaimed", lease=lease.id, job=lease.job_id)
 
     def _publish_facts(self) -> None:
         rows = []
@@ -394,6 +437,8 @@ class Node:
         if device is None:
             self.leases.release(result.id)
             return wire.Error(f"device {result.device} is gone")
+        if job is not None and job.role == "owner" and job.terminal:
+            job = None  # an earlier run here ended (preempted): this is a new attempt
         if job is None:
             job = JobRecord(
                 id=msg.job_id, origin=msg.origin, command=list(msg.command),
@@ -405,7 +450,8 @@ class Node:
             job.role = "both"
         job.state, job.node, job.device = PLACED, self.name, result.device
         job.lease_id, job.token, job.term = result.id, result.token, result.term
-        job.updated_at = now
+        job.updated_at, job.pid, job.exit_code = now, None, None
+        job.attempts += 1
         self._out.append(PersistLease(result))
         self._out.append(PersistJob(replace(job)))
         self._out.append(RunJob(replace(job), device))
@@ -431,14 +477,21 @@ class Node:
             state, reason = stop.state, stop.reason
         elif state is None:
             state = SUCCEEDED if exit_code == 0 else FAILED
+        self._end_job(job, exit_code, reason, now, state)
+        self._after_input(now)
+
+    def _end_job(self, job: JobRecord, exit_code: int | None, reason: str, now: float,
+                 state: str) -> None:
         job.state, job.exit_code, job.reason, job.updated_at = state, exit_code, reason, now
         lease = self.leases.release(job.lease_id)
         if lease is not None:
             self._out.append(PersistLease(lease))
-        self._out.append(PersistJob(replace(job)))
-        self._log("job_end", job=job_id, state=state, reason=reason)
+        self._log("job_end", job=job.id, state=state, reason=reason)
         self._publish_facts()
-        self._after_input(now)
+        if job.role == "both" and state == PREEMPTED and job.requeue:
+            self._requeue(job, f"preempted on {job.node}/{job.device}: {reason}", now)
+        else:
+            self._out.append(PersistJob(replace(job)))
 
     def _owner_gone(self, node: str, state: str) -> None:
         """Origin: jobs on a node that died or left can no longer be followed."""
@@ -489,7 +542,7 @@ class Node:
         if coordinator is None:
             return
         msg = wire.Submit(job.id, self.name, job.compute_milli, job.memory_mib, job.kind,
-                          job.priority)
+                          job.priority, job.attempts)
         if coordinator == self.name:
             self._on_submit_reply(job.id, self._handle_submit(msg, now), "", now)
             return
@@ -509,8 +562,8 @@ class Node:
         elif isinstance(reply, wire.Ok):
             st.sent_to = (self.belief.coordinator or "", self.belief.term)
             st.coordinator_silent_since = None
-            if reply.detail and reply.detail != job.reason:
-                job.reason = reply.detail
+            if reply.detail and not job.reason.startswith("requeued:"):
+                job.reason = reply.detail  # why it waits, as the coordinator sees it
         else:
             if st.coordinator_silent_since is None:
                 st.coordinator_silent_since = now
@@ -603,7 +656,12 @@ class Node:
 
     def _requeue(self, job: JobRecord, reason: str, now: float) -> None:
         self._log("job_requeued", job=job.id, reason=reason)
+        if job.attempts or job.state in (RUNNING, PLACED):
+            self._out.append(ArchiveOutput(job.id))
         job.state, job.node, job.device, job.lease_id, job.token = QUEUED, "", "", "", 0
+        job.role = "origin" if job.role == "both" else job.role
+        job.pid = job.pid_start = job.exit_code = None
+        job.attempts += 1
         job.reason, job.updated_at = f"requeued: {reason}", now
         self._out.append(PersistJob(replace(job)))
         self._origin[job.id] = _OriginState(next_submit=now)
@@ -618,6 +676,9 @@ class Node:
         """Origin: what the owner reported about a job it runs."""
         job = self.jobs.get(job_id)
         if job is None or job.terminal or state == job.state or state in (QUEUED, ""):
+            return
+        if state == PREEMPTED and job.requeue:
+            self._requeue(job, f"preempted on {job.node}/{job.device}: {reason}", now)
             return
         job.state, job.reason, job.exit_code, job.updated_at = state, reason, exit_code, now
         self._out.append(PersistJob(replace(job)))
@@ -653,10 +714,23 @@ class Node:
             return wire.Error(f"no job {msg.job_id} runs here")
         if job.terminal:
             return wire.Ok(job.state)
-        stop = StopJob(job.id, msg.reason, CANCELLED)
-        self._stopping[job.id] = stop
-        self._out.append(stop)
+        self.stop_job(job.id, msg.reason, CANCELLED, now)
         return wire.Ok("stopping")
+
+    def stop_job(self, job_id: str, reason: str, state: str, now: float) -> None:
+        """Owner: stop a job's process; it ends in ``state`` with ``reason``."""
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal or job_id in self._stopping:
+            return
+        stop = StopJob(job_id, reason, state)
+        self._stopping[job_id] = stop
+        self._log("job_stop", job=job_id, state=state, reason=reason)
+        if job.state == PLACED and job.pid is None:
+            # Not started yet: nothing to signal.
+            self._stopping.pop(job_id)
+            self._end_job(job, None, reason, now, state)
+            return
+        self._out.append(stop)
 
     # --- requests from peers ------------------------------------------------------------
 

@@ -24,11 +24,17 @@ from flexmesh.agent import rpc
 from flexmesh.agent.config import Settings
 from flexmesh.agent.devices.base import Backend, Device, DeviceSample
 from flexmesh.agent.devices.discovery import discover_backends
-from flexmesh.agent.devices.enforcement import detect_enforcement, job_env
+from flexmesh.agent.devices.enforcement import (
+    detect_enforcement,
+    job_env,
+    job_memory_used,
+    watchdog_verdict,
+)
 from flexmesh.agent.devices.idle import IdleEstimator, lendable
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, PLACED, RUNNING, TERMINAL, JobRecord
 from flexmesh.agent.node import (
+    ArchiveOutput,
     Call,
     LogEvent,
     Node,
@@ -46,7 +52,7 @@ from flexmesh.protocol.membership import PRESETS, MemberEvent, SendPacket, Start
 
 log = logging.getLogger("flexmesh.agent")
 
-SAMPLE_INTERVAL = 2.0  # seconds between device usage readings
+SAMPLE_INTERVAL = 1.0  # seconds between device readings (the watchdog checks this often)
 SYNC_WAIT_MS = 1000  # long-poll window of JobSync
 SYNC_CHUNK = 256 * 1024
 
@@ -225,11 +231,24 @@ class Agent:
                         samples[sm.id] = sm
                 except Exception as exc:
                     log.warning("sampling %s failed: %s", backend.name, exc)
-            before = self.node.membership.me.facts
             self._apply_devices(samples)
-            if self.node.membership.me.facts == before:
-                continue
+            if self.enforcement == "watchdog":
+                self._watchdog(list(samples.values()))
             await self.flush()
+
+    def _watchdog(self, samples: list[DeviceSample]) -> None:
+        """No interception: stop a job whose measured device memory exceeds its lease."""
+        running = self.runner.running()
+        for job in list(self.node.jobs.values()):
+            pid = running.get(job.id)
+            if pid is None or job.role not in ("owner", "both") or job.terminal:
+                continue
+            used = job_memory_used(samples, job.device, [pid])
+            verdict = watchdog_verdict(used, job.memory_mib)
+            if verdict:
+                log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
+                         job.device, used, job.memory_mib)
+                self.node.stop_job(job.id, verdict, FAILED, self.loop.time())
 
     # --- recovery after a restart -------------------------------------------------------
 
@@ -301,10 +320,13 @@ class Agent:
             self._spawn(self._run_job(eff))
         elif isinstance(eff, StopJob):
             self._spawn(self.runner.stop(eff.job_id, self.settings.stop_grace, eff.reason))
+        elif isinstance(eff, ArchiveOutput):
+            await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / eff.job_id)
         elif isinstance(eff, WatchJob):
-            if eff.job_id not in self._watching:
-                self._watching.add(eff.job_id)
-                self._spawn(self._watch(eff))
+            key = f"{eff.job_id}@{eff.node}"
+            if key not in self._watching:
+                self._watching.add(key)
+                self._spawn(self._watch(eff, key))
         elif isinstance(eff, LogEvent):
             log.info("%s %s", eff.event, " ".join(f"{k}={v}" for k, v in eff.fields.items()))
         elif isinstance(eff, MemberEvent):
@@ -418,6 +440,9 @@ class Agent:
             log.warning("job %s: no limits applied: %s", job.id, exc)
             env.update(device.visible_env)
         env.update({k: v for k, v in job.env.items() if not k.startswith("FLEXMESH_")})
+        if job.role == "owner":
+            # A new attempt here after an earlier one (preempted): keep that output apart.
+            await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / job.id)
         try:
             pid, pid_start = await self.runner.start(job.id, job.command, env)
         except (JobStartError, ValueError, OSError) as exc:
@@ -432,17 +457,18 @@ class Agent:
         self.node.job_exited(job_id, exit_code, reason, self.loop.time(), state=state)
         self.kick()
 
-    async def _watch(self, eff: WatchJob) -> None:
+    async def _watch(self, eff: WatchJob, key: str) -> None:
         """Origin: follow a remote job's state and copy its output here."""
         out_path = self.state_dir / "jobs" / eff.job_id
         await asyncio.to_thread(out_path.mkdir, parents=True, exist_ok=True)
         offsets = {"stdout": _size(out_path / "stdout"), "stderr": _size(out_path / "stderr")}
         failures = 0
+        lease = self.node.jobs[eff.job_id].lease_id if eff.job_id in self.node.jobs else ""
         try:
             while True:
                 job = self.node.jobs.get(eff.job_id)
-                if job is None or job.state in TERMINAL:
-                    return
+                if job is None or job.state in TERMINAL or job.lease_id != lease:
+                    return  # ended, or requeued and placed anew (a new watch follows it)
                 msg = wire.JobSync(eff.job_id, offsets["stdout"], offsets["stderr"],
                                    SYNC_WAIT_MS)
                 try:
@@ -456,6 +482,9 @@ class Agent:
                     log.warning("job %s: owner %s answered %r", eff.job_id, eff.node, reply)
                     await asyncio.sleep(1.0)
                     continue
+                job = self.node.jobs.get(eff.job_id)
+                if job is None or job.lease_id != lease:
+                    return
                 for stream, data in (("stdout", reply.stdout), ("stderr", reply.stderr)):
                     if data:
                         await asyncio.to_thread(_write_at, out_path / stream, offsets[stream],
@@ -467,7 +496,7 @@ class Agent:
                                         self.loop.time())
                 await self.flush()
         finally:
-            self._watching.discard(eff.job_id)
+            self._watching.discard(key)
 
     # --- API helpers --------------------------------------------------------------------
 
@@ -492,6 +521,18 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _archive_output(job_dir: Path) -> None:
+    """Move a finished attempt's output to ``stdout.1``, ``stderr.1``, ... beside it."""
+    if not (job_dir / "stdout").exists() and not (job_dir / "stderr").exists():
+        return
+    n = 1
+    while (job_dir / f"stdout.{n}").exists() or (job_dir / f"stderr.{n}").exists():
+        n += 1
+    for stream in ("stdout", "stderr"):
+        if (job_dir / stream).exists():
+            (job_dir / stream).rename(job_dir / f"{stream}.{n}")
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> None:

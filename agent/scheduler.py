@@ -47,15 +47,18 @@ class Scheduler:
     retry_after: float = 1.0
     queue: dict[str, Queued] = field(default_factory=dict)
     shadows: list[Shadow] = field(default_factory=list)
-    placed: dict[str, tuple[wire.Placed, float]] = field(default_factory=dict)  # recent
+    # Recent placements (placed, when, attempt), to answer an origin that asks again.
+    placed: dict[str, tuple[wire.Placed, float, int]] = field(default_factory=dict)
     _seq: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
     def enqueue(self, submit: wire.Submit, now: float) -> Queued | wire.Placed:
         done = self.placed.get(submit.job_id)
-        if done is not None:
+        if done is not None and done[2] == submit.attempt:
             return done[0]
         q = self.queue.get(submit.job_id)
+        if q is not None and q.submit.attempt < submit.attempt:
+            q = None  # an older attempt still queued here: the new one replaces it
         if q is None:
             self._seq += 1
             q = Queued(submit, now, self._seq)
@@ -90,8 +93,8 @@ class Scheduler:
 
     def granted(self, job_id: str, placed: wire.Placed, compute: int, memory: int,
                 facts_version: int, now: float) -> None:
-        self.queue.pop(job_id, None)
-        self.placed[job_id] = (placed, now)
+        q = self.queue.pop(job_id, None)
+        self.placed[job_id] = (placed, now, q.submit.attempt if q else 0)
         self.shadows.append(Shadow(placed.node, placed.device, compute, memory, facts_version))
         self.counters["placements"] = self.counters.get("placements", 0) + 1
 
@@ -105,7 +108,7 @@ class Scheduler:
 
     def prune_placed(self, before: float) -> None:
         """Forget placements older than ``before``; their leases are started or expired."""
-        for job_id in [j for j, (_, t) in self.placed.items() if t < before]:
+        for job_id in [j for j, (_, t, _) in self.placed.items() if t < before]:
             del self.placed[job_id]
 
     def prune_shadows(self, facts_versions: dict[str, int]) -> None:

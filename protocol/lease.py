@@ -103,10 +103,12 @@ class LeaseTable:
     def devices(self) -> list[str]:
         return list(self._books)
 
-    def used(self, device: str) -> tuple[int, int]:
+    def used(self, device: str, excluding: frozenset[str] | set[str] = frozenset()
+             ) -> tuple[int, int]:
+        """Compute and memory held by active leases on ``device`` (minus some jobs')."""
         c = m = 0
         for lease in self.leases.values():
-            if lease.device == device and lease.state in ACTIVE:
+            if lease.device == device and lease.state in ACTIVE and lease.job_id not in excluding:
                 c += lease.compute_milli
                 m += lease.memory_mib
         return c, m
@@ -118,6 +120,11 @@ class LeaseTable:
             return 0, 0
         c, m = self.used(device)
         return max(books.lend_compute - c, 0), max(books.lend_memory - m, 0)
+
+    def lendable(self, device: str) -> tuple[int, int]:
+        """The most the owner lends on ``device`` now, leases included."""
+        books = self._books.get(device)
+        return (0, 0) if books is None else (books.lend_compute, books.lend_memory)
 
     def capacity(self, device: str) -> tuple[int, int]:
         books = self._books[device]

@@ -215,6 +215,7 @@ class Submit(Message):
     memory_mib: int
     kind: str
     priority: int
+    attempt: int  # rises each time the origin requeues the job (a placement is per attempt)
 
 
 @message(34)

@@ -161,3 +161,27 @@ def test_garbage_from_peers_is_dropped_and_counted(mesh: LocalMesh) -> None:
     mesh.wait_for("the drops to be counted", counters)
     # Still serving.
     assert mesh.cli("a", "submit", "--wait", "--gpu", "0.5", "--", "true").returncode == 0
+
+
+def test_owner_reclaims_and_the_job_finishes_elsewhere(mesh: LocalMesh) -> None:
+    load = mesh.root / "load-a.json"
+    load.write_text("{}")
+    mesh.start("a", sim="gpu:1x8GiB", extra=["--sim-load-file", str(load)])
+    mesh.start("z", join=["a"], extra=["--priority", "10"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "z"]))
+    # The job prefers its own node? z has no device, so it borrows a's GPU.
+    job_id = mesh.cli("z", "submit", "--gpu", "0.5", "--memory", "2GiB", "--", "sh", "-c",
+                      'echo "run on $FLEXMESH_ORIGIN->$FLEXMESH_DEVICE"; sleep 300').stdout.strip()
+    mesh.wait_for("running on a", lambda: mesh.json("z", "show", job_id)["state"] == "running")
+    # a's own workload takes the whole GPU: it reclaims what it lent.
+    load.write_text('{"gpu0": {"compute_milli": 1000, "memory_mib": 8192}}')
+    job = mesh.wait_for("requeued", lambda: (lambda j: j if j["state"] == "queued" and
+                        "preempted" in j["reason"] else None)(mesh.json("z", "show", job_id)))
+    assert "reclaimed by a" in job["reason"]
+    # Another node with a free GPU joins: the requeued job runs there.
+    mesh.start("b", sim="gpu:1x8GiB", join=["a"])
+    job = mesh.wait_for("running on b", lambda: (lambda j: j if j["state"] == "running"
+                        else None)(mesh.json("z", "show", job_id)), timeout=60)
+    assert job["node"] == "b"
+    mesh.cli("z", "cancel", job_id)
+    mesh.wait_for("cancelled", lambda: finished(mesh, "z", job_id))
