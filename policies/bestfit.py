@@ -19,6 +19,23 @@ def fits(request: Request, cand: Candidate) -> bool:
         return False
     if request.models and cand.model not in request.models:
         return False
+    if (
+        cand.battery_pct is not None
+        and cand.battery_pct < cand.battery_floor_pct
+        and cand.node != request.origin
+    ):
+        return False  # below its battery floor a node lends nothing
+    if cand.node_cpu_free_milli is not None and cand.node_cpu_free_milli < request.cpu_milli:
+        return False
+    if (
+        cand.node_memory_free_mib is not None
+        and cand.node_memory_free_mib < request.host_memory_mib
+    ):
+        return False
+    if request.whole and (
+        cand.free_compute_milli < cand.compute_milli or cand.free_memory_mib < cand.memory_mib
+    ):
+        return False  # a whole device must be unused
     return (
         cand.free_compute_milli >= request.compute_milli
         and cand.free_memory_mib >= request.memory_mib
@@ -33,6 +50,11 @@ def leftover_score(request: Request, cand: Candidate) -> float:
 
 
 def best_fit(request: Request, candidates: Iterable[Candidate]) -> PlaceResult:
+    if request.count != 1:
+        # several devices on one node (or none): the index-based engine lays those out
+        from flexmesh.policies import get_policy
+
+        return get_policy("best-fit")(request, candidates)
     best: tuple[float, bool, str, str] | None = None
     seen = 0
     for cand in candidates:

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+WHOLE = 1000  # milli-devices in one device
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What a job asks for. ``kind`` is ``"gpu"``, ``"npu"`` or ``"any"``."""
+    """What a job asks for. ``kind`` is ``"gpu"``, ``"npu"`` or ``"any"``.
+
+    ``compute_milli`` and ``memory_mib`` are per device. ``count`` > 1 asks for that many
+    devices on one node; with ``compute_milli`` of a whole device (1000) each of them must be
+    completely free. ``cpu_milli`` and ``host_memory_mib`` are what the job needs of the
+    node itself; they are checked only where the node reports them.
+    """
 
     compute_milli: int
     memory_mib: int
@@ -23,6 +31,19 @@ class Request:
     origin: str = ""  # the node where the job was submitted
     priority: int = 0
     models: tuple[str, ...] = ()  # allowed device models; empty = any
+    count: int = 1  # devices wanted, all on one node
+    cpu_milli: int = 0  # node CPU wanted (milli-cores)
+    host_memory_mib: int = 0  # node RAM wanted
+    preemptible: bool = False  # whether the job may later be preempted
+
+    @property
+    def whole(self) -> bool:
+        """Whether each device must be taken whole (completely free)."""
+        return self.compute_milli >= WHOLE
+
+    @property
+    def total_compute_milli(self) -> int:
+        return self.compute_milli * self.count
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +51,11 @@ class Candidate:
     """One device as the coordinator sees it: capacity and what is still free to lend.
 
     ``free_*`` already has leases, foreign local usage and the owner's reserve taken off.
+    The ``node_*`` fields describe the node the device is on; ``None`` means not known
+    (then nothing is checked against it). ``battery_pct`` is ``None`` on mains power; a
+    node whose battery is below ``battery_floor_pct`` lends nothing to other nodes.
+    ``rtt_ms`` is the round-trip time between the request's origin and this node, where
+    the caller knows it.
     """
 
     node: str
@@ -42,12 +68,43 @@ class Candidate:
     free_memory_mib: int
     healthy: bool = True
     attrs: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+    node_cpu_milli: int | None = None
+    node_cpu_free_milli: int | None = None
+    node_memory_mib: int | None = None
+    node_memory_free_mib: int | None = None
+    battery_pct: int | None = None
+    battery_floor_pct: int = 0
+    rtt_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     node: str
     device: str
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.device,)
+
+
+@dataclass(frozen=True, slots=True)
+class MultiPlacement:
+    """Several devices on one node, for a request with ``count`` > 1."""
+
+    node: str
+    devices: tuple[str, ...]
+
+    @property
+    def device(self) -> str:
+        """The first device ('' for a request that takes no device, CPU only)."""
+        return self.devices[0] if self.devices else ""
+
+
+@dataclass(frozen=True, slots=True)
+class GangPlacement:
+    """One placement per member of a gang, in the members' order (all or nothing)."""
+
+    parts: tuple[Placement | MultiPlacement, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,4 +114,5 @@ class NoFit:
     reason: str
 
 
-PlaceResult = Placement | NoFit
+PlaceResult = Placement | MultiPlacement | NoFit
+GangResult = GangPlacement | NoFit

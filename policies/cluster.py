@@ -1,0 +1,420 @@
+"""An incremental index of the mesh's nodes, grouped into classes of identical state.
+
+Most nodes of a big mesh look alike to a placement policy: every empty node of one model
+is interchangeable, and so is every node whose devices, CPU and memory are left in the same
+state. A :class:`NodeClass` is one such state, interned: nodes move from class to class as
+their state changes (``allocate``, ``release``, ``upsert``), in O(devices of the node).
+Policies score classes, not nodes, and a class keeps the scores it has computed, so a
+decision costs one cached lookup per live class however long the backlog is.
+
+Everything here is plain data and pure bookkeeping: no clock, no randomness, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flexmesh.policies.types import WHOLE, Candidate
+
+UNKNOWN = -1  # a node CPU or memory figure nobody reported
+
+# One device inside a class: (free_compute, free_memory, cap_compute, cap_memory, kind, model)
+DevState = tuple[int, int, int, int, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    id: str
+    kind: str = "gpu"
+    model: str = ""
+    compute_milli: int = WHOLE
+    memory_mib: int = 0
+    free_compute_milli: int | None = None  # None: all of it
+    free_memory_mib: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """A node as the index is told about it (from gossip, a config, or a trace)."""
+
+    name: str
+    devices: tuple[DeviceSpec, ...]
+    cpu_milli: int | None = None
+    memory_mib: int | None = None
+    cpu_free_milli: int | None = None  # None: all of it
+    memory_free_mib: int | None = None
+    healthy: bool = True
+    battery_pct: int | None = None  # None: mains power
+    battery_floor_pct: int = 0
+
+
+class NodeClass:
+    """One distinct node state and the nodes currently in it."""
+
+    __slots__ = (
+        "battery_ok",
+        "bucket",
+        "cache",
+        "cpu_cap",
+        "cpu_free",
+        "devs",
+        "free",
+        "healthy",
+        "key",
+        "km",
+        "level",
+        "mem_cap",
+        "mem_free",
+        "members",
+        "model",
+        "n_whole",
+        "seq",
+        "total_cap",
+        "total_free",
+    )
+
+    def __init__(self, key: tuple[Any, ...], seq: int) -> None:
+        healthy, battery_ok, cpu_cap, cpu_free, mem_cap, mem_free, devs = key
+        self.key = key
+        self.seq = seq
+        self.healthy: bool = healthy
+        self.battery_ok: bool = battery_ok
+        self.cpu_cap: int = cpu_cap
+        self.cpu_free: int = cpu_free
+        self.mem_cap: int = mem_cap
+        self.mem_free: int = mem_free
+        self.devs: tuple[DevState, ...] = devs
+        self.free: tuple[int, ...] = tuple(d[0] for d in devs)
+        self.total_free = sum(self.free)
+        self.total_cap = sum(d[2] for d in devs)
+        self.n_whole = sum(1 for d in devs if d[0] >= d[2] and d[1] >= d[3])
+        models = {d[5] for d in devs}
+        self.model: str = models.pop() if len(models) == 1 else "|".join(sorted(models))
+        # the (kind, model) pairs of its devices, and how much is free: 2 = a whole device,
+        # 1 = only fractions, 0 = nothing; classes are indexed by both
+        self.km: tuple[tuple[str, str], ...] = tuple(sorted({(d[4], d[5]) for d in devs}))
+        self.level = 2 if self.n_whole else (1 if self.total_free else 0)
+        self.bucket: tuple[tuple[tuple[str, str], ...], int] = (self.km, self.level)
+        self.members: dict[str, NodeRec] = {}
+        self.cache: dict[Any, Any] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"NodeClass(#{self.seq}, free={self.free}, cpu={self.cpu_free}, n={len(self.members)})"
+        )
+
+
+class DevRec:
+    __slots__ = ("cap_c", "cap_m", "free_c", "free_m", "id", "kind", "model")
+
+    def __init__(self, spec: DeviceSpec) -> None:
+        self.id = spec.id
+        self.kind = spec.kind
+        self.model = spec.model
+        self.cap_c = spec.compute_milli
+        self.cap_m = spec.memory_mib
+        self.free_c = (
+            spec.compute_milli if spec.free_compute_milli is None else spec.free_compute_milli
+        )
+        self.free_m = spec.memory_mib if spec.free_memory_mib is None else spec.free_memory_mib
+
+
+class NodeRec:
+    """One node's mutable books inside the index."""
+
+    __slots__ = (
+        "battery_floor",
+        "battery_pct",
+        "cls",
+        "cpu_cap",
+        "cpu_free",
+        "dev_index",
+        "devs",
+        "healthy",
+        "mem_cap",
+        "mem_free",
+        "name",
+        "order",
+    )
+
+    def __init__(self, spec: NodeSpec) -> None:
+        self.name = spec.name
+        self.devs = [DevRec(d) for d in spec.devices]
+        self.dev_index = {d.id: i for i, d in enumerate(self.devs)}
+        if len(self.dev_index) != len(self.devs):
+            raise ValueError(f"node {spec.name!r} lists a device id twice")
+        self.cpu_cap = UNKNOWN if spec.cpu_milli is None else spec.cpu_milli
+        self.cpu_free = self.cpu_cap if spec.cpu_free_milli is None else spec.cpu_free_milli
+        self.mem_cap = UNKNOWN if spec.memory_mib is None else spec.memory_mib
+        self.mem_free = self.mem_cap if spec.memory_free_mib is None else spec.memory_free_mib
+        self.healthy = spec.healthy
+        self.battery_pct = spec.battery_pct
+        self.battery_floor = spec.battery_floor_pct
+        self.cls: NodeClass | None = None
+        self.order: tuple[int, ...] = ()
+
+    @property
+    def battery_ok(self) -> bool:
+        return self.battery_pct is None or self.battery_pct >= self.battery_floor
+
+    def state_key(self) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        rows = sorted(
+            (
+                (-d.free_c, -d.free_m, -d.cap_c, -d.cap_m, d.kind, d.model, d.id, i)
+                for i, d in enumerate(self.devs)
+            )
+        )
+        devs = tuple((-r[0], -r[1], -r[2], -r[3], r[4], r[5]) for r in rows)
+        order = tuple(r[7] for r in rows)
+        key = (
+            self.healthy,
+            self.battery_ok,
+            self.cpu_cap,
+            self.cpu_free,
+            self.mem_cap,
+            self.mem_free,
+            devs,
+        )
+        return key, order
+
+
+class Cluster:
+    """The index: nodes by name, classes by state, and classes by bucket: the (kind, model)
+    pairs of their devices and their free level (see :class:`NodeClass`)."""
+
+    def __init__(self, nodes: Iterable[NodeSpec] = ()) -> None:
+        self.nodes: dict[str, NodeRec] = {}
+        self.classes: dict[tuple[Any, ...], NodeClass] = {}
+        self.buckets: dict[tuple[tuple[tuple[str, str], ...], int], dict[int, NodeClass]] = {}
+        self.bucket_version = 0  # bumped when a bucket appears or goes
+        self.nodes_version = 0  # bumped when a node is added, replaced or removed
+        self._seq = 0
+        for spec in nodes:
+            self.upsert(spec)
+
+    # -- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_candidates(cls, candidates: Iterable[Candidate]) -> Cluster:
+        """Group per-device candidates into nodes (node facts from each node's first row)."""
+        grouped: dict[str, list[Candidate]] = {}
+        for c in candidates:
+            grouped.setdefault(c.node, []).append(c)
+        cluster = cls()
+        for name, cands in grouped.items():
+            first = cands[0]
+            devices = tuple(
+                DeviceSpec(
+                    id=c.device,
+                    kind=c.kind,
+                    model=c.model,
+                    compute_milli=c.compute_milli,
+                    memory_mib=c.memory_mib,
+                    free_compute_milli=max(0, min(c.free_compute_milli, c.compute_milli)),
+                    free_memory_mib=max(0, min(c.free_memory_mib, c.memory_mib)),
+                )
+                for c in cands
+            )
+            cluster.upsert(
+                NodeSpec(
+                    name=name,
+                    devices=devices,
+                    cpu_milli=first.node_cpu_milli
+                    if first.node_cpu_milli is not None
+                    else first.node_cpu_free_milli,
+                    memory_mib=first.node_memory_mib
+                    if first.node_memory_mib is not None
+                    else first.node_memory_free_mib,
+                    cpu_free_milli=first.node_cpu_free_milli,
+                    memory_free_mib=first.node_memory_free_mib,
+                    healthy=all(c.healthy for c in cands),
+                    battery_pct=first.battery_pct,
+                    battery_floor_pct=first.battery_floor_pct,
+                )
+            )
+        return cluster
+
+    def upsert(self, spec: NodeSpec) -> None:
+        """Add a node, or replace what is known of it (its books included)."""
+        old = self.nodes.get(spec.name)
+        if old is not None:
+            self._leave(old)
+        rec = NodeRec(spec)
+        self.nodes[spec.name] = rec
+        self.nodes_version += 1
+        self._reclass(rec)
+
+    def remove(self, name: str) -> None:
+        rec = self.nodes.pop(name, None)
+        if rec is not None:
+            self.nodes_version += 1
+            self._leave(rec)
+
+    def set_health(self, name: str, healthy: bool) -> None:
+        rec = self.nodes[name]
+        if rec.healthy != healthy:
+            rec.healthy = healthy
+            self._reclass(rec)
+
+    def set_battery(self, name: str, pct: int | None, floor_pct: int | None = None) -> None:
+        rec = self.nodes[name]
+        rec.battery_pct = pct
+        if floor_pct is not None:
+            rec.battery_floor = floor_pct
+        self._reclass(rec)
+
+    def set_free(
+        self,
+        name: str,
+        device: str,
+        free_compute_milli: int,
+        free_memory_mib: int | None = None,
+    ) -> None:
+        """Overwrite one device's free capacity (e.g. from a gossiped update)."""
+        rec = self.nodes[name]
+        d = rec.devs[rec.dev_index[device]]
+        d.free_c = max(0, min(free_compute_milli, d.cap_c))
+        if free_memory_mib is not None:
+            d.free_m = max(0, min(free_memory_mib, d.cap_m))
+        self._reclass(rec)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def allocate(
+        self,
+        name: str,
+        devices: Sequence[str],
+        compute_milli: int,
+        memory_mib: int,
+        cpu_milli: int = 0,
+        host_memory_mib: int = 0,
+    ) -> None:
+        """Take a placement off the node's books; refuses (ValueError) to over-commit."""
+        rec = self.nodes[name]
+        idx = [rec.dev_index[d] for d in devices]
+        if len(set(idx)) != len(idx):
+            raise ValueError("a placement names the same device twice")
+        for i in idx:
+            d = rec.devs[i]
+            if d.free_c < compute_milli or d.free_m < memory_mib:
+                raise ValueError(f"device {d.id} on {name} has too little free")
+        if rec.cpu_free != UNKNOWN and rec.cpu_free < cpu_milli:
+            raise ValueError(f"node {name} has too little CPU free")
+        if rec.mem_free != UNKNOWN and rec.mem_free < host_memory_mib:
+            raise ValueError(f"node {name} has too little memory free")
+        for i in idx:
+            d = rec.devs[i]
+            d.free_c -= compute_milli
+            d.free_m -= memory_mib
+        if rec.cpu_free != UNKNOWN:
+            rec.cpu_free -= cpu_milli
+        if rec.mem_free != UNKNOWN:
+            rec.mem_free -= host_memory_mib
+        self._reclass(rec)
+
+    def release(
+        self,
+        name: str,
+        devices: Sequence[str],
+        compute_milli: int,
+        memory_mib: int,
+        cpu_milli: int = 0,
+        host_memory_mib: int = 0,
+    ) -> None:
+        """Give a placement back (capped at capacity, so a double release cannot inflate)."""
+        rec = self.nodes.get(name)
+        if rec is None:
+            return
+        for dev in devices:
+            i = rec.dev_index.get(dev)
+            if i is None:
+                continue
+            d = rec.devs[i]
+            d.free_c = min(d.cap_c, d.free_c + compute_milli)
+            d.free_m = min(d.cap_m, d.free_m + memory_mib)
+        if rec.cpu_free != UNKNOWN:
+            rec.cpu_free = min(rec.cpu_cap, rec.cpu_free + cpu_milli)
+        if rec.mem_free != UNKNOWN:
+            rec.mem_free = min(rec.mem_cap, rec.mem_free + host_memory_mib)
+        self._reclass(rec)
+
+    def _leave(self, rec: NodeRec) -> None:
+        cls = rec.cls
+        if cls is None:
+            return
+        del cls.members[rec.name]
+        rec.cls = None
+        if not cls.members:
+            del self.classes[cls.key]
+            bucket = self.buckets[cls.bucket]
+            del bucket[cls.seq]
+            if not bucket:
+                del self.buckets[cls.bucket]
+                self.bucket_version += 1
+
+    def _reclass(self, rec: NodeRec) -> None:
+        key, order = rec.state_key()
+        if rec.cls is not None and rec.cls.key == key:
+            rec.order = order
+            return
+        self._leave(rec)
+        cls = self.classes.get(key)
+        if cls is None:
+            self._seq += 1
+            cls = NodeClass(key, self._seq)
+            self.classes[key] = cls
+            bucket = self.buckets.get(cls.bucket)
+            if bucket is None:
+                bucket = self.buckets[cls.bucket] = {}
+                self.bucket_version += 1
+            bucket[cls.seq] = cls
+        cls.members[rec.name] = rec
+        rec.cls = cls
+        rec.order = order
+
+    # -- reading --------------------------------------------------------------------------
+
+    def device_ids(self, name: str, positions: Sequence[int]) -> tuple[str, ...]:
+        """The node's device ids at the given positions of its class's device list."""
+        rec = self.nodes[name]
+        return tuple(rec.devs[rec.order[p]].id for p in positions)
+
+    def iter_classes(self) -> Iterator[NodeClass]:
+        for bucket in self.buckets.values():
+            yield from bucket.values()
+
+    def candidates(self) -> list[Candidate]:
+        """The index as per-device candidates (the shape ``get_policy`` callables take)."""
+        out: list[Candidate] = []
+        for rec in self.nodes.values():
+            for d in rec.devs:
+                out.append(
+                    Candidate(
+                        node=rec.name,
+                        device=d.id,
+                        kind=d.kind,
+                        model=d.model,
+                        compute_milli=d.cap_c,
+                        memory_mib=d.cap_m,
+                        free_compute_milli=d.free_c,
+                        free_memory_mib=d.free_m,
+                        healthy=rec.healthy,
+                        node_cpu_milli=None if rec.cpu_cap == UNKNOWN else rec.cpu_cap,
+                        node_cpu_free_milli=None if rec.cpu_free == UNKNOWN else rec.cpu_free,
+                        node_memory_mib=None if rec.mem_cap == UNKNOWN else rec.mem_cap,
+                        node_memory_free_mib=None if rec.mem_free == UNKNOWN else rec.mem_free,
+                        battery_pct=rec.battery_pct,
+                        battery_floor_pct=rec.battery_floor,
+                    )
+                )
+        return out
+
+    @property
+    def gpu_capacity_milli(self) -> int:
+        return sum(d.cap_c for rec in self.nodes.values() for d in rec.devs)
+
+    @property
+    def gpu_free_milli(self) -> int:
+        return sum(d.free_c for rec in self.nodes.values() for d in rec.devs)

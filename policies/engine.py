@@ -1,0 +1,377 @@
+"""Filters, then weighted scores, over classes of identical nodes.
+
+A :class:`PolicySpec` names weighted scores; :class:`Placer` applies one to a
+:class:`~flexmesh.policies.cluster.Cluster`. For each live class it asks, once per request
+shape, whether the class passes the filters and which way of laying the request on its
+devices scores best; the answer is cached on the class, which is immutable (a node that
+changes state moves to another class). A decision is therefore one cached lookup per live
+class, independent of how many requests are waiting.
+
+Locality: the submitting node and nodes with a known round-trip time get a bonus of up to
+``locality`` score units: the origin the full bonus, a lender with RTT ``r`` ms
+``locality * 50 / (50 + r)``, everyone else none. Only those few nodes are scored one by one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flexmesh.policies.cluster import Cluster, NodeClass
+from flexmesh.policies.filters import Choice, choices, node_passes, node_reject_reason
+from flexmesh.policies.scores import SCORES, Score, ScoreContext
+from flexmesh.policies.types import MultiPlacement, NoFit, PlaceResult, Placement, Request
+from flexmesh.policies.workload import PRIOR, Workload, WorkloadWindow
+
+RTT_SCALE_MS = 50.0
+TIE_EPS = 1e-9
+_SHAPE_IDS = itertools.count(1)  # unique across placers: cached scores never collide
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """A named, weighted sum of scores; ``locality`` is the most the origin bonus is worth."""
+
+    name: str
+    terms: tuple[tuple[str, float], ...]
+    locality: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise ValueError(f"policy {self.name!r} has no scores")
+        for score, _ in self.terms:
+            if score not in SCORES:
+                known = ", ".join(sorted(SCORES))
+                raise ValueError(
+                    f"unknown score {score!r} in policy {self.name!r} (known: {known})"
+                )
+
+    @property
+    def uses_workload(self) -> bool:
+        return any(s in ("fgd", "cfgd", "frag-after") for s, _ in self.terms)
+
+
+def parse_spec(
+    text: str,
+    named: Mapping[str, PolicySpec],
+    weights: Mapping[str, float] | None = None,
+) -> PolicySpec:
+    """``"fgd"`` (a named policy), or scores with optional weights:
+    ``"fgd+packing:0.05"``; ``weights`` overrides or adds per-score weights."""
+    text = text.strip()
+    if text in named and not weights:
+        return named[text]
+    if text in named:
+        terms = dict(named[text].terms)
+        locality = named[text].locality
+    else:
+        terms = {}
+        locality = 0.1
+        for part in text.split("+"):
+            part = part.strip()
+            if not part:
+                raise ValueError(f"empty score in policy {text!r}")
+            score, _, raw = part.partition(":")
+            try:
+                terms[score.strip()] = float(raw) if raw else 1.0
+            except ValueError:
+                raise ValueError(f"bad weight {raw!r} in policy {text!r}") from None
+    for score, weight in (weights or {}).items():
+        if score == "locality":
+            locality = float(weight)
+        else:
+            terms[score] = float(weight)
+    return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality)
+
+
+class Placer:
+    """Places requests on a :class:`Cluster` with one policy.
+
+    ``workload`` fixes the target mix for fragmentation scores (the trace replay passes the
+    trace's); without it the placer learns the recent mix from the requests it is asked
+    to place (:class:`WorkloadWindow`). ``decide`` only reads the cluster; ``place``
+    also takes the placement off the cluster's books. With ``rng`` (an injected
+    ``random.Random``), equally good nodes are chosen between at random, as Kubernetes
+    does; without it the first in index order is taken.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        spec: PolicySpec,
+        workload: Workload | None = None,
+        window: WorkloadWindow | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.rng = rng
+        self.spec = spec
+        self.fixed_workload = workload
+        self.window = window if window is not None or workload is not None else WorkloadWindow()
+        self.ctx = ScoreContext(workload if workload is not None else PRIOR)
+        self._supply_version = -1
+        self._scores: tuple[tuple[Score, float], ...] = tuple((SCORES[s], w) for s, w in spec.terms)
+        self._epoch = self.ctx.workload.version
+        self._bucket_memo: dict[tuple[str, tuple[str, ...], int], list[dict[int, NodeClass]]] = {}
+        self._shape_ids: dict[tuple[Any, ...], int] = {}
+        self._bucket_version = -1
+
+    # -- workload -------------------------------------------------------------------------
+
+    def observe(self, req: Request) -> None:
+        """Count a request in the recent mix (no-op with a fixed workload)."""
+        if self.window is None or not self.spec.uses_workload:
+            return
+        self.window.observe(req)
+        wl = self.window.workload
+        if wl.version != self._epoch:
+            self._epoch = wl.version
+            self.ctx.set_workload(wl)
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def _shape_id(self, req: Request) -> int:
+        """A small int naming (this placer, workload version, request shape): the key of
+        the scores cached on classes (ints hash at once; tuples hash every time)."""
+        key = (
+            self._epoch,
+            req.compute_milli,
+            req.memory_mib,
+            req.count,
+            req.cpu_milli,
+            req.host_memory_mib,
+            req.kind,
+            req.models,
+        )
+        sid = self._shape_ids.get(key)
+        if sid is None:
+            if len(self._shape_ids) > 100_000:
+                self._shape_ids.clear()
+            sid = self._shape_ids[key] = next(_SHAPE_IDS)
+        return sid
+
+    def evaluate(
+        self, req: Request, cls: NodeClass, *, exempt_battery: bool = False
+    ) -> tuple[float, Choice] | None:
+        """The best score and device choice for the request on a node of this class."""
+        if not node_passes(req, cls, exempt_battery=exempt_battery):
+            return None
+        best: tuple[float, Choice] | None = None
+        ctx = self.ctx
+        for ch in choices(req, cls):
+            s = 0.0
+            for f, w in self._scores:
+                s += w * f(req, cls, ch, ctx)
+            if best is None or s < best[0]:
+                best = (s, ch)
+        return best
+
+    def refresh_supply(self) -> None:
+        """Recount device compute per model (for the scarcity score) from the cluster."""
+        supply: dict[str, int] = {}
+        for rec in self.cluster.nodes.values():
+            for d in rec.devs:
+                supply[d.model] = supply.get(d.model, 0) + d.cap_c
+        self.ctx.set_supply(supply)
+        self._supply_version = self.cluster.nodes_version
+
+    def _buckets(self, req: Request) -> list[dict[int, NodeClass]]:
+        """The buckets that may hold a class able to take the request."""
+        if self._supply_version != self.cluster.nodes_version:
+            self.refresh_supply()
+        if self._bucket_version != self.cluster.bucket_version:
+            self._bucket_memo.clear()
+            self._bucket_version = self.cluster.bucket_version
+        # a CPU-only request may go anywhere; a whole device needs level 2; a fraction 1+
+        need = 0 if req.count <= 0 else (2 if req.whole else 1)
+        key = (req.kind, req.models, need)
+        hit = self._bucket_memo.get(key)
+        if hit is None:
+            hit = []
+            for (km, level), bucket in self.cluster.buckets.items():
+                if level < need:
+                    continue
+                if need and not (
+                    (req.kind == "any" or any(k == req.kind for k, _ in km))
+                    and (not req.models or any(m in req.models for _, m in km))
+                ):
+                    continue
+                hit.append(bucket)
+            self._bucket_memo[key] = hit
+        return hit
+
+    def decide(
+        self,
+        req: Request,
+        rtt: Mapping[str, float] | None = None,
+        *,
+        explain: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ) -> PlaceResult:
+        """Choose where the request goes (the cluster is not changed). Nodes named in
+        ``exclude`` are passed over (a gang that wants its members on distinct nodes)."""
+        if req.count < 0 or req.compute_milli < 0 or req.memory_mib < 0:
+            return NoFit("a request cannot ask for a negative amount")
+        ck = self._shape_id(req)
+        best_s = 0.0
+        best_cls: NodeClass | None = None
+        best_ch: Choice = ()
+        evaluate = self.evaluate
+        rng = self.rng
+        if rng is None:
+            for bucket in self._buckets(req):
+                for cls in bucket.values():
+                    cache = cls.cache
+                    r = cache.get(ck, _MISSING)
+                    if r is _MISSING:
+                        r = cache[ck] = evaluate(req, cls)
+                    if r is not None and (best_cls is None or r[0] < best_s):
+                        if exclude and all(m in exclude for m in cls.members):
+                            continue
+                        best_s, best_ch = r
+                        best_cls = cls
+        else:
+            # ties (within TIE_EPS) are broken at random, each tied node equally likely
+            tied = 0
+            for bucket in self._buckets(req):
+                for cls in bucket.values():
+                    cache = cls.cache
+                    r = cache.get(ck, _MISSING)
+                    if r is _MISSING:
+                        r = cache[ck] = evaluate(req, cls)
+                    if r is None or (best_cls is not None and r[0] > best_s + TIE_EPS):
+                        continue
+                    n = len(cls.members)
+                    if exclude:
+                        n -= sum(1 for m in cls.members if m in exclude)
+                        if n <= 0:
+                            continue
+                    if best_cls is None or r[0] < best_s - TIE_EPS:
+                        best_s, best_ch = r
+                        best_cls = cls
+                        tied = n
+                    else:
+                        tied += n
+                        if rng.random() * tied < n:
+                            best_s, best_ch = r
+                            best_cls = cls
+        best_node = ""
+        if best_cls is not None:
+            if rng is not None and len(best_cls.members) > 1:
+                names = [m for m in best_cls.members if m not in exclude]
+                best_node = names[rng.randrange(len(names))]
+            else:
+                best_node = next(m for m in best_cls.members if m not in exclude)
+
+        lw = self.spec.locality
+        if lw > 0.0 and (req.origin or rtt):
+            # the classes above were scored without a bonus; now the few nodes that get one
+            special: dict[str, float] = {}
+            if rtt:
+                for name, ms in rtt.items():
+                    special[name] = lw * RTT_SCALE_MS / (RTT_SCALE_MS + max(0.0, ms))
+            if req.origin:
+                special[req.origin] = lw
+            cur = best_s - special.get(best_node, 0.0) if best_cls is not None else 0.0
+            for name, bonus in special.items():
+                rec = self.cluster.nodes.get(name)
+                if rec is None or rec.cls is None or name in exclude:
+                    continue
+                own = name == req.origin
+                r2 = self.evaluate(req, rec.cls, exempt_battery=own)
+                if r2 is None:
+                    continue
+                total = r2[0] - bonus
+                if best_cls is None or total < cur or (total == cur and own):
+                    cur = total
+                    best_ch = r2[1]
+                    best_cls = rec.cls
+                    best_node = name
+
+        if best_cls is None:
+            return NoFit(self.explain(req) if explain else "no node can take the request")
+        devices = self.cluster.device_ids(best_node, best_ch)
+        if req.count == 1 and devices:
+            return Placement(node=best_node, device=devices[0])
+        return MultiPlacement(node=best_node, devices=devices)
+
+    def place(self, req: Request, rtt: Mapping[str, float] | None = None) -> PlaceResult:
+        """Decide, and on success take the placement off the cluster's books."""
+        self.observe(req)
+        res = self.decide(req, rtt)
+        if not isinstance(res, NoFit):
+            self.commit(req, res)
+        return res
+
+    def commit(self, req: Request, res: Placement | MultiPlacement) -> None:
+        self.cluster.allocate(
+            res.node,
+            res.devices,
+            req.compute_milli,
+            req.memory_mib,
+            req.cpu_milli,
+            req.host_memory_mib,
+        )
+
+    def release(self, req: Request, res: Placement | MultiPlacement) -> None:
+        self.cluster.release(
+            res.node,
+            res.devices,
+            req.compute_milli,
+            req.memory_mib,
+            req.cpu_milli,
+            req.host_memory_mib,
+        )
+
+    # -- explanations ---------------------------------------------------------------------
+
+    def explain(self, req: Request) -> str:
+        """Why nothing fits, for a person: how many nodes each filter turned away."""
+        if not self.cluster.nodes:
+            return "no nodes in the mesh"
+        rejected: dict[str, int] = {}
+        for cls in self.cluster.iter_classes():
+            n = len(cls.members)
+            reason = node_reject_reason(req, cls) or "devices"
+            if reason == "devices" and choices(req, cls):
+                reason = "?"
+            rejected[reason] = rejected.get(reason, 0) + n
+        what = describe(req)
+        parts = ", ".join(f"{_REASONS.get(k, k)}: {v}" for k, v in sorted(rejected.items()))
+        return f"no node can take {what} ({parts})"
+
+
+_REASONS = {
+    "healthy": "unhealthy",
+    "battery": "below battery floor",
+    "kind": "no device of that kind",
+    "model": "no device of an allowed model",
+    "cpu": "too little CPU",
+    "memory": "too little memory",
+    "capacity": "too little free compute",
+    "devices": "no device with enough free",
+}
+
+
+def describe(req: Request) -> str:
+    kind = "device" if req.kind == "any" else f"{req.kind}"
+    if req.count == 0:
+        what = "a CPU-only job"
+    elif req.count == 1:
+        what = f"{req.compute_milli} milli of one {kind}"
+    else:
+        what = f"{req.count} {kind}s of {req.compute_milli} milli"
+    if req.memory_mib:
+        what += f" with {req.memory_mib} MiB device memory"
+    if req.models:
+        what += f" (models {', '.join(req.models)})"
+    return what
+
+
+def place_all(placer: Placer, reqs: Sequence[Request]) -> list[PlaceResult]:
+    """Place requests one after another (each tried once), committing each success."""
+    return [placer.place(r) for r in reqs]

@@ -1,0 +1,151 @@
+"""Filters: may this node (class), or this device of it, take the request at all?
+
+Each filter is a small pure predicate. Node filters look at a :class:`NodeClass` (every
+node in a class passes or fails alike); device filters look at one device's state inside
+the class. :func:`choices` then lists the distinct ways the request can be laid on the
+node's devices, which is what the scores compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flexmesh.policies.cluster import UNKNOWN, DevState, NodeClass
+from flexmesh.policies.types import Request
+
+Choice = tuple[int, ...]  # positions into NodeClass.devs
+NodeFilter = Callable[[Request, NodeClass], bool]
+DeviceFilter = Callable[[Request, DevState], bool]
+
+# -- node filters ---------------------------------------------------------------------------
+
+
+def node_healthy(req: Request, cls: NodeClass) -> bool:
+    """The node is up and its devices answer."""
+    return cls.healthy
+
+
+def node_battery(req: Request, cls: NodeClass) -> bool:
+    """A node below its battery floor lends nothing (its own jobs are let through by the
+    engine, which exempts the submitting node)."""
+    return cls.battery_ok
+
+
+def node_kind(req: Request, cls: NodeClass) -> bool:
+    return req.kind == "any" or any(k == req.kind for k, _ in cls.km)
+
+
+def node_model(req: Request, cls: NodeClass) -> bool:
+    return not req.models or any(m in req.models for _, m in cls.km)
+
+
+def node_cpu(req: Request, cls: NodeClass) -> bool:
+    """Node CPU, where the node reports it."""
+    return cls.cpu_free == UNKNOWN or cls.cpu_free >= req.cpu_milli
+
+
+def node_memory(req: Request, cls: NodeClass) -> bool:
+    """Node RAM, where the node reports it."""
+    return cls.mem_free == UNKNOWN or cls.mem_free >= req.host_memory_mib
+
+
+def node_capacity(req: Request, cls: NodeClass) -> bool:
+    """Quick bound: enough lendable compute on the node at all."""
+    return cls.total_free >= req.compute_milli * req.count and len(cls.devs) >= req.count
+
+
+# -- device filters -------------------------------------------------------------------------
+
+
+def dev_kind(req: Request, d: DevState) -> bool:
+    return req.kind == "any" or d[4] == req.kind
+
+
+def dev_model(req: Request, d: DevState) -> bool:
+    return not req.models or d[5] in req.models
+
+
+def dev_compute(req: Request, d: DevState) -> bool:
+    """Lendable compute: a fraction needs that much free; a whole device must be unused."""
+    if req.compute_milli >= d[2]:
+        return d[0] >= d[2]
+    return d[0] >= req.compute_milli
+
+
+def dev_memory(req: Request, d: DevState) -> bool:
+    """Device memory: what is asked must be free (a whole device takes all of it)."""
+    if req.compute_milli >= d[2]:
+        return d[1] >= d[3] and d[1] >= req.memory_mib
+    return d[1] >= req.memory_mib
+
+
+NODE_FILTERS: dict[str, NodeFilter] = {
+    "healthy": node_healthy,
+    "battery": node_battery,
+    "kind": node_kind,
+    "model": node_model,
+    "cpu": node_cpu,
+    "memory": node_memory,
+    "capacity": node_capacity,
+}
+DEVICE_FILTERS: dict[str, DeviceFilter] = {
+    "kind": dev_kind,
+    "model": dev_model,
+    "compute": dev_compute,
+    "memory": dev_memory,
+}
+
+
+def node_passes(req: Request, cls: NodeClass, *, exempt_battery: bool = False) -> bool:
+    """All node filters (the submitting node may ignore its own battery floor)."""
+    return (
+        cls.healthy
+        and (exempt_battery or cls.battery_ok)
+        and node_kind(req, cls)
+        and node_model(req, cls)
+        and node_cpu(req, cls)
+        and node_memory(req, cls)
+        and node_capacity(req, cls)
+    )
+
+
+def device_ok(req: Request, d: DevState) -> bool:
+    return dev_kind(req, d) and dev_model(req, d) and dev_compute(req, d) and dev_memory(req, d)
+
+
+def node_reject_reason(req: Request, cls: NodeClass, *, exempt_battery: bool = False) -> str:
+    """The first node filter that fails, by name ('' if none does)."""
+    for name, f in NODE_FILTERS.items():
+        if name == "battery" and exempt_battery:
+            continue
+        if not f(req, cls):
+            return name
+    return ""
+
+
+def choices(req: Request, cls: NodeClass) -> list[Choice]:
+    """The distinct ways to lay the request on this node's devices (empty: it cannot).
+
+    Devices in a class are sorted by free capacity, so identical devices sit side by side:
+    a fractional request gets one choice per distinct device state; ``count`` whole devices
+    are all alike, so they get one; ``count`` fractions take the tightest devices that fit.
+    """
+    devs = cls.devs
+    count = req.count
+    if count == 1:
+        out: list[Choice] = []
+        prev: DevState | None = None
+        for i, d in enumerate(devs):
+            if d == prev:
+                continue
+            prev = d
+            if device_ok(req, d):
+                out.append((i,))
+        return out
+    elig = [i for i, d in enumerate(devs) if device_ok(req, d)]
+    if len(elig) < count:
+        return []
+    if req.whole:
+        return [tuple(elig[:count])]
+    # fractions on several devices: the tightest fits (devs are sorted most-free first)
+    return [tuple(sorted(elig[-count:]))]

@@ -1,0 +1,395 @@
+"""Scores: how good is laying the request on these devices of this node? Lower is better.
+
+Each score is a small pure function ``(request, node class, choice, context) -> float``.
+A policy is a weighted sum of scores (see :mod:`flexmesh.policies.engine`). The context
+carries what a score needs beyond the node itself (the target workload for fragmentation)
+and memo tables, which only make repeated questions cheaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flexmesh.policies.cluster import UNKNOWN, NodeClass
+from flexmesh.policies.filters import Choice
+from flexmesh.policies.types import Request
+from flexmesh.policies.workload import Workload
+
+# (per-device milli threshold, [(cpu_milli, count, weight), ...]) for one node model
+FragGroup = tuple[int, tuple[tuple[int, int, float], ...]]
+
+
+class FragPlan:
+    """The target workload pre-sorted for one node model: shapes it cannot serve at all
+    (no device, or a model it does not have) weigh on all idle compute; the rest are
+    grouped by per-device threshold so each threshold scans the devices once."""
+
+    __slots__ = ("blind", "groups")
+
+    def __init__(self, workload: Workload, node_models: tuple[str, ...]) -> None:
+        blind = 0.0
+        groups: dict[int, list[tuple[int, int, float]]] = {}
+        for s in workload.shapes:
+            if (
+                s.count <= 0
+                or s.compute_milli <= 0
+                or (s.models and not any(m in s.models for m in node_models))
+            ):
+                blind += s.weight
+            else:
+                groups.setdefault(s.compute_milli, []).append((s.cpu_milli, s.count, s.weight))
+        self.blind = blind
+        self.groups: tuple[FragGroup, ...] = tuple(
+            (milli, tuple(items)) for milli, items in sorted(groups.items(), reverse=True)
+        )
+
+
+def frag_amount(free: tuple[int, ...], cpu_free: int, plan: FragPlan) -> float:
+    """Expected fragmentation of a node (milli): for each shape, the idle compute it could
+    not use, weighted. ``free`` is sorted largest first."""
+    total = sum(free)
+    if total == 0:
+        return 0.0
+    f = total * plan.blind
+    for milli, items in plan.groups:
+        cnt = 0
+        big = 0
+        for x in free:
+            if x < milli:
+                break
+            cnt += 1
+            big += x
+        small = total - big
+        for cpu, num, w in items:
+            if cnt < num or (cpu_free != UNKNOWN and cpu_free < cpu):
+                f += w * total
+            else:
+                f += w * small
+    return f
+
+
+# (per-device milli, [(cpu_milli, count, weight, host_memory_mib), ...])
+CapGroup = tuple[int, tuple[tuple[int, int, float, float], ...]]
+
+
+class CapPlan:
+    """Like :class:`FragPlan`, keeping each shape's node memory for capacity counting."""
+
+    __slots__ = ("blind", "groups")
+
+    def __init__(self, workload: Workload, node_models: tuple[str, ...]) -> None:
+        blind = 0.0
+        groups: dict[int, list[tuple[int, int, float, float]]] = {}
+        for s in workload.shapes:
+            if (
+                s.count <= 0
+                or s.compute_milli <= 0
+                or (s.models and not any(m in s.models for m in node_models))
+            ):
+                blind += s.weight
+            else:
+                groups.setdefault(s.compute_milli, []).append(
+                    (s.cpu_milli, s.count, s.weight, s.host_memory_mib)
+                )
+        self.blind = blind
+        self.groups: tuple[CapGroup, ...] = tuple(
+            (milli, tuple(items)) for milli, items in sorted(groups.items(), reverse=True)
+        )
+
+
+def cap_frag_amount(free: tuple[int, ...], cpu_free: int, mem_free: int, plan: CapPlan) -> float:
+    """Expected fragmentation counting how many copies of each shape still fit: idle
+    compute that copies of a shape cannot reach -- because the devices are too full, or
+    because the node's CPU or memory runs out first -- is fragment for that shape."""
+    total = sum(free)
+    if total == 0:
+        return 0.0
+    f = total * plan.blind
+    for milli, items in plan.groups:
+        cnt = 0
+        big = 0
+        copies = 0
+        for x in free:
+            if x < milli:
+                break
+            cnt += 1
+            big += x
+            copies += x // milli
+        for cpu, num, w, mem in items:
+            if cnt < num:
+                f += w * total
+                continue
+            g = cnt // num if milli >= 1000 else copies
+            k = g
+            if cpu > 0 and cpu_free != UNKNOWN:
+                k = min(k, cpu_free // cpu)
+            if mem > 0 and mem_free != UNKNOWN:
+                k = min(k, int(mem_free // mem))
+            if k <= 0:
+                f += w * total
+            else:
+                f += w * (total - big * k / g)
+    return f
+
+
+class ScoreContext:
+    """What scores share for one placer: the workload and memo tables."""
+
+    __slots__ = (
+        "_cap",
+        "_capplans",
+        "_frag",
+        "_plans",
+        "_prices",
+        "_ratios",
+        "supply",
+        "workload",
+    )
+
+    def __init__(self, workload: Workload, supply: dict[str, int] | None = None) -> None:
+        self.workload = workload
+        self.supply: dict[str, int] = dict(supply or {})  # device compute per model
+        self._prices: dict[str, float] | None = None
+        self._plans: dict[tuple[str, ...], FragPlan] = {}
+        self._frag: dict[tuple[tuple[str, ...], int, tuple[int, ...]], float] = {}
+        self._capplans: dict[tuple[str, ...], CapPlan] = {}
+        self._cap: dict[tuple[tuple[str, ...], int, int, tuple[int, ...]], float] = {}
+        self._ratios: tuple[float, float] | None = None
+
+    def set_workload(self, workload: Workload) -> None:
+        self.workload = workload
+        self._plans.clear()
+        self._frag.clear()
+        self._capplans.clear()
+        self._cap.clear()
+        self._ratios = None
+        self._prices = None
+
+    def set_supply(self, supply: dict[str, int]) -> None:
+        if supply != self.supply:
+            self.supply = dict(supply)
+            self._prices = None
+
+    def price(self, model: str) -> float:
+        """How much of the workload is bound to this device model, relative to how much of
+        the mesh it is: the sum, over the model constraints that allow it, of the
+        constrained share of the demand over the share of the supply those models are."""
+        if self._prices is None:
+            total_supply = sum(self.supply.values())
+            demand: dict[tuple[str, ...], float] = {}
+            total_demand = 0.0
+            for sh in self.workload.shapes:
+                g = sh.weight * sh.compute_milli * sh.count
+                total_demand += g
+                if sh.models and g > 0:
+                    demand[sh.models] = demand.get(sh.models, 0.0) + g
+            prices: dict[str, float] = {}
+            if total_supply > 0 and total_demand > 0:
+                for models, d in demand.items():
+                    sup = sum(self.supply.get(m, 0) for m in set(models))
+                    if sup <= 0:
+                        continue
+                    rho = (d / total_demand) / (sup / total_supply)
+                    for m in set(models):
+                        prices[m] = prices.get(m, 0.0) + rho
+            self._prices = prices
+        return self._prices.get(model, 0.0)
+
+    def ratios(self) -> tuple[float, float]:
+        """CPU milli and node memory MiB the workload's device requests bring per device
+        milli (0 where the workload says nothing)."""
+        if self._ratios is None:
+            g = c = m = 0.0
+            for sh in self.workload.shapes:
+                if sh.count > 0 and sh.compute_milli > 0:
+                    g += sh.weight * sh.compute_milli * sh.count
+                    c += sh.weight * sh.cpu_milli
+                    m += sh.weight * sh.host_memory_mib
+            self._ratios = (c / g, m / g) if g > 0 else (0.0, 0.0)
+        return self._ratios
+
+    def cap_frag(
+        self, models: tuple[str, ...], cpu_free: int, mem_free: int, free: tuple[int, ...]
+    ) -> float:
+        key = (models, cpu_free, mem_free, free)
+        v = self._cap.get(key)
+        if v is None:
+            if len(self._cap) > 500_000:
+                self._cap.clear()
+            p = self._capplans.get(models)
+            if p is None:
+                p = self._capplans[models] = CapPlan(self.workload, models)
+            v = self._cap[key] = cap_frag_amount(free, cpu_free, mem_free, p)
+        return v
+
+    def plan(self, models: tuple[str, ...]) -> FragPlan:
+        p = self._plans.get(models)
+        if p is None:
+            p = self._plans[models] = FragPlan(self.workload, models)
+        return p
+
+    def frag(self, models: tuple[str, ...], cpu_free: int, free: tuple[int, ...]) -> float:
+        key = (models, cpu_free, free)
+        v = self._frag.get(key)
+        if v is None:
+            if len(self._frag) > 500_000:
+                self._frag.clear()
+            v = self._frag[key] = frag_amount(free, cpu_free, self.plan(models))
+        return v
+
+
+Score = Callable[[Request, NodeClass, Choice, ScoreContext], float]
+
+
+def _models(cls: NodeClass) -> tuple[str, ...]:
+    return tuple(m for _, m in cls.km)
+
+
+def after_free(req: Request, cls: NodeClass, choice: Choice) -> tuple[int, ...]:
+    """The node's free compute per device after the placement, sorted largest first."""
+    free = list(cls.free)
+    c = req.compute_milli
+    for i in choice:
+        free[i] -= min(c, cls.devs[i][2])
+    free.sort(reverse=True)
+    return tuple(free)
+
+
+def after_cpu(req: Request, cls: NodeClass) -> int:
+    return UNKNOWN if cls.cpu_free == UNKNOWN else cls.cpu_free - req.cpu_milli
+
+
+def taken(req: Request, cls: NodeClass, choice: Choice) -> int:
+    c = req.compute_milli
+    return sum(min(c, cls.devs[i][2]) for i in choice)
+
+
+# -- the scores -----------------------------------------------------------------------------
+
+
+def fgd(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Fragmentation gradient: how much the node's expected fragmentation grows (in
+    devices) if the request lands here. FGD places where it grows least."""
+    models = _models(cls)
+    before = ctx.frag(models, cls.cpu_free, cls.free)
+    after = ctx.frag(models, after_cpu(req, cls), after_free(req, cls, choice))
+    return (after - before) / 1000.0
+
+
+def after_mem(req: Request, cls: NodeClass) -> int:
+    return UNKNOWN if cls.mem_free == UNKNOWN else cls.mem_free - req.host_memory_mib
+
+
+def cfgd(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Capacity-aware fragmentation gradient: like ``fgd``, but a shape's share of the
+    idle compute counts as usable only as far as the node's CPU and memory let copies of
+    the shape run on it (see :func:`cap_frag_amount`)."""
+    models = _models(cls)
+    before = ctx.cap_frag(models, cls.cpu_free, cls.mem_free, cls.free)
+    after = ctx.cap_frag(
+        models, after_cpu(req, cls), after_mem(req, cls), after_free(req, cls, choice)
+    )
+    return (after - before) / 1000.0
+
+
+def stranded(total_free: int, cpu_free: int, mem_free: int, ctx: ScoreContext) -> float:
+    """Idle device compute the node's CPU or memory cannot feed at the workload's usual
+    ratio (milli)."""
+    rc, rm = ctx.ratios()
+    s = 0.0
+    if rc > 0 and cpu_free != UNKNOWN:
+        s = max(s, total_free - cpu_free / rc)
+    if rm > 0 and mem_free != UNKNOWN:
+        s = max(s, total_free - mem_free / rm)
+    return s
+
+
+def strand(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Growth of the device compute stranded for want of CPU or memory (devices)."""
+    before = stranded(cls.total_free, cls.cpu_free, cls.mem_free, ctx)
+    after = stranded(
+        cls.total_free - taken(req, cls, choice), after_cpu(req, cls), after_mem(req, cls), ctx
+    )
+    return (after - before) / 1000.0
+
+
+def scarcity(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Device compute taken from models the workload's model-bound requests depend on,
+    weighed by how oversubscribed those models are (see :meth:`ScoreContext.price`)."""
+    if not choice:
+        return 0.0
+    c = req.compute_milli
+    return sum(min(c, cls.devs[i][2]) * ctx.price(cls.devs[i][5]) for i in choice) / 1000.0
+
+
+def device_leftover(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Share of the chosen devices left free afterwards (compute and memory alike)."""
+    if not choice:
+        return 0.0
+    s = 0.0
+    for i in choice:
+        fc, fm, cc, cm, _, _ = cls.devs[i]
+        take = min(req.compute_milli, cc)
+        s += (fc - take) / max(cc, 1)
+        if cm > 0:
+            s += (fm - (fm if req.compute_milli >= cc else req.memory_mib)) / cm
+    return s / len(choice)
+
+
+def node_leftover(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Share of the node left free afterwards: device compute, and CPU where known."""
+    gpu = (cls.total_free - taken(req, cls, choice)) / cls.total_cap if cls.total_cap else 0.0
+    if cls.cpu_free == UNKNOWN or cls.cpu_cap <= 0:
+        return gpu
+    cpu = (cls.cpu_free - req.cpu_milli) / cls.cpu_cap
+    return 0.5 * gpu + 0.5 * cpu
+
+
+def best_fit(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Best fit: the node, then the device, left with the least free afterwards."""
+    return node_leftover(req, cls, choice, ctx) + 0.01 * device_leftover(req, cls, choice, ctx)
+
+
+def spread(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Worst fit: the emptiest node, then its emptiest device (load spreading)."""
+    return -node_leftover(req, cls, choice, ctx) - 0.01 * device_leftover(req, cls, choice, ctx)
+
+
+def packing(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """GPU packing (as in the FGD paper's baseline): share an already used device first
+    (the fullest), then whole free devices of a node already in use, then a fresh node."""
+    n = len(cls.devs)
+    if not choice:
+        return 0.0
+    if cls.n_whole == n:  # an untouched node: smaller nodes first
+        return 2.0 + n / 64.0
+    fresh = sum(1 for i in choice if cls.devs[i][0] >= cls.devs[i][2])
+    if fresh:
+        return 1.0 + fresh / 64.0
+    ratio = sum(cls.devs[i][0] / max(cls.devs[i][2], 1) for i in choice) / len(choice)
+    return ratio * 0.5
+
+
+def frag_after(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """The node's expected fragmentation after the placement (devices), not its change."""
+    return ctx.frag(_models(cls), after_cpu(req, cls), after_free(req, cls, choice)) / 1000.0
+
+
+def idle_after(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
+    """Idle compute left on the node afterwards (devices): prefer fuller nodes."""
+    return (cls.total_free - taken(req, cls, choice)) / 1000.0
+
+
+SCORES: dict[str, Score] = {
+    "fgd": fgd,
+    "cfgd": cfgd,
+    "strand": strand,
+    "scarcity": scarcity,
+    "best-fit": best_fit,
+    "spread": spread,
+    "packing": packing,
+    "device-leftover": device_leftover,
+    "node-leftover": node_leftover,
+    "frag-after": frag_after,
+    "idle-after": idle_after,
+}
