@@ -7,7 +7,9 @@ reported as one line naming the file (or flag), the key and what is wrong.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -89,7 +91,7 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
     elif want is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
             return int(value)
     elif want is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -112,22 +114,28 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
 def load(path: str | None, flags: dict[str, Any], env: dict[str, str] | None = None) -> Settings:
     """Build and validate settings from a file, the environment and flags."""
     s = Settings()
+    sources: dict[str, str] = {}  # where each setting came from, to blame the right place
     env = dict(os.environ if env is None else env)
     for attr in Settings.__dataclass_fields__:
         value = env.get(f"FLEXMESH_{attr.upper()}")
         if value is not None and attr != "socket":
-            setattr(s, attr, _coerce(f"FLEXMESH_{attr.upper()}", attr, value, getattr(s, attr)))
+            where = f"FLEXMESH_{attr.upper()}"
+            setattr(s, attr, _coerce(where, attr, value, getattr(s, attr)))
+            sources[attr] = where
     if path:
-        _apply_file(s, Path(path))
+        for attr in _apply_file(s, Path(path)):
+            sources[attr] = str(path)
     for attr, value in flags.items():
         if value is not None:
-            setattr(s, attr, _coerce(f"--{attr.replace('_', '-')}", attr, value,
-                                     getattr(s, attr)))
-    validate(s, path or "settings")
+            where = f"--{attr.replace('_', '-')}"
+            setattr(s, attr, _coerce(where, attr, value, getattr(s, attr)))
+            sources[attr] = where
+    validate(s, path or "settings", sources)
     return s
 
 
-def _apply_file(s: Settings, path: Path) -> None:
+def _apply_file(s: Settings, path: Path) -> list[str]:
+    """Apply a TOML file's settings; returns the names of those it set."""
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -136,6 +144,7 @@ def _apply_file(s: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    applied = []
     for key, value in data.items():
         if isinstance(value, dict) and key in _TABLES and key:
             for sub, v in value.items():
@@ -143,50 +152,69 @@ def _apply_file(s: Settings, path: Path) -> None:
                 if attr is None:
                     raise ConfigError(f"{path}: unknown key [{key}] {sub}")
                 setattr(s, attr, _coerce(str(path), f"[{key}] {sub}", v, getattr(s, attr)))
+                applied.append(attr)
             continue
         attr = _TABLES[""].get(key)
         if attr is None:
             raise ConfigError(f"{path}: unknown key {key}")
         setattr(s, attr, _coerce(str(path), key, value, getattr(s, attr)))
+        applied.append(attr)
+    return applied
 
 
-def validate(s: Settings, where: str) -> None:
+def validate(s: Settings, default_where: str, sources: dict[str, str] | None = None) -> None:
+    """Raise ConfigError for an impossible value, blaming the file, flag or variable that
+    set it."""
+    sources = sources or {}
+
+    def at(*attrs: str) -> str:
+        return next((sources[a] for a in attrs if a in sources), default_where)
+
+    _validate(s, at)
+
+
+def _validate(s: Settings, at: Any) -> None:
     if not s.name or any(c.isspace() or c in "/:" for c in s.name) or len(s.name) > 64:
-        raise ConfigError(f"{where}: name {s.name!r} must be 1-64 characters without spaces, "
+        raise ConfigError(f"{at('name')}: name {s.name!r} must be 1-64 characters without spaces, "
                           "'/' or ':'")
-    split_hostport(s.bind, f"{where}: bind")
+    split_hostport(s.bind, f"{at('bind')}: bind")
     if s.advertise:
-        _, port = split_hostport(s.advertise, f"{where}: advertise")
+        _, port = split_hostport(s.advertise, f"{at('advertise')}: advertise")
         if port == 0:
-            raise ConfigError(f"{where}: advertise needs a real port, not 0")
+            raise ConfigError(f"{at('advertise')}: advertise needs a real port, not 0")
     for seed in s.join:
-        split_hostport(seed, f"{where}: join")
+        split_hostport(seed, f"{at('join')}: join")
     if s.profile not in PRESETS:
-        raise ConfigError(f"{where}: profile {s.profile!r} is not one of "
+        raise ConfigError(f"{at('profile')}: profile {s.profile!r} is not one of "
                           f"{', '.join(sorted(PRESETS))}")
     if s.policy not in POLICIES:
-        raise ConfigError(f"{where}: policy {s.policy!r} is not one of "
+        raise ConfigError(f"{at('policy')}: policy {s.policy!r} is not one of "
                           f"{', '.join(sorted(POLICIES))}")
     for key in ("reserve_memory_mib", "reserve_compute_milli"):
         if getattr(s, key) < 0:
-            raise ConfigError(f"{where}: {key} must not be negative")
+            raise ConfigError(f"{at(key)}: {key} must not be negative")
     if s.reserve_compute_milli > 1000:
-        raise ConfigError(f"{where}: reserve_compute_milli is above one device (1000)")
-    if s.lease_ttl <= 0 or s.stop_grace < 0:
-        raise ConfigError(f"{where}: lease_ttl must be positive and stop_grace not negative")
+        raise ConfigError(f"{at('reserve_compute_milli')}: reserve_compute_milli is above "
+                          "one device (1000)")
+    if not (math.isfinite(s.lease_ttl) and s.lease_ttl > 0):
+        raise ConfigError(f"{at('lease_ttl')}: lease_ttl must be a positive number of seconds")
+    if not (math.isfinite(s.stop_grace) and s.stop_grace >= 0):
+        raise ConfigError(f"{at('stop_grace')}: stop_grace must be a number of seconds, 0 or more")
     if s.log_format not in ("text", "json"):
-        raise ConfigError(f"{where}: log format must be text or json")
+        raise ConfigError(f"{at('log_format')}: log format must be text or json")
     if s.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{where}: log level must be debug, info, warning or error")
+        raise ConfigError(f"{at('log_level')}: log level must be debug, info, warning or error")
     if s.enforcement not in ("auto", "mps", "hami-core", "watchdog", "none"):
-        raise ConfigError(f"{where}: enforcement must be auto, mps, hami-core, watchdog or none")
+        raise ConfigError(f"{at('enforcement')}: enforcement must be auto, mps, hami-core, "
+                          "watchdog or none")
     if s.sim_load_file and not s.sim_devices:
-        raise ConfigError(f"{where}: sim_load_file is set but there are no sim devices")
+        raise ConfigError(f"{at('sim_load_file')}: sim_load_file is set but there are no "
+                          "sim devices")
     if s.npu_smi and not Path(s.npu_smi).is_file():
-        raise ConfigError(f"{where}: npu_smi {s.npu_smi!r} does not exist")
+        raise ConfigError(f"{at('npu_smi')}: npu_smi {s.npu_smi!r} does not exist")
     if s.sim_devices:
         from flexmesh.agent.devices.sim import parse_sim_devices
         try:
             parse_sim_devices(s.sim_devices)
         except ValueError as exc:
-            raise ConfigError(f"{where}: sim devices: {exc}") from None
+            raise ConfigError(f"{at('sim_devices')}: sim devices: {exc}") from None

@@ -212,6 +212,8 @@ class Membership:
         return out
 
     def next_deadline(self) -> float:
+        if self._left:
+            return self._next_probe  # only the idle beat of tick() after a leave
         times = [self._next_probe, self._next_pushpull, self._next_reconnect]
         if len(self._queue):
             times.append(self._next_gossip)
@@ -300,7 +302,8 @@ class Membership:
 
     def _handle_indirect_ping(self, msg: wire.IndirectPing, now: float) -> None:
         seq = self._next_seq()
-        deadline = now + self.awareness.scale(self.config.probe_timeout)
+        # Answer a little before the requester's own wait ends, so that a nack still counts.
+        deadline = now + 0.8 * self.awareness.scale(self.config.probe_timeout)
         self._relays[seq] = _Relay(msg.source_addr, msg.seq, deadline, msg.nack)
         self._send(msg.target_addr, [wire.Ping(seq, msg.target, self.name, self.addr)])
 
@@ -427,6 +430,7 @@ class Membership:
 
     def tick(self, now: float) -> None:
         if self._left:
+            self._next_probe = now + self.config.probe_interval
             return
         self._tick_suspicions(now)
         self._tick_relays(now)
@@ -446,6 +450,7 @@ class Membership:
         if now >= self._next_reconnect:
             self._reconnect()
             self._next_reconnect = now + self.config.reconnect_interval
+        self._tick_suspicions(now)  # a confirmation above may have ended one already
         self._reap(now)
 
     def _tick_suspicions(self, now: float) -> None:
@@ -471,16 +476,20 @@ class Membership:
         probe, self._probe = self._probe, None
         if probe is None or probe.acked:
             return
+        # Lifeguard: each expected nack that never came says *we* may be the slow one; with
+        # nobody to send nacks, any failed probe counts against our own health.
+        if probe.indirect_sent > 0:
+            self.awareness.apply(max(probe.indirect_sent - probe.nacks, 0))
+        else:
+            self.awareness.apply(1)
         m = self.members.get(probe.target)
-        # Lifeguard: expected nacks that never came mean *we* may be the slow one.
-        missed_nacks = probe.indirect_sent - probe.nacks
-        self.awareness.apply(1 if missed_nacks > 0 or probe.indirect_sent == 0 else 0)
-        if m is None or m.state != ALIVE:
+        if m is None or m.state not in (ALIVE, SUSPECT):
             return
         self._count("probe_failed")
+        if m.state == SUSPECT:
+            self._confirm_suspicion(m, self.name, now)  # our own, independent failure
+            return
         self._start_suspicion(m, self.name, now)
-        self._queue.push(("m", m.name), wire.encode_message(
-            wire.Suspect(m.name, m.incarnation, self.name)))
 
     def _start_probe(self, now: float) -> None:
         target = self._next_probe_target()
@@ -575,10 +584,11 @@ class Membership:
         max_s = self.config.suspicion_max_mult * min_s
         # Confirmations we can hope for: the other members that might also probe it.
         expected = max(0, min(self.config.indirect_checks, n - 2))
-        confirmers = set() if source in (self.name, "push-pull") else {source}
-        timeout = suspicion_timeout(min_s, max_s, len(confirmers), expected)
-        self._suspicions[m.name] = _Suspicion(now, min_s, max_s, expected, confirmers,
-                                              now + timeout)
+        # The originator is remembered so it cannot confirm its own accusation, but it is
+        # not a confirmation: one peer's word alone runs the longest timeout.
+        seen = {self.name if source == "push-pull" else source}
+        timeout = suspicion_timeout(min_s, max_s, 0, expected)
+        self._suspicions[m.name] = _Suspicion(now, min_s, max_s, expected, seen, now + timeout)
         self._set_state(m, SUSPECT, now)
         self._count("suspicions")
         msg = wire.Suspect(m.name, m.incarnation, source if source != "push-pull" else self.name)
@@ -586,10 +596,10 @@ class Membership:
 
     def _confirm_suspicion(self, m: Member, source: str, now: float) -> None:
         s = self._suspicions.get(m.name)
-        if s is None or source in s.confirmers or source in (self.name, "push-pull"):
+        if s is None or source == "push-pull" or source in s.confirmers:
             return
         s.confirmers.add(source)
-        timeout = suspicion_timeout(s.min_s, s.max_s, len(s.confirmers), s.expected)
+        timeout = suspicion_timeout(s.min_s, s.max_s, len(s.confirmers) - 1, s.expected)
         s.deadline = s.started + timeout
         self._queue.push(("m", m.name), wire.encode_message(
             wire.Suspect(m.name, m.incarnation, source)))

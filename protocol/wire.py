@@ -61,7 +61,7 @@ def _is_bytes(v: Any) -> bool:
 
 
 def _is_dict(v: Any) -> bool:
-    return isinstance(v, dict)
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
 
 
 def _is_list(v: Any) -> bool:

@@ -2,8 +2,8 @@
 
 Each refusal is a ConfigError whose message is one line that starts with the file and
 names the key. Then the sources: ``FLEXMESH_<KEY>`` overrides a default, the file
-overrides the environment, a flag overrides both. Known bugs are strict xfails, so the
-fix shows up as an XPASS to turn into a plain test.
+overrides the environment, a flag overrides both. The bugs found here earlier (bad integer
+text, NaN durations, blaming the file for a flag's value) stay as plain tests.
 """
 
 from __future__ import annotations
@@ -182,27 +182,19 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
     assert "cannot read" in refused(str(tmp_path))  # a directory
 
 
-# --- known bugs --------------------------------------------------------------------------------
+# --- bugs found earlier, fixed ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: _coerce's int check "
-                   "(value.strip().lstrip('-').isdigit()) accepts '--1' and '²', then int() "
-                   "raises ValueError: a traceback instead of a ConfigError")
 @pytest.mark.parametrize("value", ["--1", "²"])
 def test_bad_integer_text_in_file(cfg, value: str) -> None:
     assert "[scheduler] priority must be a int" in refused(
         cfg(f'[scheduler]\npriority = "{value}"\n'))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: same _coerce int check, "
-                   "reached from the environment")
 def test_bad_integer_text_in_environment() -> None:
     assert "FLEXMESH_PRIORITY" in refused(None, env={"FLEXMESH_PRIORITY": "--1"})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate() compares with <= 0 and < 0, which "
-                   "NaN passes, and does not bound inf: TOML's nan and inf are accepted as "
-                   "lease_ttl and stop_grace")
 @pytest.mark.parametrize("text", ["[scheduler]\nlease_ttl = nan\n",
                                   "[scheduler]\nlease_ttl = inf\n",
                                   "[jobs]\nstop_grace = nan\n"])
@@ -210,9 +202,6 @@ def test_not_a_number_duration(cfg, text: str) -> None:
     refused(cfg(text))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate(s, path) blames the file for every "
-                   "value, also one that came from a flag or FLEXMESH_*: the operator is sent "
-                   "to look for a key that is not in the file")
 @pytest.mark.parametrize(("flags", "env", "source"), [
     ({"bind": "0.0.0.0:99999"}, {}, "--bind"),
     ({}, {"FLEXMESH_PROFILE": "moon"}, "FLEXMESH_PROFILE"),
