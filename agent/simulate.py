@@ -192,8 +192,12 @@ def arrival_order(tasks: Sequence[Task], capacity: int, seed: int, inflate: floa
 
 
 def unallocated_at(events: Sequence[tuple[float, float]], level: int) -> float | None:
-    """100 - mean allocated % over the events whose arrived % rounds to ``level``."""
+    """100 - mean allocated % over the events whose arrived % rounds to ``level``; where
+    none does (a small cluster and a big task), over those within 1 of it, as the paper's
+    analysis script does; None if there are none either."""
     vals = [alloc for arr, alloc in events if math.floor(arr + 0.5) == level]
+    if not vals:
+        vals = [alloc for arr, alloc in events if abs(math.floor(arr + 0.5) - level) <= 1]
     if not vals:
         return None
     return 100.0 - sum(vals) / len(vals)

@@ -187,7 +187,7 @@ class Placer:
             self._bucket_memo.clear()
             self._bucket_version = self.cluster.bucket_version
         # a CPU-only request may go anywhere; a whole device needs level 2; a fraction 1+
-        need = 0 if req.count <= 0 else (2 if req.whole else 1)
+        need = 0 if req.count <= 0 or req.compute_milli <= 0 else (2 if req.whole else 1)
         key = (req.kind, req.models, need)
         hit = self._bucket_memo.get(key)
         if hit is None:

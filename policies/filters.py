@@ -32,11 +32,13 @@ def node_battery(req: Request, cls: NodeClass) -> bool:
 
 
 def node_kind(req: Request, cls: NodeClass) -> bool:
-    return req.kind == "any" or any(k == req.kind for k, _ in cls.km)
+    """A device of the kind asked for (a request for no device may go anywhere)."""
+    return req.count <= 0 or req.kind == "any" or any(k == req.kind for k, _ in cls.km)
 
 
 def node_model(req: Request, cls: NodeClass) -> bool:
-    return not req.models or any(m in req.models for _, m in cls.km)
+    """A device of an allowed model (a request for no device may go anywhere)."""
+    return req.count <= 0 or not req.models or any(m in req.models for _, m in cls.km)
 
 
 def node_cpu(req: Request, cls: NodeClass) -> bool:
@@ -132,6 +134,8 @@ def choices(req: Request, cls: NodeClass) -> list[Choice]:
     """
     devs = cls.devs
     count = req.count
+    if count <= 0:
+        return [()]  # needs no device: the node filters decide
     if count == 1:
         out: list[Choice] = []
         prev: DevState | None = None
