@@ -8,6 +8,7 @@
                                      ``?format=ndjson`` both streams; ``&follow=1`` to follow
     GET    /v1/nodes, /v1/devices    the mesh as this node sees it
     GET    /v1/status                this agent: name, address, coordinator, counters
+    GET    /v1/keys, POST /v1/keys   the keyring's fingerprints; add, promote or remove a key
 """
 
 from __future__ import annotations
@@ -266,6 +267,36 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
+def _may_manage(request: web.Request) -> bool:
+    uid = peer_uid(request)
+    return uid is not None and uid in (0, os.getuid())
+
+
+async def keys_get(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].keys_view())
+
+
+async def keys_post(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    if not _may_manage(request):
+        log.info("keys refused uid=%s reason=not root or the agent's user", peer_uid(request))
+        return _error(403, "only root or the agent's own user may change the keyring")
+    try:
+        body = json.loads(await request.read() or b"null")
+    except ValueError:
+        return _error(400, "the body is not JSON")
+    if (not isinstance(body, dict) or set(body) != {"op", "key"}
+            or not isinstance(body["op"], str) or not isinstance(body["key"], str)):
+        return _error(400, 'the body must be {"op": "add|promote|remove", "key": "..."}')
+    from flexmesh.protocol.crypto import KeyringError
+
+    try:
+        view = await agent.keys_change(body["op"], body["key"])
+    except KeyringError as exc:
+        return _error(400, str(exc))
+    return web.json_response(view)
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
@@ -289,6 +320,8 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/nodes", nodes)
     app.router.add_get("/v1/devices", devices)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/keys", keys_get)
+    app.router.add_post("/v1/keys", keys_post)
     return app
 
 

@@ -219,10 +219,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
-    from flexmesh.agent import simulate
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from flexmesh.protocol.crypto import generate_key
 
-    return int(simulate.main(rest))
+    print(generate_key())
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.op == "list":
+        view = request(args, "GET", "/v1/keys")
+    else:
+        if not args.key:
+            raise CliError(f"keys {args.op} needs a KEY (or its fingerprint)", 2)
+        view = request(args, "POST", "/v1/keys", {"op": args.op, "key": args.key})
+    lines = [f"cluster {view['cluster']}: "
+             + ("sealed" if view["encrypted"] else "PLAINTEXT (no key)")]
+    lines += [f"{fp}{'  (primary: seals)' if fp == view['primary'] else ''}"
+              for fp in view["keys"]]
+    _emit(args, view, "\n".join(lines))
+    return 0
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -233,6 +249,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "state_dir": args.state_dir, "profile": args.profile, "sim_devices": args.sim_devices,
         "sim_load_file": args.sim_load_file, "policy": args.policy,
         "log_format": args.log_format, "priority": args.priority,
+        "key_file": args.key_file, "cluster": args.cluster,
     }
     try:
         settings = load(args.config, flags)
@@ -240,14 +257,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(f"flexmesh agent: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_format, settings.log_level, settings.name)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # plain asyncio where uvloop does not build
-        runner = asyncio.run
     from flexmesh.agent.main import run_agent
 
-    return int(runner(run_agent(settings)))
+    try:
+        import uvloop
+    except ImportError:  # plain asyncio where uvloop does not build
+        return int(asyncio.run(run_agent(settings)))
+    return int(uvloop.run(run_agent(settings)))
 
 
 def _setup_logging(fmt: str, level: str, name: str) -> None:
@@ -289,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--policy")
     a.add_argument("--priority", type=int, help="election priority (lower wins)")
     a.add_argument("--log-format", choices=["text", "json"])
+    a.add_argument("--key-file", help="file of base64 cluster keys, the sealing key first")
+    a.add_argument("--cluster", help="name of the mesh, bound into every sealed packet")
 
     s = client("submit", "submit a job")
     s.add_argument("--gpu", help="fraction of one device, e.g. 0.25")
@@ -310,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     client("nodes", "list the mesh's nodes")
     client("devices", "list the mesh's devices")
     client("status", "this agent's status")
+    sub.add_parser("keygen", help="print a new cluster key")
+    k = client("keys", "list or change the keyring of the running agent")
+    k.add_argument("op", choices=["list", "add", "promote", "remove"], nargs="?",
+                   default="list")
+    k.add_argument("key", nargs="?", help="a key (add) or a key or its fingerprint")
     sub.add_parser("simulate", help="replay a GPU trace through the placement policies",
                    add_help=False)
     return p
@@ -317,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel,
             "logs": cmd_logs, "nodes": cmd_nodes, "devices": cmd_devices, "status": cmd_status,
-            "agent": cmd_agent}
+            "agent": cmd_agent, "keygen": cmd_keygen, "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

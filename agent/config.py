@@ -7,6 +7,7 @@ reported as one line naming the file (or flag), the key and what is wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -48,6 +49,16 @@ class Settings:
     hami_lib: str = ""
     log_format: str = "text"
     log_level: str = "info"
+    key: str = ""  # base64 cluster key (`flexmesh keygen`); prefer key_file
+    key_file: str = ""  # file with one base64 key per line, the sealing key first
+    cluster: str = "flexmesh"  # bound into every sealed packet: meshes never mix
+    fault_drop: float = 0.0  # share of own outgoing datagrams dropped (loopback only)
+    fault_duplicate: float = 0.0  # share sent twice (loopback only)
+    fault_delay_ms: int = 0  # extra delay of every outgoing datagram (loopback only)
+
+    def is_loopback(self) -> bool:
+        host, _ = self.bind_host_port()
+        return is_loopback_host(host)
 
     def bind_host_port(self) -> tuple[str, int]:
         return split_hostport(self.bind, "bind")
@@ -64,8 +75,20 @@ _TABLES: dict[str, dict[str, str]] = {
     "scheduler": {"policy": "policy", "priority": "priority",
                   "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl"},
     "jobs": {"stop_grace": "stop_grace"},
+    "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
+    "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
+                "fault_delay_ms": "fault_delay_ms"},
     "log": {"format": "log_format", "level": "log_level"},
 }
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_hostport(text: str, what: str) -> tuple[str, int]:
@@ -212,6 +235,26 @@ def _validate(s: Settings, at: Any) -> None:
                           "sim devices")
     if s.npu_smi and not Path(s.npu_smi).is_file():
         raise ConfigError(f"{at('npu_smi')}: npu_smi {s.npu_smi!r} does not exist")
+    if s.key_file and not Path(s.key_file).is_file():
+        raise ConfigError(f"{at('key_file')}: key_file {s.key_file!r} does not exist")
+    if s.key:
+        from flexmesh.protocol.crypto import KeyringError, decode_key
+        try:
+            decode_key(s.key)
+        except KeyringError as exc:
+            raise ConfigError(f"{at('key')}: key: {exc}") from None
+    if not s.cluster or len(s.cluster) > 128:
+        raise ConfigError(f"{at('cluster')}: cluster must be 1-128 characters")
+    for key in ("fault_drop", "fault_duplicate"):
+        share = getattr(s, key)
+        if not (math.isfinite(share) and 0 <= share <= 1):
+            raise ConfigError(f"{at(key)}: {key} must be a share between 0 and 1")
+    if s.fault_delay_ms < 0:
+        raise ConfigError(f"{at('fault_delay_ms')}: fault_delay_ms must not be negative")
+    faulty = s.fault_drop or s.fault_duplicate or s.fault_delay_ms
+    if faulty and not is_loopback_host(split_hostport(s.bind, "bind")[0]):
+        raise ConfigError(f"{at('fault_drop', 'fault_duplicate', 'fault_delay_ms')}: fault "
+                          "injection is for tests on loopback only; bind is not loopback")
     if s.sim_devices:
         from flexmesh.agent.devices.sim import parse_sim_devices
         try:

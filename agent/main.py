@@ -15,7 +15,8 @@ import os
 
 from flexmesh.agent import api
 from flexmesh.agent.config import Settings
-from flexmesh.agent.runtime import Agent, install_signal_handlers
+from flexmesh.agent.runtime import Agent, StartError, install_signal_handlers
+from flexmesh.agent.sdnotify import Notifier, watchdog_loop
 
 log = logging.getLogger("flexmesh.agent")
 
@@ -25,23 +26,33 @@ STOP_TIMEOUT = 20.0
 async def run_agent(settings: Settings) -> int:
     stop, force = asyncio.Event(), asyncio.Event()
     install_signal_handlers(stop, force)
+    notifier = Notifier.from_env(unset_environment=True)  # jobs must not inherit it
     agent = Agent(settings)
     try:
         await agent.start()
         http = await api.serve(agent, settings.socket)
+    except StartError as exc:
+        log.error("cannot start: %s", exc)
+        await agent.stop(leave=False)
+        return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
         await agent.stop(leave=False)
         return 1
     log.info("listening socket=%s gossip=%s", settings.socket, agent.addr)
+    notifier.ready()  # the socket and the gossip port are bound
+    watchdog = asyncio.ensure_future(watchdog_loop(notifier, agent.healthy))
     await stop.wait()
     log.info("shutting down")
+    notifier.stopping()
+    watchdog.cancel()
     shutdown = asyncio.ensure_future(_shutdown(agent, http, settings.socket))
     done, _ = await asyncio.wait({shutdown, asyncio.ensure_future(force.wait())},
                                  timeout=STOP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
     if shutdown not in done:
         log.warning("shutdown did not finish in time; exiting now")
         os._exit(1)
+    notifier.close()
     return 0
 
 

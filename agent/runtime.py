@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -47,6 +48,7 @@ from flexmesh.agent.node import (
 )
 from flexmesh.agent.store import AsyncJournal
 from flexmesh.protocol import wire
+from flexmesh.protocol.crypto import OVERHEAD, CryptoError, Keyring, KeyringError, Sealer
 from flexmesh.protocol.lease import ACTIVE, Lease
 from flexmesh.protocol.membership import PRESETS, MemberEvent, SendPacket, StartPushPull
 
@@ -66,6 +68,10 @@ class _Udp(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         self.agent.node._count("udp_errors")
+
+
+class StartError(Exception):
+    """The agent cannot start as configured; the message says why, in one line."""
 
 
 class Agent:
@@ -91,12 +97,81 @@ class Agent:
         self._device_list: list[Device] = []
         self._stopping = False
         self.counters: dict[str, int] = {}
+        self.keyring = Keyring()
+        self.sealer: Sealer | None = None
+        self.codec = rpc.Codec()
+        self._faults = random.Random()  # fault injection only (tests on loopback)
+        self.last_tick = self.loop.time()
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    # --- security -----------------------------------------------------------------------
+
+    def _keyring_path(self) -> Path:
+        return self.state_dir / "keyring.json"
+
+    def _load_keyring(self) -> None:
+        """The keyring kept by ``flexmesh keys`` wins; else the configured key(s)."""
+        s = self.settings
+        try:
+            path = self._keyring_path()
+            if path.exists():
+                self.keyring = Keyring.from_list(json.loads(path.read_text()))
+            else:
+                keys = []
+                if s.key_file:
+                    keys += [line.strip() for line in Path(s.key_file).read_text().splitlines()
+                             if line.strip() and not line.lstrip().startswith("#")]
+                if s.key:
+                    keys.append(s.key)
+                self.keyring = Keyring(keys)
+        except (OSError, ValueError) as exc:
+            raise StartError(f"cannot load the keyring: {exc}") from None
+        if not len(self.keyring):
+            if not s.is_loopback():
+                raise StartError(
+                    f"bind {s.bind} is not a loopback address and no key is configured: "
+                    "make one with `flexmesh keygen` and set [security] key_file")
+            log.warning("no cluster key: gossip and calls run in plaintext (allowed on "
+                        "loopback only)")
+        self._apply_keyring()
+
+    def _apply_keyring(self) -> None:
+        self.sealer = Sealer(self.keyring) if len(self.keyring) else None
+        self.codec = rpc.Codec(self.sealer, self.settings.cluster.encode())
+
+    def keys_view(self) -> dict[str, Any]:
+        return {"primary": self.keyring.primary, "keys": list(self.keyring.keys),
+                "encrypted": self.sealer is not None, "cluster": self.settings.cluster}
+
+    async def keys_change(self, op: str, key: str) -> dict[str, Any]:
+        """Add, promote or remove a key on the running agent, and keep the ring on disk."""
+        ring = Keyring.from_list(self.keyring.to_list())
+        if op == "add":
+            ring.add(key)
+        elif op == "promote":
+            ring.promote(key)
+        elif op == "remove":
+            ring.remove(key)
+        else:
+            raise KeyringError(f"unknown key operation {op!r} (add, promote, remove)")
+        await asyncio.to_thread(_write_private, self._keyring_path(),
+                                json.dumps(ring.to_list()))
+        self.keyring = ring
+        if self.sealer is None:
+            self._apply_keyring()
+        else:  # keep the sealer (its nonce sequence and replay window), swap its keys
+            self.sealer.keyring = ring
+        log.info("keyring %s primary=%s keys=%d", op, self.keyring.primary, len(self.keyring))
+        return self.keys_view()
 
     # --- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
         (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self._load_keyring()
         self.journal = await AsyncJournal.open(self.state_dir / "journal.sqlite3")
         incarnation = await self.journal.bump_meta("incarnation")
         host, port = s.bind_host_port()
@@ -267,9 +342,9 @@ class Agent:
                 if not alive:
                     job.state, job.reason = LOST, "process vanished while the agent was down"
                     job.updated_at = time.time()
-                    lease = self.node.leases.release(job.lease_id)
-                    if lease is not None:
-                        await self.journal.put_lease(lease.to_dict())
+                    released = self.node.leases.release(job.lease_id)
+                    if released is not None:
+                        await self.journal.put_lease(released.to_dict())
                     await self.journal.put_job(job)
                     log.info("job lost job=%s reason=%r", job.id, job.reason)
                 self.node.jobs[job.id] = job
@@ -333,8 +408,13 @@ class Agent:
             log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state, eff.prev,
                      eff.addr)
 
+    def healthy(self) -> bool:
+        """The loop turns and the node ticks: what the systemd watchdog vouches for."""
+        return not self._stopping and self.loop.time() - self.last_tick < 10.0
+
     async def _timer_loop(self) -> None:
         while True:
+            self.last_tick = self.loop.time()
             delay = max(0.0, self.node.next_deadline() - self.loop.time())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -347,8 +427,17 @@ class Agent:
     # --- UDP ----------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, addr: tuple[Any, int]) -> None:
-        if len(data) > wire.UDP_BUDGET + 128:
-            self.node._count("packets_dropped_oversized")
+        if len(data) > wire.UDP_BUDGET + OVERHEAD:
+            self.count("packets_dropped_oversized")
+            return
+        if self.sealer is not None:
+            try:
+                data = self.sealer.open(data, self.codec.cluster, time.time())
+            except CryptoError as exc:
+                self.count(f"packets_dropped_{exc.reason}")
+                return
+        elif data[:1] == b"\x81":
+            self.count("packets_dropped_sealed_without_key")
             return
         self.node.step_packet(f"{addr[0]}:{addr[1]}", data, self.loop.time())
         self.kick()
@@ -356,18 +445,35 @@ class Agent:
     def _send_packet(self, eff: SendPacket) -> None:
         if self._udp is None or (self._stopping and not self.node.membership._left):
             return
+        data = eff.data
+        if self.sealer is not None:
+            data = self.sealer.seal(data, self.codec.cluster, time.time())
+        s = self.settings
+        if s.fault_drop and self._faults.random() < s.fault_drop:
+            self.count("fault_dropped")
+            return
+        copies = 2 if s.fault_duplicate and self._faults.random() < s.fault_duplicate else 1
+        for _ in range(copies):
+            if s.fault_delay_ms:
+                self.loop.call_later(s.fault_delay_ms / 1000, self._sendto, eff.addr, data)
+            else:
+                self._sendto(eff.addr, data)
+
+    def _sendto(self, addr: str, data: bytes) -> None:
+        if self._udp is None or self._udp.is_closing():
+            return
         try:
-            host, port = eff.addr.rsplit(":", 1)
-            self._udp.sendto(eff.data, (host.strip("[]"), int(port)))
+            host, port = addr.rsplit(":", 1)
+            self._udp.sendto(data, (host.strip("[]"), int(port)))
         except (OSError, ValueError) as exc:
-            self.node._count("udp_send_errors")
-            log.debug("udp send to %s failed: %s", eff.addr, exc)
+            self.count("udp_send_errors")
+            log.debug("udp send to %s failed: %s", addr, exc)
 
     # --- TCP: calls out -----------------------------------------------------------------
 
     async def _do_call(self, eff: Call) -> None:
         try:
-            reply = await rpc.call(eff.addr, eff.msg, eff.timeout)
+            reply = await rpc.call(eff.addr, eff.msg, eff.timeout, self.codec)
             error = ""
         except rpc.CallError as exc:
             reply, error = None, str(exc)
@@ -376,7 +482,8 @@ class Agent:
 
     async def _do_pushpull(self, eff: StartPushPull) -> None:
         try:
-            reply = await rpc.call(eff.addr, self.node.pushpull_request(eff.join), 10.0)
+            reply = await rpc.call(eff.addr, self.node.pushpull_request(eff.join), 10.0,
+                                   self.codec)
         except rpc.CallError as exc:
             log.debug("push-pull with %s failed: %s", eff.addr, exc)
             if eff.join:
@@ -389,10 +496,10 @@ class Agent:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await rpc.serve_connection(reader, writer, self._handle_call)
+            await rpc.serve_connection(reader, writer, self._handle_call, self.codec)
         except rpc.RemoteError as exc:
-            self.counters["peers_disconnected_garbage"] = (
-                self.counters.get("peers_disconnected_garbage", 0) + 1)
+            self.count("peers_disconnected_garbage")
+            self.count(f"frames_dropped_{exc.reason}")
             log.info("dropped a peer connection: %s", exc)
 
     async def _handle_call(self, msg: wire.Message) -> wire.Message:
@@ -472,7 +579,7 @@ class Agent:
                 msg = wire.JobSync(eff.job_id, offsets["stdout"], offsets["stderr"],
                                    SYNC_WAIT_MS)
                 try:
-                    reply = await rpc.call(eff.addr, msg, SYNC_WAIT_MS / 1000 + 5.0)
+                    reply = await rpc.call(eff.addr, msg, SYNC_WAIT_MS / 1000 + 5.0, self.codec)
                 except rpc.CallError:
                     failures += 1
                     await asyncio.sleep(min(0.2 * 2 ** failures, 2.0))
@@ -521,6 +628,16 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _archive_output(job_dir: Path) -> None:

@@ -194,6 +194,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, _Suspicion] = {}
         self._left = False
+        self._seeds: list[str] = []
         self.counters: dict[str, int] = {}
         self._enqueue_alive(self.me)
         self._enqueue_facts(self.me)
@@ -229,9 +230,11 @@ class Membership:
     # --- local actions ------------------------------------------------------------------
 
     def join(self, seeds: list[str]) -> None:
-        for addr in seeds:
-            if addr != self.addr:
-                self._out.append(StartPushPull(addr, join=True))
+        """Join through seeds; while we know nobody alive, they are tried again every
+        ``reconnect_interval`` (a seed that was down, or a key not yet rotated in)."""
+        self._seeds = [a for a in seeds if a != self.addr]
+        for addr in self._seeds:
+            self._out.append(StartPushPull(addr, join=True))
 
     def leave(self, now: float) -> None:
         """Announce a graceful leave: others mark this node ``left``, not ``dead``."""
@@ -449,6 +452,9 @@ class Membership:
             self._next_pushpull = now + self._pushpull_every()
         if now >= self._next_reconnect:
             self._reconnect()
+            if self.live_count() == 1:
+                for addr in self._seeds:
+                    self._out.append(StartPushPull(addr, join=True))
             self._next_reconnect = now + self.config.reconnect_interval
         self._tick_suspicions(now)  # a confirmation above may have ended one already
         self._reap(now)
