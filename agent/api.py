@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
 import socket
 import struct
 import uuid
@@ -182,8 +184,44 @@ async def show_job(request: web.Request) -> web.Response:
     return web.json_response(job_view(job))
 
 
+def _operator_gid(agent: Agent) -> int | None:
+    name = agent.settings.operator_group
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def may_act_on(request: web.Request, job: JobRecord) -> tuple[bool, str]:
+    """Whether the peer may cancel or read ``job``: its submitter, root, the agent's own
+    user, or a member of the operator group."""
+    uid = peer_uid(request)
+    if uid is None or uid in (0, os.geteuid()) or uid == job.uid:
+        return True, ""
+    gid = _operator_gid(request.app[AGENT_KEY])
+    if gid is not None:
+        try:
+            user = pwd.getpwuid(uid)
+            if gid in os.getgrouplist(user.pw_name, user.pw_gid):
+                return True, ""
+        except KeyError:
+            pass
+    return False, f"uid {uid} is not the submitter (uid {job.uid}) nor an operator"
+
+
+def _refuse(request: web.Request, job: JobRecord, action: str) -> web.Response | None:
+    ok, why = may_act_on(request, job)
+    if ok:
+        return None
+    log.warning("refused %s job=%s uid=%s reason=%r", action, job.id, peer_uid(request), why)
+    return _error(403, f"not allowed to {action} job {job.id}: {why}")
+
+
 async def cancel_job(request: web.Request) -> web.Response:
     job = _job(request)
+    refused = _refuse(request, job, "cancel")
+    if refused is not None:
+        return refused
     agent = request.app[AGENT_KEY]
     result = await agent.cancel(job.id)
     log.info("cancel job=%s uid=%s result=%s", job.id, peer_uid(request), result)
@@ -193,6 +231,9 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 async def job_logs(request: web.Request) -> web.StreamResponse:
     job = _job(request)
+    refused = _refuse(request, job, "read the output of")
+    if refused is not None:
+        return refused
     agent = request.app[AGENT_KEY]
     follow = request.query.get("follow") in ("1", "true", "yes")
     ndjson = request.query.get("format") == "ndjson"
@@ -335,4 +376,17 @@ async def serve(agent: Agent, path: str) -> web.AppRunner:
     site = web.UnixSite(runner, str(sock_path))
     await site.start()
     os.chmod(sock_path, 0o660)
+    _chgrp(sock_path, agent.settings.socket_group)
     return runner
+
+
+def _chgrp(path: Path, group: str) -> None:
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.info("socket group %r does not exist; the socket keeps the agent's group", group)
+        return
+    try:
+        os.chown(path, -1, gid)
+    except OSError as exc:
+        log.warning("cannot give the socket to group %s: %s", group, exc)

@@ -45,6 +45,10 @@ class Settings:
     policy: str = "best-fit"
     lease_ttl: float = 15.0
     stop_grace: float = 10.0
+    socket_group: str = "flexmesh"  # group that may use the socket (name or number)
+    allow_root: bool = False  # run root's submissions as root (else as borrowed_user)
+    borrowed_user: str = "nobody"  # runs jobs borrowed from other nodes; never root
+    operator_group: str = "flexmesh-admin"  # may cancel and read every job here
     enforcement: str = "auto"
     hami_lib: str = ""
     log_format: str = "text"
@@ -67,14 +71,16 @@ class Settings:
 # TOML layout: top-level keys mirror the flags; tables group the rest.
 _TABLES: dict[str, dict[str, str]] = {
     "": {"name": "name", "bind": "bind", "advertise": "advertise", "join": "join",
-         "socket": "socket", "state_dir": "state_dir", "profile": "profile"},
+         "socket": "socket", "socket_group": "socket_group", "state_dir": "state_dir",
+         "profile": "profile"},
     "devices": {"sim": "sim_devices", "sim_load_file": "sim_load_file", "npu_smi": "npu_smi",
                 "nvml": "nvml", "reserve_memory_mib": "reserve_memory_mib",
                 "reserve_compute_milli": "reserve_compute_milli",
                 "enforcement": "enforcement", "hami_lib": "hami_lib"},
     "scheduler": {"policy": "policy", "priority": "priority",
                   "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl"},
-    "jobs": {"stop_grace": "stop_grace"},
+    "jobs": {"stop_grace": "stop_grace", "allow_root": "allow_root",
+             "borrowed_user": "borrowed_user", "operator_group": "operator_group"},
     "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
                 "fault_delay_ms": "fault_delay_ms"},
@@ -235,6 +241,9 @@ def _validate(s: Settings, at: Any) -> None:
                           "sim devices")
     if s.npu_smi and not Path(s.npu_smi).is_file():
         raise ConfigError(f"{at('npu_smi')}: npu_smi {s.npu_smi!r} does not exist")
+    if s.borrowed_user in ("root", "0"):
+        raise ConfigError(f"{at('borrowed_user')}: borrowed_user must not be root: jobs from "
+                          "other nodes never run as root")
     if s.key_file and not Path(s.key_file).is_file():
         raise ConfigError(f"{at('key_file')}: key_file {s.key_file!r} does not exist")
     if s.key:

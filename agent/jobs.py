@@ -237,6 +237,7 @@ class JobRunner:
         command: Sequence[str],
         env: dict[str, str],
         cwd: str | None = None,
+        user: tuple[int, int] | None = None,
     ) -> tuple[int, int]:
         """Spawn ``command`` with the agent's environment plus ``env``.
 
@@ -261,7 +262,8 @@ class JobRunner:
         pending = _Pending(loop.create_future())
         self._starting[job_id] = pending
         merged_env = {**os.environ, **env}
-        spawn = loop.run_in_executor(self._executor, self._spawn, job_id, argv, merged_env, cwd)
+        spawn = loop.run_in_executor(self._executor, self._spawn, job_id, argv, merged_env, cwd,
+                                     user)
         spawn.add_done_callback(functools.partial(self._on_spawned, job_id, pending))
         try:
             job = await asyncio.shield(pending.future)
@@ -276,9 +278,17 @@ class JobRunner:
         return job.pid, job.pid_start
 
     def _spawn(
-        self, job_id: str, argv: list[str], env: dict[str, str], cwd: str | None
+        self, job_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
+        user: tuple[int, int] | None = None,
     ) -> tuple[int, int, int | None]:
-        """On a worker thread: open the logs, spawn, read the start time, open a pidfd."""
+        """On a worker thread: open the logs, spawn, read the start time, open a pidfd.
+
+        With ``user`` = (uid, gid) the child drops to that user and group (and no
+        supplementary groups) before exec; the log files stay the agent's, open in the
+        child only as inherited descriptors."""
+        drop: dict[str, object] = {}
+        if user is not None and user != (os.geteuid(), os.getegid()):
+            drop = {"user": user[0], "group": user[1], "extra_groups": []}
         job_dir = self.job_dir(job_id)
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +311,7 @@ class JobRunner:
                     cwd=cwd,
                     start_new_session=True,
                     close_fds=True,
+                    **drop,  # type: ignore[arg-type]
                 )
             except OSError as e:
                 raise JobStartError(_start_error_message(e, argv[0], cwd)) from e

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import random
 import signal
 import time
@@ -550,14 +551,32 @@ class Agent:
         if job.role == "owner":
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / job.id)
+        user = self.job_user(job)
         try:
-            pid, pid_start = await self.runner.start(job.id, job.command, env)
+            pid, pid_start = await self.runner.start(job.id, job.command, env, user=user)
         except (JobStartError, ValueError, OSError) as exc:
             self.node.job_exited(job.id, None, f"could not start: {exc}", self.loop.time(),
                                  state=FAILED)
         else:
             self.node.job_started(job.id, pid, pid_start, self.loop.time())
         await self.flush()
+
+    def job_user(self, job: JobRecord) -> tuple[int, int] | None:
+        """(uid, gid) a job runs as; None: as the agent (which then is not root).
+
+        A job submitted here runs as its submitter; root's only if ``allow_root``. Jobs
+        borrowed from other nodes, or whose submitter is unknown, run as ``borrowed_user``.
+        """
+        if os.geteuid() != 0:
+            return None  # an unprivileged agent cannot switch users: jobs run as it does
+        s = self.settings
+        uid = job.uid if job.origin == self.node.name else None
+        if uid is None or (uid == 0 and not s.allow_root):
+            return _lookup_user(s.borrowed_user)
+        try:
+            return uid, pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            return uid, uid  # no passwd entry: a group of the same number
 
     def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
         state = LOST if exit_code is None else None
@@ -628,6 +647,17 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _lookup_user(name: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name), int(name)
+        log.warning("user %r does not exist; running borrowed jobs as 65534 (nobody)", name)
+        return 65534, 65534
 
 
 def _write_private(path: Path, text: str) -> None:
