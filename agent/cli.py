@@ -242,7 +242,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from flexmesh.agent.config import ConfigError, load
+    from flexmesh.agent.config import ConfigError, Settings, load
 
     flags = {
         "name": args.name, "bind": args.bind, "join": args.join, "socket": args.socket,
@@ -259,11 +259,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_format, settings.log_level, settings.name)
     from flexmesh.agent.main import run_agent
 
+    def reload() -> Settings:
+        return load(args.config, flags)
+
     try:
         import uvloop
     except ImportError:  # plain asyncio where uvloop does not build
-        return int(asyncio.run(run_agent(settings)))
-    return int(uvloop.run(run_agent(settings)))
+        return int(asyncio.run(run_agent(settings, reload)))
+    return int(uvloop.run(run_agent(settings, reload)))
 
 
 def _setup_logging(fmt: str, level: str, name: str) -> None:

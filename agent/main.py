@@ -1,6 +1,7 @@
 """The agent's life cycle: start, serve until a signal, shut down within a deadline.
 
-Signal handlers only set flags (uvicorn's pattern). The first SIGTERM or SIGINT leaves
+SIGHUP reloads the configuration (keys, policy, timing preset, log level) without leaving
+the mesh. Signal handlers only set flags (uvicorn's pattern). The first SIGTERM or SIGINT leaves
 the mesh gracefully (others see ``left``, not ``dead``), stops answering new work and
 closes the journal; running jobs keep running and are adopted by the next agent instance.
 A second SIGINT exits at once.
@@ -12,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+from collections.abc import Callable
 
 from flexmesh.agent import api
-from flexmesh.agent.config import Settings
+from flexmesh.agent.config import ConfigError, Settings
 from flexmesh.agent.runtime import Agent, StartError, install_signal_handlers
 from flexmesh.agent.sdnotify import Notifier, watchdog_loop
 
@@ -23,7 +26,8 @@ log = logging.getLogger("flexmesh.agent")
 STOP_TIMEOUT = 20.0
 
 
-async def run_agent(settings: Settings) -> int:
+async def run_agent(settings: Settings,
+                    reload: Callable[[], Settings] | None = None) -> int:
     stop, force = asyncio.Event(), asyncio.Event()
     install_signal_handlers(stop, force)
     notifier = Notifier.from_env(unset_environment=True)  # jobs must not inherit it
@@ -42,6 +46,9 @@ async def run_agent(settings: Settings) -> int:
     log.info("listening socket=%s gossip=%s", settings.socket, agent.addr)
     notifier.ready()  # the socket and the gossip port are bound
     watchdog = asyncio.ensure_future(watchdog_loop(notifier, agent.healthy))
+    if reload is not None:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: _reload(agent, reload, notifier))
     await stop.wait()
     log.info("shutting down")
     notifier.stopping()
@@ -54,6 +61,17 @@ async def run_agent(settings: Settings) -> int:
         os._exit(1)
     notifier.close()
     return 0
+
+
+def _reload(agent: Agent, reload: Callable[[], Settings], notifier: Notifier) -> None:
+    """SIGHUP: read the configuration again and apply what can change while running."""
+    notifier.reloading()
+    try:
+        new = reload()
+        agent.reconfigure(new)
+    except (ConfigError, StartError) as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+    notifier.ready()
 
 
 async def _shutdown(agent: Agent, http: object, sock: str) -> None:

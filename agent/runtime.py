@@ -48,6 +48,7 @@ from flexmesh.agent.node import (
     WatchJob,
 )
 from flexmesh.agent.store import AsyncJournal
+from flexmesh.policies import get_policy
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import OVERHEAD, CryptoError, Keyring, KeyringError, Sealer
 from flexmesh.protocol.lease import ACTIVE, Lease
@@ -103,6 +104,7 @@ class Agent:
         self.codec = rpc.Codec()
         self._faults = random.Random()  # fault injection only (tests on loopback)
         self.last_tick = self.loop.time()
+        self._warned_plaintext = False
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -134,13 +136,37 @@ class Agent:
                 raise StartError(
                     f"bind {s.bind} is not a loopback address and no key is configured: "
                     "make one with `flexmesh keygen` and set [security] key_file")
-            log.warning("no cluster key: gossip and calls run in plaintext (allowed on "
-                        "loopback only)")
+            if self.sealer is None and not self._warned_plaintext:
+                self._warned_plaintext = True
+                log.warning("no cluster key: gossip and calls run in plaintext (allowed on "
+                            "loopback only)")
         self._apply_keyring()
 
     def _apply_keyring(self) -> None:
-        self.sealer = Sealer(self.keyring) if len(self.keyring) else None
+        if self.sealer is not None and len(self.keyring):
+            self.sealer.keyring = self.keyring  # keep its nonce sequence and replay window
+        else:
+            self.sealer = Sealer(self.keyring) if len(self.keyring) else None
         self.codec = rpc.Codec(self.sealer, self.settings.cluster.encode())
+
+    def reconfigure(self, new: Settings) -> None:
+        """Apply a reloaded configuration. What needs a restart (name, bind, socket, state
+        dir, devices) is reported and left as it is."""
+        old = self.settings
+        fixed = [k for k in ("name", "bind", "advertise", "socket", "state_dir", "sim_devices",
+                             "npu_smi", "nvml") if getattr(new, k) != getattr(old, k)]
+        if fixed:
+            log.warning("reload: %s change only with a restart", ", ".join(fixed))
+            for k in fixed:
+                setattr(new, k, getattr(old, k))
+        self.settings = new
+        self.node.scheduler.policy = get_policy(new.policy)
+        self.node.membership.config = PRESETS[new.profile]
+        logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        if not self._keyring_path().exists():  # keys changed with `flexmesh keys` stay
+            self._load_keyring()
+        log.info("reloaded policy=%s profile=%s keys=%d", new.policy, new.profile,
+                 len(self.keyring))
 
     def keys_view(self) -> dict[str, Any]:
         return {"primary": self.keyring.primary, "keys": list(self.keyring.keys),

@@ -185,3 +185,24 @@ def test_owner_reclaims_and_the_job_finishes_elsewhere(mesh: LocalMesh) -> None:
     assert job["node"] == "b"
     mesh.cli("z", "cancel", job_id)
     mesh.wait_for("cancelled", lambda: finished(mesh, "z", job_id))
+
+
+def test_sighup_reloads_and_sigterm_leaves(mesh: LocalMesh) -> None:
+    config = mesh.root / "a.toml"
+    config.write_text('profile = "local"\n')
+    mesh.start("a", sim="gpu:1x8GiB", extra=["--config", str(config)])
+    mesh.start("b", join=["a"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "b"]))
+    proc = mesh.agents["a"].proc
+    assert proc is not None
+    log = mesh.agents["a"].log
+    config.write_text('[scheduler]\npolicy = "nope"\n')  # refused; the agent keeps going
+    proc.send_signal(signal.SIGHUP)
+    mesh.wait_for("the refusal", lambda: "reload refused" in log.read_text())
+    config.write_text('[scheduler]\npolicy = "best-fit"\n')
+    proc.send_signal(signal.SIGHUP)
+    mesh.wait_for("the reload", lambda: "reloaded policy=best-fit" in log.read_text())
+    assert mesh.converged(["a", "b"])  # still in the mesh
+    mesh.kill("b", signal.SIGTERM)
+    mesh.wait_for("b to be seen as left", lambda: {r["name"]: r["state"] for r in
+                  mesh.json("a", "nodes")}.get("b") == "left")
