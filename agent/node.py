@@ -305,7 +305,9 @@ class Node:
         for d in devices:
             lend_c, lend_m = lendable.get(d.id, (d.compute_milli, d.memory_mib))
             if not d.healthy:
-                lend_c = lend_m = 0
+                # Lend nothing more, but do not take back what runs: a failing reading is
+                # not a reason to kill jobs (a device that is gone is, below).
+                lend_c, lend_m = self.leases.used(d.id)
             self.leases.set_device(d.id, d.compute_milli, d.memory_mib, lend_c, lend_m)
         for gone in known - set(self.devices):
             for lease in self.leases.remove_device(gone):

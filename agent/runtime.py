@@ -309,6 +309,10 @@ class Agent:
         now = self.loop.time()
         lend: dict[str, tuple[int, int]] = {}
         devices = []
+        gone = [d.id for d in self._device_list if (sm := samples.get(d.id)) and sm.lost]
+        if gone:
+            log.warning("devices gone (fell off the bus?): %s; their jobs end", ", ".join(gone))
+            self._device_list = [d for d in self._device_list if d.id not in gone]
         for d in self._device_list:
             sample = samples.get(d.id)
             est = self._estimators.setdefault(d.id, IdleEstimator())

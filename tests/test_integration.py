@@ -206,3 +206,15 @@ def test_sighup_reloads_and_sigterm_leaves(mesh: LocalMesh) -> None:
     mesh.kill("b", signal.SIGTERM)
     mesh.wait_for("b to be seen as left", lambda: {r["name"]: r["state"] for r in
                   mesh.json("a", "nodes")}.get("b") == "left")
+
+
+def test_a_device_that_falls_off_the_bus_ends_its_jobs(mesh: LocalMesh) -> None:
+    load = mesh.root / "load.json"
+    load.write_text("{}")
+    mesh.start("a", sim="gpu:1x8GiB", extra=["--sim-load-file", str(load)])
+    job_id = mesh.cli("a", "submit", "--gpu", "0.5", "--", "sleep", "300").stdout.strip()
+    mesh.wait_for("running", lambda: mesh.json("a", "show", job_id)["state"] == "running")
+    load.write_text('{"gpu0": {"lost": true}}')
+    job = mesh.wait_for("the job to end", lambda: finished(mesh, "a", job_id))
+    assert job["state"] == "lost" and "gpu0 is gone" in job["reason"]
+    assert mesh.json("a", "devices") == []
