@@ -45,14 +45,18 @@ Policy = Callable[[Request, Iterable[Candidate]], PlaceResult]
 #             expected fragmentation against the target workload grows least
 #   fgd-plus  fgd, plus device compute stranded for want of CPU or memory at the
 #             workload's usual ratio, plus the pressure on device models that model-bound
-#             requests depend on. Beats fgd on every openb trace (scripts/bench_placement).
+#             requests depend on, plus (as a tie-breaker) the idle compute left on the node,
+#             so untouched nodes stay whole for big jobs. Beats fgd on every openb trace
+#             (scripts/bench_placement).
 SPECS: dict[str, PolicySpec] = {
     "best-fit": PolicySpec("best-fit", (("best-fit", 1.0),), locality=0.1),
     "spread": PolicySpec("spread", (("spread", 1.0),), locality=0.1),
     "packing": PolicySpec("packing", (("packing", 1.0),), locality=0.1),
     "fgd": PolicySpec("fgd", (("fgd", 1.0),), locality=0.1),
     "fgd-plus": PolicySpec(
-        "fgd-plus", (("fgd", 1.0), ("strand", 1.0), ("scarcity", 2.0)), locality=0.1
+        "fgd-plus",
+        (("fgd", 1.0), ("strand", 1.0), ("scarcity", 2.0), ("idle-after", 0.01)),
+        locality=0.1,
     ),
 }
 DEFAULT_POLICY = "fgd-plus"

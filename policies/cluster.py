@@ -69,6 +69,7 @@ class NodeClass:
         "mem_free",
         "members",
         "model",
+        "models_t",
         "n_whole",
         "seq",
         "total_cap",
@@ -95,6 +96,7 @@ class NodeClass:
         # the (kind, model) pairs of its devices, and how much is free: 2 = a whole device,
         # 1 = only fractions, 0 = nothing; classes are indexed by both
         self.km: tuple[tuple[str, str], ...] = tuple(sorted({(d[4], d[5]) for d in devs}))
+        self.models_t: tuple[str, ...] = tuple(m for _, m in self.km)
         self.level = 2 if self.n_whole else (1 if self.total_free else 0)
         self.bucket: tuple[tuple[tuple[str, str], ...], int] = (self.km, self.level)
         self.members: dict[str, NodeRec] = {}
@@ -190,6 +192,10 @@ class Cluster:
         self.buckets: dict[tuple[tuple[tuple[str, str], ...], int], dict[int, NodeClass]] = {}
         self.bucket_version = 0  # bumped when a bucket appears or goes
         self.nodes_version = 0  # bumped when a node is added, replaced or removed
+        # every class in order of creation (placers catch up on it); its first entry is
+        # number `created_base`; the oldest half is dropped when it grows long
+        self.created: list[NodeClass] = []
+        self.created_base = 0
         self._seq = 0
         for spec in nodes:
             self.upsert(spec)
@@ -370,6 +376,11 @@ class Cluster:
                 bucket = self.buckets[cls.bucket] = {}
                 self.bucket_version += 1
             bucket[cls.seq] = cls
+            self.created.append(cls)
+            if len(self.created) > max(4096, 4 * len(self.classes)):
+                drop = len(self.created) // 2
+                del self.created[:drop]
+                self.created_base += drop
         cls.members[rec.name] = rec
         rec.cls = cls
         rec.order = order

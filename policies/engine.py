@@ -14,8 +14,10 @@ Locality: the submitting node and nodes with a known round-trip time get a bonus
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,8 @@ from flexmesh.policies.workload import PRIOR, Workload, WorkloadWindow
 
 RTT_SCALE_MS = 50.0
 TIE_EPS = 1e-9
+SCAN_BELOW = 48  # with fewer live classes than this a decision looks at each of them
+MAX_SHAPES = 512  # request shapes a placer keeps a heap for (least recently used go)
 _SHAPE_IDS = itertools.count(1)  # unique across placers: cached scores never collide
 _MISSING: Any = object()
 
@@ -88,6 +92,17 @@ def parse_spec(
     return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality)
 
 
+class _ShapeState:
+    """A request shape's scored classes: a heap of (score, class seq, class, choice)."""
+
+    __slots__ = ("cursor", "heap", "relevant")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, NodeClass, Choice]] = []
+        self.cursor = 0
+        self.relevant: dict[tuple[tuple[str, str], ...], bool] = {}
+
+
 class Placer:
     """Places requests on a :class:`Cluster` with one policy.
 
@@ -118,6 +133,9 @@ class Placer:
         self._epoch = self.ctx.workload.version
         self._bucket_memo: dict[tuple[str, tuple[str, ...], int], list[dict[int, NodeClass]]] = {}
         self._shape_ids: dict[tuple[Any, ...], int] = {}
+        self._shapes: OrderedDict[int, _ShapeState] = OrderedDict()
+        self._token_seen = self.ctx.token
+        self.scan_below = SCAN_BELOW
         self._bucket_version = -1
 
     # -- workload -------------------------------------------------------------------------
@@ -137,8 +155,12 @@ class Placer:
     def _shape_id(self, req: Request) -> int:
         """A small int naming (this placer, workload version, request shape): the key of
         the scores cached on classes (ints hash at once; tuples hash every time)."""
+        token = self.ctx.token
+        if token != self._token_seen:  # workload or supply changed: every score is stale
+            self._token_seen = token
+            self._shapes.clear()
+            self._shape_ids.clear()
         key = (
-            self._epoch,
             req.compute_milli,
             req.memory_mib,
             req.count,
@@ -216,56 +238,25 @@ class Placer:
         ``exclude`` are passed over (a gang that wants its members on distinct nodes)."""
         if req.count < 0 or req.compute_milli < 0 or req.memory_mib < 0:
             return NoFit("a request cannot ask for a negative amount")
-        ck = self._shape_id(req)
-        best_s = 0.0
-        best_cls: NodeClass | None = None
-        best_ch: Choice = ()
-        evaluate = self.evaluate
-        rng = self.rng
-        if rng is None:
-            for bucket in self._buckets(req):
-                for cls in bucket.values():
-                    cache = cls.cache
-                    r = cache.get(ck, _MISSING)
-                    if r is _MISSING:
-                        r = cache[ck] = evaluate(req, cls)
-                    if r is not None and (best_cls is None or r[0] < best_s):
-                        if exclude and all(m in exclude for m in cls.members):
-                            continue
-                        best_s, best_ch = r
-                        best_cls = cls
+        if self._supply_version != self.cluster.nodes_version:
+            self.refresh_supply()  # before the shape id: it may make every score stale
+        sid = self._shape_id(req)
+        if len(self.cluster.classes) < self.scan_below:
+            found = self._best_by_scan(req, sid, exclude)
         else:
-            # ties (within TIE_EPS) are broken at random, each tied node equally likely
-            tied = 0
-            for bucket in self._buckets(req):
-                for cls in bucket.values():
-                    cache = cls.cache
-                    r = cache.get(ck, _MISSING)
-                    if r is _MISSING:
-                        r = cache[ck] = evaluate(req, cls)
-                    if r is None or (best_cls is not None and r[0] > best_s + TIE_EPS):
-                        continue
-                    n = len(cls.members)
-                    if exclude:
-                        n -= sum(1 for m in cls.members if m in exclude)
-                        if n <= 0:
-                            continue
-                    if best_cls is None or r[0] < best_s - TIE_EPS:
-                        best_s, best_ch = r
-                        best_cls = cls
-                        tied = n
-                    else:
-                        tied += n
-                        if rng.random() * tied < n:
-                            best_s, best_ch = r
-                            best_cls = cls
+            found = self._best_by_heap(req, sid, exclude)
+        best_cls: NodeClass | None = None
+        best_s = 0.0
+        best_ch: Choice = ()
         best_node = ""
-        if best_cls is not None:
-            if rng is not None and len(best_cls.members) > 1:
-                names = [m for m in best_cls.members if m not in exclude]
-                best_node = names[rng.randrange(len(names))]
+        if found is not None:
+            best_s, best_ch, best_cls = found
+            members = best_cls.members
+            if self.rng is not None and len(members) > 1:
+                names = [m for m in members if m not in exclude]
+                best_node = names[self.rng.randrange(len(names))]
             else:
-                best_node = next(m for m in best_cls.members if m not in exclude)
+                best_node = next(m for m in members if m not in exclude)
 
         lw = self.spec.locality
         if lw > 0.0 and (req.origin or rtt):
@@ -298,6 +289,136 @@ class Placer:
         if req.count == 1 and devices:
             return Placement(node=best_node, device=devices[0])
         return MultiPlacement(node=best_node, devices=devices)
+
+    # -- finding the best class -----------------------------------------------------------
+
+    def _best_by_scan(
+        self, req: Request, sid: int, exclude: frozenset[str]
+    ) -> tuple[float, Choice, NodeClass] | None:
+        """Look at every live class (its cached score for the shape): for small meshes."""
+        best: tuple[float, Choice, NodeClass] | None = None
+        evaluate = self.evaluate
+        rng = self.rng
+        tied = 0
+        for bucket in self._buckets(req):
+            for cls in bucket.values():
+                cache = cls.cache
+                r = cache.get(sid, _MISSING)
+                if r is _MISSING:
+                    r = cache[sid] = evaluate(req, cls)
+                if r is None or (best is not None and r[0] > best[0] + TIE_EPS):
+                    continue
+                n = len(cls.members)
+                if exclude:
+                    n -= sum(1 for m in cls.members if m in exclude)
+                    if n <= 0:
+                        continue
+                if rng is None:  # the lowest score, then the oldest class (as the heap)
+                    if best is None or (r[0], cls.seq) < (best[0], best[2].seq):
+                        best = (r[0], r[1], cls)
+                elif best is None or r[0] < best[0] - TIE_EPS:
+                    best = (r[0], r[1], cls)
+                    tied = n
+                else:  # equally good: each tied node equally likely
+                    tied += n
+                    if rng.random() * tied < n:
+                        best = (r[0], r[1], cls)
+        return best
+
+    def _shape_state(self, req: Request, sid: int) -> _ShapeState:
+        """The heap of classes scored for this request shape, caught up with the classes
+        created since it was last used (built from all live classes the first time)."""
+        cl = self.cluster
+        st = self._shapes.get(sid)
+        if st is not None and st.cursor >= cl.created_base:
+            self._shapes.move_to_end(sid)
+            new = cl.created[st.cursor - cl.created_base :]
+        else:
+            if st is not None:
+                del self._shapes[sid]
+            while len(self._shapes) >= MAX_SHAPES:
+                self._shapes.popitem(last=False)
+            st = _ShapeState()
+            self._shapes[sid] = st
+            new = [c for b in self._buckets(req) for c in b.values()]
+        st.cursor = cl.created_base + len(cl.created)
+        need = 0 if req.count <= 0 or req.compute_milli <= 0 else (2 if req.whole else 1)
+        heap = st.heap
+        evaluate = self.evaluate
+        rel = st.relevant
+        for cls in new:
+            if not cls.members or cls.level < need:
+                continue
+            ok = rel.get(cls.km)
+            if ok is None:
+                ok = rel[cls.km] = not need or (
+                    (req.kind == "any" or any(k == req.kind for k, _ in cls.km))
+                    and (not req.models or any(m in req.models for _, m in cls.km))
+                )
+            if not ok:
+                continue
+            r = cls.cache.get(sid, _MISSING)
+            if r is _MISSING:
+                r = cls.cache[sid] = evaluate(req, cls)
+            if r is not None:
+                heapq.heappush(heap, (r[0], cls.seq, cls, r[1]))
+        if len(heap) > 2 * len(cl.classes) + 64:  # mostly dead entries: compact
+            st.heap = heap = [e for e in heap if e[2].members]
+            heapq.heapify(heap)
+        return st
+
+    def _best_by_heap(
+        self, req: Request, sid: int, exclude: frozenset[str]
+    ) -> tuple[float, Choice, NodeClass] | None:
+        """The best live class from the shape's heap (dead classes are dropped on the way;
+        ties, within TIE_EPS, are broken at random when the placer has an rng)."""
+        st = self._shape_state(req, sid)
+        heap = st.heap
+        while heap and not heap[0][2].members:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        rng = self.rng
+        if rng is None and not exclude:
+            s0, _, c0, ch0 = heap[0]
+            return (s0, ch0, c0)
+        # take off everything tied with the top (and excluded classes on the way)
+        popped: list[tuple[float, int, NodeClass, Choice]] = []
+        cands: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []
+        top: float | None = None
+        while heap:
+            e = heap[0]
+            if not e[2].members:
+                heapq.heappop(heap)
+                continue
+            if top is not None and e[0] > top + TIE_EPS:
+                break
+            heapq.heappop(heap)
+            popped.append(e)
+            n = len(e[2].members)
+            if exclude:
+                n -= sum(1 for m in e[2].members if m in exclude)
+            if n <= 0:
+                continue
+            if top is None:
+                top = e[0]
+            cands.append((e, n))
+            if rng is None:
+                break
+        for e in popped:
+            heapq.heappush(heap, e)
+        if not cands:
+            return None
+        pick = cands[0][0]
+        if rng is not None and len(cands) > 1:
+            total = sum(n for _, n in cands)
+            x = rng.random() * total
+            for e, n in cands:
+                x -= n
+                if x < 0:
+                    pick = e
+                    break
+        return (pick[0], pick[3], pick[2])
 
     def place(self, req: Request, rtt: Mapping[str, float] | None = None) -> PlaceResult:
         """Decide, and on success take the placement off the cluster's books."""

@@ -99,16 +99,27 @@ DEVICE_FILTERS: dict[str, DeviceFilter] = {
 
 
 def node_passes(req: Request, cls: NodeClass, *, exempt_battery: bool = False) -> bool:
-    """All node filters (the submitting node may ignore its own battery floor)."""
-    return (
-        cls.healthy
-        and (exempt_battery or cls.battery_ok)
-        and node_kind(req, cls)
-        and node_model(req, cls)
-        and node_cpu(req, cls)
-        and node_memory(req, cls)
-        and node_capacity(req, cls)
-    )
+    """All node filters (the submitting node may ignore its own battery floor).
+
+    The same checks as the filters above, written out: this runs for every class a
+    request shape is scored against."""
+    if not cls.healthy or not (exempt_battery or cls.battery_ok):
+        return False
+    count = req.count
+    if count > 0:
+        kind = req.kind
+        if kind != "any" and not any(k == kind for k, _ in cls.km):
+            return False
+        models = req.models
+        if models and not any(m in models for _, m in cls.km):
+            return False
+        if cls.total_free < req.compute_milli * count or len(cls.devs) < count:
+            return False
+    cpu = cls.cpu_free
+    if cpu != UNKNOWN and cpu < req.cpu_milli:
+        return False
+    mem = cls.mem_free
+    return mem == UNKNOWN or mem >= req.host_memory_mib
 
 
 def device_ok(req: Request, d: DevState) -> bool:
@@ -136,6 +147,11 @@ def choices(req: Request, cls: NodeClass) -> list[Choice]:
     count = req.count
     if count <= 0:
         return [()]  # needs no device: the node filters decide
+    c = req.compute_milli
+    m = req.memory_mib
+    kind = req.kind
+    anykind = kind == "any"
+    models = req.models
     if count == 1:
         out: list[Choice] = []
         prev: DevState | None = None
@@ -143,7 +159,14 @@ def choices(req: Request, cls: NodeClass) -> list[Choice]:
             if d == prev:
                 continue
             prev = d
-            if device_ok(req, d):
+            fc, fm, cc, cm, k, mo = d
+            if c < cc and fc < c:
+                break  # devices are sorted by free compute: none further fits a fraction
+            if (
+                (anykind or k == kind)
+                and (not models or mo in models)
+                and ((fc >= cc and fm >= cm and fm >= m) if c >= cc else fm >= m)
+            ):
                 out.append((i,))
         return out
     elig = [i for i, d in enumerate(devs) if device_ok(req, d)]

@@ -8,6 +8,7 @@ and memo tables, which only make repeated questions cheaper.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from flexmesh.policies.cluster import UNKNOWN, NodeClass
@@ -132,8 +133,14 @@ def cap_frag_amount(free: tuple[int, ...], cpu_free: int, mem_free: int, plan: C
     return f
 
 
+_TOKENS = itertools.count(1)
+
+
 class ScoreContext:
-    """What scores share for one placer: the workload and memo tables."""
+    """What scores share for one placer: the workload and memo tables.
+
+    ``token`` changes whenever anything a score depends on changes (workload, supply);
+    per-class "before" values are cached on the class under keys derived from it."""
 
     __slots__ = (
         "_cap",
@@ -143,6 +150,7 @@ class ScoreContext:
         "_prices",
         "_ratios",
         "supply",
+        "token",
         "workload",
     )
 
@@ -150,6 +158,7 @@ class ScoreContext:
         self.workload = workload
         self.supply: dict[str, int] = dict(supply or {})  # device compute per model
         self._prices: dict[str, float] | None = None
+        self.token = next(_TOKENS)
         self._plans: dict[tuple[str, ...], FragPlan] = {}
         self._frag: dict[tuple[tuple[str, ...], int, tuple[int, ...]], float] = {}
         self._capplans: dict[tuple[str, ...], CapPlan] = {}
@@ -164,11 +173,29 @@ class ScoreContext:
         self._cap.clear()
         self._ratios = None
         self._prices = None
+        self.token = next(_TOKENS)
 
     def set_supply(self, supply: dict[str, int]) -> None:
         if supply != self.supply:
             self.supply = dict(supply)
             self._prices = None
+            self.token = next(_TOKENS)
+
+    def frag_before(self, cls: NodeClass) -> float:
+        """The class's expected fragmentation now (cached on the class)."""
+        key = -3 * self.token
+        v: float | None = cls.cache.get(key)
+        if v is None:
+            v = cls.cache[key] = self.frag(cls.models_t, cls.cpu_free, cls.free)
+        return v
+
+    def stranded_before(self, cls: NodeClass) -> float:
+        """The class's stranded compute now (cached on the class)."""
+        key = -3 * self.token - 1
+        v: float | None = cls.cache.get(key)
+        if v is None:
+            v = cls.cache[key] = stranded(cls.total_free, cls.cpu_free, cls.mem_free, self)
+        return v
 
     def price(self, model: str) -> float:
         """How much of the workload is bound to this device model, relative to how much of
@@ -242,7 +269,7 @@ Score = Callable[[Request, NodeClass, Choice, ScoreContext], float]
 
 
 def _models(cls: NodeClass) -> tuple[str, ...]:
-    return tuple(m for _, m in cls.km)
+    return cls.models_t
 
 
 def after_free(req: Request, cls: NodeClass, choice: Choice) -> tuple[int, ...]:
@@ -270,10 +297,8 @@ def taken(req: Request, cls: NodeClass, choice: Choice) -> int:
 def fgd(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
     """Fragmentation gradient: how much the node's expected fragmentation grows (in
     devices) if the request lands here. FGD places where it grows least."""
-    models = _models(cls)
-    before = ctx.frag(models, cls.cpu_free, cls.free)
-    after = ctx.frag(models, after_cpu(req, cls), after_free(req, cls, choice))
-    return (after - before) / 1000.0
+    after = ctx.frag(cls.models_t, after_cpu(req, cls), after_free(req, cls, choice))
+    return (after - ctx.frag_before(cls)) / 1000.0
 
 
 def after_mem(req: Request, cls: NodeClass) -> int:
@@ -306,7 +331,7 @@ def stranded(total_free: int, cpu_free: int, mem_free: int, ctx: ScoreContext) -
 
 def strand(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
     """Growth of the device compute stranded for want of CPU or memory (devices)."""
-    before = stranded(cls.total_free, cls.cpu_free, cls.mem_free, ctx)
+    before = ctx.stranded_before(cls)
     after = stranded(
         cls.total_free - taken(req, cls, choice), after_cpu(req, cls), after_mem(req, cls), ctx
     )

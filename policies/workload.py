@@ -100,15 +100,33 @@ PRIOR = Workload(
 )
 
 
+def distance(a: Workload, b: Workload) -> float:
+    """Total variation distance between two mixes (0: the same, 1: nothing in common)."""
+    wa: dict[ShapeKey, float] = {}
+    for s in a.shapes:
+        wa[(s.cpu_milli, s.compute_milli, s.count, s.models)] = s.weight
+    wb: dict[ShapeKey, float] = {}
+    for s in b.shapes:
+        wb[(s.cpu_milli, s.compute_milli, s.count, s.models)] = s.weight
+    return 0.5 * sum(abs(wa.get(k, 0.0) - wb.get(k, 0.0)) for k in wa.keys() | wb.keys())
+
+
 class WorkloadWindow:
     """The recent mix of request shapes, as a :class:`Workload` that changes in steps."""
 
-    def __init__(self, size: int = 2000, refresh: int = 200, coverage: float = 0.95) -> None:
+    def __init__(
+        self,
+        size: int = 2000,
+        refresh: int = 200,
+        coverage: float = 0.95,
+        tolerance: float = 0.05,
+    ) -> None:
         if size <= 0 or refresh <= 0:
             raise ValueError("window size and refresh must be positive")
         self.size = size
         self.refresh = refresh
         self.coverage = coverage
+        self.tolerance = tolerance
         self._recent: deque[ShapeKey] = deque()
         self._counts: Counter[ShapeKey] = Counter()
         self._since = 0
@@ -125,11 +143,15 @@ class WorkloadWindow:
             if self._counts[old] <= 0:
                 del self._counts[old]
         self._since += 1
-        # while the window is still short every request refreshes, then every `refresh`
+        # while the window is still short every request refreshes, then every `refresh`;
+        # a new version only when the mix really moved (scores cached against the old
+        # version are thrown away with it)
         if self._since >= self.refresh or len(self._recent) < self.refresh:
             self._since = 0
-            self._version += 1
-            self._current = Workload.from_counts(self._counts, self.coverage, self._version)
+            new = Workload.from_counts(self._counts, self.coverage, self._version + 1)
+            if self._current is PRIOR or distance(self._current, new) > self.tolerance:
+                self._version += 1
+                self._current = new
 
     @property
     def workload(self) -> Workload:

@@ -620,3 +620,45 @@ def test_preempt_greedy_path_for_many_jobs() -> None:
     res = choose_victims(Request(250, 0, priority=3), c, jobs, get_spec("best-fit"))
     assert isinstance(res, Preemption)
     assert sorted(res.victims) == ["j0", "j8"]  # the two cheapest on one device
+
+
+# -- the two ways of finding the best class agree ---------------------------------------------
+
+
+@pytest.mark.parametrize("policy", sorted(SPECS))
+def test_heap_and_scan_make_the_same_decisions(policy: str) -> None:
+    rng = random.Random(7)
+    specs = [
+        node(
+            f"n{i:02d}",
+            n=rng.choice((2, 4, 8)),
+            model=rng.choice(("A", "B")),
+            cpu=rng.choice((16_000, 64_000)),
+        )
+        for i in range(60)
+    ]
+    wl = Workload((Shape(4000, 500, 1, (), 0.5), Shape(8000, 1000, 1, ("A",), 0.5)))
+    a, b = Cluster(specs), Cluster(specs)
+    pa, pb = Placer(a, get_spec(policy), workload=wl), Placer(b, get_spec(policy), workload=wl)
+    pa.scan_below, pb.scan_below = 10**9, 0  # a looks at every class, b keeps heaps
+    running: list[tuple[Request, Placement | MultiPlacement]] = []
+    for _ in range(400):
+        if running and rng.random() < 0.3:
+            req, res = running.pop(rng.randrange(len(running)))
+            pa.release(req, res)
+            pb.release(req, res)
+            continue
+        req = Request(
+            rng.choice((100, 250, 500, 1000)),
+            0,
+            count=rng.choice((1, 1, 1, 2)),
+            cpu_milli=rng.choice((0, 2000, 8000)),
+            models=rng.choice(((), ("A",))),
+        )
+        if req.count > 1:
+            req = Request(1000, 0, count=req.count, cpu_milli=req.cpu_milli)
+        ra, rb = pa.place(req), pb.place(req)
+        assert ra == rb
+        if not isinstance(ra, NoFit):
+            running.append((req, ra))
+    assert pb._shapes  # b did go through its heaps

@@ -188,8 +188,14 @@ def test_stateless_policies_stay_inside_constraints(bs: list[Book], reqs: list[R
 
 
 @SETTINGS
-@given(bs=books(), reqs=st.lists(requests(), min_size=1, max_size=25))
-def test_placer_sequences_never_overcommit(bs: list[Book], reqs: list[Request]) -> None:
+@given(
+    bs=books(),
+    reqs=st.lists(requests(), min_size=1, max_size=25),
+    scan_below=st.sampled_from((0, 10**9)),  # the heaps, or a look at every class
+)
+def test_placer_sequences_never_overcommit(
+    bs: list[Book], reqs: list[Request], scan_below: int
+) -> None:
     for name in SPECS:
         mine = [
             Book(
@@ -205,6 +211,7 @@ def test_placer_sequences_never_overcommit(bs: list[Book], reqs: list[Request]) 
         ]
         cluster = Cluster([b.spec() for b in mine])
         placer = Placer(cluster, get_spec(name))
+        placer.scan_below = scan_below
         for req in reqs:
             ok = feasible(req, mine)
             res = placer.place(req)  # Cluster.allocate itself refuses any over-commit
