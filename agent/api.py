@@ -351,7 +351,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def make_app(agent: Agent) -> web.Application:
-    from flexmesh.agent import metrics  # here: it imports AGENT_KEY from this module
+    from flexmesh.agent import metrics, ui  # here: both import AGENT_KEY from this module
 
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[AGENT_KEY] = agent
@@ -366,6 +366,7 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/keys", keys_get)
     app.router.add_post("/v1/keys", keys_post)
     app.router.add_get("/metrics", metrics.metrics)
+    ui.add_routes(app)  # GET /ui, /ui/ and /ui/state
     return app
 
 

@@ -73,7 +73,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(agent: StandIn, process: bool = False) -> tuple[set[str], Samples]:
-    body, content_type = metrics.render(agent, process=process)  # type: ignore[arg-type]
+    body, content_type = metrics.render(agent, process=process)
     assert content_type.startswith("text/plain")
     return parse(body.decode())
 
@@ -197,8 +197,7 @@ def test_process_metrics_come_along(agent: StandIn) -> None:
 
 
 def test_openmetrics_when_asked(agent: StandIn) -> None:
-    body, content_type = metrics.render(agent, "application/openmetrics-text",  # type: ignore[arg-type]
-                                        process=False)
+    body, content_type = metrics.render(agent, "application/openmetrics-text", process=False)
     assert content_type.startswith("application/openmetrics-text")
     assert body.decode().rstrip().endswith("# EOF")
 
@@ -225,7 +224,7 @@ async def test_metrics_on_the_socket(agent: StandIn, tmp_path: Path) -> None:
 
 
 async def test_metrics_on_tcp(agent: StandIn) -> None:
-    runner, url = await metrics.start_tcp_metrics(agent)  # type: ignore[arg-type]
+    runner, url = await metrics.start_tcp_metrics(agent)
     try:
         assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
         status, _, text = await get(url)
