@@ -166,6 +166,7 @@ class Node:
         self.counters: dict[str, int] = {}
         self._out: list[Effect] = []
         self._calls: dict[int, Continuation] = {}
+        self._self_calls: list[tuple[wire.Message, Continuation]] = []
         self._call_seq = 0
         self._origin: dict[str, _OriginState] = {}
         self._stopping: dict[str, StopJob] = {}
@@ -198,6 +199,11 @@ class Node:
         self.counters[key] = self.counters.get(key, 0) + n
 
     def _call(self, node: str, msg: wire.Message, then: Continuation, now: float) -> None:
+        if node == self.name:
+            # A call to ourselves (the coordinator leasing its own device, placing its own
+            # job) is answered in memory, after the current input is done with.
+            self._self_calls.append((msg, then))
+            return
         member = self.membership.members.get(node)
         if member is None or member.state in (DEAD, LEFT):
             then(None, f"node {node} is not a live member", now)
@@ -246,13 +252,18 @@ class Node:
 
     def _after_input(self, now: float) -> None:
         self._now = now
-        self._pull_membership()
-        if self._dirty_election:
-            self._dirty_election = False
-            self._elect(now)
-        if self._dirty_schedule and self.is_coordinator:
-            self._dirty_schedule = False
-            self._schedule(now)
+        while True:
+            self._pull_membership()
+            if self._dirty_election:
+                self._dirty_election = False
+                self._elect(now)
+            if self._dirty_schedule and self.is_coordinator:
+                self._dirty_schedule = False
+                self._schedule(now)
+            if not self._self_calls:
+                break
+            msg, then = self._self_calls.pop(0)
+            then(self._dispatch(msg, now), "", now)
 
     # --- membership and election --------------------------------------------------------
 
@@ -737,6 +748,11 @@ class Node:
     # --- requests from peers ------------------------------------------------------------
 
     def handle_request(self, msg: wire.Message, now: float) -> wire.Message:
+        reply = self._dispatch(msg, now)
+        self._after_input(now)
+        return reply
+
+    def _dispatch(self, msg: wire.Message, now: float) -> wire.Message:
         reply: wire.Message
         if isinstance(msg, wire.Submit):
             reply = self._handle_submit(msg, now)
@@ -757,7 +773,6 @@ class Node:
         else:
             self._count("unexpected_requests")
             reply = wire.Error(f"unexpected request {type(msg).__name__}")
-        self._after_input(now)
         return reply
 
     def pushpull_request(self, join: bool) -> wire.PushPull:

@@ -17,7 +17,7 @@ import pwd
 import random
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,52 @@ class _Udp(asyncio.DatagramProtocol):
         self.agent.node._count("udp_errors")
 
 
+class GroupCommit:
+    """Journal writes from many callers, committed together: one transaction and one
+    fsync per batch. Writes that arrive while a commit runs go into the next batch; each
+    caller returns once its own writes are durable."""
+
+    def __init__(self, journal: AsyncJournal) -> None:
+        self.journal = journal
+        self._jobs: dict[str, JobRecord] = {}
+        self._leases: dict[str, dict[str, Any]] = {}
+        self._meta: dict[str, str] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Future[None] | None = None
+        self.batches = 0
+
+    async def write(self, jobs: Iterable[JobRecord] = (),
+                    leases: Iterable[dict[str, Any]] = (),
+                    meta: dict[str, str] | None = None) -> None:
+        for job in jobs:
+            self._jobs[job.id] = job
+        for lease in leases:
+            self._leases[lease["id"]] = lease
+        self._meta.update(meta or {})
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._commit_loop())
+        await done
+
+    async def _commit_loop(self) -> None:
+        while self._waiters:
+            jobs, leases, meta = self._jobs, self._leases, self._meta
+            waiters = self._waiters
+            self._jobs, self._leases, self._meta, self._waiters = {}, {}, {}, []
+            try:
+                await self.journal.write_batch(jobs.values(), leases.values(), meta)
+            except Exception as exc:
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                continue
+            self.batches += 1
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+
 class StartError(Exception):
     """The agent cannot start as configured; the message says why, in one line."""
 
@@ -83,6 +129,7 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         self.node: Node = None  # type: ignore[assignment]  # set in start()
         self.journal: AsyncJournal = None  # type: ignore[assignment]
+        self.commits: GroupCommit = None  # type: ignore[assignment]
         self.runner: JobRunner = None  # type: ignore[assignment]
         self.backends: list[Backend] = []
         self.enforcement = "none"
@@ -91,7 +138,6 @@ class Agent:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._wake = asyncio.Event()
-        self._flush_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._job_events: dict[str, asyncio.Event] = {}
         self._watching: set[str] = set()
@@ -200,6 +246,7 @@ class Agent:
         (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
         self._load_keyring()
         self.journal = await AsyncJournal.open(self.state_dir / "journal.sqlite3")
+        self.commits = GroupCommit(self.journal)
         incarnation = await self.journal.bump_meta("incarnation")
         host, port = s.bind_host_port()
         self._udp, port = await self._bind_udp(host, port)
@@ -386,15 +433,48 @@ class Agent:
     # --- the effect pump ----------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Carry out every pending effect of the node, in order."""
-        async with self._flush_lock:
-            while True:
-                effects = self.node.drain()
-                if not effects:
-                    break
-                for eff in effects:
+        """Carry out every pending effect of the node.
+
+        Flushes may overlap: each drains its own effects at once (draining is synchronous)
+        and hands their journal writes to the group commit in drain order, so a later state
+        of a job never lands before an earlier one. A batch's other effects run only once
+        its writes are durable: a message never promises what is not on disk yet.
+        """
+        while True:
+            effects = self.node.drain()
+            if not effects:
+                break
+            await self._persist([e for e in effects if isinstance(e, (PersistJob, PersistLease))])
+            for eff in effects:
+                if not isinstance(eff, (PersistJob, PersistLease)):
                     await self._effect(eff)
         self._wake.set()
+
+    async def _persist(self, effects: list[PersistJob | PersistLease]) -> None:
+        if not effects:
+            return
+        jobs: dict[str, JobRecord] = {}
+        leases: dict[str, dict[str, Any]] = {}
+        now = time.time()
+        for eff in effects:
+            if isinstance(eff, PersistJob):
+                job = eff.job
+                # The node keeps its own (monotonic or virtual) time; records carry wall time.
+                job.updated_at = now
+                if job.created_at < 1e9:
+                    job.created_at = now
+                live = self.node.jobs.get(job.id)
+                if live is not None:
+                    live.updated_at, live.created_at = job.updated_at, job.created_at
+                jobs[job.id] = job
+            else:
+                leases[eff.lease.id] = eff.lease.to_dict()
+        meta = {"token": str(self.node.leases.token)} if leases else None
+        await self.commits.write(list(jobs.values()), list(leases.values()), meta)
+        for job_id in jobs:
+            ev = self._job_events.get(job_id)
+            if ev is not None:
+                ev.set()
 
     def kick(self) -> None:
         self._spawn(self.flush())
@@ -402,22 +482,6 @@ class Agent:
     async def _effect(self, eff: Any) -> None:
         if isinstance(eff, SendPacket):
             self._send_packet(eff)
-        elif isinstance(eff, PersistJob):
-            job = eff.job
-            # The node keeps its own (monotonic or virtual) time; records carry wall time.
-            job.updated_at = time.time()
-            if job.created_at < 1e9:
-                job.created_at = job.updated_at
-            live = self.node.jobs.get(job.id)
-            if live is not None:
-                live.updated_at, live.created_at = job.updated_at, job.created_at
-            await self.journal.put_job(job)
-            ev = self._job_events.get(job.id)
-            if ev is not None:
-                ev.set()
-        elif isinstance(eff, PersistLease):
-            await self.journal.put_lease(eff.lease.to_dict())
-            await self.journal.set_meta("token", str(self.node.leases.token))
         elif isinstance(eff, Call):
             self._spawn(self._do_call(eff))
         elif isinstance(eff, StartPushPull):
@@ -658,9 +722,9 @@ class Agent:
 
     async def submit(self, job: JobRecord) -> JobRecord:
         job.created_at = job.updated_at = time.time()
-        await self.journal.put_job(job)  # on disk before the submitter hears "accepted"
+        await self.commits.write([job])  # on disk before the submitter hears "accepted"
         self.node.submit(job, self.loop.time())
-        await self.flush()
+        self.kick()  # placement goes on after the answer
         return job
 
     async def cancel(self, job_id: str) -> str:
