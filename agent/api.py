@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from flexmesh.agent import metrics, ui
 from flexmesh.agent.models import TERMINAL, JobRecord
 from flexmesh.agent.runtime import Agent
 
@@ -351,8 +352,6 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def make_app(agent: Agent) -> web.Application:
-    from flexmesh.agent import metrics, ui  # here: both import AGENT_KEY from this module
-
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[AGENT_KEY] = agent
     app.router.add_post("/v1/jobs", submit)

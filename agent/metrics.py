@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -33,10 +33,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from flexmesh.agent.api import AGENT_KEY
 from flexmesh.agent.models import STATES as JOB_STATES
-from flexmesh.agent.node import Node
 from flexmesh.protocol.membership import STATES as MEMBER_STATES
+
+if TYPE_CHECKING:  # no agent module at import time: the scheduler or runtime may import this
+    from flexmesh.agent.node import Node
 
 MIB = 1 << 20
 PREFIX = "flexmesh"
@@ -307,6 +308,8 @@ def render(agent: AgentLike, accept: str = "", process: bool = True) -> tuple[by
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``."""
+    from flexmesh.agent.api import AGENT_KEY
+
     body, content_type = render(request.app[AGENT_KEY], request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -314,6 +317,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def start_tcp_metrics(agent: AgentLike, host: str = "127.0.0.1",
                             port: int = 0) -> tuple[web.AppRunner, str]:
     """Serve ``/metrics`` on TCP; returns the runner (``cleanup()`` it) and the URL."""
+    from flexmesh.agent.api import AGENT_KEY
+
     app = web.Application()
     app[AGENT_KEY] = agent  # type: ignore[misc]  # a stand-in in tests
     app.router.add_get("/metrics", metrics)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
-from flexmesh.agent.api import AGENT_KEY
-from flexmesh.agent.runtime import Agent
+if TYPE_CHECKING:  # imported by api; the key is looked up when a request comes
+    from flexmesh.agent.runtime import Agent
 
 POLL_MS = 1000
 
@@ -220,6 +220,8 @@ async def page(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     """``GET /ui/state``."""
+    from flexmesh.agent.api import AGENT_KEY
+
     return web.json_response(state_view(request.app[AGENT_KEY]), headers=_HEADERS)
 
 
@@ -267,6 +269,8 @@ async def _root(request: web.Request) -> web.Response:
 async def start_ui(agent: Agent, host: str = "127.0.0.1",
                    port: int = 0) -> tuple[web.AppRunner, str]:
     """Serve the page on TCP; returns the runner (``cleanup()`` it) and the page's URL."""
+    from flexmesh.agent.api import AGENT_KEY
+
     app = web.Application(middlewares=[host_guard(host)])
     app[AGENT_KEY] = agent
     app.router.add_get("/", _root)
