@@ -9,6 +9,8 @@
     GET    /v1/nodes, /v1/devices    the mesh as this node sees it
     GET    /v1/status                this agent: name, address, coordinator, counters
     GET    /v1/keys, POST /v1/keys   the keyring's fingerprints; add, promote or remove a key
+    GET    /metrics                  Prometheus text format
+    GET    /ui, /ui/state            the read-only page of the mesh and the JSON it polls
 """
 
 from __future__ import annotations
@@ -304,6 +306,7 @@ async def status(request: web.Request) -> web.Response:
         "name": node.name, "address": agent.addr, "coordinator": node.belief.coordinator,
         "term": node.belief.term, "is_coordinator": node.is_coordinator,
         "queue": len(node.scheduler.queue), "enforcement": agent.enforcement,
+        "ui": agent.ui_url,
         "counters": {**node.counters, **node.membership.counters, **agent.counters,
                      **node.scheduler.counters},
     })

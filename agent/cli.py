@@ -214,8 +214,36 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The mesh drawn in the terminal: nodes, devices, bars of leased/local/lendable."""
+    import shutil
+
+    from flexmesh.agent.statusview import render
+
+    while True:
+        st = request(args, "GET", "/v1/status")
+        nodes = request(args, "GET", "/v1/nodes")
+        devices = request(args, "GET", "/v1/devices")
+        if args.output == "json":
+            print(json.dumps({"status": st, "nodes": nodes, "devices": devices}))
+        else:
+            width = shutil.get_terminal_size().columns
+            color = sys.stdout.isatty()
+            text = render(nodes, devices, width=width, color=color)
+            head = (f"{st['name']} at {st['address']}: coordinator {st['coordinator'] or '-'}"
+                    f" (term {st['term']}), queue {st['queue']}")
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            print(head + "\n" + text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
     st = request(args, "GET", "/v1/status")
-    _emit(args, st, "\n".join(f"{k:>14}: {v}" for k, v in st.items()))
+    if not st.get("ui"):
+        raise CliError("the web page is off on this agent (set ui = \"127.0.0.1:PORT\")", 1)
+    _emit(args, {"url": st["ui"]}, st["ui"])
     return 0
 
 
@@ -249,7 +277,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "state_dir": args.state_dir, "profile": args.profile, "sim_devices": args.sim_devices,
         "sim_load_file": args.sim_load_file, "policy": args.policy,
         "log_format": args.log_format, "priority": args.priority,
-        "key_file": args.key_file, "cluster": args.cluster,
+        "key_file": args.key_file, "cluster": args.cluster, "ui": args.ui,
+        "metrics": args.metrics,
     }
     try:
         settings = load(args.config, flags)
@@ -310,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--log-format", choices=["text", "json"])
     a.add_argument("--key-file", help="file of base64 cluster keys, the sealing key first")
     a.add_argument("--cluster", help="name of the mesh, bound into every sealed packet")
+    a.add_argument("--ui", help="HOST:PORT of the web page (port 0: any; '' turns it off)")
+    a.add_argument("--metrics", help="HOST:PORT to serve /metrics over TCP too")
 
     s = client("submit", "submit a job")
     s.add_argument("--gpu", help="fraction of one device, e.g. 0.25")
@@ -330,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     client("nodes", "list the mesh's nodes")
     client("devices", "list the mesh's devices")
-    client("status", "this agent's status")
+    st = client("status", "draw the mesh: nodes, devices, leased/local/lendable")
+    st.add_argument("-w", "--watch", action="store_true", help="redraw until interrupted")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between redraws")
+    client("ui", "print the address of the agent's web page")
     sub.add_parser("keygen", help="print a new cluster key")
     k = client("keys", "list or change the keyring of the running agent")
     k.add_argument("op", choices=["list", "add", "promote", "remove"], nargs="?",
@@ -343,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel,
             "logs": cmd_logs, "nodes": cmd_nodes, "devices": cmd_devices, "status": cmd_status,
-            "agent": cmd_agent, "keygen": cmd_keygen, "keys": cmd_keys}
+            "agent": cmd_agent, "keygen": cmd_keygen, "keys": cmd_keys, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ class Settings:
     lease_ttl: float = 15.0
     stop_grace: float = 10.0
     socket_group: str = "flexmesh"  # group that may use the socket (name or number)
+    ui: str = "127.0.0.1:0"  # HOST:PORT of the read-only web page; "" = off; 0 = any port
+    metrics: str = ""  # HOST:PORT of a TCP /metrics listener; "" = socket only
     allow_root: bool = False  # run root's submissions as root (else as borrowed_user)
     borrowed_user: str = "nobody"  # runs jobs borrowed from other nodes; never root
     operator_group: str = "flexmesh-admin"  # may cancel and read every job here
@@ -72,7 +74,7 @@ class Settings:
 _TABLES: dict[str, dict[str, str]] = {
     "": {"name": "name", "bind": "bind", "advertise": "advertise", "join": "join",
          "socket": "socket", "socket_group": "socket_group", "state_dir": "state_dir",
-         "profile": "profile"},
+         "profile": "profile", "ui": "ui", "metrics": "metrics"},
     "devices": {"sim": "sim_devices", "sim_load_file": "sim_load_file", "npu_smi": "npu_smi",
                 "nvml": "nvml", "reserve_memory_mib": "reserve_memory_mib",
                 "reserve_compute_milli": "reserve_compute_milli",
@@ -213,6 +215,9 @@ def _validate(s: Settings, at: Any) -> None:
             raise ConfigError(f"{at('advertise')}: advertise needs a real port, not 0")
     for seed in s.join:
         split_hostport(seed, f"{at('join')}: join")
+    for key in ("ui", "metrics"):
+        if getattr(s, key):
+            split_hostport(getattr(s, key), f"{at(key)}: {key}")
     if s.profile not in PRESETS:
         raise ConfigError(f"{at('profile')}: profile {s.profile!r} is not one of "
                           f"{', '.join(sorted(PRESETS))}")

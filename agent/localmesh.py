@@ -102,7 +102,7 @@ class LocalMesh:
             if os.path.exists(a.socket):
                 res = self.cli(name, "status", "-o", "json", check=False)
                 if res.returncode == 0:
-                    a.addr = json.loads(res.stdout)["address"]
+                    a.addr = json.loads(res.stdout)["status"]["address"]
                     return
             time.sleep(0.05)
         raise MeshError(f"agent {name} not ready after {timeout:g}s")

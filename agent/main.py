@@ -16,8 +16,8 @@ import os
 import signal
 from collections.abc import Callable
 
-from flexmesh.agent import api
-from flexmesh.agent.config import ConfigError, Settings
+from flexmesh.agent import api, metrics, ui
+from flexmesh.agent.config import ConfigError, Settings, split_hostport
 from flexmesh.agent.runtime import Agent, StartError, install_signal_handlers
 from flexmesh.agent.sdnotify import Notifier, watchdog_loop
 
@@ -43,7 +43,23 @@ async def run_agent(settings: Settings,
         log.error("cannot start: %s", exc)
         await agent.stop(leave=False)
         return 1
-    log.info("listening socket=%s gossip=%s", settings.socket, agent.addr)
+    extras = []  # the optional TCP listeners: web page and metrics
+    try:
+        if settings.ui:
+            host, port = split_hostport(settings.ui, "ui")
+            runner, agent.ui_url = await ui.start_ui(agent, host, port)
+            extras.append(runner)
+        if settings.metrics:
+            host, port = split_hostport(settings.metrics, "metrics")
+            runner, url = await metrics.start_tcp_metrics(agent, host, port)
+            extras.append(runner)
+            log.info("metrics url=%s", url)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await agent.stop(leave=True)
+        return 1
+    log.info("listening socket=%s gossip=%s ui=%s", settings.socket, agent.addr,
+             agent.ui_url or "off")
     notifier.ready()  # the socket and the gossip port are bound
     watchdog = asyncio.ensure_future(watchdog_loop(notifier, agent.healthy))
     if reload is not None:
@@ -53,6 +69,9 @@ async def run_agent(settings: Settings,
     log.info("shutting down")
     notifier.stopping()
     watchdog.cancel()
+    for runner in extras:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
     shutdown = asyncio.ensure_future(_shutdown(agent, http, settings.socket))
     done, _ = await asyncio.wait({shutdown, asyncio.ensure_future(force.wait())},
                                  timeout=STOP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)

@@ -34,6 +34,7 @@ from flexmesh.agent.devices.enforcement import (
 )
 from flexmesh.agent.devices.idle import IdleEstimator, lendable
 from flexmesh.agent.jobs import JobRunner, JobStartError
+from flexmesh.agent.metrics import decision_times
 from flexmesh.agent.models import FAILED, LOST, PLACED, RUNNING, TERMINAL, JobRecord
 from flexmesh.agent.node import (
     ArchiveOutput,
@@ -143,6 +144,8 @@ class Agent:
         self._watching: set[str] = set()
         self._estimators: dict[str, IdleEstimator] = {}
         self._device_list: list[Device] = []
+        self.last_samples: dict[str, DeviceSample] = {}
+        self.ui_url = ""
         self._stopping = False
         self.counters: dict[str, int] = {}
         self.keyring = Keyring()
@@ -262,6 +265,8 @@ class Agent:
         )
         self.node = Node(config, random.Random(os.urandom(16)), self.loop.time(),
                          incarnation=incarnation, token=token, max_term=max_term)
+        self.node.scheduler.timer = time.perf_counter
+        self.node.scheduler.on_decision = decision_times(self.node.scheduler).observe
         self.runner = JobRunner(self.state_dir, self._on_exit)
         await self._init_devices()
         await self._recover(leases)
@@ -384,6 +389,7 @@ class Agent:
                         samples[sm.id] = sm
                 except Exception as exc:
                     log.warning("sampling %s failed: %s", backend.name, exc)
+            self.last_samples = samples
             self._apply_devices(samples)
             if self.enforcement == "watchdog":
                 self._watchdog(list(samples.values()))

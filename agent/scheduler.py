@@ -8,6 +8,7 @@ kept as *shadow* reservations, so a burst of placements does not pile onto one d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexmesh.policies import Candidate, NoFit, Placement, Policy, Request
@@ -51,6 +52,9 @@ class Scheduler:
     placed: dict[str, tuple[wire.Placed, float, int]] = field(default_factory=dict)
     _seq: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    # Injected by the runtime to time decisions (the scheduler itself reads no clock).
+    timer: Callable[[], float] | None = None
+    on_decision: Callable[[float], None] | None = None
 
     def enqueue(self, submit: wire.Submit, now: float) -> Queued | wire.Placed:
         done = self.placed.get(submit.job_id)
@@ -77,7 +81,10 @@ class Scheduler:
         for q in ready[:limit]:
             s = q.submit
             req = Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority)
+            t0 = self.timer() if self.timer else 0.0
             result = self.policy(req, view.values())
+            if self.timer and self.on_decision:
+                self.on_decision(self.timer() - t0)
             q.attempts += 1
             if isinstance(result, NoFit) or not isinstance(result, Placement):
                 why = result.reason if isinstance(result, NoFit) else "needs several devices"

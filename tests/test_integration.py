@@ -153,7 +153,7 @@ def test_garbage_from_peers_is_dropped_and_counted(mesh: LocalMesh) -> None:
             assert tcp.recv(100) == b""  # disconnected, nothing answered
 
     def counters() -> dict[str, int] | None:
-        c: dict[str, int] = mesh.json("a", "status")["counters"]
+        c: dict[str, int] = mesh.json("a", "status")["status"]["counters"]
         ok = (c.get("packets_dropped_malformed", 0) >= 4
               and c.get("peers_disconnected_garbage", 0) >= 2)
         return c if ok else None

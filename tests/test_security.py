@@ -46,7 +46,7 @@ def test_a_wrong_key_cannot_join_and_its_packets_are_counted(mesh: LocalMesh) ->
     assert mesh.cli("b", "submit", "--wait", "--gpu", "0.5", "--", "true").returncode == 0
 
     def rejected() -> dict[str, int] | None:
-        c: dict[str, int] = mesh.json("a", "status")["counters"]
+        c: dict[str, int] = mesh.json("a", "status")["status"]["counters"]
         return c if c.get("frames_dropped_unknown_key", 0) >= 1 else None
 
     mesh.wait_for("a to count x's join attempt", rejected)
