@@ -45,7 +45,7 @@ from flexmesh.agent.scheduler import Scheduler
 from flexmesh.policies import Candidate, NoFit, Request, get_policy
 from flexmesh.protocol import wire
 from flexmesh.protocol.election import Belief, Voter, decide
-from flexmesh.protocol.lease import Lease, LeaseTable, Refusal
+from flexmesh.protocol.lease import ACTIVE, Lease, LeaseTable, Refusal
 from flexmesh.protocol.membership import (
     ALIVE,
     DEAD,
@@ -122,7 +122,6 @@ class WatchJob:
 
     job_id: str
     node: str
-    addr: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +523,30 @@ class Node:
         self._tick_origin(now)
         self._after_input(now)
 
+    def recover(self, jobs: list[JobRecord], leases: list[Lease],
+                adopt: Callable[[JobRecord], bool], now: float) -> None:
+        """After a restart: take back the journal's leases and jobs.
+
+        A job this node ran whose process is gone (``adopt`` says whether it could be
+        re-watched) ends ``lost`` and gives its lease back; queued jobs are submitted again
+        and remote ones followed again.
+        """
+        for lease in leases:
+            if lease.state in ACTIVE:
+                self.leases.restore(lease)
+        for job in jobs:
+            if job.terminal:
+                self.jobs[job.id] = job
+            elif job.role in ("owner", "both") and job.state in (PLACED, RUNNING):
+                self.jobs[job.id] = job
+                if not adopt(job):
+                    self._log("job_lost", job=job.id, reason="process vanished")
+                    self._end_job(job, None, "process vanished while the agent was down", now,
+                                  LOST)
+            else:
+                self.resume(job, now)
+        self._publish_facts()
+
     def resume(self, job: JobRecord, now: float) -> None:
         """Re-adopt a job read from the journal after a restart."""
         self.jobs[job.id] = job
@@ -680,9 +703,9 @@ class Node:
         self._origin[job.id] = _OriginState(next_submit=now)
 
     def _watch(self, job: JobRecord) -> None:
-        member = self.membership.members.get(job.node)
-        if member is not None:
-            self._out.append(WatchJob(job.id, job.node, member.addr))
+        # The owner may not be known yet (right after a restart): the runtime looks its
+        # address up at every attempt.
+        self._out.append(WatchJob(job.id, job.node))
 
     def remote_update(self, job_id: str, state: str, reason: str, exit_code: int | None,
                       now: float) -> None:

@@ -35,7 +35,7 @@ from flexmesh.agent.devices.enforcement import (
 from flexmesh.agent.devices.idle import IdleEstimator, lendable
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.metrics import decision_times
-from flexmesh.agent.models import FAILED, LOST, PLACED, RUNNING, TERMINAL, JobRecord
+from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
@@ -52,7 +52,7 @@ from flexmesh.agent.store import AsyncJournal
 from flexmesh.policies import get_policy
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import OVERHEAD, CryptoError, Keyring, KeyringError, Sealer
-from flexmesh.protocol.lease import ACTIVE, Lease
+from flexmesh.protocol.lease import Lease
 from flexmesh.protocol.membership import PRESETS, MemberEvent, SendPacket, StartPushPull
 
 log = logging.getLogger("flexmesh.agent")
@@ -412,29 +412,11 @@ class Agent:
     # --- recovery after a restart -------------------------------------------------------
 
     async def _recover(self, leases: list[Lease]) -> None:
-        for lease in leases:
-            if lease.state in ACTIVE:
-                self.node.leases.restore(lease)
-        now = self.loop.time()
-        for job in await self.journal.list_jobs():
-            if job.terminal:
-                self.node.jobs[job.id] = job
-                continue
-            if job.role in ("owner", "both") and job.state in (PLACED, RUNNING):
-                alive = (job.pid is not None and job.pid_start is not None
-                         and self.runner.adopt(job.id, job.pid, job.pid_start))
-                if not alive:
-                    job.state, job.reason = LOST, "process vanished while the agent was down"
-                    job.updated_at = time.time()
-                    released = self.node.leases.release(job.lease_id)
-                    if released is not None:
-                        await self.journal.put_lease(released.to_dict())
-                    await self.journal.put_job(job)
-                    log.info("job lost job=%s reason=%r", job.id, job.reason)
-                self.node.jobs[job.id] = job
-                continue
-            self.node.resume(job, now)
-        self.node._publish_facts()
+        def adopt(job: JobRecord) -> bool:
+            return (job.pid is not None and job.pid_start is not None
+                    and self.runner.adopt(job.id, job.pid, job.pid_start))
+
+        self.node.recover(await self.journal.list_jobs(), leases, adopt, self.loop.time())
 
     # --- the effect pump ----------------------------------------------------------------
 
@@ -697,8 +679,13 @@ class Agent:
                     return  # ended, or requeued and placed anew (a new watch follows it)
                 msg = wire.JobSync(eff.job_id, offsets["stdout"], offsets["stderr"],
                                    SYNC_WAIT_MS)
+                member = self.node.membership.members.get(eff.node)
+                if member is None:  # not known yet (we just restarted): ask again soon
+                    await asyncio.sleep(1.0)
+                    continue
                 try:
-                    reply = await rpc.call(eff.addr, msg, SYNC_WAIT_MS / 1000 + 5.0, self.codec)
+                    reply = await rpc.call(member.addr, msg, SYNC_WAIT_MS / 1000 + 5.0,
+                                           self.codec)
                 except rpc.CallError:
                     failures += 1
                     await asyncio.sleep(min(0.2 * 2 ** failures, 2.0))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flexmesh.agent.devices.base import Device
@@ -27,12 +27,14 @@ from flexmesh.agent.node import (
     Call,
     Node,
     NodeConfig,
+    PersistJob,
+    PersistLease,
     RunJob,
     StopJob,
     WatchJob,
 )
 from flexmesh.protocol import wire
-from flexmesh.protocol.lease import ACTIVE
+from flexmesh.protocol.lease import ACTIVE, Lease
 from flexmesh.protocol.membership import PRESETS, Config, SendPacket, StartPushPull
 
 
@@ -58,6 +60,9 @@ class _SimNode:
     tick_at: float = -1.0
     incarnation: int = 0
     processes: dict[str, float] = field(default_factory=dict)  # job -> end time
+    # What the node journaled: survives a crash, read back on restart (as SQLite would).
+    disk_jobs: dict[str, JobRecord] = field(default_factory=dict)
+    disk_leases: dict[str, Lease] = field(default_factory=dict)
 
 
 class Simulator:
@@ -123,9 +128,13 @@ class Simulator:
     def restart(self, n: str, join: list[str]) -> Node:
         old = self.nodes[n]
         old.incarnation += 1
+        token = max((x.token for x in old.disk_leases.values()), default=0)
         node = Node(old.config, random.Random(self.rng.getrandbits(64)), self.now,
-                    incarnation=old.incarnation)
+                    incarnation=old.incarnation, token=token)
         node.set_devices(old.devices, {})
+        node.recover([replace(j) for j in old.disk_jobs.values()],
+                     [replace(x) for x in old.disk_leases.values()],
+                     lambda job: False, self.now)  # a crash took every process with it
         old.node, old.up, old.tick_at = node, True, -1.0
         node.membership.join([self.nodes[j].config.addr for j in join])
         self._pump(n)
@@ -146,6 +155,7 @@ class Simulator:
                         compute_milli=compute_milli, memory_mib=memory_mib, kind=kind,
                         created_at=self.now, role="origin")
         self.submitted.add(job_id)
+        self.nodes[origin].disk_jobs[job_id] = replace(job)  # journaled before the answer
         self.nodes[origin].node.submit(job, self.now)
         self._pump(origin)
 
@@ -209,6 +219,10 @@ class Simulator:
             self.at(self.now + 0.01, lambda: self._exit(name, eff.job_id, 143, "terminated"))
         elif isinstance(eff, WatchJob):
             self.at(self.now + 0.2, lambda: self._sync(name, eff))
+        elif isinstance(eff, PersistJob):
+            self.nodes[name].disk_jobs[eff.job.id] = replace(eff.job)
+        elif isinstance(eff, PersistLease):
+            self.nodes[name].disk_leases[eff.lease.id] = replace(eff.lease)
 
     def _latency(self) -> float:
         return self.faults.delay + self.rng.random() * self.faults.jitter

@@ -260,7 +260,9 @@ class Membership:
     def step(self, src: str, msgs: list[wire.Message], now: float) -> None:
         if self._left:
             return
-        for msg in msgs:
+        # Pings last: their acks then carry whatever the rest of the packet made us say
+        # (a suspect's refutation reaches its prober at once: the buddy system).
+        for msg in sorted(msgs, key=lambda m: isinstance(m, wire.Ping)):
             self._step_one(src, msg, now)
 
     def _step_one(self, src: str, msg: wire.Message, now: float) -> None:
@@ -338,6 +340,10 @@ class Membership:
         if msg.node == self.name:
             if msg.incarnation >= self.me.incarnation:
                 self._refute(msg.incarnation, now)
+            else:
+                # Suspected at an incarnation we already refuted: our Alive did not reach
+                # that peer (lost packets). Send it again, riding the ack to the prober.
+                self._enqueue_alive(self.me)
             return
         m = self.members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
@@ -352,6 +358,8 @@ class Membership:
         if msg.node == self.name:
             if msg.source != self.name and msg.incarnation >= self.me.incarnation:
                 self._refute(msg.incarnation, now)
+            elif msg.source != self.name:
+                self._enqueue_alive(self.me)  # as for a stale suspicion, above
             return
         m = self.members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
