@@ -273,7 +273,12 @@ class Placer:
                 if rec is None or rec.cls is None or name in exclude:
                     continue
                 own = name == req.origin
-                r2 = self.evaluate(req, rec.cls, exempt_battery=own)
+                if own and not rec.cls.battery_ok:
+                    r2 = self.evaluate(req, rec.cls, exempt_battery=True)
+                else:
+                    r2 = rec.cls.cache.get(sid, _MISSING)
+                    if r2 is _MISSING:
+                        r2 = rec.cls.cache[sid] = self.evaluate(req, rec.cls)
                 if r2 is None:
                     continue
                 total = r2[0] - bonus
