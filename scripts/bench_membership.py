@@ -26,12 +26,15 @@ What is measured
 How the mesh starts
 -------------------
 A 1,000-node join one node at a time is an O(N^2) broadcast storm that takes pure Python
-tens of minutes, and is not what is being measured. So the mesh starts *converged*: every
-node merges one push-pull holding every node's row (what a completed anti-entropy round
-gives), its queue of news about others is emptied, and the mesh runs ``--settle`` seconds
-before anything is measured (the coordinator's claim and each node's own Alive and facts
-still travel by gossip as usual). Invariant checks (``Simulator.check``) are off here: they
-are O(N) per event; the test suite runs them.
+tens of minutes, and is not what is being measured. So is the first election: every
+node's facts carry the highest term it has seen (``mt``), so the first claim makes all N
+nodes publish new facts, each of which every node receives and answers with an O(N)
+election pass. So the mesh starts *converged*: every node merges push-pulls holding every
+node's row (what completed anti-entropy rounds give), after the first coordinator's
+claim, its queue of news about others is emptied, and the mesh runs ``--settle`` seconds
+before anything is measured (each node's own Alive and facts still travel by gossip).
+Invariant checks (``Simulator.check``) are off here: they are O(N) per event; the test
+suite runs them.
 """
 
 from __future__ import annotations
@@ -92,20 +95,33 @@ def _devices(gpus: int) -> list[Device]:
     return [Device(f"gpu{j}", "gpu", "sim-gpu", 16384, "sim") for j in range(gpus)]
 
 
+def _merge_all(sim: BenchSim, names: list[str], rows: list[Any]) -> None:
+    msg = wire.PushPull(False, "bench", rows)
+    for name in names:
+        sim.nodes[name].node.handle_request(msg, sim.now)
+
+
+def _rows(sim: BenchSim) -> list[Any]:
+    return [s.node.membership.local_state()[0] for s in sim.nodes.values()]
+
+
 def build(n: int, preset: str, loss: float, seed: int, gpus: int, settle: float) -> BenchSim:
     """A converged mesh of ``n`` nodes (see the module's docstring)."""
     sim = BenchSim(seed, LinkFaults(loss=loss), PRESETS[preset])
     for i in range(n):
         sim.add_node(_name(i), _devices(gpus))
-    rows = [s.node.membership.local_state()[0] for s in sim.nodes.values()]
-    msg = wire.PushPull(False, "bench", rows)
     names = list(sim.nodes)
+    # The first node learns everyone and claims the first term; everyone else then learns
+    # everyone *and* that claim, and republishes its facts with the term it has seen; a last
+    # round hands every node those final facts. Without the rounds, the claim and N fact
+    # updates would all travel by gossip, an O(N^2) storm (see the module's docstring).
+    _merge_all(sim, names[:1], _rows(sim))
+    _merge_all(sim, names[1:], _rows(sim))
+    _merge_all(sim, names, _rows(sim))
     for name in names:
-        node = sim.nodes[name].node
-        node.handle_request(msg, sim.now)
-        # News about the others came in the push-pull: everyone has it already. Each node's
-        # own Alive and facts (and the coordinator's claim) stay queued and are gossiped.
-        queue = node.membership._queue
+        # News about the others came in the push-pulls: everyone has it already. Each
+        # node's own Alive and facts stay queued and are gossiped as usual.
+        queue = sim.nodes[name].node.membership._queue
         for other in names:
             if other != name:
                 queue.drop(("m", other))
