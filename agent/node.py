@@ -166,6 +166,7 @@ class Node:
         self._out: list[Effect] = []
         self._calls: dict[int, Continuation] = {}
         self._self_calls: list[tuple[wire.Message, Continuation]] = []
+        self._joining_until = 0.0
         self._call_seq = 0
         self._origin: dict[str, _OriginState] = {}
         self._stopping: dict[str, StopJob] = {}
@@ -237,6 +238,9 @@ class Node:
             self._publish_facts()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + 0.5
+            if self._joining_until and now >= self._joining_until:
+                self._joining_until = 0.0
+                self._dirty_election = True
             self._tick_origin(now)
             self.scheduler.prune_placed(now - 4 * self.config.lease_ttl)
             self._dirty_schedule = self._dirty_schedule or bool(self.scheduler.queue)
@@ -286,7 +290,18 @@ class Node:
             ))
         return out
 
+    def join(self, seeds: list[str], now: float) -> None:
+        """Join the mesh through seeds. Until the first exchange with one of them (or a
+        grace period), a lone node does not elect itself: a node that is joining should
+        not claim a term only to give the role up a moment later."""
+        if seeds:
+            self._joining_until = now + 4 * self.config.membership.probe_interval
+        self.membership.join(seeds)
+        self._after_input(now)
+
     def _elect(self, now: float) -> None:
+        if self._joining_until > now and self.membership.live_count() == 1:
+            return  # tick() or the first push-pull reply elects
         voters = self._voters()
         before = self.belief
         self.belief, claim = decide(voters, self.name, self.belief, self.claim)

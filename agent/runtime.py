@@ -270,7 +270,7 @@ class Agent:
         self.runner = JobRunner(self.state_dir, self._on_exit)
         await self._init_devices()
         await self._recover(leases)
-        self.node.membership.join(list(s.join))
+        self.node.join(list(s.join), self.loop.time())
         self._spawn(self._timer_loop())
         self._spawn(self._sample_loop())
         await self.flush()

@@ -94,7 +94,7 @@ class Simulator:
         self.nodes[name] = sim
         self.by_addr[addr] = name
         if join:
-            node.membership.join([self.nodes[j].config.addr for j in join])
+            node.join([self.nodes[j].config.addr for j in join], self.now)
         self._pump(name)
         return node
 
@@ -136,7 +136,7 @@ class Simulator:
                      [replace(x) for x in old.disk_leases.values()],
                      lambda job: False, self.now)  # a crash took every process with it
         old.node, old.up, old.tick_at = node, True, -1.0
-        node.membership.join([self.nodes[j].config.addr for j in join])
+        node.join([self.nodes[j].config.addr for j in join], self.now)
         self._pump(n)
         return node
 
