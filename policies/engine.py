@@ -18,7 +18,7 @@ import heapq
 import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from flexmesh.policies.scores import SCORES, Score, ScoreContext
 from flexmesh.policies.types import MultiPlacement, NoFit, PlaceResult, Placement, Request
 from flexmesh.policies.workload import PRIOR, Workload, WorkloadWindow
 
+_WORKLOAD_SCORES = frozenset({"fgd", "cfgd", "frag-after", "strand", "scarcity"})
 RTT_SCALE_MS = 50.0
 TIE_EPS = 1e-9
 SCAN_BELOW = 48  # with fewer live classes than this a decision looks at each of them
@@ -56,7 +57,7 @@ class PolicySpec:
 
     @property
     def uses_workload(self) -> bool:
-        return any(s in ("fgd", "cfgd", "frag-after") for s, _ in self.terms)
+        return any(s in _WORKLOAD_SCORES for s, _ in self.terms)
 
 
 def parse_spec(
@@ -125,7 +126,6 @@ class Placer:
         self.cluster = cluster
         self.rng = rng
         self.spec = spec
-        self.fixed_workload = workload
         self.window = window if window is not None or workload is not None else WorkloadWindow()
         self.ctx = ScoreContext(workload if workload is not None else PRIOR)
         self._supply_version = -1
@@ -496,8 +496,3 @@ def describe(req: Request) -> str:
     if req.models:
         what += f" (models {', '.join(req.models)})"
     return what
-
-
-def place_all(placer: Placer, reqs: Sequence[Request]) -> list[PlaceResult]:
-    """Place requests one after another (each tried once), committing each success."""
-    return [placer.place(r) for r in reqs]

@@ -662,3 +662,21 @@ def test_heap_and_scan_make_the_same_decisions(policy: str) -> None:
         if not isinstance(ra, NoFit):
             running.append((req, ra))
     assert pb._shapes  # b did go through its heaps
+
+
+@pytest.mark.parametrize("score", sorted(S.SCORES))
+def test_every_score_is_a_finite_number(score: str) -> None:
+    wl = Workload((Shape(2000, 500, 1, (), 0.6), Shape(4000, 1000, 2, ("A100",), 0.4)))
+    ctx = S.ScoreContext(wl, {"A100": 8000})
+    cls = one_class(node("a", [1000, 1000, 700, 200], n=4, cpu=32_000, ram=65_536))
+    f = S.SCORES[score]
+    for req, ch in ((Request(300, 0, cpu_milli=1000), (2,)), (Request(1000, 0, count=2), (0, 1))):
+        v = f(req, cls, ch, ctx)
+        assert isinstance(v, float) and v == v and abs(v) < 1e6
+    assert get_spec(f"{score}:0.5").terms == ((score, 0.5),)
+
+
+def test_workload_scores_make_the_placer_learn() -> None:
+    for name in ("strand", "scarcity", "fgd", "cfgd"):
+        assert get_spec(name).uses_workload
+    assert not get_spec("best-fit").uses_workload
