@@ -387,6 +387,41 @@ class Placer:
         if rng is None and not exclude:
             s0, _, c0, ch0 = heap[0]
             return (s0, ch0, c0)
+        if not exclude:
+            # the entries tied with the top form a subtree at the root: walk it, in place
+            assert rng is not None
+            limit = heap[0][0] + TIE_EPS
+            tied: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []
+            total = 0
+            dead = 0
+            stack = [0]
+            size = len(heap)
+            while stack:
+                i = stack.pop()
+                e = heap[i]
+                if e[0] > limit:
+                    continue
+                n = len(e[2].members)
+                if n:
+                    tied.append((e, n))
+                    total += n
+                else:
+                    dead += 1
+                j = 2 * i + 1
+                if j < size:
+                    stack.append(j)
+                    if j + 1 < size:
+                        stack.append(j + 1)
+            if dead > 32 and dead > len(tied):  # walks through the dead cost: compact
+                st.heap = [e for e in heap if e[2].members]
+                heapq.heapify(st.heap)
+            x = rng.random() * total
+            for e, n in tied:
+                x -= n
+                if x < 0:
+                    return (e[0], e[3], e[2])
+            e = tied[-1][0]
+            return (e[0], e[3], e[2])
         # take off everything tied with the top (and excluded classes on the way)
         popped: list[tuple[float, int, NodeClass, Choice]] = []
         cands: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []

@@ -99,9 +99,11 @@ def choose_victims(
     running: Iterable[RunningJob],
     policy: PolicySpec,
     workload: Workload | None = None,
+    placer: Placer | None = None,
 ) -> Preemption | NoFit:
     """The cheapest set of preemptible lower-priority jobs whose stopping lets ``req`` fit
-    (an empty set if it fits already). The cluster is not changed."""
+    (an empty set if it fits already). The cluster is not changed. Pass the coordinator's
+    own ``placer`` (over the same cluster) to reuse its cached scores for the first check."""
     by_node: dict[str, list[RunningJob]] = {}
     for job in running:
         if may_preempt(req, job) and job.node in cluster.nodes:
@@ -120,7 +122,9 @@ def choose_victims(
             best = (key, Preemption(fit[1], ids, lost))
 
     # nodes where it fits with nobody stopped
-    direct = Placer(cluster, policy, workload=workload).decide(req)
+    if placer is None or placer.cluster is not cluster:
+        placer = Placer(cluster, policy, workload=workload)
+    direct = placer.decide(req)
     if not isinstance(direct, NoFit):
         return Preemption(direct, (), 0.0)
 

@@ -607,6 +607,9 @@ def test_preempt_not_needed_when_it_fits() -> None:
     c = Cluster([node("a", n=1)])
     res = choose_victims(Request(1000, 0, priority=1), c, [], get_spec(DEFAULT_POLICY))
     assert isinstance(res, Preemption) and res.victims == ()
+    p = make_placer(c)
+    res2 = choose_victims(Request(1000, 0, priority=1), c, [], p.spec, placer=p)
+    assert res2 == res
 
 
 def test_preempt_greedy_path_for_many_jobs() -> None:
