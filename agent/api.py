@@ -291,12 +291,7 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 async def devices(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    rows = agent.node.devices_view()
-    for row in rows:
-        if row["node"] == agent.node.name:
-            row["enforcement"] = agent.enforcement
-    return web.json_response(rows)
+    return web.json_response(request.app[AGENT_KEY].node.devices_view())
 
 
 async def status(request: web.Request) -> web.Response:

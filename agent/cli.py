@@ -209,7 +209,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
              "lendable": f"{_frac(r['lendable_compute_milli'])} / "
                          f"{_mib(r['lendable_memory_mib'])}"} for r in rows]
     _emit(args, rows, _table(view, ["node", "id", "kind", "model", "memory", "leased",
-                                    "lendable", "backend"]))
+                                    "lendable", "backend", "enforcement"]))
     return 0
 
 

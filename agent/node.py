@@ -157,6 +157,7 @@ class Node:
         self.leases = LeaseTable(config.name, token, max_term)
         self.scheduler = Scheduler(get_policy(config.policy))
         self.devices: dict[str, Device] = {}
+        self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
         self.foreign: dict[str, tuple[int, int]] = {}
         self.jobs: dict[str, JobRecord] = {}
         self.belief = Belief(None, 0)
@@ -378,7 +379,7 @@ class Node:
             used_c, used_m = self.leases.used(d.id)
             free_c, free_m = self.leases.free(d.id)
             rows.append([d.id, d.kind, d.model, d.memory_mib, d.compute_milli, used_c, used_m,
-                         free_c, free_m, d.backend, d.healthy])
+                         free_c, free_m, d.backend, d.healthy, self.enforcement])
         self.membership.set_facts({
             "dev": rows, "prio": self.config.priority, "elig": self.config.eligible,
             "claim": self.claim, "mt": self.max_term,
@@ -844,6 +845,8 @@ class Node:
                     "leased_compute_milli": row[5], "leased_memory_mib": row[6],
                     "lendable_compute_milli": row[7], "lendable_memory_mib": row[8],
                     "backend": row[9], "healthy": row[10],
+                    "enforcement": row[11] if len(row) > 11 and isinstance(row[11], str)
+                    else "unknown",
                 })
         return out
 

@@ -354,6 +354,7 @@ class Agent:
         except ValueError as exc:
             log.warning("enforcement: %s; falling back to none", exc)
             self.enforcement = "none"
+        self.node.enforcement = self.enforcement
         self._apply_devices({})
 
     def _apply_devices(self, samples: dict[str, DeviceSample]) -> None:
