@@ -1,0 +1,90 @@
+"""Each benchmark script, run at its smallest size so that it cannot rot: it runs, prints
+JSON lines, and the figures it prints are of the expected shape. (The real sizes are in the
+scripts' defaults; see their --help.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_smoke_{name}", SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_bench_membership_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_membership")
+    rc = bench.main(["--nodes", "12", "--loss", "0,0.2", "--updates", "1", "--joins", "1",
+                     "--crashes", "1", "--settle", "5", "--steady", "2", "--fd-nodes", "8",
+                     "--fd-loss", "0.1", "--stall-loss", "0.1", "--fd-duration", "70"])
+    assert rc == 0
+    out = lines(capsys.readouterr().out)
+    kinds = [x["bench"] for x in out]
+    assert kinds.count("membership-dissemination") == 4  # facts and join, at two losses
+    for x in out:
+        if x["bench"] == "membership-dissemination":
+            assert x["reached_9999_in_all_runs"], x
+            assert 0 < x["t9999_s_max"] < 10, x
+            assert x["bytes_per_s_per_node"] > 0
+    crash = next(x for x in out if x["bench"] == "membership-crash")
+    assert crash["crashes_not_dead_everywhere"] == 0
+    assert crash["suspicion_min_s"] <= crash["detect_s_median"] < crash["suspicion_max_s"] + 5
+    fd = [x for x in out if x["bench"] == "membership-false-dead"]
+    assert [x["stall"] is not None for x in fd] == [False, True]
+    for x in fd:
+        assert x["sim_seconds"] == 70.0 and x["node_hours"] > 0
+        assert x["false_dead_events"] >= 0 and x["bytes_per_s_per_node"] > 0
+    assert out[-1]["bench"] == "membership-total"
+
+
+@pytest.mark.integration
+def test_bench_failover_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_failover")
+    rc = bench.main(["--runs", "1", "--gpu-nodes", "2", "--profile", "local", "--pause",
+                     "0.2", "--timeout", "60"])
+    assert rc == 0
+    out = lines(capsys.readouterr().out)
+    run, summary = out[0], out[-1]
+    assert run["bench"] == "failover-run" and run["killed"] == "g0"
+    assert run["placed_by"] == "g1", run
+    assert 0 < run["detect_s"] <= run["placed_s"], run
+    assert summary["bench"] == "failover" and summary["placed_runs"] == 1
+
+
+@pytest.mark.integration
+def test_bench_kinship_flexmesh_side_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_kinship")
+    rc = bench.main(["--systems", "flexmesh", "--phases", "clean", "--nodes", "3",
+                     "--crashes", "1", "--profile", "local", "--crash-timeout", "60"])
+    assert rc == 0
+    out = lines(capsys.readouterr().out)
+    crash = next(x for x in out if x["bench"] == "real-crash")
+    assert crash["system"] == "flexmesh" and crash["crashes_not_dead_everywhere"] == 0
+    assert crash["observations"] == 2 and 0 < crash["detect_s_median"] < 30
+    assert crash["detect_s_median_polled"] is not None
+    assert out[-1]["bench"] == "kinship-ratio"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_bench_kinship_drop_shim_builds(tmp_path: Path) -> None:
+    bench = load("bench_kinship")
+    lib = bench.build_shim(tmp_path)
+    assert lib is not None and lib.exists()
