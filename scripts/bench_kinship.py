@@ -6,7 +6,8 @@ interval (both ``lan`` presets probe every 1.0 s with a 0.5 s timeout, suspicion
 multiplier 4, maximum 6 x the minimum; ``--probe-interval`` sets both), then:
 
 1. *clean*: no injected loss; ``--crashes`` times a random member (never the seed) is
-   killed with SIGKILL and restarted once every survivor has declared it dead. Per observer,
+   killed with SIGKILL (after ``--pause`` s of quiet) and restarted once every survivor
+   has declared it dead. Per observer,
    detection is the time from the kill to the DEAD event in that observer's own log (both
    systems log it with a wall-clock timestamp on this machine). For flexmesh the same is
    also read by polling every agent's ``GET /v1/nodes`` (what ``flexmesh nodes -o json``
@@ -447,9 +448,11 @@ class KinshipSystem:
 # --- the runs -----------------------------------------------------------------------------
 
 
-def crashes(system: Any, count: int, rng: random.Random, timeout: float) -> list[Crash]:
+def crashes(system: Any, count: int, rng: random.Random, timeout: float,
+            pause: float) -> list[Crash]:
     out = []
     for i in range(count):
+        time.sleep(pause)  # a quiet mesh: no rejoin still being gossiped
         victim = rng.choice(system.names[1:])  # never the seed everyone joined through
         observers = [n for n in system.names if n != victim]
         system.mark()
@@ -509,7 +512,7 @@ def run_system(system: Any, args: argparse.Namespace, phase: str,
             lines.append(line)
         count = args.crashes if phase == "clean" else args.loss_crashes
         if count:
-            got = crashes(system, count, rng, args.crash_timeout)
+            got = crashes(system, count, rng, args.crash_timeout, args.pause)
             line = _summary(system.name, phase, len(system.names), got, extra)
             print(json.dumps(line), flush=True)
             lines.append(line)
@@ -535,6 +538,8 @@ def main(argv: list[str]) -> int:
                    help="seconds the lossy mesh runs with nothing killed (0: skip)")
     p.add_argument("--loss-crashes", type=int, default=3, help="crashes under loss")
     p.add_argument("--crash-timeout", type=float, default=120.0)
+    p.add_argument("--pause", type=float, default=5.0,
+                   help="seconds of quiet before each kill (after the last restart)")
     p.add_argument("--profile", default="lan", help="flexmesh agents' profile (default lan)")
     p.add_argument("--kinship-preset", default="lan", choices=["lan", "local", "wan"])
     p.add_argument("--probe-interval", type=float, default=0.0,

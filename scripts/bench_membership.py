@@ -12,7 +12,8 @@ What is measured
   other live node has it, read from the ``FactsEvent`` / ``MemberEvent`` each node emits,
   so the times are exact, not polled. ``t9999_s`` is the time at which
   ``ceil(0.9999 * M)`` of the M other live nodes have it (at N <= 10,000 that is all of them).
-- ``membership-crash``: a node crashes; per observer, the time until it declares the node
+- ``membership-crash``: a node crashes (and is restarted once all have declared it dead,
+  so that every crash is at the same N); per observer, the time until it declares the node
   dead (median, p99 over every observer of every crash), and per crash the time until the
   last live node has (the "everywhere" figures).
 - ``membership-false-dead``: a healthy mesh under packet loss, optionally with one node
@@ -331,6 +332,8 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
                 everywhere.append(max(r["times"]))
             else:
                 incomplete += 1
+            # Back with a new incarnation, so that every crash is at the same N.
+            sim.restart(victim, join=[rng.choice([x for x in sim.up_nodes() if x != victim])])
             sim.run_for(args.gap, check=False)
         wall = time.perf_counter() - w0
         live = len(sim.up_nodes())
@@ -458,7 +461,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--crashes", type=int, default=5, help="crashes per size (0: none)")
     p.add_argument("--crash-loss", type=float, default=0.0, help="packet loss during crashes")
     p.add_argument("--crash-timeout", type=float, default=300.0)
-    p.add_argument("--gap", type=float, default=5.0, help="simulated seconds between crashes")
+    p.add_argument("--gap", type=float, default=10.0,
+                   help="simulated seconds between a restart and the next crash")
     p.add_argument("--settle", type=float, default=20.0,
                    help="simulated seconds a new mesh runs before measuring")
     p.add_argument("--steady", type=float, default=10.0,
