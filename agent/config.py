@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexmesh.policies import POLICIES
+from flexmesh.policies import DEFAULT_POLICY, POLICIES
 from flexmesh.protocol.membership import PRESETS
 
 
@@ -42,7 +42,7 @@ class Settings:
     reserve_compute_milli: int = 0
     priority: int = 0
     coordinator_eligible: bool = True
-    policy: str = "best-fit"
+    policy: str = DEFAULT_POLICY
     lease_ttl: float = 15.0
     stop_grace: float = 10.0
     socket_group: str = "flexmesh"  # group that may use the socket (name or number)

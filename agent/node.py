@@ -42,7 +42,7 @@ from flexmesh.agent.models import (
     JobRecord,
 )
 from flexmesh.agent.scheduler import Scheduler
-from flexmesh.policies import Candidate, NoFit, Request, get_policy
+from flexmesh.policies import DEFAULT_POLICY, Candidate, NoFit, Request, get_policy
 from flexmesh.protocol import wire
 from flexmesh.protocol.election import Belief, Voter, decide
 from flexmesh.protocol.lease import ACTIVE, Lease, LeaseTable, Refusal
@@ -67,7 +67,7 @@ class NodeConfig:
     membership: Config = field(default_factory=Config)
     priority: int = 0
     eligible: bool = True  # may be elected coordinator
-    policy: str = "best-fit"
+    policy: str = DEFAULT_POLICY
     lease_ttl: float = 15.0  # a reserved lease not started within this is taken back
     call_timeout: float = 5.0
     submit_refresh: float = 5.0  # re-send Submit for a still-queued job this often
