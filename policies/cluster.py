@@ -88,14 +88,21 @@ class NodeClass:
         self.mem_free: int = mem_free
         self.devs: tuple[DevState, ...] = devs
         self.free: tuple[int, ...] = tuple(d[0] for d in devs)
-        self.total_free = sum(self.free)
-        self.total_cap = sum(d[2] for d in devs)
-        self.n_whole = sum(1 for d in devs if d[0] >= d[2] and d[1] >= d[3])
-        models = {d[5] for d in devs}
-        self.model: str = models.pop() if len(models) == 1 else "|".join(sorted(models))
+        total_free = total_cap = n_whole = 0
+        km: set[tuple[str, str]] = set()
+        for fc, fm, cc, cm, kind, model in devs:
+            total_free += fc
+            total_cap += cc
+            if fc >= cc and fm >= cm:
+                n_whole += 1
+            km.add((kind, model))
+        self.total_free = total_free
+        self.total_cap = total_cap
+        self.n_whole = n_whole
         # the (kind, model) pairs of its devices, and how much is free: 2 = a whole device,
         # 1 = only fractions, 0 = nothing; classes are indexed by both
-        self.km: tuple[tuple[str, str], ...] = tuple(sorted({(d[4], d[5]) for d in devs}))
+        self.km: tuple[tuple[str, str], ...] = tuple(sorted(km))
+        self.model: str = "|".join(m for _, m in self.km)
         self.models_t: tuple[str, ...] = tuple(m for _, m in self.km)
         self.level = 2 if self.n_whole else (1 if self.total_free else 0)
         self.bucket: tuple[tuple[tuple[str, str], ...], int] = (self.km, self.level)
@@ -162,14 +169,16 @@ class NodeRec:
         return self.battery_pct is None or self.battery_pct >= self.battery_floor
 
     def state_key(self) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        # most free first (ties in a fixed order: the class needs it, the node's ids too)
         rows = sorted(
-            (
-                (-d.free_c, -d.free_m, -d.cap_c, -d.cap_m, d.kind, d.model, d.id, i)
+            [
+                ((d.free_c, d.free_m, d.cap_c, d.cap_m, d.kind, d.model), d.id, i)
                 for i, d in enumerate(self.devs)
-            )
+            ],
+            reverse=True,
         )
-        devs = tuple((-r[0], -r[1], -r[2], -r[3], r[4], r[5]) for r in rows)
-        order = tuple(r[7] for r in rows)
+        devs = tuple(r[0] for r in rows)
+        order = tuple(r[2] for r in rows)
         key = (
             self.healthy,
             self.battery_ok,

@@ -197,6 +197,11 @@ class ScoreContext:
             v = cls.cache[key] = stranded(cls.total_free, cls.cpu_free, cls.mem_free, self)
         return v
 
+    def priced(self) -> bool:
+        """Whether any device model carries a price (the workload binds some to models)."""
+        self.price("")
+        return bool(self._prices)
+
     def price(self, model: str) -> float:
         """How much of the workload is bound to this device model, relative to how much of
         the mesh it is: the sum, over the model constraints that allow it, of the
@@ -341,7 +346,7 @@ def strand(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> f
 def scarcity(req: Request, cls: NodeClass, choice: Choice, ctx: ScoreContext) -> float:
     """Device compute taken from models the workload's model-bound requests depend on,
     weighed by how oversubscribed those models are (see :meth:`ScoreContext.price`)."""
-    if not choice:
+    if not choice or not ctx.priced():
         return 0.0
     c = req.compute_milli
     return sum(min(c, cls.devs[i][2]) * ctx.price(cls.devs[i][5]) for i in choice) / 1000.0
