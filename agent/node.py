@@ -380,10 +380,12 @@ class Node:
             free_c, free_m = self.leases.free(d.id)
             rows.append([d.id, d.kind, d.model, d.memory_mib, d.compute_milli, used_c, used_m,
                          free_c, free_m, d.backend, d.healthy, self.enforcement])
-        self.membership.set_facts({
+        facts = {
             "dev": rows, "prio": self.config.priority, "elig": self.config.eligible,
             "claim": self.claim, "mt": self.max_term,
-        })
+        }
+        if facts != self.membership.me.facts:  # unchanged facts are not news to gossip
+            self.membership.set_facts(facts)
 
     def candidates(self, nodes: set[str] | None = None) -> list[Candidate]:
         out = []
