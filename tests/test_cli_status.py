@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -13,14 +11,6 @@ from flexmesh.agent.localmesh import LocalMesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def test_status_ui_and_metrics_of_a_running_mesh(mesh: LocalMesh) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,14 +15,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
 
-
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def finished(mesh: LocalMesh, node: str, job_id: str) -> dict[str, object] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,6 @@ from flexmesh.agent.localmesh import LocalMesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def keygen() -> str:
