@@ -12,8 +12,9 @@ What is measured
   other live node has it, read from the ``FactsEvent`` / ``MemberEvent`` each node emits,
   so the times are exact, not polled. ``t9999_s`` is the time at which
   ``ceil(0.9999 * M)`` of the M other live nodes have it (at N <= 10,000 that is all of them).
-- ``membership-crash``: a node crashes (and is restarted once all have declared it dead,
-  so that every crash is at the same N); per observer, the time until it declares the node
+- ``membership-crash``: a node crashes (and, below ``--restart-below`` nodes, is
+  restarted once all have declared it dead, so that every crash is at the same N); per
+  observer, the time until it declares the node
   dead (median, p99 over every observer of every crash), and per crash the time until the
   last live node has (the "everywhere" figures).
 - ``membership-false-dead``: a healthy mesh under packet loss, optionally with one node
@@ -332,8 +333,12 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
                 everywhere.append(max(r["times"]))
             else:
                 incomplete += 1
-            # Back with a new incarnation, so that every crash is at the same N.
-            sim.restart(victim, join=[rng.choice([x for x in sim.up_nodes() if x != victim])])
+            if n < args.restart_below:
+                # Back with a new incarnation, so that every crash is at the same N. (A
+                # rejoin at N=1,000 costs pure Python minutes: the new node re-gossips the
+                # whole mesh it learns, and each arrival makes a node re-run its election.)
+                sim.restart(victim,
+                            join=[rng.choice([x for x in sim.up_nodes() if x != victim])])
             sim.run_for(args.gap, check=False)
         wall = time.perf_counter() - w0
         live = len(sim.up_nodes())
@@ -341,7 +346,7 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
                                       PRESETS[args.preset].probe_interval)
         line = {
             "bench": "membership-crash", **base, "loss": args.crash_loss,
-            "crashes": args.crashes,
+            "crashes": args.crashes, "restarted": n < args.restart_below,
             "detect_s_median": _median(per_observer),
             "detect_s_p99": _pct(per_observer, 0.99),
             "first_detect_s_median": _median(first),
@@ -461,6 +466,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--crashes", type=int, default=5, help="crashes per size (0: none)")
     p.add_argument("--crash-loss", type=float, default=0.0, help="packet loss during crashes")
     p.add_argument("--crash-timeout", type=float, default=300.0)
+    p.add_argument("--restart-below", type=int, default=200,
+                   help="restart each crashed node (same N for every crash) when N is below")
     p.add_argument("--gap", type=float, default=10.0,
                    help="simulated seconds between a restart and the next crash")
     p.add_argument("--settle", type=float, default=20.0,
@@ -483,7 +490,7 @@ def main(argv: list[str]) -> int:
                    help="worker processes for the false DEAD runs (this machine has 2 cores)")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    for n in args.nodes:
+    for n in args.nodes if args.crashes or not args.skip_dissemination else []:
         run_size(n, args)
     if not args.skip_false_dead:
         jobs = [(args.fd_nodes, args.preset, loss, False, args.fd_duration, args.seed,
