@@ -171,7 +171,9 @@ def disseminate_facts(sim: BenchSim, origin: str, timeout: float) -> dict[str, A
     node = s.node
     # The owner's lendable share of its devices moves (a local process took half a GPU):
     # new facts, one version up.
-    half = node.membership.me.facts_version % 2 == 0
+    # (Flip from whatever it lends now: facts that do not change are not gossiped.)
+    half = not s.devices or node.leases.lendable(s.devices[0].id)[0] == \
+        s.devices[0].compute_milli
     node.set_devices(s.devices, {d.id: (500, d.memory_mib // 2) for d in s.devices}
                      if half else {})
     version = node.membership.me.facts_version
