@@ -634,7 +634,7 @@ class Agent:
         if job.role == "owner":
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / job.id)
-        user = self.job_user(job)
+        user = await asyncio.to_thread(self.job_user, job)  # NSS lookups may block
         try:
             pid, pid_start = await self.runner.start(job.id, job.command, env, user=user)
         except (JobStartError, ValueError, OSError) as exc:
