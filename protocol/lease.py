@@ -149,7 +149,16 @@ class LeaseTable:
             return Refusal(f"no device {device!r} on node {self.node}")
         if compute_milli <= 0 or memory_mib < 0:
             return Refusal("a lease needs positive compute and non-negative memory")
-        free_c, free_m = self.free(device)
+        books = self._books[device]
+        used_c, used_m = self.used(device)
+        if used_c > books.lend_compute or used_m > books.lend_memory:
+            # The owner lends less than it has lent (its own work grew): nothing new goes on
+            # this device until the reclaim brings it back within the limit.
+            return Refusal(
+                f"{device} is being reclaimed: {used_c} milli and {used_m} MiB lent, "
+                f"{books.lend_compute} milli and {books.lend_memory} MiB lendable"
+            )
+        free_c, free_m = books.lend_compute - used_c, books.lend_memory - used_m
         if compute_milli > free_c or memory_mib > free_m:
             return Refusal(
                 f"{device} has {free_c} milli and {free_m} MiB free, "

@@ -314,6 +314,16 @@ def test_lowering_the_lend_limit_below_what_is_lent() -> None:
     assert t.free("gpu0") == (300, 4000)
 
 
+def test_a_device_over_its_limit_on_one_axis_takes_no_new_lease() -> None:
+    """Memory alone over the lend limit still blocks a lease that asks for no memory: the
+    device is being reclaimed, and new work would only be preempted again (found by the
+    stateful model below)."""
+    t = table()
+    granted(ask(t, job="j0", compute=1, memory=512))
+    t.set_device("gpu0", 1000, 16384, lend_memory=0)
+    assert "reclaimed" in refused(ask(t, job="j1", compute=1, memory=0)).reason
+
+
 def test_remove_device_releases_its_active_leases() -> None:
     t = table(gpu0=(1000, 16384), gpu1=(1000, 16384))
     a = granted(ask(t, job="a", device="gpu0", compute=100))
