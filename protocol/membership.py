@@ -277,9 +277,9 @@ class Membership:
         elif isinstance(msg, wire.Alive):
             self.handle_alive(msg, now)
         elif isinstance(msg, wire.Suspect):
-            self.handle_suspect(msg, now)
+            self.handle_suspect(msg, now, src)
         elif isinstance(msg, wire.Dead):
-            self.handle_dead(msg, now)
+            self.handle_dead(msg, now, src)
         elif isinstance(msg, wire.Facts):
             self.handle_facts(msg)
         else:
@@ -336,7 +336,17 @@ class Membership:
         self._set_state(m, ALIVE, now)
         self._enqueue_alive(m)
 
-    def handle_suspect(self, msg: wire.Suspect, now: float) -> None:
+    def _correct_stale_rumour(self, m: Member | None, incarnation: int, src: str | None) -> None:
+        """A peer spreads suspicion or death of ``m`` at an incarnation ``m`` has already
+        refuted: it missed every copy of the refutation (lossy links). Send it the newer
+        Alive directly, so its suspicion ends before its timeout turns into a false DEAD.
+        Bounded by the stale peer's own retransmit limit: one small reply per copy."""
+        if src is None or m is None or m.state != ALIVE or incarnation >= m.incarnation:
+            return
+        self._count("stale_rumours_corrected")
+        self._send(src, [wire.Alive(m.name, m.addr, m.incarnation)], piggyback=False)
+
+    def handle_suspect(self, msg: wire.Suspect, now: float, src: str | None = None) -> None:
         if msg.node == self.name:
             if msg.incarnation >= self.me.incarnation:
                 self._refute(msg.incarnation, now)
@@ -346,6 +356,7 @@ class Membership:
                 self._enqueue_alive(self.me)
             return
         m = self.members.get(msg.node)
+        self._correct_stale_rumour(m, msg.incarnation, src)
         if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
             return
         if m.state == SUSPECT and msg.incarnation == m.incarnation:
@@ -354,7 +365,7 @@ class Membership:
         m.incarnation = msg.incarnation
         self._start_suspicion(m, msg.source, now)
 
-    def handle_dead(self, msg: wire.Dead, now: float) -> None:
+    def handle_dead(self, msg: wire.Dead, now: float, src: str | None = None) -> None:
         if msg.node == self.name:
             if msg.source != self.name and msg.incarnation >= self.me.incarnation:
                 self._refute(msg.incarnation, now)
@@ -362,6 +373,7 @@ class Membership:
                 self._enqueue_alive(self.me)  # as for a stale suspicion, above
             return
         m = self.members.get(msg.node)
+        self._correct_stale_rumour(m, msg.incarnation, src)
         if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
             return
         m.incarnation = msg.incarnation
