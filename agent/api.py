@@ -40,7 +40,8 @@ log = logging.getLogger("flexmesh.api")
 MAX_BODY = 256 * 1024
 MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
-                "requeue"}
+                "requeue", "devices"}
+MAX_DEVICES = 16  # whole devices one job may ask for on one node
 AGENT_KEY = web.AppKey("agent", Agent)
 
 
@@ -51,7 +52,8 @@ class BadRequest(Exception):
 def job_view(job: JobRecord) -> dict[str, Any]:
     return {
         "id": job.id, "state": job.state, "reason": job.reason, "node": job.node,
-        "device": job.device, "compute_milli": job.compute_milli, "memory_mib": job.memory_mib,
+        "device": job.device, "devices": job.devices, "count": job.count,
+        "compute_milli": job.compute_milli, "memory_mib": job.memory_mib,
         "exit_code": job.exit_code, "origin": job.origin, "kind": job.kind,
         "priority": job.priority, "command": job.command, "created_at": job.created_at,
         "updated_at": job.updated_at, "attempts": job.attempts,
@@ -122,8 +124,14 @@ def parse_submit(body: Any) -> dict[str, Any]:
     requeue = body.get("requeue", True)
     if not isinstance(requeue, bool):
         raise BadRequest("requeue must be true or false")
+    count = body.get("devices", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DEVICES:
+        raise BadRequest(f"devices must be an integer from 1 to {MAX_DEVICES}")
+    if count > 1 and compute != 1000:
+        raise BadRequest(f"{count} devices are whole devices: a fraction of each "
+                         f"({compute} milli) cannot be asked for")
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
-            "priority": priority, "env": env, "requeue": requeue}
+            "priority": priority, "env": env, "requeue": requeue, "count": count}
 
 
 async def submit(request: web.Request) -> web.Response:

@@ -109,8 +109,11 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _job_line(j: dict[str, Any]) -> dict[str, Any]:
-    where = f"{j['node']}/{j['device']}" if j.get("node") else "-"
-    return {**j, "where": where, "gpu": _frac(j["compute_milli"]), "mem": _mib(j["memory_mib"]),
+    where = f"{j['node']}/{','.join(j.get('devices') or [j['device']])}" if j.get("node") else "-"
+    gpu = _frac(j["compute_milli"])
+    if j.get("count", 1) > 1:
+        gpu = f"{j['count']}x{gpu}"
+    return {**j, "where": where, "gpu": gpu, "mem": _mib(j["memory_mib"]),
             "cmd": " ".join(j.get("command", []))[:40]}
 
 
@@ -142,8 +145,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not sep or not name:
             raise CliError(f"--env {item!r} is not NAME=VALUE", 2)
         env[name] = value
+    if args.devices < 1:
+        raise CliError(f"--devices {args.devices}: give 1 or more", 2)
+    if args.devices > 1 and compute != 1000:
+        raise CliError(f"--devices {args.devices} takes whole devices: leave out "
+                       "--gpu/--compute", 2)
     body = {"command": command, "compute_milli": compute, "memory_mib": memory,
             "kind": args.kind, "priority": args.priority, "env": env}
+    if args.devices != 1:
+        body["devices"] = args.devices
     job = request(args, "POST", "/v1/jobs", body)
     if not args.wait:
         _emit(args, job, job["id"])
@@ -153,8 +163,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if deadline is not None and time.monotonic() > deadline:
             raise CliError(f"job {job['id']} still {job['state']} after {args.timeout:g}s", 1)
         job = request(args, "GET", f"/v1/jobs/{job['id']}?wait=30", timeout=60)
-    _emit(args, job, f"{job['id']} {job['state']} on {job['node'] or '-'}/"
-                     f"{job['device'] or '-'}: {job['reason']}")
+    where = ",".join(job.get("devices") or [job["device"] or "-"])
+    _emit(args, job, f"{job['id']} {job['state']} on {job['node'] or '-'}/{where}: "
+                     f"{job['reason']}")
     if job["state"] == "succeeded":
         return 0
     code = job.get("exit_code")
@@ -345,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = client("submit", "submit a job")
     s.add_argument("--gpu", help="fraction of one device, e.g. 0.25")
     s.add_argument("--compute", help="percent of one device, e.g. 25")
-    s.add_argument("--memory", help="device memory, e.g. 4GiB")
+    s.add_argument("--memory", help="device memory, e.g. 4GiB (per device)")
+    s.add_argument("--devices", type=int, default=1,
+                   help="N whole devices on one node (for multi-GPU jobs)")
     s.add_argument("--kind", choices=["gpu", "npu", "any"], default="any")
     s.add_argument("--priority", type=int, default=0)
     s.add_argument("--env", action="append", help="NAME=VALUE for the job (repeatable)")

@@ -52,6 +52,13 @@ class JobRecord:
     role: str = "origin"  # "origin", "owner" or "both"
     uid: int | None = None  # submitting user, when known
     attempts: int = 0  # rises on every start and every requeue; a placement is per attempt
+    count: int = 1  # whole devices wanted on one node (1: one device or a fraction of one)
+    more_devices: list[str] = field(default_factory=list)  # placed: devices beyond ``device``
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device the job holds (empty until placed)."""
+        return [self.device, *self.more_devices] if self.device else []
 
     @property
     def terminal(self) -> bool:

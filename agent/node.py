@@ -100,6 +100,7 @@ class PersistLease:
 class RunJob:
     job: JobRecord
     device: Device
+    more: tuple[Device, ...] = ()  # further devices of a job that holds several
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +355,7 @@ class Node:
         used_c, used_m = self.leases.used(device, excluding=set(self._stopping))
         if used_c <= lend_c and used_m <= lend_m:
             return
-        active = [x for x in self.leases.active() if x.device == device
+        active = [x for x in self.leases.active() if x.holds(device)
                   and x.job_id not in self._stopping]
         active.sort(key=lambda x: (x.state != "reserved",
                                    self.jobs[x.job_id].priority if x.job_id in self.jobs else 0,
@@ -403,10 +404,11 @@ class Node:
         view = self.scheduler.apply_shadows(self.candidates())
         for prop in self.scheduler.propose(view, now):
             s = prop.submit
-            req = wire.LeaseRequest(s.job_id, s.origin, prop.placement.device, s.compute_milli,
-                                    s.memory_mib, self.belief.term, self.name)
+            first, *more = prop.placement.devices
+            req = wire.LeaseRequest(s.job_id, s.origin, first, s.compute_milli,
+                                    s.memory_mib, self.belief.term, self.name, more)
             self._log("propose", job=s.job_id, node=prop.placement.node,
-                      device=prop.placement.device)
+                      device=",".join(prop.placement.devices))
             owner = prop.placement.node
             self._call(owner, req, self._lease_reply_handler(req, owner), now)
 
@@ -414,7 +416,7 @@ class Node:
         def then(reply: wire.Message | None, error: str, now: float) -> None:
             if isinstance(reply, wire.LeaseReply) and reply.granted:
                 placed = wire.Placed(req.job_id, owner, req.device, reply.lease_id, reply.token,
-                                     req.term)
+                                     req.term, list(req.more))
                 self.scheduler.granted(req.job_id, placed, req.compute_milli, req.memory_mib,
                                        reply.facts_version, now)
                 self._log("placed", job=req.job_id, node=owner, device=req.device,
@@ -443,7 +445,7 @@ class Node:
         result = self.leases.request(
             job_id=msg.job_id, device=msg.device, compute_milli=msg.compute_milli,
             memory_mib=msg.memory_mib, term=msg.term, coordinator=msg.coordinator,
-            origin=msg.origin, now=now, ttl=self.config.lease_ttl,
+            origin=msg.origin, now=now, ttl=self.config.lease_ttl, more=tuple(msg.more),
         )
         if isinstance(result, Refusal):
             self._count("leases_refused")
@@ -463,10 +465,12 @@ class Node:
         result = self.leases.start(msg.lease_id, msg.job_id, msg.token)
         if isinstance(result, Refusal):
             return wire.Error(result.reason)
-        device = self.devices.get(result.device)
-        if device is None:
+        held = [self.devices.get(d) for d in result.devices]
+        gone = [d for d, dev in zip(result.devices, held, strict=True) if dev is None]
+        if gone:
             self.leases.release(result.id)
-            return wire.Error(f"device {result.device} is gone")
+            return wire.Error(f"device {','.join(gone)} is gone")
+        device, *more = [dev for dev in held if dev is not None]
         if job is not None and job.role == "owner" and job.terminal:
             job = None  # an earlier run here ended (preempted): this is a new attempt
         if job is None:
@@ -479,13 +483,14 @@ class Node:
         else:
             job.role = "both"
         job.state, job.node, job.device = PLACED, self.name, result.device
+        job.more_devices = list(result.more)
         job.lease_id, job.token, job.term = result.id, result.token, result.term
         job.updated_at, job.pid, job.exit_code = now, None, None
         job.attempts += 1
         self._out.append(PersistLease(result))
         self._out.append(PersistJob(replace(job)))
-        self._out.append(RunJob(replace(job), device))
-        self._log("job_start", job=job.id, device=device.id, origin=job.origin)
+        self._out.append(RunJob(replace(job), device, tuple(more)))
+        self._log("job_start", job=job.id, device=",".join(result.devices), origin=job.origin)
         return wire.Ok("starting")
 
     def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float) -> None:
@@ -596,7 +601,7 @@ class Node:
         if coordinator is None:
             return
         msg = wire.Submit(job.id, self.name, job.compute_milli, job.memory_mib, job.kind,
-                          job.priority, job.attempts)
+                          job.priority, job.attempts, job.count)
         if coordinator == self.name:
             self._on_submit_reply(job.id, self._handle_submit(msg, now), "", now)
             return
@@ -626,23 +631,25 @@ class Node:
 
     def _place_locally(self, job: JobRecord, now: float) -> bool:
         """No coordinator answers: place on this node's own devices if the job fits."""
-        req = Request(job.compute_milli, job.memory_mib, job.kind, self.name, job.priority)
+        req = Request(job.compute_milli, job.memory_mib, job.kind, self.name, job.priority,
+                      count=job.count)
         mine = self.candidates({self.name})
         result = self.scheduler.policy(req, mine)
-        if isinstance(result, NoFit):
+        if isinstance(result, NoFit) or not result.devices:
             return False
+        first, *more = result.devices
         lease = self.leases.request(
-            job_id=job.id, device=result.device, compute_milli=job.compute_milli,
+            job_id=job.id, device=first, compute_milli=job.compute_milli,
             memory_mib=job.memory_mib, term=self.leases.max_term, coordinator=self.name,
-            origin=self.name, now=now, ttl=self.config.lease_ttl,
+            origin=self.name, now=now, ttl=self.config.lease_ttl, more=tuple(more),
         )
         if isinstance(lease, Refusal):
             return False
         self._out.append(PersistLease(lease))
-        self._log("placed_locally", job=job.id, device=result.device)
+        self._log("placed_locally", job=job.id, device=",".join(lease.devices))
         self._publish_facts()
-        self._accept_placed(wire.Placed(job.id, self.name, result.device, lease.id, lease.token,
-                                        lease.term), now)
+        self._accept_placed(wire.Placed(job.id, self.name, first, lease.id, lease.token,
+                                        lease.term, list(more)), now)
         return True
 
     def _handle_placed(self, msg: wire.Placed, now: float) -> wire.Message:
@@ -661,10 +668,11 @@ class Node:
         if job.state != QUEUED:
             return
         job.state, job.node, job.device = PLACED, msg.node, msg.device
+        job.more_devices = list(msg.more)
         job.lease_id, job.token, job.term = msg.lease_id, msg.token, msg.term
         job.reason, job.updated_at = "", now
         self._out.append(PersistJob(replace(job)))
-        self._log("job_placed", job=job.id, node=msg.node, device=msg.device)
+        self._log("job_placed", job=job.id, node=msg.node, device=",".join(job.devices))
         st = self._origin.setdefault(job.id, _OriginState())
         st.start_deadline = now + self.config.lease_ttl
         self._send_start(job, now)
@@ -713,6 +721,7 @@ class Node:
         if job.attempts or job.state in (RUNNING, PLACED):
             self._out.append(ArchiveOutput(job.id))
         job.state, job.node, job.device, job.lease_id, job.token = QUEUED, "", "", "", 0
+        job.more_devices = []
         job.role = "origin" if job.role == "both" else job.role
         job.pid = job.pid_start = job.exit_code = None
         job.attempts += 1

@@ -28,8 +28,9 @@ from flexmesh.agent.devices.base import Backend, Device, DeviceSample
 from flexmesh.agent.devices.discovery import discover_backends
 from flexmesh.agent.devices.enforcement import (
     detect_enforcement,
-    job_env,
+    job_env_many,
     job_memory_used,
+    visible_env,
     watchdog_verdict,
 )
 from flexmesh.agent.devices.idle import IdleEstimator, lendable
@@ -404,12 +405,14 @@ class Agent:
             pid = running.get(job.id)
             if pid is None or job.role not in ("owner", "both") or job.terminal:
                 continue
-            used = job_memory_used(samples, job.device, [pid])
-            verdict = watchdog_verdict(used, job.memory_mib)
-            if verdict:
-                log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
-                         job.device, used, job.memory_mib)
-                self.node.stop_job(job.id, verdict, FAILED, self.loop.time())
+            for device in job.devices:  # the lease's memory is per device
+                used = job_memory_used(samples, device, [pid])
+                verdict = watchdog_verdict(used, job.memory_mib)
+                if verdict:
+                    log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
+                             device, used, job.memory_mib)
+                    self.node.stop_job(job.id, verdict, FAILED, self.loop.time())
+                    break
 
     # --- recovery after a restart -------------------------------------------------------
 
@@ -628,18 +631,18 @@ class Agent:
     # --- jobs ---------------------------------------------------------------------------
 
     async def _run_job(self, eff: RunJob) -> None:
-        job, device = eff.job, eff.device
+        job, devices = eff.job, (eff.device, *eff.more)
         env = {
-            "FLEXMESH_JOB_ID": job.id, "FLEXMESH_DEVICE": device.id,
+            "FLEXMESH_JOB_ID": job.id, "FLEXMESH_DEVICE": ",".join(d.id for d in devices),
             "FLEXMESH_COMPUTE_MILLI": str(job.compute_milli),
             "FLEXMESH_MEMORY_MIB": str(job.memory_mib), "FLEXMESH_ORIGIN": job.origin,
         }
         try:
-            env.update(job_env(device, job.compute_milli, job.memory_mib, self.enforcement,
-                               self.settings.hami_lib or None))
+            env.update(job_env_many(devices, job.compute_milli, job.memory_mib,
+                                    self.enforcement, self.settings.hami_lib or None))
         except ValueError as exc:
             log.warning("job %s: no limits applied: %s", job.id, exc)
-            env.update(device.visible_env)
+            env.update(visible_env(devices))
         env.update({k: v for k, v in job.env.items() if not k.startswith("FLEXMESH_")})
         if job.role == "owner":
             # A new attempt here after an earlier one (preempted): keep that output apart.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flexmesh.policies import Candidate, NoFit, Placement, Policy, Request
+from flexmesh.policies import Candidate, MultiPlacement, NoFit, Placement, Policy, Request
 from flexmesh.protocol import wire
 
 
@@ -38,7 +38,7 @@ class Shadow:
 @dataclass(frozen=True, slots=True)
 class Proposal:
     job_id: str
-    placement: Placement
+    placement: Placement | MultiPlacement
     submit: wire.Submit
 
 
@@ -80,29 +80,32 @@ class Scheduler:
         view = {(c.node, c.device): c for c in candidates}
         for q in ready[:limit]:
             s = q.submit
-            req = Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority)
+            req = Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority,
+                          count=max(s.count, 1))
             t0 = self.timer() if self.timer else 0.0
             result = self.policy(req, view.values())
             if self.timer and self.on_decision:
                 self.on_decision(self.timer() - t0)
             q.attempts += 1
-            if isinstance(result, NoFit) or not isinstance(result, Placement):
-                why = result.reason if isinstance(result, NoFit) else "needs several devices"
+            if isinstance(result, NoFit) or not result.devices:
+                why = result.reason if isinstance(result, NoFit) else "no device chosen"
                 q.reason = f"waiting: {why}"
                 q.not_before = now + self.retry_after
                 continue
             q.inflight = True
             out.append(Proposal(s.job_id, result, s))
             # Take the placement off the view so the next request sees it as used.
-            c = view[(result.node, result.device)]
-            view[(c.node, c.device)] = _minus(c, s.compute_milli, s.memory_mib)
+            for device in result.devices:
+                c = view[(result.node, device)]
+                view[(c.node, c.device)] = _minus(c, s.compute_milli, s.memory_mib)
         return out
 
     def granted(self, job_id: str, placed: wire.Placed, compute: int, memory: int,
                 facts_version: int, now: float) -> None:
         q = self.queue.pop(job_id, None)
         self.placed[job_id] = (placed, now, q.submit.attempt if q else 0)
-        self.shadows.append(Shadow(placed.node, placed.device, compute, memory, facts_version))
+        for device in (placed.device, *placed.more):
+            self.shadows.append(Shadow(placed.node, device, compute, memory, facts_version))
         self.counters["placements"] = self.counters.get("placements", 0) + 1
 
     def refused(self, job_id: str, reason: str, now: float) -> None:

@@ -150,10 +150,10 @@ class Simulator:
     # --- jobs ---------------------------------------------------------------------------
 
     def submit(self, origin: str, job_id: str, command: list[str], compute_milli: int,
-               memory_mib: int, kind: str = "any") -> None:
+               memory_mib: int, kind: str = "any", count: int = 1) -> None:
         job = JobRecord(id=job_id, origin=origin, command=command,
                         compute_milli=compute_milli, memory_mib=memory_mib, kind=kind,
-                        created_at=self.now, role="origin")
+                        created_at=self.now, role="origin", count=count)
         self.submitted.add(job_id)
         self.nodes[origin].disk_jobs[job_id] = replace(job)  # journaled before the answer
         self.nodes[origin].node.submit(job, self.now)
@@ -347,7 +347,7 @@ class Simulator:
             for d in sim.devices:
                 c = m = 0
                 for lease in sim.node.leases.leases.values():
-                    if lease.device == d.id and lease.state in ACTIVE:
+                    if lease.holds(d.id) and lease.state in ACTIVE:
                         c += lease.compute_milli
                         m += lease.memory_mib
                 if c > d.compute_milli or m > d.memory_mib:

@@ -50,13 +50,26 @@ class Lease:
     state: str
     created: float
     expires: float
+    # Further devices of the same node held by this one lease (a job that asked for several
+    # whole devices); each carries ``compute_milli``/``memory_mib`` like ``device`` does.
+    more: tuple[str, ...] = ()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.device, *self.more)
+
+    def holds(self, device: str) -> bool:
+        return self.device == device or device in self.more
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["more"] = list(self.more)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Lease:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k != "more"}
+        return cls(**values, more=tuple(data.get("more", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +108,7 @@ class LeaseTable:
     def remove_device(self, device: str) -> list[Lease]:
         """Forget a device (it fell off the bus); its active leases are returned, released."""
         self._books.pop(device, None)
-        gone = [x for x in self.leases.values() if x.device == device and x.state in ACTIVE]
+        gone = [x for x in self.leases.values() if x.holds(device) and x.state in ACTIVE]
         for lease in gone:
             lease.state = RELEASED
         return gone
@@ -108,7 +121,7 @@ class LeaseTable:
         """Compute and memory held by active leases on ``device`` (minus some jobs')."""
         c = m = 0
         for lease in self.leases.values():
-            if lease.device == device and lease.state in ACTIVE and lease.job_id not in excluding:
+            if lease.state in ACTIVE and lease.holds(device) and lease.job_id not in excluding:
                 c += lease.compute_milli
                 m += lease.memory_mib
         return c, m
@@ -134,45 +147,54 @@ class LeaseTable:
 
     def request(
         self, *, job_id: str, device: str, compute_milli: int, memory_mib: int, term: int,
-        coordinator: str, origin: str, now: float, ttl: float,
+        coordinator: str, origin: str, now: float, ttl: float, more: tuple[str, ...] = (),
     ) -> Lease | Refusal:
+        """Reserve ``compute_milli``/``memory_mib`` on ``device`` (and as much again on each
+        of ``more``, all or nothing) for ``job_id``, or say why not."""
         if term < self.max_term:
             return Refusal(f"stale coordinator term {term} (this owner has seen {self.max_term})",
                            self.max_term)
         self.max_term = term
         for lease in self.leases.values():
             if lease.job_id == job_id and lease.state in ACTIVE:
-                if lease.device == device:
+                if lease.devices == (device, *more):
                     return lease  # the same request again: answer as before
-                return Refusal(f"job {job_id} already holds lease {lease.id} on {lease.device}")
-        if device not in self._books:
-            return Refusal(f"no device {device!r} on node {self.node}")
+                return Refusal(f"job {job_id} already holds lease {lease.id} on "
+                               f"{','.join(lease.devices)}")
         if compute_milli <= 0 or memory_mib < 0:
             return Refusal("a lease needs positive compute and non-negative memory")
-        books = self._books[device]
-        used_c, used_m = self.used(device)
-        if used_c > books.lend_compute or used_m > books.lend_memory:
-            # The owner lends less than it has lent (its own work grew): nothing new goes on
-            # this device until the reclaim brings it back within the limit.
-            return Refusal(
-                f"{device} is being reclaimed: {used_c} milli and {used_m} MiB lent, "
-                f"{books.lend_compute} milli and {books.lend_memory} MiB lendable"
-            )
-        free_c, free_m = books.lend_compute - used_c, books.lend_memory - used_m
-        if compute_milli > free_c or memory_mib > free_m:
-            return Refusal(
-                f"{device} has {free_c} milli and {free_m} MiB free, "
-                f"asked {compute_milli} milli and {memory_mib} MiB"
-            )
+        wanted = (device, *more)
+        if len(set(wanted)) != len(wanted):
+            return Refusal(f"a device is named twice in {','.join(wanted)}")
+        for dev in wanted:
+            why = self._cannot_grant(dev, compute_milli, memory_mib)
+            if why:
+                return Refusal(why)
         self.token += 1
         lease = Lease(
             id=f"{self.node}/{self.token}", job_id=job_id, device=device,
             compute_milli=compute_milli, memory_mib=memory_mib, token=self.token, term=term,
             coordinator=coordinator, origin=origin, state=RESERVED, created=now,
-            expires=now + ttl,
+            expires=now + ttl, more=tuple(more),
         )
         self.leases[lease.id] = lease
         return lease
+
+    def _cannot_grant(self, device: str, compute_milli: int, memory_mib: int) -> str:
+        books = self._books.get(device)
+        if books is None:
+            return f"no device {device!r} on node {self.node}"
+        used_c, used_m = self.used(device)
+        if used_c > books.lend_compute or used_m > books.lend_memory:
+            # The owner lends less than it has lent (its own work grew): nothing new goes on
+            # this device until the reclaim brings it back within the limit.
+            return (f"{device} is being reclaimed: {used_c} milli and {used_m} MiB lent, "
+                    f"{books.lend_compute} milli and {books.lend_memory} MiB lendable")
+        free_c, free_m = books.lend_compute - used_c, books.lend_memory - used_m
+        if compute_milli > free_c or memory_mib > free_m:
+            return (f"{device} has {free_c} milli and {free_m} MiB free, "
+                    f"asked {compute_milli} milli and {memory_mib} MiB")
+        return ""
 
     def start(self, lease_id: str, job_id: str, token: int) -> Lease | Refusal:
         lease = self.leases.get(lease_id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -39,6 +39,7 @@ class Message:
 
     TYPE_ID: ClassVar[int]
     _checks: ClassVar[tuple[Callable[[Any], bool], ...]]
+    _required: ClassVar[int]
 
 
 # --- field checks: a decoded value must have exactly the type the field declares ---------
@@ -107,7 +108,12 @@ def message(type_id: int) -> Callable[[M], M]:
         if type_id in REGISTRY:
             raise RuntimeError(f"type id {type_id} used twice")
         cls.TYPE_ID = type_id
-        cls._checks = tuple(_CHECKS[str(f.type)] for f in fields(cls))  # type: ignore[arg-type]
+        declared = fields(cls)  # type: ignore[arg-type]
+        cls._checks = tuple(_CHECKS[str(f.type)] for f in declared)
+        # Fields appended later carry defaults: a peer one version behind may omit them.
+        cls._required = sum(
+            1 for f in declared if f.default is MISSING and f.default_factory is MISSING
+        )
         REGISTRY[type_id] = cls
         return cls
 
@@ -216,6 +222,7 @@ class Submit(Message):
     kind: str
     priority: int
     attempt: int  # rises each time the origin requeues the job (a placement is per attempt)
+    count: int = 1  # whole devices wanted on one node (1: one device, or a fraction of one)
 
 
 @message(34)
@@ -238,6 +245,7 @@ class LeaseRequest(Message):
     memory_mib: int
     term: int
     coordinator: str
+    more: list[str] = field(default_factory=list)  # further devices, as much again on each
 
 
 @message(36)
@@ -261,6 +269,7 @@ class Placed(Message):
     lease_id: str
     token: int
     term: int
+    more: list[str] = field(default_factory=list)  # the lease's further devices
 
 
 @message(38)
@@ -391,12 +400,13 @@ def decode_message(item: Any) -> Message:
     if not isinstance(body, list):
         raise DecodeError(f"{cls.__name__}: fields are not a list")
     checks = cls._checks
-    if len(body) < len(checks):
+    if len(body) < cls._required:
         raise DecodeError(f"{cls.__name__}: {len(body)} fields, expected {len(checks)}")
-    for i, check in enumerate(checks):
-        if not check(body[i]):
+    body = body[: len(checks)]
+    for i, value in enumerate(body):
+        if not checks[i](value):
             raise DecodeError(f"{cls.__name__}: field {i} has the wrong type")
-    return cls(*body[: len(checks)])
+    return cls(*body)
 
 
 def decode_packet(data: bytes) -> list[Message]:

@@ -12,8 +12,10 @@ from flexmesh.agent.devices.enforcement import (
     detect_enforcement,
     effective_mode,
     job_env,
+    job_env_many,
     job_memory_used,
     mps_daemon_running,
+    visible_env,
     watchdog_verdict,
 )
 
@@ -181,3 +183,21 @@ def test_job_memory_used_sums_a_jobs_processes_on_its_device() -> None:
     assert job_memory_used(samples, "GPU-1234", [10, 11]) == 1500
     assert job_memory_used(samples, "GPU-5678", {10}) == 4000
     assert job_memory_used(samples, "GPU-9999", [10]) == 0
+
+
+GPU2 = Device(id="GPU-5678", kind="gpu", model="NVIDIA H100", memory_mib=81559, backend="nvml",
+              visible_env={"CUDA_VISIBLE_DEVICES": "GPU-5678"})
+
+
+def test_a_job_on_several_devices_sees_them_all_in_lease_order() -> None:
+    assert visible_env([GPU2, GPU]) == {"CUDA_VISIBLE_DEVICES": "GPU-5678,GPU-1234"}
+    assert job_env_many([GPU], 1000, 0, "watchdog") == job_env(GPU, 1000, 0, "watchdog")
+    env = job_env_many([GPU, GPU2], 1000, 8192, "mps")
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1234,GPU-5678"
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=8192M,1=8192M"  # by ordinal
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
+    env = job_env_many([GPU, GPU2], 1000, 8192, "hami-core", hami_lib="/lib/libvgpu.so")
+    assert env["CUDA_DEVICE_MEMORY_LIMIT"] == "8192m"  # HAMi-core applies it to each device
+    assert env["LD_PRELOAD"] == "/lib/libvgpu.so"
+    with pytest.raises(ValueError):
+        job_env_many([], 1000, 0, "none")

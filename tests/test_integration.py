@@ -208,3 +208,20 @@ def test_a_device_that_falls_off_the_bus_ends_its_jobs(mesh: LocalMesh) -> None:
     job = mesh.wait_for("the job to end", lambda: finished(mesh, "a", job_id))
     assert job["state"] == "lost" and "gpu0 is gone" in job["reason"]
     assert mesh.json("a", "devices") == []
+
+
+def test_a_job_on_two_whole_devices_of_one_node(mesh: LocalMesh) -> None:
+    mesh.start("a", sim="gpu:1x16GiB")
+    mesh.start("b", sim="gpu:2x16GiB", join=["a"])
+    mesh.start("d", join=["a"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "b", "d"]))
+    res = mesh.cli("d", "submit", "--devices", "2", "--memory", "1GiB", "-o", "json", "--",
+                   "sh", "-c", 'echo "on $FLEXMESH_DEVICE"')
+    job_id = json.loads(res.stdout)["id"]
+    job = mesh.wait_for("the job to end", lambda: finished(mesh, "d", job_id))
+    assert job["state"] == "succeeded", job
+    assert job["node"] == "b" and sorted(job["devices"]) == ["gpu0", "gpu1"]
+    assert job["count"] == 2 and job["compute_milli"] == 1000
+    assert mesh.cli("d", "logs", job_id).stdout == f"on {','.join(job['devices'])}\n"
+    bad = mesh.cli("d", "submit", "--devices", "2", "--gpu", "0.5", "--", "true", check=False)
+    assert bad.returncode == 2 and "whole devices" in bad.stderr

@@ -324,6 +324,50 @@ def test_a_device_over_its_limit_on_one_axis_takes_no_new_lease() -> None:
     assert "reclaimed" in refused(ask(t, job="j1", compute=1, memory=0)).reason
 
 
+def ask_many(t: LeaseTable, devices: tuple[str, ...], job: str = "j1", compute: int = 1000,
+             memory: int = 1024) -> Lease | Refusal:
+    return t.request(job_id=job, device=devices[0], more=devices[1:], compute_milli=compute,
+                     memory_mib=memory, term=1, coordinator="c", origin="o", now=0.0, ttl=30.0)
+
+
+def test_one_lease_holds_several_devices() -> None:
+    t = table(gpu0=(1000, 16384), gpu1=(1000, 16384), gpu2=(1000, 16384))
+    lease = granted(ask_many(t, ("gpu0", "gpu2"), memory=8000))
+    assert lease.devices == ("gpu0", "gpu2")
+    assert t.used("gpu0") == t.used("gpu2") == (1000, 8000)
+    assert t.used("gpu1") == (0, 0)
+    assert ask_many(t, ("gpu0", "gpu2"), memory=8000) is lease  # asked again: the same
+    refused(ask_many(t, ("gpu1", "gpu2"), memory=8000))  # the job already holds a lease
+    assert Lease.from_dict(lease.to_dict()) == lease
+    t.release(lease.id)
+    assert t.free("gpu2") == (1000, 16384)
+
+
+def test_several_devices_are_all_or_nothing() -> None:
+    t = table(gpu0=(1000, 16384), gpu1=(1000, 16384))
+    granted(ask(t, job="small", device="gpu1", compute=100, memory=0))
+    why = refused(ask_many(t, ("gpu0", "gpu1"), job="big")).reason
+    assert "gpu1" in why
+    assert t.used("gpu0") == (0, 0)  # nothing half-granted
+    assert "twice" in refused(ask_many(t, ("gpu0", "gpu0"), job="big")).reason
+    assert "no device" in refused(ask_many(t, ("gpu0", "gpu9"), job="big")).reason
+
+
+def test_removing_one_of_its_devices_ends_a_lease_on_several() -> None:
+    t = table(gpu0=(1000, 16384), gpu1=(1000, 16384))
+    lease = granted(ask_many(t, ("gpu0", "gpu1")))
+    assert t.remove_device("gpu1") == [lease]
+    assert lease.state == RELEASED
+    assert t.free("gpu0") == (1000, 16384)
+
+
+def test_a_lease_journaled_before_several_devices_still_loads() -> None:
+    old = granted(ask(t := table())).to_dict()
+    del old["more"]
+    assert Lease.from_dict(old).devices == ("gpu0",)
+    assert t.leases
+
+
 def test_remove_device_releases_its_active_leases() -> None:
     t = table(gpu0=(1000, 16384), gpu1=(1000, 16384))
     a = granted(ask(t, job="a", device="gpu0", compute=100))

@@ -104,3 +104,31 @@ def test_owner_refusal_requeues_and_never_overcommits() -> None:
     sim.run_for(60)
     done = sim.terminal_jobs()
     assert len(done) == 12 and set(done.values()) == {"succeeded"}
+
+
+def test_whole_devices_on_one_node_all_or_nothing() -> None:
+    """A job that asks for two whole GPUs gets two on one node, under one lease; a node with
+    a single GPU never takes it, and a third such job waits for the first to end."""
+    sim = Simulator(7, membership=PRESETS["lan"])
+    sim.add_node("big", [gpu(i) for i in range(4)])
+    sim.add_node("one", [gpu(0)], join=["big"])
+    sim.add_node("desk", [], join=["big"])
+    settle(sim, 30)
+    for j in range(3):
+        sim.submit("desk", f"pair{j}", ["sleep", str(10 + 10 * j)], 1000, 4096, count=2)
+    sim.run_for(8)  # the origin re-asks the coordinator and learns why it waits
+    jobs = [sim.job(f"pair{j}") for j in range(3)]
+    running = [j for j in jobs if j is not None and j.state == "running"]
+    waiting = [j for j in jobs if j is not None and j.state == "queued"]
+    assert len(running) == 2 and len(waiting) == 1, jobs
+    for job in running:
+        assert job.node == "big" and len(set(job.devices)) == 2
+    assert not set(running[0].devices) & set(running[1].devices)
+    assert "2 devices" in waiting[0].reason
+    leases = sim.nodes["big"].node.leases.active()
+    assert sorted(len(x.devices) for x in leases) == [2, 2]
+    sim.run_for(40)
+    done = sim.terminal_jobs()
+    assert {done[f"pair{j}"] for j in range(3)} == {"succeeded"}, done
+    last = sim.job(waiting[0].id)
+    assert last is not None and last.node == "big" and len(last.devices) == 2

@@ -388,9 +388,31 @@ def test_wrong_field_type(item: Any) -> None:
 def test_too_few_fields(cls: type[wire.Message]) -> None:
     example = _example(cls)
     fields = body(example)
-    for n in range(len(fields)):
+    for n in range(cls._required):
         with pytest.raises(wire.DecodeError, match="fields, expected"):
             wire.decode_frame_body(raw_frame_body([cls.TYPE_ID, fields[:n]]))
+
+
+@pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.__name__)
+def test_fields_appended_later_may_be_left_out(cls: type[wire.Message]) -> None:
+    """Backward compatibility: a peer one version behind sends none of the fields appended
+    since (they all have defaults), and they decode to those defaults."""
+    declared = dataclasses.fields(cls)
+    assert all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in declared[cls._required:]), "a field without a default after one with"
+    fields = body(_example(cls))[: cls._required]
+    old = wire.decode_frame_body(raw_frame_body([cls.TYPE_ID, fields]))
+    assert isinstance(old, cls)
+    for f in declared[cls._required:]:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert getattr(old, f.name) == default
+
+
+def test_the_fields_appended_for_several_devices() -> None:
+    assert wire.Submit._required == 7 and wire.Submit("j", "o", 1000, 0, "gpu", 0, 0).count == 1
+    assert wire.LeaseRequest("j", "o", "gpu0", 1000, 0, 1, "c").more == []
+    placed = wire.Placed("j", "n", "gpu0", "n/1", 1, 1, ["gpu1", "gpu2"])
+    assert wire.decode_frame_body(wire.encode_frame(placed)[wire.FRAME_HEADER.size:]) == placed
 
 
 @pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.__name__)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +114,48 @@ def job_env(
             env["CUDA_DEVICE_MEMORY_LIMIT"] = f"{memory_mib}m"
         env["CUDA_DEVICE_SM_LIMIT"] = str(_percent_ceil(compute_milli))
     return env
+
+
+# Variables that name devices: a job on several devices sees them all, in lease order.
+_DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES")
+
+
+def visible_env(devices: Sequence[Device]) -> dict[str, str]:
+    """The variables that make ``devices`` (and only them) visible to a job."""
+    out: dict[str, str] = {}
+    for device in devices:
+        for key, value in device.visible_env.items():
+            out[key] = f"{out[key]},{value}" if key in out and key in _DEVICE_LISTS else value
+    return out
+
+
+def job_env_many(
+    devices: Sequence[Device],
+    compute_milli: int,
+    memory_mib: int,
+    mode: str,
+    hami_lib: str | None = None,
+    mps_pipe_dir: str | None = None,
+) -> dict[str, str]:
+    """``job_env`` for a job holding ``compute_milli``/``memory_mib`` on each of
+    ``devices`` (all on this node). Visibility lists every device; the MPS memory limit is
+    given per ordinal; the HAMi-core and MPS percentages apply to every device alike."""
+    if not devices:
+        raise ValueError("a job needs at least one device")
+    envs = [job_env(d, compute_milli, memory_mib, mode, hami_lib, mps_pipe_dir)
+            for d in devices]
+    if len(envs) == 1:
+        return envs[0]
+    out: dict[str, str] = {}
+    for key in dict.fromkeys(k for env in envs for k in env):
+        values = [env[key] for env in envs if key in env]
+        if key in _DEVICE_LISTS:
+            out[key] = ",".join(values)
+        elif key == "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT":
+            out[key] = ",".join(f"{i}={memory_mib}M" for i in range(len(values)))
+        else:
+            out[key] = values[0]
+    return out
 
 
 def mps_daemon_running(pipe_dir: str | None = None, env: Mapping[str, str] | None = None) -> bool:

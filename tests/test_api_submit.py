@@ -1,0 +1,49 @@
+"""The submission body the socket accepts: every bad field gets a 400 that names it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flexmesh.agent.api import MAX_DEVICES, BadRequest, parse_submit
+
+CMD = {"command": ["true"]}
+
+
+def test_defaults() -> None:
+    assert parse_submit(CMD) == {
+        "command": ["true"], "compute_milli": 1000, "memory_mib": 0, "kind": "any",
+        "priority": 0, "env": {}, "requeue": True, "count": 1}
+
+
+def test_several_whole_devices() -> None:
+    fields = parse_submit({**CMD, "devices": 4, "memory_mib": 1024})
+    assert (fields["count"], fields["compute_milli"]) == (4, 1000)
+    assert parse_submit({**CMD, "devices": 2, "gpu": 1})["count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ([], "JSON object"),
+        ({"command": []}, "command"),
+        ({**CMD, "colour": "red"}, "unknown field(s): colour"),
+        ({**CMD, "gpu": 1.5}, "at most 1"),
+        ({**CMD, "gpu": 0.5, "compute_milli": 500}, "not both"),
+        ({**CMD, "compute_milli": 0}, "1..1000"),
+        ({**CMD, "memory_mib": -1}, "negative"),
+        ({**CMD, "kind": "tpu"}, "gpu, npu or any"),
+        ({**CMD, "priority": 5000}, "priority"),
+        ({**CMD, "env": {"A=B": "c"}}, "env"),
+        ({**CMD, "requeue": "yes"}, "requeue"),
+        ({**CMD, "devices": 0}, "devices must be"),
+        ({**CMD, "devices": MAX_DEVICES + 1}, "devices must be"),
+        ({**CMD, "devices": True}, "devices must be"),
+        ({**CMD, "devices": 2, "gpu": 0.5}, "whole devices"),
+    ],
+)
+def test_bad_bodies(body: Any, says: str) -> None:
+    with pytest.raises(BadRequest, match=None) as info:
+        parse_submit(body)
+    assert says in str(info.value)
