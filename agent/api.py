@@ -40,7 +40,7 @@ log = logging.getLogger("flexmesh.api")
 MAX_BODY = 256 * 1024
 MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
-                "requeue", "devices"}
+                "requeue", "devices", "preemptible"}
 MAX_DEVICES = 16  # whole devices one job may ask for on one node
 AGENT_KEY = web.AppKey("agent", Agent)
 
@@ -55,8 +55,8 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "device": job.device, "devices": job.devices, "count": job.count,
         "compute_milli": job.compute_milli, "memory_mib": job.memory_mib,
         "exit_code": job.exit_code, "origin": job.origin, "kind": job.kind,
-        "priority": job.priority, "command": job.command, "created_at": job.created_at,
-        "updated_at": job.updated_at, "attempts": job.attempts,
+        "priority": job.priority, "preemptible": job.preemptible, "command": job.command,
+        "created_at": job.created_at, "updated_at": job.updated_at, "attempts": job.attempts,
     }
 
 
@@ -130,8 +130,12 @@ def parse_submit(body: Any) -> dict[str, Any]:
     if count > 1 and compute != 1000:
         raise BadRequest(f"{count} devices are whole devices: a fraction of each "
                          f"({compute} milli) cannot be asked for")
+    preemptible = body.get("preemptible", False)
+    if not isinstance(preemptible, bool):
+        raise BadRequest("preemptible must be true or false")
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
-            "priority": priority, "env": env, "requeue": requeue, "count": count}
+            "priority": priority, "env": env, "requeue": requeue, "count": count,
+            "preemptible": preemptible}
 
 
 async def submit(request: web.Request) -> web.Response:

@@ -154,6 +154,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "kind": args.kind, "priority": args.priority, "env": env}
     if args.devices != 1:
         body["devices"] = args.devices
+    if args.preemptible:
+        body["preemptible"] = True
     job = request(args, "POST", "/v1/jobs", body)
     if not args.wait:
         _emit(args, job, job["id"])
@@ -360,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", type=int, default=1,
                    help="N whole devices on one node (for multi-GPU jobs)")
     s.add_argument("--kind", choices=["gpu", "npu", "any"], default="any")
-    s.add_argument("--priority", type=int, default=0)
+    s.add_argument("--priority", type=int, default=0,
+                   help="higher goes first, and may preempt lower preemptible jobs")
+    s.add_argument("--preemptible", action="store_true",
+                   help="a higher-priority job may stop this one (it is then requeued)")
     s.add_argument("--env", action="append", help="NAME=VALUE for the job (repeatable)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")
     s.add_argument("--timeout", type=float, default=0, help="with --wait: give up after S s")

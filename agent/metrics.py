@@ -49,7 +49,7 @@ _ATTR = "_flexmesh_decision_times"
 _DROPPED = (("packets_dropped_", "packets"), ("frames_dropped_", "frames"))
 # Counters with families of their own; every other counter goes to flexmesh_events_total.
 _NAMED = frozenset({"probes", "probe_failed", "suspicions", "refutations", "placements",
-                    "refusals", "leases_refused", "reclaims"})
+                    "refusals", "leases_refused", "reclaims", "preempted", "preemptions"})
 
 
 class AgentLike(Protocol):
@@ -213,7 +213,11 @@ class AgentCollector:
                                   "Lent fractions taken back from jobs, by cause.",
                                   labels=["cause"])
         pre.add_metric(["reclaim"], node.counters.get("reclaims", 0))
+        pre.add_metric(["priority"], node.counters.get("preempted", 0))
         yield pre
+        yield _counter("scheduler_preemptions_ordered",
+                       "Jobs this coordinator told owners to stop for higher-priority ones.",
+                       sched.counters.get("preemptions", 0))
         times = decision_times(sched)
         yield HistogramMetricFamily(f"{PREFIX}_scheduler_decision_seconds",
                                     "Time to decide one placement.",

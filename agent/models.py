@@ -54,6 +54,7 @@ class JobRecord:
     attempts: int = 0  # rises on every start and every requeue; a placement is per attempt
     count: int = 1  # whole devices wanted on one node (1: one device or a fraction of one)
     more_devices: list[str] = field(default_factory=list)  # placed: devices beyond ``device``
+    preemptible: bool = False  # a higher-priority job may stop it (then requeued if allowed)
 
     @property
     def devices(self) -> list[str]:

@@ -41,8 +41,16 @@ from flexmesh.agent.models import (
     SUCCEEDED,
     JobRecord,
 )
-from flexmesh.agent.scheduler import Scheduler
-from flexmesh.policies import DEFAULT_POLICY, Candidate, NoFit, Request, get_policy
+from flexmesh.agent.scheduler import PreemptOrder, Scheduler
+from flexmesh.policies import (
+    DEFAULT_POLICY,
+    Candidate,
+    NoFit,
+    Request,
+    RunningJob,
+    get_policy,
+    get_spec,
+)
 from flexmesh.protocol import wire
 from flexmesh.protocol.election import Belief, Voter, decide
 from flexmesh.protocol.lease import ACTIVE, Lease, LeaseTable, Refusal
@@ -58,6 +66,8 @@ from flexmesh.protocol.membership import (
     SendPacket,
     StartPushPull,
 )
+
+MAX_GOSSIPED_PREEMPTIBLE = 16  # preemptible jobs a node lists in its facts
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +166,7 @@ class Node:
         self.membership = Membership(config.name, config.addr, config.membership, rng, now,
                                      incarnation)
         self.leases = LeaseTable(config.name, token, max_term)
-        self.scheduler = Scheduler(get_policy(config.policy))
+        self.scheduler = Scheduler(get_policy(config.policy), spec=get_spec(config.policy))
         self.devices: dict[str, Device] = {}
         self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
         self.foreign: dict[str, tuple[int, int]] = {}
@@ -365,14 +375,38 @@ class Node:
                 break
             used_c -= lease.compute_milli
             used_m -= lease.memory_mib
-            reason = f"reclaimed by {self.name}: its own workload needs {device}"
             self._count("reclaims")
-            if lease.job_id in self.jobs and self.jobs[lease.job_id].role in ("owner", "both"):
-                self.stop_job(lease.job_id, reason, PREEMPTED, self._now)
-            else:
-                self.leases.release(lease.id)
-                self._out.append(PersistLease(lease))
-                self._log("lease_reclaimed", lease=lease.id, job=lease.job_id)
+            self._take_back(lease, f"reclaimed by {self.name}: its own workload needs {device}")
+
+    def _take_back(self, lease: Lease, reason: str) -> None:
+        """Owner: end a lease before its job is done; a running job is preempted."""
+        if lease.job_id in self.jobs and self.jobs[lease.job_id].role in ("owner", "both"):
+            self.stop_job(lease.job_id, reason, PREEMPTED, self._now)
+        else:  # reserved, its job not started here: nothing runs on it yet
+            self.leases.release(lease.id)
+            self._out.append(PersistLease(lease))
+            self._log("lease_reclaimed", lease=lease.id, job=lease.job_id)
+            self._publish_facts()
+
+    def _handle_preempt(self, msg: wire.Preempt, now: float) -> wire.Message:
+        """Owner: a coordinator stops preemptible jobs here for a higher-priority one."""
+        if msg.term < self.leases.max_term:
+            return wire.Error(f"stale coordinator term {msg.term} (this owner has seen "
+                              f"{self.leases.max_term})")
+        held = {x.job_id: x for x in self.leases.active()}
+        stopped, refused = [], []
+        for job_id in msg.job_ids:
+            lease = held.get(job_id)
+            if lease is None or not lease.preemptible:
+                refused.append(job_id)  # gone already, or never preemptible: left alone
+                continue
+            stopped.append(job_id)
+            self._count("preempted")
+            self._take_back(lease, msg.reason)
+        self._log("preempted", jobs=stopped, refused=refused, coordinator=msg.coordinator)
+        if not stopped:
+            return wire.Error(f"no preemptible job among {', '.join(msg.job_ids)}")
+        return wire.Ok(f"stopping {len(stopped)}")
 
     def _publish_facts(self) -> None:
         rows = []
@@ -385,8 +419,27 @@ class Node:
             "dev": rows, "prio": self.config.priority, "elig": self.config.eligible,
             "claim": self.claim, "mt": self.max_term,
         }
+        # Jobs a higher-priority request may preempt here, cheapest first (lowest
+        # priority, then least device share, then newest); a bounded list keeps the facts
+        # within one datagram.
+        pre = sorted(
+            (x for x in self.leases.active()
+             if x.preemptible and x.job_id not in self._stopping),
+            key=lambda x: (x.priority, x.compute_milli * len(x.devices), -x.token),
+        )[:MAX_GOSSIPED_PREEMPTIBLE]
+        if pre:
+            facts["pre"] = [[x.job_id, list(x.devices), x.compute_milli, x.memory_mib,
+                             x.priority] for x in pre]
         if facts != self.membership.me.facts:  # unchanged facts are not news to gossip
             self.membership.set_facts(facts)
+
+    def preemptible_jobs(self) -> list[RunningJob]:
+        """Preemptible jobs on alive nodes, as their owners gossip them."""
+        out = []
+        for m in self.membership.members.values():
+            if m.state == ALIVE:
+                out.extend(_preemptible_rows(m))
+        return out
 
     def candidates(self, nodes: set[str] | None = None) -> list[Candidate]:
         out = []
@@ -402,15 +455,31 @@ class Node:
         versions = {m.name: m.facts_version for m in self.membership.members.values()}
         self.scheduler.prune_shadows(versions)
         view = self.scheduler.apply_shadows(self.candidates())
+        self.scheduler.running = self.preemptible_jobs()
         for prop in self.scheduler.propose(view, now):
+            if isinstance(prop, PreemptOrder):
+                self._send_preempt(prop, now)
+                continue
             s = prop.submit
             first, *more = prop.placement.devices
             req = wire.LeaseRequest(s.job_id, s.origin, first, s.compute_milli,
-                                    s.memory_mib, self.belief.term, self.name, more)
+                                    s.memory_mib, self.belief.term, self.name, more,
+                                    s.priority, s.preemptible)
             self._log("propose", job=s.job_id, node=prop.placement.node,
                       device=",".join(prop.placement.devices))
             owner = prop.placement.node
             self._call(owner, req, self._lease_reply_handler(req, owner), now)
+
+    def _send_preempt(self, order: PreemptOrder, now: float) -> None:
+        reason = f"preempted for job {order.job_id} (priority {order.priority})"
+        msg = wire.Preempt(list(order.victims), reason, self.belief.term, self.name)
+        self._log("preempt", job=order.job_id, node=order.node, victims=list(order.victims))
+
+        def then(reply: wire.Message | None, error: str, t: float) -> None:
+            if not isinstance(reply, wire.Ok):
+                why = reply.reason if isinstance(reply, wire.Error) else error
+                self._log("preempt_failed", job=order.job_id, node=order.node, error=why)
+        self._call(order.node, msg, then, now)
 
     def _lease_reply_handler(self, req: wire.LeaseRequest, owner: str) -> Continuation:
         def then(reply: wire.Message | None, error: str, now: float) -> None:
@@ -446,6 +515,7 @@ class Node:
             job_id=msg.job_id, device=msg.device, compute_milli=msg.compute_milli,
             memory_mib=msg.memory_mib, term=msg.term, coordinator=msg.coordinator,
             origin=msg.origin, now=now, ttl=self.config.lease_ttl, more=tuple(msg.more),
+            priority=msg.priority, preemptible=msg.preemptible,
         )
         if isinstance(result, Refusal):
             self._count("leases_refused")
@@ -601,7 +671,7 @@ class Node:
         if coordinator is None:
             return
         msg = wire.Submit(job.id, self.name, job.compute_milli, job.memory_mib, job.kind,
-                          job.priority, job.attempts, job.count)
+                          job.priority, job.attempts, job.count, job.preemptible)
         if coordinator == self.name:
             self._on_submit_reply(job.id, self._handle_submit(msg, now), "", now)
             return
@@ -642,6 +712,7 @@ class Node:
             job_id=job.id, device=first, compute_milli=job.compute_milli,
             memory_mib=job.memory_mib, term=self.leases.max_term, coordinator=self.name,
             origin=self.name, now=now, ttl=self.config.lease_ttl, more=tuple(more),
+            priority=job.priority, preemptible=job.preemptible,
         )
         if isinstance(lease, Refusal):
             return False
@@ -740,6 +811,8 @@ class Node:
         job = self.jobs.get(job_id)
         if job is None or job.terminal or state == job.state or state in (QUEUED, ""):
             return
+        if job.state not in (PLACED, RUNNING):
+            return  # a late report about a placement this job has left (requeued since)
         if state == PREEMPTED and job.requeue:
             self._requeue(job, f"preempted on {job.node}/{job.device}: {reason}", now)
             return
@@ -817,6 +890,8 @@ class Node:
             reply = self._handle_start(msg, now)
         elif isinstance(msg, wire.Cancel):
             reply = self._handle_cancel(msg, now)
+        elif isinstance(msg, wire.Preempt):
+            reply = self._handle_preempt(msg, now)
         elif isinstance(msg, wire.PushPull):
             self.membership.merge_remote_state(msg.states, now)
             reply = wire.PushPull(False, self.name, self.membership.local_state())
@@ -883,6 +958,27 @@ def _device_rows(m: Member) -> list[list[Any]]:
         if isinstance(r, list) and len(r) >= len(_ROW_TYPES)
         and all(isinstance(v, t) for v, t in zip(r, _ROW_TYPES, strict=False))
     ]
+
+
+def _preemptible_rows(m: Member) -> list[RunningJob]:
+    rows = m.facts.get("pre")
+    out: list[RunningJob] = []
+    if not isinstance(rows, list):
+        return out
+    for r in rows:
+        if not (isinstance(r, list) and len(r) >= 5 and isinstance(r[0], str)
+                and isinstance(r[1], list) and r[1] and all(isinstance(d, str) for d in r[1])
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in r[2:5])):
+            continue
+        devices = tuple(r[1])
+        out.append(RunningJob(
+            id=r[0], node=m.name, devices=devices, compute_milli=r[2], memory_mib=r[3],
+            priority=r[4], preemptible=True,
+            # Run times are not comparable across nodes' clocks: the work lost is counted
+            # as the device share stopped.
+            work_lost=r[2] * len(devices) / 1000,
+        ))
+    return out
 
 
 def _device_candidates(m: Member) -> list[Candidate]:

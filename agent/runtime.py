@@ -50,7 +50,7 @@ from flexmesh.agent.node import (
     WatchJob,
 )
 from flexmesh.agent.store import AsyncJournal
-from flexmesh.policies import get_policy
+from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import OVERHEAD, CryptoError, Keyring, KeyringError, Sealer
 from flexmesh.protocol.lease import Lease
@@ -212,6 +212,7 @@ class Agent:
                 setattr(new, k, getattr(old, k))
         self.settings = new
         self.node.scheduler.policy = get_policy(new.policy)
+        self.node.scheduler.spec = get_spec(new.policy)
         self.node.membership.config = PRESETS[new.profile]
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         if not self._keyring_path().exists():  # keys changed with `flexmesh keys` stay

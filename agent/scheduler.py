@@ -11,7 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flexmesh.policies import Candidate, MultiPlacement, NoFit, Placement, Policy, Request
+from flexmesh.policies import (
+    Candidate,
+    Cluster,
+    MultiPlacement,
+    NoFit,
+    Placement,
+    Policy,
+    PolicySpec,
+    Preemption,
+    Request,
+    RunningJob,
+    choose_victims,
+)
+from flexmesh.policies.preempt import may_preempt
 from flexmesh.protocol import wire
 
 
@@ -24,6 +37,7 @@ class Queued:
     not_before: float = 0.0
     reason: str = "waiting for a device"
     attempts: int = 0
+    preempting_until: float = 0.0  # victims were told to stop; no new ones before this
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +56,27 @@ class Proposal:
     submit: wire.Submit
 
 
+@dataclass(frozen=True, slots=True)
+class PreemptOrder:
+    """Stop ``victims`` (jobs on ``node``) so that queued job ``job_id`` fits there."""
+
+    job_id: str
+    node: str
+    victims: tuple[str, ...]
+    priority: int
+
+
 @dataclass
 class Scheduler:
     policy: Policy
+    # Scores for choosing preemption victims (None: this scheduler never preempts).
+    spec: PolicySpec | None = None
     retry_after: float = 1.0
+    # How long victims get to stop (grace period and the owner's gossip) before the same
+    # request may choose victims again.
+    preempt_hold: float = 30.0
+    # Preemptible jobs running in the mesh, as the owners gossip them (set by the node).
+    running: list[RunningJob] = field(default_factory=list)
     queue: dict[str, Queued] = field(default_factory=dict)
     shadows: list[Shadow] = field(default_factory=list)
     # Recent placements (placed, when, attempt), to answer an origin that asks again.
@@ -72,16 +103,19 @@ class Scheduler:
     def withdraw(self, job_id: str) -> None:
         self.queue.pop(job_id, None)
 
-    def propose(self, candidates: list[Candidate], now: float, limit: int = 64) -> list[Proposal]:
-        """Placements to try now, highest priority and oldest first."""
+    def propose(self, candidates: list[Candidate], now: float, limit: int = 64
+                ) -> list[Proposal | PreemptOrder]:
+        """Placements to try now, highest priority and oldest first; where a request fits
+        nowhere, the preemptible lower-priority jobs to stop for it."""
         ready = [q for q in self.queue.values() if not q.inflight and q.not_before <= now]
         ready.sort(key=lambda q: (-q.submit.priority, q.seq))
-        out: list[Proposal] = []
+        out: list[Proposal | PreemptOrder] = []
         view = {(c.node, c.device): c for c in candidates}
+        doomed: set[str] = set()  # victims chosen in this round are not chosen twice
         for q in ready[:limit]:
             s = q.submit
             req = Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority,
-                          count=max(s.count, 1))
+                          count=max(s.count, 1), preemptible=s.preemptible)
             t0 = self.timer() if self.timer else 0.0
             result = self.policy(req, view.values())
             if self.timer and self.on_decision:
@@ -89,9 +123,20 @@ class Scheduler:
             q.attempts += 1
             if isinstance(result, NoFit) or not result.devices:
                 why = result.reason if isinstance(result, NoFit) else "no device chosen"
+                if q.preempting_until > now:
+                    continue  # victims are stopping: try again as soon as anything frees
+                order = self._preempt_for(req, q, list(view.values()), doomed)
+                if order is not None:
+                    out.append(order)
+                    doomed.update(order.victims)
+                    q.preempting_until = now + self.preempt_hold
+                    q.reason = (f"waiting: preempting {len(order.victims)} lower-priority "
+                                f"job(s) on {order.node}")
+                    continue
                 q.reason = f"waiting: {why}"
                 q.not_before = now + self.retry_after
                 continue
+            q.preempting_until = 0.0
             q.inflight = True
             out.append(Proposal(s.job_id, result, s))
             # Take the placement off the view so the next request sees it as used.
@@ -99,6 +144,20 @@ class Scheduler:
                 c = view[(result.node, device)]
                 view[(c.node, c.device)] = _minus(c, s.compute_milli, s.memory_mib)
         return out
+
+    def _preempt_for(self, req: Request, q: Queued, view: list[Candidate],
+                     doomed: set[str]) -> PreemptOrder | None:
+        if self.spec is None:
+            return None
+        running = [j for j in self.running if j.id not in doomed and may_preempt(req, j)]
+        if not running:
+            return None
+        result = choose_victims(req, Cluster.from_candidates(view), running, self.spec)
+        if not isinstance(result, Preemption) or not result.victims:
+            return None
+        self.counters["preemptions"] = self.counters.get("preemptions", 0) + len(result.victims)
+        return PreemptOrder(q.submit.job_id, result.placement.node, result.victims,
+                            req.priority)
 
     def granted(self, job_id: str, placed: wire.Placed, compute: int, memory: int,
                 facts_version: int, now: float) -> None:

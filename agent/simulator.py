@@ -150,10 +150,12 @@ class Simulator:
     # --- jobs ---------------------------------------------------------------------------
 
     def submit(self, origin: str, job_id: str, command: list[str], compute_milli: int,
-               memory_mib: int, kind: str = "any", count: int = 1) -> None:
+               memory_mib: int, kind: str = "any", count: int = 1, priority: int = 0,
+               preemptible: bool = False) -> None:
         job = JobRecord(id=job_id, origin=origin, command=command,
                         compute_milli=compute_milli, memory_mib=memory_mib, kind=kind,
-                        created_at=self.now, role="origin", count=count)
+                        created_at=self.now, role="origin", count=count, priority=priority,
+                        preemptible=preemptible)
         self.submitted.add(job_id)
         self.nodes[origin].disk_jobs[job_id] = replace(job)  # journaled before the answer
         self.nodes[origin].node.submit(job, self.now)
@@ -357,8 +359,8 @@ class Simulator:
             running = [j for j in sim.node.jobs.values()
                        if j.role in ("owner", "both") and j.state == RUNNING]
             for j in running:
-                lease = sim.node.leases.leases.get(j.lease_id)
-                if lease is None or lease.state not in ACTIVE:
+                held = sim.node.leases.leases.get(j.lease_id)
+                if held is None or held.state not in ACTIVE:
                     raise InvariantError(f"seed {self.seed}: job {j.id} runs on {name} "
                                          f"without an active lease")
 

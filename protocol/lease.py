@@ -53,6 +53,8 @@ class Lease:
     # Further devices of the same node held by this one lease (a job that asked for several
     # whole devices); each carries ``compute_milli``/``memory_mib`` like ``device`` does.
     more: tuple[str, ...] = ()
+    priority: int = 0  # the job's priority, for choosing preemption victims
+    preemptible: bool = False  # whether a higher-priority request may take it back
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -68,8 +70,9 @@ class Lease:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Lease:
-        values = {k: data[k] for k in cls.__dataclass_fields__ if k != "more"}
-        return cls(**values, more=tuple(data.get("more", ())))
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        values["more"] = tuple(values.get("more", ()))  # fields added later have defaults
+        return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,7 @@ class LeaseTable:
     def request(
         self, *, job_id: str, device: str, compute_milli: int, memory_mib: int, term: int,
         coordinator: str, origin: str, now: float, ttl: float, more: tuple[str, ...] = (),
+        priority: int = 0, preemptible: bool = False,
     ) -> Lease | Refusal:
         """Reserve ``compute_milli``/``memory_mib`` on ``device`` (and as much again on each
         of ``more``, all or nothing) for ``job_id``, or say why not."""
@@ -175,7 +179,7 @@ class LeaseTable:
             id=f"{self.node}/{self.token}", job_id=job_id, device=device,
             compute_milli=compute_milli, memory_mib=memory_mib, token=self.token, term=term,
             coordinator=coordinator, origin=origin, state=RESERVED, created=now,
-            expires=now + ttl, more=tuple(more),
+            expires=now + ttl, more=tuple(more), priority=priority, preemptible=preemptible,
         )
         self.leases[lease.id] = lease
         return lease

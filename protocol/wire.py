@@ -223,6 +223,7 @@ class Submit(Message):
     priority: int
     attempt: int  # rises each time the origin requeues the job (a placement is per attempt)
     count: int = 1  # whole devices wanted on one node (1: one device, or a fraction of one)
+    preemptible: bool = False  # a higher-priority request may stop it (it is then requeued)
 
 
 @message(34)
@@ -246,6 +247,8 @@ class LeaseRequest(Message):
     term: int
     coordinator: str
     more: list[str] = field(default_factory=list)  # further devices, as much again on each
+    priority: int = 0  # the job's, kept on the lease for preemption
+    preemptible: bool = False
 
 
 @message(36)
@@ -328,6 +331,17 @@ class Error(Message):
     """A call was understood but refused; ``reason`` is for a person to read."""
 
     reason: str
+
+
+@message(44)
+@dataclass(frozen=True, slots=True)
+class Preempt(Message):
+    """Coordinator -> owner: stop these preemptible jobs so a higher-priority one fits."""
+
+    job_ids: list[str]
+    reason: str
+    term: int
+    coordinator: str
 
 
 # --- encoding ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ CMD = {"command": ["true"]}
 def test_defaults() -> None:
     assert parse_submit(CMD) == {
         "command": ["true"], "compute_milli": 1000, "memory_mib": 0, "kind": "any",
-        "priority": 0, "env": {}, "requeue": True, "count": 1}
+        "priority": 0, "env": {}, "requeue": True, "count": 1, "preemptible": False}
 
 
 def test_several_whole_devices() -> None:
@@ -41,6 +41,7 @@ def test_several_whole_devices() -> None:
         ({**CMD, "devices": MAX_DEVICES + 1}, "devices must be"),
         ({**CMD, "devices": True}, "devices must be"),
         ({**CMD, "devices": 2, "gpu": 0.5}, "whole devices"),
+        ({**CMD, "preemptible": 1}, "preemptible must be"),
     ],
 )
 def test_bad_bodies(body: Any, says: str) -> None:

@@ -126,6 +126,8 @@ def test_scheduling_and_jobs(agent: StandIn) -> None:
     assert value(s, "flexmesh_scheduler_placements_total") == 1
     assert value(s, "flexmesh_scheduler_refusals_total") == 0
     assert value(s, "flexmesh_preemptions_total", cause="reclaim") == 0
+    assert value(s, "flexmesh_preemptions_total", cause="priority") == 0
+    assert value(s, "flexmesh_scheduler_preemptions_ordered_total") == 0
     assert value(s, "flexmesh_jobs", state="running", role="both") == 1
     assert value(s, "flexmesh_jobs", state="queued", role="origin") == 1
     assert value(s, "flexmesh_jobs", state="succeeded", role="origin") == 0

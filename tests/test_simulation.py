@@ -6,6 +6,7 @@ import pytest
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.simulator import LinkFaults, Simulator
+from flexmesh.protocol import wire
 from flexmesh.protocol.membership import PRESETS
 
 
@@ -132,3 +133,46 @@ def test_whole_devices_on_one_node_all_or_nothing() -> None:
     assert {done[f"pair{j}"] for j in range(3)} == {"succeeded"}, done
     last = sim.job(waiting[0].id)
     assert last is not None and last.node == "big" and len(last.devices) == 2
+
+
+def test_a_higher_priority_job_preempts_only_preemptible_ones() -> None:
+    """Both GPUs are busy: one with two preemptible halves, one with a job that did not
+    agree to be preempted. A priority-10 job takes the first GPU; the two halves are
+    preempted, requeued and finish later; the other job is never touched."""
+    sim = Simulator(11, membership=PRESETS["lan"])
+    sim.add_node("a", [gpu(0)])
+    sim.add_node("b", [gpu(0)], join=["a"])
+    sim.add_node("desk", [], join=["a"])
+    settle(sim, 30)
+    sim.submit("desk", "keep", ["sleep", "60"], 1000, 1024)
+    sim.run_for(3)
+    keep = sim.job("keep")
+    assert keep is not None and keep.state == "running"
+    other = "a" if keep.node == "b" else "b"
+    for j in range(2):
+        sim.submit("desk", f"low{j}", ["sleep", "20"], 500, 1024, preemptible=True)
+    sim.run_for(3)
+    assert {sim.job(f"low{j}").node for j in range(2)} == {other}  # type: ignore[union-attr]
+    sim.submit("desk", "urgent", ["sleep", "5"], 1000, 2048, priority=10)
+    sim.run_for(5)
+    urgent = sim.job("urgent")
+    assert urgent is not None and urgent.state == "running" and urgent.node == other
+    for j in range(2):
+        low = sim.job(f"low{j}")
+        assert low is not None and low.state == "queued", low
+        assert "preempted for job urgent (priority 10)" in low.reason, low
+        assert low.attempts == 1, low  # requeued once (late reports of the old run ignored)
+    assert sim.nodes[other].node.counters.get("preempted") == 2
+    # The owner is the authority: a job that did not agree is never stopped, and a
+    # coordinator of an older term is not obeyed.
+    owner = sim.nodes[keep.node].node
+    term = owner.leases.max_term
+    reply = owner.handle_request(wire.Preempt(["keep"], "want it", term, "x"), sim.now)
+    assert isinstance(reply, wire.Error) and "no preemptible job" in reply.reason
+    reply = owner.handle_request(wire.Preempt(["keep"], "want it", term - 1, "x"), sim.now)
+    assert isinstance(reply, wire.Error) and "stale" in reply.reason
+    sim.run_for(80)
+    done = sim.terminal_jobs()
+    assert {done[j] for j in ("keep", "urgent", "low0", "low1")} == {"succeeded"}, done
+    keep = sim.job("keep")
+    assert keep is not None and keep.attempts <= 1  # started once, never preempted
