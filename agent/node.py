@@ -184,6 +184,7 @@ class Node:
         self._stopping: dict[str, StopJob] = {}
         self._dirty_election = True
         self._dirty_schedule = False
+        self._candidate_cache: dict[str, tuple[tuple[int, int], list[Candidate]]] = {}
         self._next_housekeeping = now
         self._now = now
         self._publish_facts()
@@ -443,10 +444,29 @@ class Node:
 
     def candidates(self, nodes: set[str] | None = None) -> list[Candidate]:
         out = []
+        for name, cands in self.candidates_by_node().items():
+            if nodes is None or name in nodes:
+                out.extend(cands)
+        return out
+
+    def candidates_by_node(self) -> dict[str, list[Candidate]]:
+        """Each alive member's devices as placement candidates. A member's list is built
+        again only when its facts change, and is otherwise the very same object (the
+        scheduler's index skips what it has already seen)."""
+        out: dict[str, list[Candidate]] = {}
+        cache = self._candidate_cache
         for m in self.membership.members.values():
-            if m.state != ALIVE or (nodes is not None and m.name not in nodes):
+            if m.state != ALIVE:
                 continue
-            out.extend(_device_candidates(m))
+            key = (m.facts_inc, m.facts_version)
+            hit = cache.get(m.name)
+            if hit is None or hit[0] != key:
+                hit = cache[m.name] = (key, _device_candidates(m))
+            if hit[1]:
+                out[m.name] = hit[1]
+        if len(cache) > 2 * len(self.membership.members):
+            for name in [n for n in cache if n not in self.membership.members]:
+                del cache[name]
         return out
 
     # --- coordinator --------------------------------------------------------------------
@@ -454,7 +474,7 @@ class Node:
     def _schedule(self, now: float) -> None:
         versions = {m.name: m.facts_version for m in self.membership.members.values()}
         self.scheduler.prune_shadows(versions)
-        view = self.scheduler.apply_shadows(self.candidates())
+        view = self.scheduler.apply_shadows_by_node(self.candidates_by_node())
         self.scheduler.running = self.preemptible_jobs()
         for prop in self.scheduler.propose(view, now):
             if isinstance(prop, PreemptOrder):

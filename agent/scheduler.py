@@ -8,10 +8,12 @@ kept as *shadow* reservations, so a burst of placements does not pile onto one d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flexmesh.policies import (
+    DEFAULT_POLICY,
     Candidate,
     Cluster,
     MultiPlacement,
@@ -23,7 +25,10 @@ from flexmesh.policies import (
     Request,
     RunningJob,
     choose_victims,
+    get_spec,
 )
+from flexmesh.policies.cluster import NodeSpec, group_candidates, node_spec
+from flexmesh.policies.engine import Placer
 from flexmesh.policies.preempt import may_preempt
 from flexmesh.protocol import wire
 
@@ -38,6 +43,8 @@ class Queued:
     reason: str = "waiting for a device"
     attempts: int = 0
     preempting_until: float = 0.0  # victims were told to stop; no new ones before this
+    # Where the index has it booked while the owner is asked (taken back on the answer).
+    booked: tuple[Request, Placement | MultiPlacement] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,14 @@ class Scheduler:
     preempt_hold: float = 30.0
     # Preemptible jobs running in the mesh, as the owners gossip them (set by the node).
     running: list[RunningJob] = field(default_factory=list)
+    # The incremental index the placer scores (classes of identical nodes, cached scores):
+    # a node is re-indexed only when what the coordinator sees of it changed.
+    _cluster: Cluster = field(default_factory=Cluster)
+    _placer: Placer | None = None
+    _specs: dict[str, NodeSpec] = field(default_factory=dict)
+    _seen: dict[str, Sequence[Candidate]] = field(default_factory=dict)
+    _waiting: list[tuple[float, int, int, str]] = field(default_factory=list)
+    _ready: list[tuple[int, int, str]] = field(default_factory=list)
     queue: dict[str, Queued] = field(default_factory=dict)
     shadows: list[Shadow] = field(default_factory=list)
     # Recent placements (placed, when, attempt), to answer an origin that asks again.
@@ -93,66 +108,133 @@ class Scheduler:
             return done[0]
         q = self.queue.get(submit.job_id)
         if q is not None and q.submit.attempt < submit.attempt:
+            self._unbook(q)
             q = None  # an older attempt still queued here: the new one replaces it
         if q is None:
             self._seq += 1
             q = Queued(submit, now, self._seq)
             self.queue[submit.job_id] = q
+            self._wait(q)
+            if self._placer is not None:
+                self._placer.observe(_request(submit))  # the recent mix FGD measures against
         return q
 
     def withdraw(self, job_id: str) -> None:
-        self.queue.pop(job_id, None)
+        self._unbook(self.queue.pop(job_id, None))
 
-    def propose(self, candidates: list[Candidate], now: float, limit: int = 64
-                ) -> list[Proposal | PreemptOrder]:
+    def propose(self, view: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
+                now: float, limit: int = 64) -> list[Proposal | PreemptOrder]:
         """Placements to try now, highest priority and oldest first; where a request fits
-        nowhere, the preemptible lower-priority jobs to stop for it."""
-        ready = [q for q in self.queue.values() if not q.inflight and q.not_before <= now]
-        ready.sort(key=lambda q: (-q.submit.priority, q.seq))
+        nowhere, the preemptible lower-priority jobs to stop for it. ``view`` is the
+        candidates, flat or by node (a node's unchanged list passed again as the same
+        object is not even compared)."""
+        ready = self._take_ready(now, limit)
         out: list[Proposal | PreemptOrder] = []
-        view = {(c.node, c.device): c for c in candidates}
+        if not ready:
+            return out
+        placer = self._index(view if isinstance(view, Mapping) else group_candidates(view))
         doomed: set[str] = set()  # victims chosen in this round are not chosen twice
-        for q in ready[:limit]:
+        for q in ready:
             s = q.submit
-            req = Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority,
-                          count=max(s.count, 1), preemptible=s.preemptible)
+            req = _request(s)
             t0 = self.timer() if self.timer else 0.0
-            result = self.policy(req, view.values())
+            result = placer.decide(req, explain=True)
             if self.timer and self.on_decision:
                 self.on_decision(self.timer() - t0)
             q.attempts += 1
             if isinstance(result, NoFit) or not result.devices:
                 why = result.reason if isinstance(result, NoFit) else "no device chosen"
                 if q.preempting_until > now:
-                    continue  # victims are stopping: try again as soon as anything frees
-                order = self._preempt_for(req, q, list(view.values()), doomed)
+                    self._wait(q)  # victims are stopping: try again as soon as room frees
+                    continue
+                order = self._preempt_for(req, q, placer, doomed)
                 if order is not None:
                     out.append(order)
                     doomed.update(order.victims)
                     q.preempting_until = now + self.preempt_hold
                     q.reason = (f"waiting: preempting {len(order.victims)} lower-priority "
                                 f"job(s) on {order.node}")
+                    self._wait(q)
                     continue
                 q.reason = f"waiting: {why}"
                 q.not_before = now + self.retry_after
+                self._wait(q)
                 continue
             q.preempting_until = 0.0
             q.inflight = True
             out.append(Proposal(s.job_id, result, s))
-            # Take the placement off the view so the next request sees it as used.
-            for device in result.devices:
-                c = view[(result.node, device)]
-                view[(c.node, c.device)] = _minus(c, s.compute_milli, s.memory_mib)
+            # Booked in the index until the owner answers, so that the next request sees
+            # it as used; the answer re-reads the node from gossip and shadows.
+            placer.commit(req, result)
+            q.booked = (req, result)
         return out
 
-    def _preempt_for(self, req: Request, q: Queued, view: list[Candidate],
+    # The queue's order without sorting it: requests wait in a heap by the time they may
+    # be tried again, and move to a heap by (priority, age) once that time has come. Heap
+    # entries are checked when taken (a request withdrawn, placed or re-queued since is
+    # skipped), so a round costs O(limit log n), whatever the backlog.
+
+    def _wait(self, q: Queued) -> None:
+        heapq.heappush(self._waiting, (q.not_before, -q.submit.priority, q.seq, q.submit.job_id))
+
+    def _take_ready(self, now: float, limit: int) -> list[Queued]:
+        waiting, ready = self._waiting, self._ready
+        while waiting and waiting[0][0] <= now:
+            _, prio, seq, job_id = heapq.heappop(waiting)
+            heapq.heappush(ready, (prio, seq, job_id))
+        out: list[Queued] = []
+        taken: set[str] = set()
+        while ready and len(out) < limit:
+            _, seq, job_id = heapq.heappop(ready)
+            q = self.queue.get(job_id)
+            if q is None or q.seq != seq or q.inflight or job_id in taken:
+                continue
+            if q.not_before > now:
+                self._wait(q)
+                continue
+            taken.add(job_id)
+            out.append(q)
+        return out
+
+    def _index(self, grouped: Mapping[str, Sequence[Candidate]]) -> Placer:
+        """Bring the index up to date with the view; only changed nodes are re-indexed."""
+        if self._placer is None or self._placer.spec is not self.spec:
+            self._cluster, self._specs, self._seen = Cluster(), {}, {}
+            self._placer = Placer(self._cluster, self.spec or _FALLBACK_SPEC)
+            for q in self.queue.values():
+                self._placer.observe(_request(q.submit))
+        if len(self._specs) != len(grouped) or any(n not in grouped for n in self._specs):
+            for name in [n for n in self._specs if n not in grouped]:
+                del self._specs[name]
+                self._seen.pop(name, None)
+                self._cluster.remove(name)
+        seen = self._seen
+        for name, cands in grouped.items():
+            if seen.get(name) is cands or not cands:
+                continue
+            seen[name] = cands
+            spec = node_spec(name, cands)
+            if self._specs.get(name) != spec:
+                self._specs[name] = spec
+                self._cluster.upsert(spec)
+        return self._placer
+
+    def _unbook(self, q: Queued | None) -> None:
+        """The owner answered: forget the booking and read the node afresh next time."""
+        if q is None or q.booked is None:
+            return
+        self._specs.pop(q.booked[1].node, None)
+        self._seen.pop(q.booked[1].node, None)
+        q.booked = None
+
+    def _preempt_for(self, req: Request, q: Queued, placer: Placer,
                      doomed: set[str]) -> PreemptOrder | None:
         if self.spec is None:
             return None
         running = [j for j in self.running if j.id not in doomed and may_preempt(req, j)]
         if not running:
             return None
-        result = choose_victims(req, Cluster.from_candidates(view), running, self.spec)
+        result = choose_victims(req, placer.cluster, running, self.spec, placer=placer)
         if not isinstance(result, Preemption) or not result.victims:
             return None
         self.counters["preemptions"] = self.counters.get("preemptions", 0) + len(result.victims)
@@ -162,6 +244,7 @@ class Scheduler:
     def granted(self, job_id: str, placed: wire.Placed, compute: int, memory: int,
                 facts_version: int, now: float) -> None:
         q = self.queue.pop(job_id, None)
+        self._unbook(q)
         self.placed[job_id] = (placed, now, q.submit.attempt if q else 0)
         for device in (placed.device, *placed.more):
             self.shadows.append(Shadow(placed.node, device, compute, memory, facts_version))
@@ -170,10 +253,12 @@ class Scheduler:
     def refused(self, job_id: str, reason: str, now: float) -> None:
         q = self.queue.get(job_id)
         self.counters["refusals"] = self.counters.get("refusals", 0) + 1
+        self._unbook(q)
         if q is not None:
             q.inflight = False
             q.reason = f"waiting: owner refused ({reason})"
             q.not_before = now + self.retry_after
+            self._wait(q)
 
     def prune_placed(self, before: float) -> None:
         """Forget placements older than ``before``; their leases are started or expired."""
@@ -184,6 +269,17 @@ class Scheduler:
         self.shadows = [
             s for s in self.shadows if facts_versions.get(s.node, -1) < s.facts_version
         ]
+
+    def apply_shadows_by_node(self, view: dict[str, list[Candidate]]
+                              ) -> dict[str, list[Candidate]]:
+        """``apply_shadows`` for a view by node; nodes without shadows keep their lists."""
+        if not self.shadows:
+            return view
+        out = dict(view)
+        for node in {s.node for s in self.shadows}:
+            if node in out:
+                out[node] = self.apply_shadows(out[node])
+        return out
 
     def apply_shadows(self, candidates: list[Candidate]) -> list[Candidate]:
         if not self.shadows:
@@ -197,6 +293,14 @@ class Scheduler:
             used = by_key.get((cand.node, cand.device))
             out.append(cand if used is None else _minus(cand, *used))
         return out
+
+
+_FALLBACK_SPEC = get_spec(DEFAULT_POLICY)
+
+
+def _request(s: wire.Submit) -> Request:
+    return Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority,
+                   count=max(s.count, 1), preemptible=s.preemptible)
 
 
 def _minus(c: Candidate, compute: int, memory: int) -> Candidate:

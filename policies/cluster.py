@@ -201,6 +201,10 @@ class Cluster:
         self.buckets: dict[tuple[tuple[tuple[str, str], ...], int], dict[int, NodeClass]] = {}
         self.bucket_version = 0  # bumped when a bucket appears or goes
         self.nodes_version = 0  # bumped when a node is added, replaced or removed
+        # device compute per model, over every node (the scarcity score's supply), and a
+        # version bumped only when it changes: books and health changes leave it alone
+        self.supply: dict[str, int] = {}
+        self.supply_version = 0
         # every class in order of creation (placers catch up on it); its first entry is
         # number `created_base`; the oldest half is dropped when it grows long
         self.created: list[NodeClass] = []
@@ -214,41 +218,9 @@ class Cluster:
     @classmethod
     def from_candidates(cls, candidates: Iterable[Candidate]) -> Cluster:
         """Group per-device candidates into nodes (node facts from each node's first row)."""
-        grouped: dict[str, list[Candidate]] = {}
-        for c in candidates:
-            grouped.setdefault(c.node, []).append(c)
         cluster = cls()
-        for name, cands in grouped.items():
-            first = cands[0]
-            devices = tuple(
-                DeviceSpec(
-                    id=c.device,
-                    kind=c.kind,
-                    model=c.model,
-                    compute_milli=c.compute_milli,
-                    memory_mib=c.memory_mib,
-                    free_compute_milli=max(0, min(c.free_compute_milli, c.compute_milli)),
-                    free_memory_mib=max(0, min(c.free_memory_mib, c.memory_mib)),
-                )
-                for c in cands
-            )
-            cluster.upsert(
-                NodeSpec(
-                    name=name,
-                    devices=devices,
-                    cpu_milli=first.node_cpu_milli
-                    if first.node_cpu_milli is not None
-                    else first.node_cpu_free_milli,
-                    memory_mib=first.node_memory_mib
-                    if first.node_memory_mib is not None
-                    else first.node_memory_free_mib,
-                    cpu_free_milli=first.node_cpu_free_milli,
-                    memory_free_mib=first.node_memory_free_mib,
-                    healthy=all(c.healthy for c in cands),
-                    battery_pct=first.battery_pct,
-                    battery_floor_pct=first.battery_floor_pct,
-                )
-            )
+        for name, cands in group_candidates(candidates).items():
+            cluster.upsert(node_spec(name, cands))
         return cluster
 
     def upsert(self, spec: NodeSpec) -> None:
@@ -259,13 +231,32 @@ class Cluster:
         rec = NodeRec(spec)
         self.nodes[spec.name] = rec
         self.nodes_version += 1
+        self._count_supply(old, rec)
         self._reclass(rec)
 
     def remove(self, name: str) -> None:
         rec = self.nodes.pop(name, None)
         if rec is not None:
             self.nodes_version += 1
+            self._count_supply(rec, None)
             self._leave(rec)
+
+    def _count_supply(self, old: NodeRec | None, new: NodeRec | None) -> None:
+        delta: dict[str, int] = {}
+        for rec, sign in ((old, -1), (new, 1)):
+            for d in rec.devs if rec is not None else ():
+                delta[d.model] = delta.get(d.model, 0) + sign * d.cap_c
+        changed = False
+        for model, n in delta.items():
+            if n:
+                changed = True
+                left = self.supply.get(model, 0) + n
+                if left:
+                    self.supply[model] = left
+                else:
+                    del self.supply[model]
+        if changed:
+            self.supply_version += 1
 
     def set_health(self, name: str, healthy: bool) -> None:
         rec = self.nodes[name]
@@ -438,3 +429,43 @@ class Cluster:
     @property
     def gpu_free_milli(self) -> int:
         return sum(d.free_c for rec in self.nodes.values() for d in rec.devs)
+
+
+def group_candidates(candidates: Iterable[Candidate]) -> dict[str, list[Candidate]]:
+    """Per-device candidates by node, in the order the nodes first appear."""
+    grouped: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        grouped.setdefault(c.node, []).append(c)
+    return grouped
+
+
+def node_spec(name: str, cands: Sequence[Candidate]) -> NodeSpec:
+    """One node's spec from its per-device candidates (node facts from the first row)."""
+    first = cands[0]
+    devices = tuple(
+        DeviceSpec(
+            id=c.device,
+            kind=c.kind,
+            model=c.model,
+            compute_milli=c.compute_milli,
+            memory_mib=c.memory_mib,
+            free_compute_milli=max(0, min(c.free_compute_milli, c.compute_milli)),
+            free_memory_mib=max(0, min(c.free_memory_mib, c.memory_mib)),
+        )
+        for c in cands
+    )
+    return NodeSpec(
+        name=name,
+        devices=devices,
+        cpu_milli=first.node_cpu_milli
+        if first.node_cpu_milli is not None
+        else first.node_cpu_free_milli,
+        memory_mib=first.node_memory_mib
+        if first.node_memory_mib is not None
+        else first.node_memory_free_mib,
+        cpu_free_milli=first.node_cpu_free_milli,
+        memory_free_mib=first.node_memory_free_mib,
+        healthy=all(c.healthy for c in cands),
+        battery_pct=first.battery_pct,
+        battery_floor_pct=first.battery_floor_pct,
+    )

@@ -194,16 +194,12 @@ class Placer:
 
     def refresh_supply(self) -> None:
         """Recount device compute per model (for the scarcity score) from the cluster."""
-        supply: dict[str, int] = {}
-        for rec in self.cluster.nodes.values():
-            for d in rec.devs:
-                supply[d.model] = supply.get(d.model, 0) + d.cap_c
-        self.ctx.set_supply(supply)
-        self._supply_version = self.cluster.nodes_version
+        self.ctx.set_supply(self.cluster.supply)  # kept up to date by the cluster
+        self._supply_version = self.cluster.supply_version
 
     def _buckets(self, req: Request) -> list[dict[int, NodeClass]]:
         """The buckets that may hold a class able to take the request."""
-        if self._supply_version != self.cluster.nodes_version:
+        if self._supply_version != self.cluster.supply_version:
             self.refresh_supply()
         if self._bucket_version != self.cluster.bucket_version:
             self._bucket_memo.clear()
@@ -238,7 +234,7 @@ class Placer:
         ``exclude`` are passed over (a gang that wants its members on distinct nodes)."""
         if req.count < 0 or req.compute_milli < 0 or req.memory_mib < 0:
             return NoFit("a request cannot ask for a negative amount")
-        if self._supply_version != self.cluster.nodes_version:
+        if self._supply_version != self.cluster.supply_version:
             self.refresh_supply()  # before the shape id: it may make every score stale
         sid = self._shape_id(req)
         if len(self.cluster.classes) < self.scan_below:
