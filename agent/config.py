@@ -45,6 +45,7 @@ class Settings:
     policy: str = DEFAULT_POLICY
     lease_ttl: float = 15.0
     stop_grace: float = 10.0
+    owner_away_limit: float = 900.0  # a borrowed job's owner that left may be back this late
     socket_group: str = "flexmesh"  # group that may use the socket (name or number)
     ui: str = "127.0.0.1:0"  # HOST:PORT of the read-only web page; "" = off; 0 = any port
     metrics: str = ""  # HOST:PORT of a TCP /metrics listener; "" = socket only
@@ -81,7 +82,8 @@ _TABLES: dict[str, dict[str, str]] = {
                 "enforcement": "enforcement", "hami_lib": "hami_lib"},
     "scheduler": {"policy": "policy", "priority": "priority",
                   "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl"},
-    "jobs": {"stop_grace": "stop_grace", "allow_root": "allow_root",
+    "jobs": {"stop_grace": "stop_grace", "owner_away_limit": "owner_away_limit",
+             "allow_root": "allow_root",
              "borrowed_user": "borrowed_user", "operator_group": "operator_group"},
     "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
@@ -232,6 +234,9 @@ def _validate(s: Settings, at: Any) -> None:
                           "one device (1000)")
     if not (math.isfinite(s.lease_ttl) and s.lease_ttl > 0):
         raise ConfigError(f"{at('lease_ttl')}: lease_ttl must be a positive number of seconds")
+    if not (math.isfinite(s.owner_away_limit) and s.owner_away_limit > 0):
+        raise ConfigError(f"{at('owner_away_limit')}: owner_away_limit must be a positive "
+                          "number of seconds")
     if not (math.isfinite(s.stop_grace) and s.stop_grace >= 0):
         raise ConfigError(f"{at('stop_grace')}: stop_grace must be a number of seconds, 0 or more")
     if s.log_format not in ("text", "json"):

@@ -82,6 +82,9 @@ class NodeConfig:
     call_timeout: float = 5.0
     submit_refresh: float = 5.0  # re-send Submit for a still-queued job this often
     local_fallback_after: float = 6.0  # no coordinator answer: place on own devices
+    # An owner that left the mesh (a restart, an upgrade) keeps running its jobs; they are
+    # followed again when it is back, and marked lost only if it is not back within this.
+    owner_away_limit: float = 900.0
 
 
 # --- effects the runtime carries out -----------------------------------------------------
@@ -185,6 +188,7 @@ class Node:
         self._dirty_election = True
         self._dirty_schedule = False
         self._candidate_cache: dict[str, tuple[tuple[int, int], list[Candidate]]] = {}
+        self._owner_away: dict[str, float] = {}  # owner that left -> since when
         self._next_housekeeping = now
         self._now = now
         self._publish_facts()
@@ -255,6 +259,11 @@ class Node:
                 self._joining_until = 0.0
                 self._dirty_election = True
             self._tick_origin(now)
+            for node, since in list(self._owner_away.items()):
+                if now - since >= self.config.owner_away_limit:
+                    del self._owner_away[node]
+                    self._lose_jobs_on(node, f"owner {node} left the mesh and was not back "
+                                             f"within {self.config.owner_away_limit:g} s")
             self.scheduler.prune_placed(now - 4 * self.config.lease_ttl)
             self._dirty_schedule = self._dirty_schedule or bool(self.scheduler.queue)
         self._after_input(now)
@@ -292,6 +301,8 @@ class Node:
         self._dirty_schedule = True
         if ev.state in (DEAD, LEFT):
             self._owner_gone(ev.name, ev.state)
+        elif ev.state == ALIVE and self._owner_away.pop(ev.name, None) is not None:
+            self._owner_back(ev.name)
 
     def _voters(self) -> list[Voter]:
         out = []
@@ -618,14 +629,37 @@ class Node:
         else:
             self._out.append(PersistJob(replace(job)))
 
+    def _followed_on(self, node: str) -> list[JobRecord]:
+        return [j for j in self.jobs.values()
+                if j.role == "origin" and j.node == node and j.state in (PLACED, RUNNING)]
+
     def _owner_gone(self, node: str, state: str) -> None:
-        """Origin: jobs on a node that died or left can no longer be followed."""
-        for job in self.jobs.values():
-            if job.role == "origin" and job.node == node and job.state in (PLACED, RUNNING):
-                job.state = LOST
-                job.reason = f"node {node} {'left the mesh' if state == LEFT else 'died'}"
+        """Origin: the owner of some of our jobs died (they are lost) or left the mesh
+        (they go on there, and are followed again when it comes back)."""
+        if state == LEFT:
+            jobs = self._followed_on(node)
+            if jobs:
+                self._owner_away[node] = self._now
+            for job in jobs:
+                job.reason = (f"owner {node} left the mesh; the job goes on there and is "
+                              f"followed again when {node} is back")
                 self._out.append(PersistJob(replace(job)))
-                self._log("job_lost", job=job.id, node=node)
+            return
+        self._owner_away.pop(node, None)
+        self._lose_jobs_on(node, f"node {node} died")
+
+    def _lose_jobs_on(self, node: str, reason: str) -> None:
+        for job in self._followed_on(node):
+            job.state, job.reason = LOST, reason
+            self._out.append(PersistJob(replace(job)))
+            self._log("job_lost", job=job.id, node=node)
+
+    def _owner_back(self, node: str) -> None:
+        for job in self._followed_on(node):
+            job.reason = ""
+            self._out.append(PersistJob(replace(job)))
+            if job.state == RUNNING:
+                self._watch(job)  # the runtime does not follow a job twice
 
     # --- origin -------------------------------------------------------------------------
 

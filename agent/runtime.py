@@ -265,6 +265,7 @@ class Agent:
         config = NodeConfig(
             name=s.name, addr=self.addr, membership=PRESETS[s.profile], priority=s.priority,
             eligible=s.coordinator_eligible, policy=s.policy, lease_ttl=s.lease_ttl,
+            owner_away_limit=s.owner_away_limit,
         )
         self.node = Node(config, random.Random(os.urandom(16)), self.loop.time(),
                          incarnation=incarnation, token=token, max_term=max_term)

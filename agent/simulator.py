@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import RUNNING, TERMINAL, JobRecord
+from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
+from flexmesh.agent.models import LOST, RUNNING, TERMINAL, JobRecord
 from flexmesh.agent.node import (
     Call,
     Node,
@@ -60,6 +61,7 @@ class _SimNode:
     tick_at: float = -1.0
     incarnation: int = 0
     processes: dict[str, float] = field(default_factory=dict)  # job -> end time
+    adopted: set[str] = field(default_factory=set)  # processes an earlier instance started
     # What the node journaled: survives a crash, read back on restart (as SQLite would).
     disk_jobs: dict[str, JobRecord] = field(default_factory=dict)
     disk_leases: dict[str, Lease] = field(default_factory=dict)
@@ -125,6 +127,14 @@ class Simulator:
         self.nodes[n].up = False
         self.nodes[n].processes.clear()
 
+    def leave(self, n: str) -> None:
+        """A graceful stop: the node says it leaves, then goes down; its jobs' processes
+        go on (as under systemd's KillMode=process) for a restart to re-adopt."""
+        sim = self.nodes[n]
+        sim.node.membership.leave(self.now)
+        self._pump(n)
+        sim.up = False
+
     def restart(self, n: str, join: list[str]) -> Node:
         old = self.nodes[n]
         old.incarnation += 1
@@ -134,7 +144,9 @@ class Simulator:
         node.set_devices(old.devices, {})
         node.recover([replace(j) for j in old.disk_jobs.values()],
                      [replace(x) for x in old.disk_leases.values()],
-                     lambda job: False, self.now)  # a crash took every process with it
+                     # a crash took every process with it; a leave kept them
+                     lambda job: job.id in old.processes, self.now)
+        old.adopted = set(old.processes)
         old.node, old.up, old.tick_at = node, True, -1.0
         node.join([self.nodes[j].config.addr for j in join], self.now)
         self._pump(n)
@@ -321,9 +333,17 @@ class Simulator:
 
     def _exit(self, name: str, job_id: str, code: int, reason: str) -> None:
         sim = self.nodes[name]
-        if not sim.up or job_id not in sim.processes:
+        if job_id not in sim.processes:
             return
         del sim.processes[job_id]
+        if not sim.up:
+            return  # ended while the agent was down: its restart finds it vanished
+        if job_id in sim.adopted:
+            # Not a child of this agent instance: as in the runtime, no exit code is known.
+            sim.adopted.discard(job_id)
+            sim.node.job_exited(job_id, None, ADOPTED_EXIT_REASON, self.now, state=LOST)
+            self._pump(name)
+            return
         sim.node.job_exited(job_id, code, reason, self.now)
         self._pump(name)
 

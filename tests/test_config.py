@@ -94,6 +94,7 @@ def test_fraction_above_one_device(cfg) -> None:
     ('[scheduler]\nlease_ttl = 0\n', "lease_ttl"),
     ('[scheduler]\nlease_ttl = -1.5\n', "lease_ttl"),
     ('[jobs]\nstop_grace = -1\n', "stop_grace"),
+    ('[jobs]\nowner_away_limit = 0\n', "owner_away_limit"),
 ])
 def test_impossible_duration(cfg, text: str, named: str) -> None:
     assert named in refused(cfg(text))

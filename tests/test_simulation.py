@@ -176,3 +176,48 @@ def test_a_higher_priority_job_preempts_only_preemptible_ones() -> None:
     assert {done[j] for j in ("keep", "urgent", "low0", "low1")} == {"succeeded"}, done
     keep = sim.job("keep")
     assert keep is not None and keep.attempts <= 1  # started once, never preempted
+
+
+def test_an_owner_that_leaves_and_comes_back_keeps_its_borrowed_jobs() -> None:
+    """An upgrade: the owner stops gracefully (its jobs go on) and starts again. The
+    submitter does not call the job lost; it follows it again once the owner is back."""
+    sim = Simulator(5, membership=PRESETS["lan"])
+    sim.add_node("coord", [])
+    sim.add_node("owner", [gpu(0)], join=["coord"])
+    sim.add_node("desk", [], join=["coord"])
+    settle(sim, 30)
+    sim.submit("desk", "long", ["sleep", "120"], 500, 1024)
+    sim.run_for(5)
+    job = sim.job("long")
+    assert job is not None and job.state == "running" and job.node == "owner"
+    sim.leave("owner")
+    sim.run_for(20)
+    job = sim.job("long")
+    assert job is not None and job.state == "running", job
+    assert "left the mesh" in job.reason and "followed again" in job.reason
+    sim.restart("owner", join=["coord"])
+    sim.run_for(20)
+    job = sim.job("long")
+    assert job is not None and job.state == "running" and job.reason == "", job
+    sim.run_for(120)
+    job = sim.job("long")
+    # Re-adopted, not a child of the new instance: it ends with no exit code known.
+    assert job is not None and job.state == "lost" and "exit code unknown" in job.reason, job
+
+
+def test_an_owner_that_never_comes_back_loses_its_jobs_after_the_limit() -> None:
+    sim = Simulator(6, membership=PRESETS["lan"])
+    sim.add_node("coord", [])
+    sim.add_node("owner", [gpu(0)], join=["coord"])
+    sim.add_node("desk", [], join=["coord"])
+    settle(sim, 30)
+    sim.submit("desk", "long", ["sleep", "5000"], 500, 1024)
+    sim.run_for(5)
+    sim.leave("owner")
+    limit = sim.nodes["desk"].node.config.owner_away_limit
+    sim.run_for(limit - 30)
+    job = sim.job("long")
+    assert job is not None and job.state == "running"
+    sim.run_for(60)
+    job = sim.job("long")
+    assert job is not None and job.state == "lost" and "not back within" in job.reason, job
