@@ -47,6 +47,10 @@ class Config:
     indirect_checks: int = 3  # peers asked to probe on our behalf
     suspicion_mult: float = 4.0  # suspicion min = mult * max(1, log10 N) * interval
     suspicion_max_mult: float = 6.0  # suspicion max = this * min
+    # Independent confirmations (other accusers) that bring a suspicion down to its minimum,
+    # on a log scale (Lifeguard's K). Two, as memberlist's LAN default does: with three
+    # accusers a live node has still the minimum to refute. More where loss is heavy.
+    suspicion_confirmations: int = 2
     retransmit_mult: int = 4  # broadcast limit = mult * ceil(log10(N + 1))
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
@@ -84,6 +88,7 @@ PRESETS: dict[str, Config] = {
         probe_timeout=1.5,
         indirect_checks=5,
         suspicion_mult=6.0,
+        suspicion_confirmations=3,
         retransmit_mult=6,
         gossip_interval=0.5,
         gossip_nodes=4,
@@ -608,8 +613,9 @@ class Membership:
         n = self.live_count()
         min_s = suspicion_min_timeout(self.config.suspicion_mult, n, self.config.probe_interval)
         max_s = self.config.suspicion_max_mult * min_s
-        # Confirmations we can hope for: the other members that might also probe it.
-        expected = max(0, min(self.config.indirect_checks, n - 2))
+        # Confirmations that bring it to the minimum, never more than the other members
+        # that might also probe it.
+        expected = max(0, min(self.config.suspicion_confirmations, n - 2))
         # The originator is remembered so it cannot confirm its own accusation, but it is
         # not a confirmation: one peer's word alone runs the longest timeout.
         seen = {self.name if source == "push-pull" else source}

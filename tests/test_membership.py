@@ -1025,6 +1025,20 @@ def test_presets_are_ordered_by_patience() -> None:
     assert local.probe_interval < lan.probe_interval < wan.probe_interval
     assert edge.indirect_checks > lan.indirect_checks
     assert edge.retransmit_mult > lan.retransmit_mult
+    assert edge.suspicion_confirmations > lan.suspicion_confirmations
+
+
+def test_two_more_accusers_bring_a_lan_suspicion_to_its_minimum() -> None:
+    a = Membership("a", addr("a"), LAN, random.Random(1), 0.0)
+    for name in ("b", "c", "d", "e", "f", "g", "h", "i", "j"):
+        a.handle_alive(wire.Alive(name, addr(name), 0), 0.0)
+    a.handle_suspect(wire.Suspect("b", 0, "c"), 10.0)
+    min_s = suspicion_min_timeout(LAN.suspicion_mult, 10, LAN.probe_interval)
+    assert a._suspicions["b"].deadline == pytest.approx(10.0 + LAN.suspicion_max_mult * min_s)
+    a.handle_suspect(wire.Suspect("b", 0, "d"), 11.0)
+    assert 10.0 + min_s < a._suspicions["b"].deadline < 10.0 + LAN.suspicion_max_mult * min_s
+    a.handle_suspect(wire.Suspect("b", 0, "e"), 12.0)
+    assert a._suspicions["b"].deadline == pytest.approx(10.0 + min_s)
 
 
 # --- the broadcast queue -----------------------------------------------------------------
