@@ -87,9 +87,27 @@ class LocalMesh:
             logf.close()
 
     def restart(self, name: str) -> AgentProc:
+        """Start a stopped agent again on the address it had (as a service restarting on
+        its configured port does); on a fresh ephemeral port only if that one was taken."""
         a = self.agents[name]
-        self._spawn(a)
-        self.wait_ready(name)
+        i = a.args.index("--bind") + 1
+        first = a.args[i]
+        if a.addr:
+            a.args[i] = a.addr
+        try:
+            self._spawn(a)
+            self.wait_ready(name)
+        except MeshError:
+            if a.args[i] == first:
+                raise
+            if a.proc is not None and a.proc.poll() is None:
+                a.proc.kill()
+                a.proc.wait()
+            a.args[i] = first
+            self._spawn(a)
+            self.wait_ready(name)
+        finally:
+            a.args[i] = first
         return a
 
     def wait_ready(self, name: str, timeout: float = 20.0) -> None:
