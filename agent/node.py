@@ -339,7 +339,7 @@ class Node:
         if self.belief != before:
             self._log("coordinator", name=self.belief.coordinator, term=self.belief.term)
             if self.belief.coordinator != before.coordinator and not self.is_coordinator:
-                self.scheduler.queue.clear()  # their origins re-submit to the new one
+                self.scheduler.reset()  # their origins re-submit to the new one
             for st in self._origin.values():
                 st.sent_to = None
                 st.next_submit = now
@@ -379,9 +379,7 @@ class Node:
             return
         active = [x for x in self.leases.active() if x.holds(device)
                   and x.job_id not in self._stopping]
-        active.sort(key=lambda x: (x.state != "reserved",
-                                   self.jobs[x.job_id].priority if x.job_id in self.jobs else 0,
-                                   -x.created))
+        active.sort(key=lambda x: (x.state != "reserved", x.priority, -x.created))
         for lease in active:
             if used_c <= lend_c and used_m <= lend_m:
                 break
@@ -412,6 +410,9 @@ class Node:
             if lease is None or not lease.preemptible:
                 refused.append(job_id)  # gone already, or never preemptible: left alone
                 continue
+            if job_id in self._stopping:
+                stopped.append(job_id)  # already on its way out
+                continue
             stopped.append(job_id)
             self._count("preempted")
             self._take_back(lease, msg.reason)
@@ -432,16 +433,25 @@ class Node:
             "claim": self.claim, "mt": self.max_term,
         }
         # Jobs a higher-priority request may preempt here, cheapest first (lowest
-        # priority, then least device share, then newest); a bounded list keeps the facts
+        # priority, then least device share, then newest), as many as leave the facts
         # within one datagram.
         pre = sorted(
             (x for x in self.leases.active()
              if x.preemptible and x.job_id not in self._stopping),
             key=lambda x: (x.priority, x.compute_milli * len(x.devices), -x.token),
         )[:MAX_GOSSIPED_PREEMPTIBLE]
-        if pre:
-            facts["pre"] = [[x.job_id, list(x.devices), x.compute_milli, x.memory_mib,
-                             x.priority] for x in pre]
+        rows = [[x.job_id, list(x.devices), x.compute_milli, x.memory_mib, x.priority]
+                for x in pre]
+        me = self.membership.me
+        while rows:
+            facts["pre"] = rows
+            size = len(wire.encode_message(
+                wire.Facts(self.name, me.incarnation, me.facts_version + 1, facts)))
+            if size + wire.packet_overhead(1) <= wire.UDP_BUDGET:
+                break
+            rows.pop()  # the costliest victims go first: facts that fit keep travelling
+        else:
+            facts.pop("pre", None)
         if facts != self.membership.me.facts:  # unchanged facts are not news to gossip
             self.membership.set_facts(facts)
 
@@ -510,10 +520,18 @@ class Node:
             if not isinstance(reply, wire.Ok):
                 why = reply.reason if isinstance(reply, wire.Error) else error
                 self._log("preempt_failed", job=order.job_id, node=order.node, error=why)
+                self.scheduler.preempt_failed(order.job_id)
+                self._dirty_schedule = True
         self._call(order.node, msg, then, now)
 
     def _lease_reply_handler(self, req: wire.LeaseRequest, owner: str) -> Continuation:
         def then(reply: wire.Message | None, error: str, now: float) -> None:
+            if (isinstance(reply, wire.LeaseReply) and reply.granted and req.more
+                    and reply.devices != [req.device, *req.more]):
+                # An owner of an older version granted the first device only: not what
+                # the job asked for. Its reservation expires unstarted.
+                reply = wire.LeaseReply(False, "", 0, reply.facts_version,
+                                        f"{owner} cannot lease several devices at once")
             if isinstance(reply, wire.LeaseReply) and reply.granted:
                 placed = wire.Placed(req.job_id, owner, req.device, reply.lease_id, reply.token,
                                      req.term, list(req.more))
@@ -533,6 +551,10 @@ class Node:
     def _handle_submit(self, msg: wire.Submit, now: float) -> wire.Message:
         if not self.is_coordinator:
             return wire.Error(f"not the coordinator (ask {self.belief.coordinator})")
+        if not (0 < msg.compute_milli <= 1000 and msg.memory_mib >= 0 and msg.count >= 1
+                and (msg.count == 1 or msg.compute_milli == 1000)):
+            return wire.Error(f"a request of {msg.count} x {msg.compute_milli} milli, "
+                              f"{msg.memory_mib} MiB cannot be placed")
         result = self.scheduler.enqueue(msg, now)
         if isinstance(result, wire.Placed):
             return result
@@ -557,7 +579,7 @@ class Node:
         self._out.append(PersistLease(result))
         self._publish_facts()
         return wire.LeaseReply(True, result.id, result.token, self.membership.me.facts_version,
-                               "")
+                               "", list(result.devices))
 
     def _handle_start(self, msg: wire.StartJob, now: float) -> wire.Message:
         job = self.jobs.get(msg.job_id)
@@ -596,6 +618,11 @@ class Node:
 
     def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float) -> None:
         job = self.jobs.get(job_id)
+        if job is not None and job.terminal and job.role in ("owner", "both"):
+            # Stopped (cancelled, preempted, reclaimed) while its process was being started:
+            # the lease is already given back, so the process must not run on.
+            self._out.append(StopJob(job_id, job.reason, job.state))
+            return
         if job is None or job.terminal:
             return
         job.state, job.pid, job.pid_start, job.updated_at = RUNNING, pid, pid_start, now
@@ -741,7 +768,7 @@ class Node:
         if st is None or job is None:
             return
         if isinstance(reply, wire.Placed):
-            self._accept_placed(reply, now)
+            self._handle_placed(reply, now)
         elif isinstance(reply, wire.Ok):
             st.sent_to = (self.belief.coordinator or "", self.belief.term)
             st.coordinator_silent_since = None
@@ -785,6 +812,11 @@ class Node:
             return wire.Ok("already placed")
         if job.state != QUEUED:
             return wire.Error(f"job {msg.job_id} is {job.state}")
+        if 1 + len(msg.more) != job.count:
+            # A coordinator of an older version placed fewer devices than asked for.
+            job.reason = (f"waiting: placed on {1 + len(msg.more)} device(s) by "
+                          f"{self.belief.coordinator}, {job.count} asked")
+            return wire.Error(f"job {msg.job_id} asks for {job.count} device(s)")
         self._accept_placed(msg, now)
         return wire.Ok("placed")
 
@@ -860,11 +892,14 @@ class Node:
         self._out.append(WatchJob(job.id, job.node))
 
     def remote_update(self, job_id: str, state: str, reason: str, exit_code: int | None,
-                      now: float) -> None:
-        """Origin: what the owner reported about a job it runs."""
+                      now: float, lease_id: str | None = None) -> None:
+        """Origin: what the owner reported about a job it runs (under ``lease_id``, when the
+        caller knows which placement it followed)."""
         job = self.jobs.get(job_id)
         if job is None or job.terminal or state == job.state or state in (QUEUED, ""):
             return
+        if lease_id is not None and lease_id != job.lease_id:
+            return  # about an earlier placement of this job
         if job.state not in (PLACED, RUNNING):
             return  # a late report about a placement this job has left (requeued since)
         if state == PREEMPTED and job.requeue:
@@ -1003,15 +1038,19 @@ _ROW_TYPES = (str, str, str, int, int, int, int, int, int, str, bool)
 
 
 def _device_rows(m: Member) -> list[list[Any]]:
-    """A member's device rows, skipping any that do not have the expected shape."""
+    """A member's device rows, skipping any that do not have the expected shape, that name
+    a device twice or that claim no capacity."""
     rows = m.facts.get("dev")
     if not isinstance(rows, list):
         return []
-    return [
-        r for r in rows
-        if isinstance(r, list) and len(r) >= len(_ROW_TYPES)
-        and all(isinstance(v, t) for v, t in zip(r, _ROW_TYPES, strict=False))
-    ]
+    out, ids = [], set()
+    for r in rows:
+        if (isinstance(r, list) and len(r) >= len(_ROW_TYPES)
+                and all(isinstance(v, t) for v, t in zip(r, _ROW_TYPES, strict=False))
+                and r[0] not in ids and r[3] >= 0 and r[4] > 0):
+            ids.add(r[0])
+            out.append(r)
+    return out
 
 
 def _preemptible_rows(m: Member) -> list[RunningJob]:

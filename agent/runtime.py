@@ -722,7 +722,7 @@ class Agent:
                 if reply.state in TERMINAL and not reply.complete:
                     continue  # fetch the rest of the output before saying it ended
                 self.node.remote_update(eff.job_id, reply.state, reply.reason, reply.exit_code,
-                                        self.loop.time())
+                                        self.loop.time(), lease_id=lease)
                 await self.flush()
         finally:
             self._watching.discard(key)

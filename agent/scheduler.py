@@ -92,6 +92,7 @@ class Scheduler:
     _seen: dict[str, Sequence[Candidate]] = field(default_factory=dict)
     _waiting: list[tuple[float, int, int, str]] = field(default_factory=list)
     _ready: list[tuple[int, int, str]] = field(default_factory=list)
+    _doomed: dict[str, float] = field(default_factory=dict)  # victim -> chosen until
     queue: dict[str, Queued] = field(default_factory=dict)
     shadows: list[Shadow] = field(default_factory=list)
     # Recent placements (placed, when, attempt), to answer an origin that asks again.
@@ -133,7 +134,9 @@ class Scheduler:
         if not ready:
             return out
         placer = self._index(view if isinstance(view, Mapping) else group_candidates(view))
-        doomed: set[str] = set()  # victims chosen in this round are not chosen twice
+        for job_id in [j for j, until in self._doomed.items() if until <= now]:
+            del self._doomed[job_id]
+        doomed = self._doomed  # victims told to stop are not chosen again while they stop
         for q in ready:
             s = q.submit
             req = _request(s)
@@ -150,7 +153,8 @@ class Scheduler:
                 order = self._preempt_for(req, q, placer, doomed)
                 if order is not None:
                     out.append(order)
-                    doomed.update(order.victims)
+                    for victim in order.victims:
+                        doomed[victim] = now + self.preempt_hold
                     q.preempting_until = now + self.preempt_hold
                     q.reason = (f"waiting: preempting {len(order.victims)} lower-priority "
                                 f"job(s) on {order.node}")
@@ -160,13 +164,19 @@ class Scheduler:
                 q.not_before = now + self.retry_after
                 self._wait(q)
                 continue
+            try:
+                # Booked in the index until the owner answers, so that the next request
+                # sees it as used; the answer re-reads the node from gossip and shadows.
+                placer.commit(req, result)
+            except ValueError as exc:  # the view contradicts itself: try again later
+                q.reason = f"waiting: {exc}"
+                q.not_before = now + self.retry_after
+                self._wait(q)
+                continue
+            q.booked = (req, result)
             q.preempting_until = 0.0
             q.inflight = True
             out.append(Proposal(s.job_id, result, s))
-            # Booked in the index until the owner answers, so that the next request sees
-            # it as used; the answer re-reads the node from gossip and shadows.
-            placer.commit(req, result)
-            q.booked = (req, result)
         return out
 
     # The queue's order without sorting it: requests wait in a heap by the time they may
@@ -198,14 +208,16 @@ class Scheduler:
 
     def _index(self, grouped: Mapping[str, Sequence[Candidate]]) -> Placer:
         """Bring the index up to date with the view; only changed nodes are re-indexed."""
-        if self._placer is None or self._placer.spec is not self.spec:
+        spec = self.spec or _FALLBACK_SPEC
+        if self._placer is None or self._placer.spec is not spec:
             self._cluster, self._specs, self._seen = Cluster(), {}, {}
-            self._placer = Placer(self._cluster, self.spec or _FALLBACK_SPEC)
+            self._placer = Placer(self._cluster, spec)
             for q in self.queue.values():
                 self._placer.observe(_request(q.submit))
-        if len(self._specs) != len(grouped) or any(n not in grouped for n in self._specs):
-            for name in [n for n in self._specs if n not in grouped]:
-                del self._specs[name]
+        nodes = self._cluster.nodes
+        if len(nodes) != len(grouped) or any(n not in grouped for n in nodes):
+            for name in [n for n in nodes if n not in grouped]:
+                self._specs.pop(name, None)
                 self._seen.pop(name, None)
                 self._cluster.remove(name)
         seen = self._seen
@@ -213,22 +225,42 @@ class Scheduler:
             if seen.get(name) is cands or not cands:
                 continue
             seen[name] = cands
-            spec = node_spec(name, cands)
-            if self._specs.get(name) != spec:
-                self._specs[name] = spec
-                self._cluster.upsert(spec)
+            try:
+                node = node_spec(name, cands)
+                if self._specs.get(name) != node:
+                    self._cluster.upsert(node)
+                    self._specs[name] = node
+            except ValueError:  # gossip the index cannot take (a device listed twice)
+                self.counters["bad_views"] = self.counters.get("bad_views", 0) + 1
+                self._specs.pop(name, None)
+                self._cluster.remove(name)
         return self._placer
+
+    def reset(self) -> None:
+        """No longer the coordinator: forget the queue and every booking with it."""
+        self.queue.clear()
+        self._waiting.clear()
+        self._ready.clear()
+        self._doomed.clear()
+        self._placer = None  # rebuilt from the view next time
+
+    def preempt_failed(self, job_id: str) -> None:
+        """The owner did not stop the victims: the request may choose again at once."""
+        q = self.queue.get(job_id)
+        if q is not None:
+            q.preempting_until = 0.0
 
     def _unbook(self, q: Queued | None) -> None:
         """The owner answered: forget the booking and read the node afresh next time."""
         if q is None or q.booked is None:
             return
-        self._specs.pop(q.booked[1].node, None)
-        self._seen.pop(q.booked[1].node, None)
+        node = q.booked[1].node
+        self._seen.pop(node, None)
+        self._specs.pop(node, None)  # re-read (and re-booked from gossip) next round
         q.booked = None
 
     def _preempt_for(self, req: Request, q: Queued, placer: Placer,
-                     doomed: set[str]) -> PreemptOrder | None:
+                     doomed: Mapping[str, float]) -> PreemptOrder | None:
         if self.spec is None:
             return None
         running = [j for j in self.running if j.id not in doomed and may_preempt(req, j)]

@@ -347,18 +347,20 @@ class Simulator:
         sim.node.job_exited(job_id, code, reason, self.now)
         self._pump(name)
 
-    def _sync(self, origin: str, eff: WatchJob) -> None:
+    def _sync(self, origin: str, eff: WatchJob, lease: str | None = None) -> None:
         node = self.nodes[origin].node
         job = node.jobs.get(eff.job_id)
-        if job is None or job.terminal or not self.nodes[origin].up:
+        if lease is None and job is not None:
+            lease = job.lease_id  # the placement this watch follows, as the runtime does
+        if job is None or job.terminal or not self.nodes[origin].up or job.lease_id != lease:
             return
         if self.reachable(origin, eff.node):
             remote = self.nodes[eff.node].node.jobs.get(eff.job_id)
             if remote is not None:
                 node.remote_update(eff.job_id, remote.state, remote.reason, remote.exit_code,
-                                   self.now)
+                                   self.now, lease_id=lease)
                 self._pump(origin)
-        self.at(self.now + 0.5, lambda: self._sync(origin, eff))
+        self.at(self.now + 0.5, lambda: self._sync(origin, eff, lease))
 
     # --- invariants and views -----------------------------------------------------------
 

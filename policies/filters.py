@@ -172,7 +172,16 @@ def choices(req: Request, cls: NodeClass) -> list[Choice]:
     elig = [i for i, d in enumerate(devs) if device_ok(req, d)]
     if len(elig) < count:
         return []
-    if req.whole:
-        return [tuple(elig[:count])]
-    # fractions on several devices: the tightest fits (devs are sorted most-free first)
-    return [tuple(sorted(elig[-count:]))]
+    # One job's devices are alike: never a GPU beside an NPU, nor two models at once.
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i in elig:
+        groups.setdefault((devs[i][4], devs[i][5]), []).append(i)
+    out = []
+    for group in groups.values():
+        if len(group) < count:
+            continue
+        if req.whole:
+            out.append(tuple(group[:count]))
+        else:  # fractions on several devices: the tightest fits (most-free first)
+            out.append(tuple(sorted(group[-count:])))
+    return out

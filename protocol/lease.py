@@ -109,11 +109,15 @@ class LeaseTable:
         )
 
     def remove_device(self, device: str) -> list[Lease]:
-        """Forget a device (it fell off the bus); its active leases are returned, released."""
+        """Forget a device (it fell off the bus) and return its active leases, for their
+        jobs to be stopped. They are released, except a started lease that also holds other
+        devices: its job still runs there until it stops, so those stay taken until the
+        lease is released."""
         self._books.pop(device, None)
         gone = [x for x in self.leases.values() if x.holds(device) and x.state in ACTIVE]
         for lease in gone:
-            lease.state = RELEASED
+            if not (lease.more and lease.state == LENT):
+                lease.state = RELEASED
         return gone
 
     def devices(self) -> list[str]:

@@ -259,6 +259,7 @@ class LeaseReply(Message):
     token: int
     facts_version: int
     reason: str
+    devices: list[str] = field(default_factory=list)  # what the lease holds, when granted
 
 
 @message(37)

@@ -354,10 +354,17 @@ def test_several_devices_are_all_or_nothing() -> None:
 
 
 def test_removing_one_of_its_devices_ends_a_lease_on_several() -> None:
-    t = table(gpu0=(1000, 16384), gpu1=(1000, 16384))
-    lease = granted(ask_many(t, ("gpu0", "gpu1")))
-    assert t.remove_device("gpu1") == [lease]
-    assert lease.state == RELEASED
+    t = table(gpu0=(1000, 16384), gpu1=(1000, 16384), gpu2=(1000, 16384))
+    reserved = granted(ask_many(t, ("gpu0", "gpu1"), job="a"))
+    assert t.remove_device("gpu1") == [reserved]
+    assert reserved.state == RELEASED  # nothing runs on it yet
+    assert t.free("gpu0") == (1000, 16384)
+    running = granted(ask_many(t, ("gpu0", "gpu2"), job="b"))
+    granted(t.start(running.id, "b", running.token))
+    assert t.remove_device("gpu2") == [running]
+    # Its process still runs on gpu0 until it is stopped: gpu0 stays taken till then.
+    assert running.state == LENT and t.free("gpu0") == (0, 15360)
+    t.release(running.id)
     assert t.free("gpu0") == (1000, 16384)
 
 
