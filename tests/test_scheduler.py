@@ -83,3 +83,71 @@ def test_no_preemption_for_an_equal_priority_or_of_a_willing_higher_one() -> Non
     s.enqueue(submit("same", priority=5), 0.0)
     assert s.propose(gpus("a", 1, free=0), 0.0) == []
     assert s.queue["same"].reason.startswith("waiting: ")
+
+
+def test_a_node_that_leaves_the_view_after_an_answer_leaves_the_index() -> None:
+    s = scheduler()
+    s.enqueue(submit("j1"), 0.0)
+    (p,) = proposals(s.propose(gpus("a", 1) + gpus("b", 1), 0.0))
+    s.refused("j1", "gone", 1.0)
+    gone = p.placement.node
+    rest = [c for c in gpus("a", 1) + gpus("b", 1) if c.node != gone]
+    (again,) = proposals(s.propose(rest, 2.0))
+    assert again.placement.node != gone
+    assert gone not in s._cluster.nodes
+
+
+def test_losing_the_role_forgets_queue_and_bookings() -> None:
+    s = scheduler()
+    view = {"a": gpus("a", 1)}
+    s.enqueue(submit("j1"), 0.0)
+    assert proposals(s.propose(view, 0.0))
+    s.reset()  # another node is coordinator now; later this one is again
+    s.enqueue(submit("j2"), 5.0)
+    (p,) = proposals(s.propose(view, 5.0))  # the same, unchanged view: not booked for j1
+    assert p.job_id == "j2"
+
+
+def test_a_victim_is_not_chosen_again_while_it_stops() -> None:
+    s = scheduler()
+    s.running = [RunningJob("low0", "a", ("gpu0",), 1000, 1024, priority=0, preemptible=True),
+                 RunningJob("low1", "b", ("gpu0",), 1000, 1024, priority=0, preemptible=True)]
+    full = [*gpus("a", 1, free=0), *gpus("b", 1, free=0)]
+    s.enqueue(submit("u1", priority=5), 0.0)
+    (o1,) = s.propose(full, 0.0)
+    s.enqueue(submit("u2", priority=5), 1.0)
+    (o2,) = s.propose(full, 1.0)  # gossip still lists low0: it is not picked twice
+    assert isinstance(o1, PreemptOrder) and isinstance(o2, PreemptOrder)
+    assert {o1.victims, o2.victims} == {("low0",), ("low1",)}
+
+
+def test_a_refused_preemption_does_not_hold_the_request() -> None:
+    s = scheduler()
+    s.running = [RunningJob("low", "a", ("gpu0",), 1000, 1024, priority=0, preemptible=True)]
+    s.enqueue(submit("u", priority=5), 0.0)
+    assert isinstance(s.propose(gpus("a", 1, free=0), 0.0)[0], PreemptOrder)
+    s.preempt_failed("u")
+    s._doomed.clear()  # the owner said no: its gossip will no longer list it
+    assert isinstance(s.propose(gpus("a", 1, free=0), 1.0)[0], PreemptOrder)
+
+
+def test_one_jobs_devices_are_of_one_kind() -> None:
+    s = scheduler()
+    mixed = [Candidate("a", "gpu0", "gpu", "sim-gpu", 1000, 16384, 1000, 16384),
+             Candidate("a", "npu0", "npu", "sim-npu", 1000, 16384, 1000, 16384)]
+    s.enqueue(wire.Submit("pair", "desk", 1000, 0, "any", 0, 0, 2), 0.0)
+    assert proposals(s.propose(mixed, 0.0)) == []
+    assert "no node can take 2 devices" in s.queue["pair"].reason
+    s.enqueue(wire.Submit("two", "desk", 1000, 0, "any", 0, 0, 2), 1.0)
+    (p,) = proposals(s.propose([*mixed, Candidate("a", "gpu1", "gpu", "sim-gpu", 1000, 16384,
+                                                  1000, 16384)], 1.0))
+    assert sorted(p.placement.devices) == ["gpu0", "gpu1"]
+
+
+def test_gossip_that_lists_a_device_twice_is_skipped_not_raised() -> None:
+    s = scheduler()
+    twice = gpus("a", 1) + gpus("a", 1)
+    s.enqueue(submit("j1"), 0.0)
+    (p,) = proposals(s.propose(twice + gpus("b", 1), 0.0))
+    assert p.placement.node == "b"
+    assert s.counters["bad_views"] == 1
