@@ -55,6 +55,7 @@ class JobRecord:
     count: int = 1  # whole devices wanted on one node (1: one device or a fraction of one)
     more_devices: list[str] = field(default_factory=list)  # placed: devices beyond ``device``
     preemptible: bool = False  # a higher-priority job may stop it (then requeued if allowed)
+    cancel_requested: bool = False  # origin: the user cancelled it; told to the owner until done
 
     @property
     def devices(self) -> list[str]:

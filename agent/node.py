@@ -68,6 +68,7 @@ from flexmesh.protocol.membership import (
 )
 
 MAX_GOSSIPED_PREEMPTIBLE = 16  # preemptible jobs a node lists in its facts
+CANCEL_RETRY = 2.0  # seconds between attempts to tell an owner of a cancel
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,7 @@ class Node:
         self._dirty_schedule = False
         self._candidate_cache: dict[str, tuple[tuple[int, int], list[Candidate]]] = {}
         self._owner_away: dict[str, float] = {}  # owner that left -> since when
+        self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
         self._next_housekeeping = now
         self._now = now
         self._publish_facts()
@@ -259,6 +261,12 @@ class Node:
                 self._joining_until = 0.0
                 self._dirty_election = True
             self._tick_origin(now)
+            for job_id, when in list(self._cancel_retry.items()):
+                job = self.jobs.get(job_id)
+                if job is None or job.terminal or job.state not in (PLACED, RUNNING):
+                    del self._cancel_retry[job_id]
+                elif when <= now and job.node not in self._owner_away:
+                    self._send_cancel(job, now)
             for node, since in list(self._owner_away.items()):
                 if now - since >= self.config.owner_away_limit:
                     del self._owner_away[node]
@@ -685,6 +693,8 @@ class Node:
         for job in self._followed_on(node):
             job.reason = ""
             self._out.append(PersistJob(replace(job)))
+            if job.cancel_requested:
+                self._cancel_retry[job.id] = self._now
             if job.state == RUNNING:
                 self._watch(job)  # the runtime does not follow a job twice
 
@@ -728,6 +738,8 @@ class Node:
             self._origin[job.id] = _OriginState(next_submit=now)
         elif job.role == "origin" and job.state in (PLACED, RUNNING):
             self._watch(job)
+            if job.cancel_requested:
+                self._cancel_retry[job.id] = now
 
     def _tick_origin(self, now: float) -> None:
         for job_id, st in list(self._origin.items()):
@@ -874,6 +886,12 @@ class Node:
             self._send_start(job, now)
 
     def _requeue(self, job: JobRecord, reason: str, now: float) -> None:
+        if job.cancel_requested:  # it ended there before the cancel arrived: done
+            job.state, job.reason, job.updated_at = CANCELLED, "cancelled by user", now
+            job.role = "origin" if job.role == "both" else job.role
+            self._out.append(PersistJob(replace(job)))
+            self._origin.pop(job.id, None)
+            return
         self._log("job_requeued", job=job.id, reason=reason)
         if job.attempts or job.state in (RUNNING, PLACED):
             self._out.append(ArchiveOutput(job.id))
@@ -929,9 +947,31 @@ class Node:
         if job.node == self.name:
             self._handle_cancel(wire.Cancel(job_id, reason), now)
         else:
-            self._call(job.node, wire.Cancel(job_id, reason), _ignore, now)
+            # Told to the owner until it answers: a cancel is never lost to a failed call
+            # or an owner that is away for a while.
+            job.cancel_requested = True
+            self._out.append(PersistJob(replace(job)))
+            self._send_cancel(job, now)
         self._after_input(now)
         return "cancelling"
+
+    def _send_cancel(self, job: JobRecord, now: float) -> None:
+        self._cancel_retry.pop(job.id, None)
+
+        def then(reply: wire.Message | None, error: str, t: float) -> None:
+            current = self.jobs.get(job.id)
+            if current is None or current.terminal or not current.cancel_requested:
+                return
+            if isinstance(reply, wire.Error) and current.state == RUNNING:
+                # The owner answered and runs no such job (it lost it): nothing to stop.
+                current.state, current.updated_at = CANCELLED, t
+                current.reason = f"cancelled by user ({job.node}: {reply.reason})"
+                self._out.append(PersistJob(replace(current)))
+            elif not isinstance(reply, wire.Ok):
+                self._log("cancel_retry", job=job.id, node=job.node,
+                          error=reply.reason if isinstance(reply, wire.Error) else error)
+                self._cancel_retry[job.id] = t + CANCEL_RETRY
+        self._call(job.node, wire.Cancel(job.id, "cancelled by user"), then, now)
 
     def _handle_cancel(self, msg: wire.Cancel, now: float) -> wire.Message:
         job = self.jobs.get(msg.job_id)

@@ -221,3 +221,23 @@ def test_an_owner_that_never_comes_back_loses_its_jobs_after_the_limit() -> None
     sim.run_for(60)
     job = sim.job("long")
     assert job is not None and job.state == "lost" and "not back within" in job.reason, job
+
+
+def test_a_cancel_that_cannot_reach_the_owner_is_told_again() -> None:
+    sim = Simulator(8, membership=PRESETS["lan"])
+    sim.add_node("owner", [gpu(0)])
+    sim.add_node("desk", [], join=["owner"])
+    settle(sim, 30)
+    sim.submit("desk", "long", ["sleep", "300"], 500, 1024)
+    sim.run_for(5)
+    job = sim.job("long")
+    assert job is not None and job.state == "running" and job.node == "owner"
+    sim.cut("desk", "owner")
+    assert sim.nodes["desk"].node.cancel("long", sim.now) == "cancelling"
+    sim.run_for(3)  # the call failed; the job still runs there
+    assert sim.nodes["owner"].node.jobs["long"].state == "running"
+    sim.heal()
+    sim.run_for(15)
+    job = sim.job("long")
+    assert job is not None and job.state == "cancelled", job
+    assert sim.nodes["owner"].node.jobs["long"].state == "cancelled"
