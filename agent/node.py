@@ -191,6 +191,7 @@ class Node:
         self._candidate_cache: dict[str, tuple[tuple[int, int], list[Candidate]]] = {}
         self._owner_away: dict[str, float] = {}  # owner that left -> since when
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
+        self._election_facts: dict[str, tuple[Any, ...]] = {}  # what _elect read, by member
         self._next_housekeeping = now
         self._now = now
         self._publish_facts()
@@ -208,8 +209,15 @@ class Node:
             if isinstance(eff, MemberEvent):
                 self._on_member_event(eff)
             elif isinstance(eff, FactsEvent):
-                self._dirty_election = True
                 self._dirty_schedule = True
+                # Most facts changes are device usage: the election is run again only
+                # when what it reads of the member changed (it is O(members)).
+                m = self.membership.members.get(eff.name)
+                f = m.facts if m is not None else {}
+                seen = (f.get("prio"), f.get("elig"), f.get("claim"), f.get("mt"))
+                if self._election_facts.get(eff.name) != seen:
+                    self._election_facts[eff.name] = seen
+                    self._dirty_election = True
 
     def _log(self, event: str, **fields: Any) -> None:
         self._out.append(LogEvent(event, fields))
