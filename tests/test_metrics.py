@@ -236,3 +236,22 @@ async def test_metrics_on_tcp(agent: StandIn) -> None:
     names, s = parse(text)
     assert value(s, "flexmesh_is_coordinator") == 1
     assert "flexmesh_process_cpu_seconds" in names
+
+
+def test_the_readme_lists_exactly_the_families_served(agent: StandIn) -> None:
+    """The operator's table in README.md and the page agree (process_* aside)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = readme.split("The families, all prefixed `flexmesh_`:", 1)[1].lstrip("\n")
+    table = after.split("\n\n", 1)[0]
+    listed: set[str] = set()
+    for tok in re.findall(r"`([^`]+)`", table):
+        m = re.fullmatch(r"([a-z_]*)\{([a-z,]+)\}([a-z_]+)", tok)  # name_{a,b}_rest
+        parts = ([f"{m[1]}{x}{m[3]}" for x in m[2].split(",")] if m
+                 else [re.sub(r"\{.*\}$", "", tok)])  # name{labels}
+        listed.update(p.removesuffix("_total") for p in parts if re.fullmatch("[a-z_]+", p))
+    names, _ = scrape(agent)
+    served = {n.removeprefix("flexmesh_") for n in names
+              if not n.startswith("flexmesh_process_")}
+    assert listed == served, (sorted(listed - served), sorted(served - listed))
