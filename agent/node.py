@@ -69,6 +69,7 @@ from flexmesh.protocol.membership import (
 
 MAX_GOSSIPED_PREEMPTIBLE = 16  # preemptible jobs a node lists in its facts
 CANCEL_RETRY = 2.0  # seconds between attempts to tell an owner of a cancel
+PREEMPT_RECHECK = 3.0  # an owner refused a preemption: choose again after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +316,7 @@ class Node:
     def _on_member_event(self, ev: MemberEvent) -> None:
         self._dirty_election = True
         self._dirty_schedule = True
+        self._election_facts.pop(ev.name, None)  # a member back anew: its facts are news
         if ev.state in (DEAD, LEFT):
             self._owner_gone(ev.name, ev.state)
         elif ev.state == ALIVE and self._owner_away.pop(ev.name, None) is not None:
@@ -536,8 +538,11 @@ class Node:
             if not isinstance(reply, wire.Ok):
                 why = reply.reason if isinstance(reply, wire.Error) else error
                 self._log("preempt_failed", job=order.job_id, node=order.node, error=why)
-                self.scheduler.preempt_failed(order.job_id)
-                self._dirty_schedule = True
+                if isinstance(reply, wire.Error):
+                    # The owner stopped none of them (stale term, or they ended already):
+                    # choose again once its gossip can show what is free. On no answer at
+                    # all it may be stopping them: the hold stays.
+                    self.scheduler.preempt_failed(order.job_id, t + PREEMPT_RECHECK)
         self._call(order.node, msg, then, now)
 
     def _lease_reply_handler(self, req: wire.LeaseRequest, owner: str) -> Continuation:
@@ -632,15 +637,22 @@ class Node:
         self._log("job_start", job=job.id, device=",".join(result.devices), origin=job.origin)
         return wire.Ok("starting")
 
-    def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float) -> None:
+    def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float,
+                    lease_id: str | None = None) -> None:
+        """The process of a job this node runs (under ``lease_id``, as RunJob gave it) has
+        started."""
         job = self.jobs.get(job_id)
-        if job is not None and job.terminal and job.role in ("owner", "both"):
-            # Stopped (cancelled, preempted, reclaimed) while its process was being started:
-            # the lease is already given back, so the process must not run on.
-            self._out.append(StopJob(job_id, job.reason, job.state))
+        current = (job is not None and job.role in ("owner", "both") and job.state == PLACED
+                   and (lease_id is None or job.lease_id == lease_id))
+        if not current:
+            # Stopped (cancelled, preempted, reclaimed) while its process was being started,
+            # maybe requeued since: its lease is given back, so the process must not run on.
+            self._log("stale_start", job=job_id, pid=pid)
+            self._out.append(StopJob(job_id, "stopped before it had started",
+                                     job.state if job is not None and job.terminal
+                                     else CANCELLED))
             return
-        if job is None or job.terminal:
-            return
+        assert job is not None
         job.state, job.pid, job.pid_start, job.updated_at = RUNNING, pid, pid_start, now
         self._out.append(PersistJob(replace(job)))
         self._after_input(now)
@@ -649,8 +661,9 @@ class Node:
                    state: str | None = None) -> None:
         """The process of a job this node owns has ended (or could not start)."""
         job = self.jobs.get(job_id)
-        if job is None or job.terminal:
-            return
+        if (job is None or job.terminal or job.role not in ("owner", "both")
+                or job.state not in (PLACED, RUNNING)):
+            return  # not a run of ours (any more): e.g. stopped while starting, requeued
         stop = self._stopping.pop(job_id, None)
         if stop is not None:
             state, reason = stop.state, stop.reason
@@ -746,6 +759,8 @@ class Node:
             self._origin[job.id] = _OriginState(next_submit=now)
         elif job.role == "origin" and job.state in (PLACED, RUNNING):
             self._watch(job)
+            if job.state == PLACED:  # starting is idempotent: ask again, requeue if refused
+                self._origin[job.id] = _OriginState(start_deadline=now + self.config.lease_ttl)
             if job.cancel_requested:
                 self._cancel_retry[job.id] = now
 
@@ -890,7 +905,7 @@ class Node:
             return
         if now >= st.start_deadline:
             self._requeue(job, f"owner {job.node} did not answer before the lease expired", now)
-        else:
+        elif not job.cancel_requested:  # cancelled: let the reservation lapse instead
             self._send_start(job, now)
 
     def _requeue(self, job: JobRecord, reason: str, now: float) -> None:
@@ -1094,7 +1109,8 @@ def _device_rows(m: Member) -> list[list[Any]]:
     out, ids = [], set()
     for r in rows:
         if (isinstance(r, list) and len(r) >= len(_ROW_TYPES)
-                and all(isinstance(v, t) for v, t in zip(r, _ROW_TYPES, strict=False))
+                and all(isinstance(v, t) and (t is not int or not isinstance(v, bool))
+                        for v, t in zip(r, _ROW_TYPES, strict=False))
                 and r[0] not in ids and r[3] >= 0 and r[4] > 0):
             ids.add(r[0])
             out.append(r)
@@ -1109,7 +1125,8 @@ def _preemptible_rows(m: Member) -> list[RunningJob]:
     for r in rows:
         if not (isinstance(r, list) and len(r) >= 5 and isinstance(r[0], str)
                 and isinstance(r[1], list) and r[1] and all(isinstance(d, str) for d in r[1])
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in r[2:5])):
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in r[2:5])
+                and r[2] > 0 and r[3] >= 0):
             continue
         devices = tuple(r[1])
         out.append(RunningJob(

@@ -656,7 +656,8 @@ class Agent:
             self.node.job_exited(job.id, None, f"could not start: {exc}", self.loop.time(),
                                  state=FAILED)
         else:
-            self.node.job_started(job.id, pid, pid_start, self.loop.time())
+            self.node.job_started(job.id, pid, pid_start, self.loop.time(),
+                                  lease_id=job.lease_id)
         await self.flush()
 
     def job_user(self, job: JobRecord) -> tuple[int, int] | None:

@@ -244,11 +244,12 @@ class Scheduler:
         self._doomed.clear()
         self._placer = None  # rebuilt from the view next time
 
-    def preempt_failed(self, job_id: str) -> None:
-        """The owner did not stop the victims: the request may choose again at once."""
+    def preempt_failed(self, job_id: str, retry_at: float = 0.0) -> None:
+        """The owner stopped none of the victims: the request may choose again at
+        ``retry_at`` (victims it named stay unchosen while their hold lasts)."""
         q = self.queue.get(job_id)
         if q is not None:
-            q.preempting_until = 0.0
+            q.preempting_until = min(q.preempting_until, retry_at)
 
     def _unbook(self, q: Queued | None) -> None:
         """The owner answered: forget the booking and read the node afresh next time."""

@@ -326,7 +326,8 @@ class Simulator:
 
         def started() -> None:
             if self.nodes[name].node is node and self.nodes[name].up:
-                node.job_started(job_id, 1000 + len(self.nodes[name].processes), None, self.now)
+                node.job_started(job_id, 1000 + len(self.nodes[name].processes), None, self.now,
+                                 lease_id=eff.job.lease_id)
                 self._pump(name)
         self.at(self.now + 0.01, started)
         self.at(self.now + duration, lambda: self._exit(name, job_id, 0, "exited with code 0"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import CANCELLED
-from flexmesh.agent.node import Node, NodeConfig, StopJob
+from flexmesh.agent.models import CANCELLED, JobRecord
+from flexmesh.agent.node import Call, Node, NodeConfig, RunJob, StopJob
 from flexmesh.protocol import wire
 
 
@@ -75,3 +75,69 @@ def test_a_submit_that_cannot_be_placed_is_refused_by_the_coordinator() -> None:
     bad = wire.Submit("j", "o", 500, 0, "gpu", 0, 0, 2)  # fractions of several devices
     reply = node.handle_request(bad, node._now)
     assert isinstance(reply, wire.Error) and "cannot be placed" in reply.reason
+
+
+def test_a_local_job_preempted_while_starting_is_stopped_not_run() -> None:
+    """Reclaimed between RunJob and its process starting: it is requeued, and the process
+    that the runtime was already spawning is stopped when it reports in."""
+    node = Node(NodeConfig("solo", "127.0.0.1:7946"), random.Random(1), 0.0)
+    node.set_devices([gpu(0)], {})
+    for _ in range(40):
+        node.tick(node.next_deadline())
+    assert node.is_coordinator
+    job = JobRecord(id="j1", origin="solo", command=["sleep", "9"], compute_milli=500,
+                    memory_mib=1024, role="origin", preemptible=True)
+    node.submit(job, node._now)
+    runs = [e for e in node.drain() if isinstance(e, RunJob)]
+    assert len(runs) == 1
+    lease_id = runs[0].job.lease_id
+    node.set_devices([gpu(0)], {gpu(0).id: (0, 0)})  # the owner's own work takes it all
+    assert node.jobs["j1"].state == "queued"
+    node.job_started("j1", 4242, None, node._now, lease_id=lease_id)
+    assert node.jobs["j1"].state == "queued" and node.jobs["j1"].pid is None
+    assert [e.job_id for e in node.drain() if isinstance(e, StopJob)] == ["j1"]
+    node.job_exited("j1", 143, "terminated", node._now)  # the stale process ends
+    assert node.jobs["j1"].state == "queued"
+
+
+def test_a_member_back_after_being_forgotten_is_elected_on_its_facts() -> None:
+    """Its Alive arrives before its facts: the election first sees defaults (eligible),
+    then must run again on its facts even though they equal what it read before the member
+    was forgotten."""
+    node = Node(NodeConfig("m", "127.0.0.1:7946"), random.Random(1), 0.0)
+    members = node.membership
+
+    def settle() -> None:
+        node._after_input(node._now)
+        node.drain()
+
+    members.handle_alive(wire.Alive("c", "127.0.0.1:7948", 0), 0.0)
+    members.handle_facts(wire.Facts("c", 0, 1, {"prio": 0, "elig": True, "claim": 5,
+                                                "mt": 5}))
+    settle()
+    laptop = {"prio": 0, "elig": False, "claim": 0, "mt": 5}  # never coordinator
+    members.handle_alive(wire.Alive("0b", "127.0.0.1:7947", 0), 0.0)
+    members.handle_facts(wire.Facts("0b", 0, 1, laptop))
+    settle()
+    assert node.belief.coordinator == "c"
+    members.handle_dead(wire.Dead("0b", 0, "0b"), 0.0)
+    settle()
+    del members.members["0b"]  # reaped, as the membership does long after
+    members.handle_alive(wire.Alive("0b", "127.0.0.1:7947", 1), 1.0)
+    settle()
+    members.handle_facts(wire.Facts("0b", 1, 1, laptop))
+    settle()
+    assert node.belief.coordinator == "c"
+
+
+def test_a_placed_job_read_back_after_a_restart_is_started_again() -> None:
+    node = Node(NodeConfig("desk", "127.0.0.1:7946"), random.Random(1), 0.0)
+    job = JobRecord(id="j1", origin="desk", command=["true"], compute_milli=500,
+                    memory_mib=0, role="origin", state="placed", node="owner",
+                    device="gpu0", lease_id="owner/7", token=7, term=1)
+    node.recover([job], [], lambda j: False, 0.0)
+    node.membership.handle_alive(wire.Alive("owner", "127.0.0.1:7947", 0), 0.0)
+    node.tick(1.0)
+    starts = [e.msg for e in node.drain()
+              if isinstance(e, Call) and isinstance(e.msg, wire.StartJob)]
+    assert [(m.job_id, m.lease_id, m.token) for m in starts] == [("j1", "owner/7", 7)]
