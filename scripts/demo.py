@@ -23,6 +23,7 @@ JOBS = [
     (["--gpu", "0.25", "--memory", "2GiB", "--kind", "gpu"], "another quarter"),
     (["--gpu", "1", "--memory", "16GiB", "--kind", "gpu"], "a whole GPU"),
     (["--gpu", "0.5", "--memory", "16GiB", "--kind", "npu"], "half an NPU"),
+    (["--devices", "2", "--memory", "4GiB", "--kind", "gpu"], "two whole GPUs"),
 ]
 SCRIPT = ('echo "job $FLEXMESH_JOB_ID on $(hostname)/$FLEXMESH_DEVICE: '
           '$FLEXMESH_COMPUTE_MILLI milli, $FLEXMESH_MEMORY_MIB MiB"; sleep 1; echo done')
