@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from flexmesh.agent.scheduler import PreemptOrder, Proposal, Scheduler
 from flexmesh.policies import DEFAULT_POLICY, Candidate, RunningJob, get_policy, get_spec
 from flexmesh.protocol import wire
@@ -151,3 +155,84 @@ def test_gossip_that_lists_a_device_twice_is_skipped_not_raised() -> None:
     (p,) = proposals(s.propose(twice + gpus("b", 1), 0.0))
     assert p.placement.node == "b"
     assert s.counters["bad_views"] == 1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_histories_keep_the_queue_honest(seed: int) -> None:
+    """Random submits, answers, withdrawals, role changes and jobs ending, against a model
+    of the truth. In every round: no job is proposed while it has a proposal out, and what
+    one round proposes fits what the view showed free. At the end, with room everywhere,
+    every job still queued is proposed: nothing is lost in the heaps."""
+    rng = random.Random(seed)
+    s = scheduler()
+    nodes = {f"n{i}": 2 for i in range(6)}
+    used: dict[tuple[str, str], int] = {}
+    running: list[tuple[str, tuple[str, ...], int]] = []
+    out: dict[str, Proposal] = {}
+    now = 0.0
+    jobs = 0
+
+    def view() -> list[Candidate]:
+        return [Candidate(n, f"gpu{i}", "gpu", "sim-gpu", 1000, 16384,
+                          1000 - used.get((n, f"gpu{i}"), 0), 16384)
+                for n, count in nodes.items() for i in range(count)]
+
+    for _ in range(300):
+        now += rng.choice([0.1, 0.5, 1.5])
+        for _ in range(rng.randrange(4)):
+            jobs += 1
+            compute = rng.choice([100, 250, 500, 1000])
+            count = rng.choice([1, 1, 1, 2]) if compute == 1000 else 1
+            s.enqueue(wire.Submit(f"j{jobs}", "desk", compute, 0, "gpu", rng.randrange(3), 0,
+                                  count), now)
+        v = view()
+        free = {(c.node, c.device): c.free_compute_milli for c in v}
+        round_use: dict[tuple[str, str], int] = {}
+        for p in proposals(s.propose(v, now)):
+            assert p.job_id not in out, "proposed twice while its proposal is out"
+            out[p.job_id] = p
+            for d in p.placement.devices:
+                key = (p.placement.node, d)
+                round_use[key] = round_use.get(key, 0) + p.submit.compute_milli
+                assert round_use[key] <= free[key], "one round proposed beyond the view"
+        for job_id in list(out):  # owners answer some
+            if rng.random() < 0.6:
+                p = out.pop(job_id)
+                devs = p.placement.devices
+                fits = all(used.get((p.placement.node, d), 0) + p.submit.compute_milli <= 1000
+                           for d in devs)
+                if fits and rng.random() < 0.8:
+                    for d in devs:
+                        key = (p.placement.node, d)
+                        used[key] = used.get(key, 0) + p.submit.compute_milli
+                    running.append((p.placement.node, devs, p.submit.compute_milli))
+                    s.granted(job_id, wire.Placed(job_id, p.placement.node, devs[0], "l", 1, 1,
+                                                  list(devs[1:])), p.submit.compute_milli, 0,
+                              0, now)
+                    s.shadows.clear()  # the owner's gossip shows it at once here
+                else:
+                    s.refused(job_id, "no", now)
+        for _ in range(rng.randrange(3)):  # jobs end
+            if running:
+                node, devs, compute = running.pop(rng.randrange(len(running)))
+                for d in devs:
+                    used[(node, d)] -= compute
+        if rng.random() < 0.05:  # a queued job is withdrawn
+            queued = [j for j in s.queue if j not in out]
+            if queued:
+                s.withdraw(rng.choice(queued))
+        if rng.random() < 0.02:  # another node is coordinator for a while
+            s.reset()
+            out.clear()
+    # Everything answered and ended: every queued job is proposed within a few rounds.
+    for job_id in list(out):
+        s.refused(job_id, "no", now)
+    out.clear()
+    used.clear()
+    waiting = set(s.queue)
+    nodes = {f"m{i}": 2 for i in range(len(waiting) + 1)}  # room for all of them at once
+    for _ in range(len(waiting) // 64 + 3):
+        now += 2.0
+        for p in proposals(s.propose(view(), now)):
+            waiting.discard(p.job_id)
+    assert not waiting, f"{len(waiting)} queued jobs were never tried again"
