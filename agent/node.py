@@ -193,6 +193,8 @@ class Node:
         self._owner_away: dict[str, float] = {}  # owner that left -> since when
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
         self._election_facts: dict[str, tuple[Any, ...]] = {}  # what _elect read, by member
+        self._voter_map: dict[str, Voter] = {}
+        self._stale_voters: set[str] = set()
         self._next_housekeeping = now
         self._now = now
         self._publish_facts()
@@ -218,6 +220,7 @@ class Node:
                 seen = (f.get("prio"), f.get("elig"), f.get("claim"), f.get("mt"))
                 if self._election_facts.get(eff.name) != seen:
                     self._election_facts[eff.name] = seen
+                    self._stale_voters.add(eff.name)
                     self._dirty_election = True
 
     def _log(self, event: str, **fields: Any) -> None:
@@ -317,20 +320,28 @@ class Node:
         self._dirty_election = True
         self._dirty_schedule = True
         self._election_facts.pop(ev.name, None)  # a member back anew: its facts are news
+        self._stale_voters.add(ev.name)
         if ev.state in (DEAD, LEFT):
             self._owner_gone(ev.name, ev.state)
         elif ev.state == ALIVE and self._owner_away.pop(ev.name, None) is not None:
             self._owner_back(ev.name)
 
     def _voters(self) -> list[Voter]:
-        out = []
-        for m in self.membership.members.values():
-            f = m.facts
-            out.append(Voter(
-                m.name, m.state, _int(f.get("prio")), bool(f.get("elig", True)),
-                _int(f.get("claim")), _int(f.get("mt")),
-            ))
-        return out
+        """Every member as the election sees it. Kept per member and rebuilt only for the
+        members an event touched: at 30% loss state flips are many, members thousands."""
+        vm, members = self._voter_map, self.membership.members
+        for name in self._stale_voters:
+            m = members.get(name)
+            if m is not None:
+                vm[name] = _voter(m)
+        self._stale_voters.clear()
+        if len(vm) != len(members) or any(n not in members for n in vm):
+            for name in [n for n in vm if n not in members]:
+                del vm[name]  # reaped
+            for name, m in members.items():
+                if name not in vm:
+                    vm[name] = _voter(m)
+        return list(vm.values())
 
     def join(self, seeds: list[str], now: float) -> None:
         """Join the mesh through seeds. Until the first exchange with one of them (or a
@@ -1115,6 +1126,12 @@ def _device_rows(m: Member) -> list[list[Any]]:
             ids.add(r[0])
             out.append(r)
     return out
+
+
+def _voter(m: Member) -> Voter:
+    f = m.facts
+    return Voter(m.name, m.state, _int(f.get("prio")), bool(f.get("elig", True)),
+                 _int(f.get("claim")), _int(f.get("mt")))
 
 
 def _preemptible_rows(m: Member) -> list[RunningJob]:

@@ -11,6 +11,7 @@ Sans-IO: it stores encoded message bytes and hands back those that fit a byte bu
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -28,8 +29,17 @@ class _Entry:
 
 
 class BroadcastQueue:
+    """Pending updates, handed out least-sent and newest first.
+
+    The order lives in a heap of ``(transmits, -serial, key)``; an entry replaced or sent
+    since it was pushed leaves a stale heap item behind, skipped when it comes up. A packet
+    costs O(k log n) for the k updates it carries, not a sort of the whole queue (which
+    matters at 30% loss in a 1,000-node mesh, where queues hold thousands of updates).
+    """
+
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self._heap: list[tuple[int, int, tuple[str, str]]] = []
         self._serial = 0
 
     def __len__(self) -> int:
@@ -38,26 +48,44 @@ class BroadcastQueue:
     def push(self, key: tuple[str, str], payload: bytes) -> None:
         self._serial += 1
         self._entries[key] = _Entry(payload, 0, self._serial)
+        heapq.heappush(self._heap, (0, -self._serial, key))
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            self._compact()
 
     def drop(self, key: tuple[str, str]) -> None:
         self._entries.pop(key, None)
+
+    def _compact(self) -> None:
+        self._heap = [(e.transmits, -e.serial, k) for k, e in self._entries.items()]
+        heapq.heapify(self._heap)
 
     def take(self, budget: int, per_message_overhead: int, limit: int) -> list[bytes]:
         """Payloads that fit ``budget`` bytes, least-sent and newest first."""
         if not self._entries or budget <= 0:
             return []
-        order = sorted(self._entries.items(), key=lambda kv: (kv[1].transmits, -kv[1].serial))
+        heap, entries = self._heap, self._entries
         out: list[bytes] = []
+        back: list[tuple[int, int, tuple[str, str]]] = []
         used = 0
-        for key, entry in order:
+        while heap:
+            item = heapq.heappop(heap)
+            transmits, neg_serial, key = item
+            entry = entries.get(key)
+            if entry is None or entry.serial != -neg_serial or entry.transmits != transmits:
+                continue  # replaced, dropped or sent since this item was pushed
             cost = len(entry.payload) + per_message_overhead
             if used + cost > budget:
+                back.append(item)  # too big for what is left of this packet
                 continue
             used += cost
             out.append(entry.payload)
             entry.transmits += 1
             if entry.transmits >= limit:
-                del self._entries[key]
+                del entries[key]
+            else:
+                back.append((entry.transmits, neg_serial, key))
             if budget - used < 16:
-                break
+                break  # nothing useful fits any more
+        for item in back:
+            heapq.heappush(heap, item)
         return out
