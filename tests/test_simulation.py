@@ -178,19 +178,25 @@ def test_a_higher_priority_job_preempts_only_preemptible_ones() -> None:
     assert keep is not None and keep.attempts <= 1  # started once, never preempted
 
 
-def test_an_owner_that_leaves_and_comes_back_keeps_its_borrowed_jobs() -> None:
-    """An upgrade: the owner stops gracefully (its jobs go on) and starts again. The
-    submitter does not call the job lost; it follows it again once the owner is back."""
-    sim = Simulator(5, membership=PRESETS["lan"])
+def borrowed_job_then_owner_leaves(seed: int, seconds: int) -> Simulator:
+    """A job from "desk" runs on "owner", which then stops gracefully (its jobs go on)."""
+    sim = Simulator(seed, membership=PRESETS["lan"])
     sim.add_node("coord", [])
     sim.add_node("owner", [gpu(0)], join=["coord"])
     sim.add_node("desk", [], join=["coord"])
     settle(sim, 30)
-    sim.submit("desk", "long", ["sleep", "120"], 500, 1024)
+    sim.submit("desk", "long", ["sleep", str(seconds)], 500, 1024)
     sim.run_for(5)
     job = sim.job("long")
     assert job is not None and job.state == "running" and job.node == "owner"
     sim.leave("owner")
+    return sim
+
+
+def test_an_owner_that_leaves_and_comes_back_keeps_its_borrowed_jobs() -> None:
+    """An upgrade: the owner stops gracefully and starts again. The submitter does not call
+    the job lost; it follows it again once the owner is back."""
+    sim = borrowed_job_then_owner_leaves(5, 120)
     sim.run_for(20)
     job = sim.job("long")
     assert job is not None and job.state == "running", job
@@ -206,14 +212,7 @@ def test_an_owner_that_leaves_and_comes_back_keeps_its_borrowed_jobs() -> None:
 
 
 def test_an_owner_that_never_comes_back_loses_its_jobs_after_the_limit() -> None:
-    sim = Simulator(6, membership=PRESETS["lan"])
-    sim.add_node("coord", [])
-    sim.add_node("owner", [gpu(0)], join=["coord"])
-    sim.add_node("desk", [], join=["coord"])
-    settle(sim, 30)
-    sim.submit("desk", "long", ["sleep", "5000"], 500, 1024)
-    sim.run_for(5)
-    sim.leave("owner")
+    sim = borrowed_job_then_owner_leaves(6, 5000)
     limit = sim.nodes["desk"].node.config.owner_away_limit
     sim.run_for(limit - 30)
     job = sim.job("long")
