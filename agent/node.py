@@ -436,8 +436,9 @@ class Node:
         stopped, refused = [], []
         for job_id in msg.job_ids:
             lease = held.get(job_id)
-            if lease is None or not lease.preemptible:
-                refused.append(job_id)  # gone already, or never preemptible: left alone
+            if lease is None or not lease.preemptible or lease.priority >= msg.priority:
+                # gone already, never preemptible, or not below the request: left alone
+                refused.append(job_id)
                 continue
             if job_id in self._stopping:
                 stopped.append(job_id)  # already on its way out
@@ -542,7 +543,8 @@ class Node:
 
     def _send_preempt(self, order: PreemptOrder, now: float) -> None:
         reason = f"preempted for job {order.job_id} (priority {order.priority})"
-        msg = wire.Preempt(list(order.victims), reason, self.belief.term, self.name)
+        msg = wire.Preempt(list(order.victims), reason, self.belief.term, self.name,
+                           order.priority)
         self._log("preempt", job=order.job_id, node=order.node, victims=list(order.victims))
 
         def then(reply: wire.Message | None, error: str, t: float) -> None:

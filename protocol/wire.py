@@ -343,6 +343,7 @@ class Preempt(Message):
     reason: str
     term: int
     coordinator: str
+    priority: int = 0  # of the request they make room for: only lower ones are stopped
 
 
 # --- encoding ---------------------------------------------------------------------------

@@ -141,3 +141,15 @@ def test_a_placed_job_read_back_after_a_restart_is_started_again() -> None:
     starts = [e.msg for e in node.drain()
               if isinstance(e, Call) and isinstance(e.msg, wire.StartJob)]
     assert [(m.job_id, m.lease_id, m.token) for m in starts] == [("j1", "owner/7", 7)]
+
+
+def test_an_owner_stops_only_jobs_below_the_requests_priority() -> None:
+    node = owner(1)
+    req = wire.LeaseRequest("low", "origin", gpu(0).id, 500, 1024, 1, "coord", [], 3, True)
+    assert isinstance(node.handle_request(req, 1.0), wire.LeaseReply)
+    same = node.handle_request(wire.Preempt(["low"], "room", 1, "coord", 3), 2.0)
+    assert isinstance(same, wire.Error)  # priority 3 does not stop priority 3
+    assert node.leases.active()
+    higher = node.handle_request(wire.Preempt(["low"], "room", 1, "coord", 4), 2.0)
+    assert isinstance(higher, wire.Ok)
+    assert not node.leases.active()  # reserved, not started: given back at once
