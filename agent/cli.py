@@ -47,6 +47,21 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def get_json(sock: str, path: str, timeout: float = 5.0) -> Any:
+    """``GET path`` on an agent's socket: the decoded body, or None when the agent cannot
+    be reached or does not answer 200 (for scripts that poll agents)."""
+    conn = _UnixConnection(sock, timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        data = resp.read()
+        return json.loads(data) if resp.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
 def socket_path(args: argparse.Namespace) -> str:
     return str(args.socket or os.environ.get("FLEXMESH_SOCKET") or DEFAULT_SOCKET)
 

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,32 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flexmesh.agent.cli import get_json as _get
 from flexmesh.agent.localmesh import LocalMesh
-
-
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=5.0)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
-def _get(sock: str, path: str) -> Any:
-    conn = _Unix(sock)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        data = resp.read()
-        return json.loads(data) if resp.status == 200 else None
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
 
 
 def _progress(msg: str) -> None:

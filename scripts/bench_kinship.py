@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -200,30 +198,12 @@ def _summary(system: str, phase: str, n: int, crashes: list[Crash], extra: dict[
 # --- flexmesh agents ----------------------------------------------------------------------
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=5.0)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
 def _nodes(sock: str) -> list[dict[str, Any]] | None:
     """``GET /v1/nodes``, the rows ``flexmesh nodes -o json`` prints; None if unreachable."""
-    conn = _Unix(sock)
-    try:
-        conn.request("GET", "/v1/nodes")
-        resp = conn.getresponse()
-        data = resp.read()
-        return json.loads(data) if resp.status == 200 else None
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
+    from flexmesh.agent.cli import get_json  # not at the top: kinship nodes lack flexmesh
+
+    rows = get_json(sock, "/v1/nodes")
+    return rows if isinstance(rows, list) else None
 
 
 class FlexmeshSystem:
