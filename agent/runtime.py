@@ -59,7 +59,6 @@ from flexmesh.protocol.membership import PRESETS, MemberEvent, SendPacket, Start
 log = logging.getLogger("flexmesh.agent")
 
 SAMPLE_INTERVAL = 1.0  # seconds between device readings (the watchdog checks this often)
-LOOP_LAG_LIMIT = 0.25  # seconds a timer may overshoot before it counts as loop lag
 SYNC_WAIT_MS = 1000  # long-poll window of JobSync
 SYNC_CHUNK = 256 * 1024
 
@@ -514,11 +513,8 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), wait)
                 woken = True
             now = self.loop.time()
-            # Lifeguard: a loop that oversleeps its timer is slow itself; raise our own
-            # awareness so our probes slow down instead of accusing healthy peers.
-            if not woken and now - started - wait > LOOP_LAG_LIMIT:
-                self.count("loop_lag_events")
-                self.node.membership.awareness.apply(1)
+            if not woken:  # slept past its timer: by how much says how slow the loop is
+                self.node.membership.timer_overshoot(now - started - wait)
             if now >= self.node.next_deadline():
                 self.node.tick(now)
                 await self.flush()

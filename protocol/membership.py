@@ -58,6 +58,7 @@ class Config:
     reconnect_interval: float = 10.0  # push-pull with one dead member (heals partitions)
     dead_reap: float = 3600.0  # forget dead members after this long
     awareness_max: int = 8
+    loop_lag_limit: float = 0.25  # a timer firing this much late says our own loop is slow
 
 
 PRESETS: dict[str, Config] = {
@@ -251,6 +252,14 @@ class Membership:
         peers = [m for m in self.members.values() if m.name != self.name and m.state == ALIVE]
         for m in self.rng.sample(peers, min(len(peers), 2 * self.config.gossip_nodes)):
             self._send(m.addr, [], piggyback=True)
+
+    def timer_overshoot(self, seconds: float) -> None:
+        """The runtime's timer fired ``seconds`` after it was due. Lifeguard: a node whose
+        own loop lags is the slow one; raise its awareness so it probes and times out more
+        patiently instead of accusing healthy peers."""
+        if seconds > self.config.loop_lag_limit:
+            self._count("loop_lag_events")
+            self.awareness.apply(1)
 
     def set_facts(self, data: dict[str, Any]) -> None:
         me = self.me

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -225,3 +226,18 @@ def test_a_job_on_two_whole_devices_of_one_node(mesh: LocalMesh) -> None:
     assert mesh.cli("d", "logs", job_id).stdout == f"on {','.join(job['devices'])}\n"
     bad = mesh.cli("d", "submit", "--devices", "2", "--gpu", "0.5", "--", "true", check=False)
     assert bad.returncode == 2 and "whole devices" in bad.stderr
+
+
+def test_a_frozen_loop_counts_as_loop_lag(mesh: LocalMesh) -> None:
+    """A stopped process (as a machine under load stalls it) finds its timer late when it
+    runs again: the runtime tells the membership, which counts it and slows its probes."""
+    a = mesh.start("a")
+    assert a.proc is not None
+    before = mesh.json("a", "status")["status"]["counters"].get("loop_lag_events", 0)
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the frozen interval itself, not a wait for a result
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    mesh.wait_for("the lag to be counted", lambda: mesh.json("a", "status")["status"]
+                  ["counters"].get("loop_lag_events", 0) > before)

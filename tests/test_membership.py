@@ -1017,6 +1017,16 @@ def test_awareness_max_comes_from_the_config() -> None:
     assert m.awareness.scale(1.0) == 3.0
 
 
+def test_a_late_timer_raises_awareness_and_is_counted() -> None:
+    m = Membership("a", addr("a"), LAN, random.Random(1), 0.0)
+    m.timer_overshoot(0.01)  # ordinary jitter
+    assert m.awareness.score == 0 and "loop_lag_events" not in m.counters
+    m.timer_overshoot(LAN.loop_lag_limit + 0.5)
+    m.timer_overshoot(2.0)
+    assert m.awareness.score == 2 and m.counters["loop_lag_events"] == 2
+    assert m.awareness.scale(LAN.probe_timeout) == 3 * LAN.probe_timeout
+
+
 def test_presets_are_ordered_by_patience() -> None:
     local, lan, wan, edge = (PRESETS[k] for k in ("local", "lan", "wan", "edge"))
     for cfg in PRESETS.values():
