@@ -192,9 +192,7 @@ class Node:
         self._candidate_cache: dict[str, tuple[tuple[int, int], list[Candidate]]] = {}
         self._owner_away: dict[str, float] = {}  # owner that left -> since when
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
-        self._election_facts: dict[str, tuple[Any, ...]] = {}  # what _elect read, by member
-        self._voter_map: dict[str, Voter] = {}
-        self._stale_voters: set[str] = set()
+        self._voter_map: dict[str, Voter] = {}  # what the election reads, by member
         self._next_housekeeping = now
         self._now = now
         self._publish_facts()
@@ -213,14 +211,9 @@ class Node:
                 self._on_member_event(eff)
             elif isinstance(eff, FactsEvent):
                 self._dirty_schedule = True
-                # Most facts changes are device usage: the election is run again only
-                # when what it reads of the member changed (it is O(members)).
-                m = self.membership.members.get(eff.name)
-                f = m.facts if m is not None else {}
-                seen = (f.get("prio"), f.get("elig"), f.get("claim"), f.get("mt"))
-                if self._election_facts.get(eff.name) != seen:
-                    self._election_facts[eff.name] = seen
-                    self._stale_voters.add(eff.name)
+                # Most facts changes are device usage: the election (O(members)) runs
+                # again only when what it reads of the member changed.
+                if self._refresh_voter(eff.name):
                     self._dirty_election = True
 
     def _log(self, event: str, **fields: Any) -> None:
@@ -319,22 +312,27 @@ class Node:
     def _on_member_event(self, ev: MemberEvent) -> None:
         self._dirty_election = True
         self._dirty_schedule = True
-        self._election_facts.pop(ev.name, None)  # a member back anew: its facts are news
-        self._stale_voters.add(ev.name)
+        self._refresh_voter(ev.name)
         if ev.state in (DEAD, LEFT):
             self._owner_gone(ev.name, ev.state)
         elif ev.state == ALIVE and self._owner_away.pop(ev.name, None) is not None:
             self._owner_back(ev.name)
 
+    def _refresh_voter(self, name: str) -> bool:
+        """Read a member again as the election sees it; True when that changed."""
+        m = self.membership.members.get(name)
+        if m is None:
+            return self._voter_map.pop(name, None) is not None
+        voter = _voter(m)
+        if self._voter_map.get(name) == voter:
+            return False
+        self._voter_map[name] = voter
+        return True
+
     def _voters(self) -> list[Voter]:
-        """Every member as the election sees it. Kept per member and rebuilt only for the
-        members an event touched: at 30% loss state flips are many, members thousands."""
+        """Every member as the election sees it: kept per member and read again only when
+        an event touches it (at 30% loss state flips are many, and members thousands)."""
         vm, members = self._voter_map, self.membership.members
-        for name in self._stale_voters:
-            m = members.get(name)
-            if m is not None:
-                vm[name] = _voter(m)
-        self._stale_voters.clear()
         if len(vm) != len(members) or any(n not in members for n in vm):
             for name in [n for n in vm if n not in members]:
                 del vm[name]  # reaped
