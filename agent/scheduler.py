@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flexmesh.policies import (
     DEFAULT_POLICY,
@@ -27,7 +27,7 @@ from flexmesh.policies import (
     choose_victims,
     get_spec,
 )
-from flexmesh.policies.cluster import NodeSpec, group_candidates, node_spec
+from flexmesh.policies.cluster import group_candidates, node_spec
 from flexmesh.policies.engine import Placer
 from flexmesh.policies.preempt import may_preempt
 from flexmesh.protocol import wire
@@ -88,7 +88,8 @@ class Scheduler:
     # a node is re-indexed only when what the coordinator sees of it changed.
     _cluster: Cluster = field(default_factory=Cluster)
     _placer: Placer | None = None
-    _specs: dict[str, NodeSpec] = field(default_factory=dict)
+    # What is booked per node and device (compute, memory) while owners are asked.
+    _held: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     _seen: dict[str, Sequence[Candidate]] = field(default_factory=dict)
     _waiting: list[tuple[float, int, int, str]] = field(default_factory=list)
     _ready: list[tuple[int, int, str]] = field(default_factory=list)
@@ -173,7 +174,7 @@ class Scheduler:
                 q.not_before = now + self.retry_after
                 self._wait(q)
                 continue
-            q.booked = (req, result)
+            self._book(q, req, result)
             q.preempting_until = 0.0
             q.inflight = True
             out.append(Proposal(s.job_id, result, s))
@@ -210,30 +211,38 @@ class Scheduler:
         """Bring the index up to date with the view; only changed nodes are re-indexed."""
         spec = self.spec or _FALLBACK_SPEC
         if self._placer is None or self._placer.spec is not spec:
-            self._cluster, self._specs, self._seen = Cluster(), {}, {}
+            self._cluster, self._seen = Cluster(), {}
+            for q in self.queue.values():
+                q.booked = None
+            self._held.clear()
             self._placer = Placer(self._cluster, spec)
             for q in self.queue.values():
                 self._placer.observe(_request(q.submit))
         nodes = self._cluster.nodes
         if len(nodes) != len(grouped) or any(n not in grouped for n in nodes):
             for name in [n for n in nodes if n not in grouped]:
-                self._specs.pop(name, None)
                 self._seen.pop(name, None)
+                self._held.pop(name, None)
                 self._cluster.remove(name)
-        seen = self._seen
+        seen, cluster, held = self._seen, self._cluster, self._held
         for name, cands in grouped.items():
             if seen.get(name) is cands or not cands:
                 continue
             seen[name] = cands
             try:
-                node = node_spec(name, cands)
-                if self._specs.get(name) != node:
-                    self._cluster.upsert(node)
-                    self._specs[name] = node
+                # in place where the node's devices are the same (the usual gossip update):
+                # a node whose state did not change keeps its class and cached scores.
+                # What is booked on it while its owner is asked stays taken.
+                taken = held.get(name)
+                if not cluster.refresh(name, cands, taken):
+                    if taken:
+                        cands = [c if c.device not in taken else _minus(c, *taken[c.device])
+                                 for c in cands]
+                    cluster.upsert(node_spec(name, cands))
             except ValueError:  # gossip the index cannot take (a device listed twice)
                 self.counters["bad_views"] = self.counters.get("bad_views", 0) + 1
-                self._specs.pop(name, None)
-                self._cluster.remove(name)
+                seen.pop(name, None)
+                cluster.remove(name)
         return self._placer
 
     def reset(self) -> None:
@@ -242,6 +251,7 @@ class Scheduler:
         self._waiting.clear()
         self._ready.clear()
         self._doomed.clear()
+        self._held.clear()
         self._placer = None  # rebuilt from the view next time
 
     def preempt_failed(self, job_id: str, retry_at: float = 0.0) -> None:
@@ -251,14 +261,30 @@ class Scheduler:
         if q is not None:
             q.preempting_until = min(q.preempting_until, retry_at)
 
+    def _book(self, q: Queued, req: Request, where: Placement | MultiPlacement) -> None:
+        q.booked = (req, where)
+        held = self._held.setdefault(where.node, {})
+        for dev in where.devices:
+            c, m = held.get(dev, (0, 0))
+            held[dev] = (c + req.compute_milli, m + req.memory_mib)
+
     def _unbook(self, q: Queued | None) -> None:
         """The owner answered: forget the booking and read the node afresh next time."""
         if q is None or q.booked is None:
             return
-        node = q.booked[1].node
-        self._seen.pop(node, None)
-        self._specs.pop(node, None)  # re-read (and re-booked from gossip) next round
+        req, where = q.booked
         q.booked = None
+        self._seen.pop(where.node, None)  # re-read (with the grant, from gossip) next round
+        held = self._held.get(where.node)
+        if held is None:
+            return
+        for dev in where.devices:
+            c, m = held.pop(dev, (0, 0))
+            c, m = c - req.compute_milli, m - req.memory_mib
+            if c > 0 or m > 0:
+                held[dev] = (max(c, 0), max(m, 0))
+        if not held:
+            del self._held[where.node]
 
     def _preempt_for(self, req: Request, q: Queued, placer: Placer,
                      doomed: Mapping[str, float]) -> PreemptOrder | None:
@@ -337,10 +363,5 @@ def _request(s: wire.Submit) -> Request:
 
 
 def _minus(c: Candidate, compute: int, memory: int) -> Candidate:
-    return Candidate(
-        node=c.node, device=c.device, kind=c.kind, model=c.model,
-        compute_milli=c.compute_milli, memory_mib=c.memory_mib,
-        free_compute_milli=max(c.free_compute_milli - compute, 0),
-        free_memory_mib=max(c.free_memory_mib - memory, 0),
-        healthy=c.healthy, attrs=c.attrs,
-    )
+    return replace(c, free_compute_milli=max(c.free_compute_milli - compute, 0),
+                   free_memory_mib=max(c.free_memory_mib - memory, 0))

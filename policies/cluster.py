@@ -12,7 +12,7 @@ Everything here is plain data and pure bookkeeping: no clock, no randomness, no 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,15 +154,37 @@ class NodeRec:
         self.dev_index = {d.id: i for i, d in enumerate(self.devs)}
         if len(self.dev_index) != len(self.devs):
             raise ValueError(f"node {spec.name!r} lists a device id twice")
-        self.cpu_cap = UNKNOWN if spec.cpu_milli is None else spec.cpu_milli
-        self.cpu_free = self.cpu_cap if spec.cpu_free_milli is None else spec.cpu_free_milli
-        self.mem_cap = UNKNOWN if spec.memory_mib is None else spec.memory_mib
-        self.mem_free = self.mem_cap if spec.memory_free_mib is None else spec.memory_free_mib
-        self.healthy = spec.healthy
-        self.battery_pct = spec.battery_pct
-        self.battery_floor = spec.battery_floor_pct
+        self.set_facts(spec.cpu_milli, spec.cpu_free_milli, spec.memory_mib,
+                       spec.memory_free_mib, spec.healthy, spec.battery_pct,
+                       spec.battery_floor_pct)
         self.cls: NodeClass | None = None
         self.order: tuple[int, ...] = ()
+
+    def set_facts(self, cpu_milli: int | None, cpu_free_milli: int | None,
+                  memory_mib: int | None, memory_free_mib: int | None, healthy: bool,
+                  battery_pct: int | None, battery_floor_pct: int) -> None:
+        """The node's own figures, as a :class:`NodeSpec` gives them (None: unknown, or for
+        a free figure, all of it)."""
+        self.cpu_cap = UNKNOWN if cpu_milli is None else cpu_milli
+        self.cpu_free = self.cpu_cap if cpu_free_milli is None else cpu_free_milli
+        self.mem_cap = UNKNOWN if memory_mib is None else memory_mib
+        self.mem_free = self.mem_cap if memory_free_mib is None else memory_free_mib
+        self.healthy = healthy
+        self.battery_pct = battery_pct
+        self.battery_floor = battery_floor_pct
+
+    def same_devices(self, devices: Sequence[DeviceSpec | Candidate]) -> bool:
+        """Whether ``devices`` are this node's devices as it has them: the same ids in the
+        same order, each of the same kind, model and capacity."""
+        devs = self.devs
+        if len(devs) != len(devices):
+            return False
+        for d, s in zip(devs, devices, strict=True):
+            if (d.id != (s.id if isinstance(s, DeviceSpec) else s.device)
+                    or d.cap_c != s.compute_milli or d.cap_m != s.memory_mib
+                    or d.kind != s.kind or d.model != s.model):
+                return False
+        return True
 
     @property
     def battery_ok(self) -> bool:
@@ -200,7 +222,7 @@ class Cluster:
         self.classes: dict[tuple[Any, ...], NodeClass] = {}
         self.buckets: dict[tuple[tuple[tuple[str, str], ...], int], dict[int, NodeClass]] = {}
         self.bucket_version = 0  # bumped when a bucket appears or goes
-        self.nodes_version = 0  # bumped when a node is added, replaced or removed
+        self.nodes_version = 0  # bumped when a node is added, updated or removed
         # device compute per model, over every node (the scarcity score's supply), and a
         # version bumped only when it changes: books and health changes leave it alone
         self.supply: dict[str, int] = {}
@@ -226,6 +248,19 @@ class Cluster:
     def upsert(self, spec: NodeSpec) -> None:
         """Add a node, or replace what is known of it (its books included)."""
         old = self.nodes.get(spec.name)
+        if old is not None and old.same_devices(spec.devices):
+            # the same devices with other books (the usual gossip update): set the books in
+            # place, so that a node whose state did not change stays in its class (which
+            # keeps its cached scores), and the supply is not recounted
+            for d, sd in zip(old.devs, spec.devices, strict=True):
+                d.free_c = d.cap_c if sd.free_compute_milli is None else sd.free_compute_milli
+                d.free_m = d.cap_m if sd.free_memory_mib is None else sd.free_memory_mib
+            old.set_facts(spec.cpu_milli, spec.cpu_free_milli, spec.memory_mib,
+                          spec.memory_free_mib, spec.healthy, spec.battery_pct,
+                          spec.battery_floor_pct)
+            self.nodes_version += 1
+            self._reclass(old)
+            return
         if old is not None:
             self._leave(old)
         rec = NodeRec(spec)
@@ -233,6 +268,45 @@ class Cluster:
         self.nodes_version += 1
         self._count_supply(old, rec)
         self._reclass(rec)
+
+    def refresh(
+        self,
+        name: str,
+        cands: Sequence[Candidate],
+        taken: Mapping[str, tuple[int, int]] | None = None,
+    ) -> bool:
+        """Set a known node's books from its per-device candidates, less what ``taken``
+        holds back per device id (compute, memory), in place: what :func:`node_spec` and
+        :meth:`upsert` would do, without building the spec. False, and nothing changed,
+        when the node is unknown or the candidates do not list its devices as it has them.
+        """
+        rec = self.nodes.get(name)
+        if rec is None or not rec.same_devices(cands):
+            return False
+        changed = False
+        for d, c in zip(rec.devs, cands, strict=True):
+            fc = max(0, min(c.free_compute_milli, c.compute_milli))
+            fm = max(0, min(c.free_memory_mib, c.memory_mib))
+            held = taken.get(d.id) if taken else None
+            if held is not None:
+                fc = max(0, fc - held[0])
+                fm = max(0, fm - held[1])
+            if d.free_c != fc or d.free_m != fm:
+                d.free_c = fc
+                d.free_m = fm
+                changed = True
+        facts = _node_facts(cands)
+        if facts != (rec.cpu_cap if rec.cpu_cap != UNKNOWN else None,
+                     rec.cpu_free if rec.cpu_free != UNKNOWN else None,
+                     rec.mem_cap if rec.mem_cap != UNKNOWN else None,
+                     rec.mem_free if rec.mem_free != UNKNOWN else None,
+                     rec.healthy, rec.battery_pct, rec.battery_floor):
+            rec.set_facts(*facts)
+            changed = True
+        if changed:
+            self.nodes_version += 1
+            self._reclass(rec)
+        return True
 
     def remove(self, name: str) -> None:
         rec = self.nodes.pop(name, None)
@@ -441,7 +515,6 @@ def group_candidates(candidates: Iterable[Candidate]) -> dict[str, list[Candidat
 
 def node_spec(name: str, cands: Sequence[Candidate]) -> NodeSpec:
     """One node's spec from its per-device candidates (node facts from the first row)."""
-    first = cands[0]
     devices = tuple(
         DeviceSpec(
             id=c.device,
@@ -454,18 +527,25 @@ def node_spec(name: str, cands: Sequence[Candidate]) -> NodeSpec:
         )
         for c in cands
     )
-    return NodeSpec(
-        name=name,
-        devices=devices,
-        cpu_milli=first.node_cpu_milli
-        if first.node_cpu_milli is not None
-        else first.node_cpu_free_milli,
-        memory_mib=first.node_memory_mib
-        if first.node_memory_mib is not None
-        else first.node_memory_free_mib,
-        cpu_free_milli=first.node_cpu_free_milli,
-        memory_free_mib=first.node_memory_free_mib,
-        healthy=all(c.healthy for c in cands),
-        battery_pct=first.battery_pct,
-        battery_floor_pct=first.battery_floor_pct,
+    cpu, cpu_free, mem, mem_free, healthy, battery, floor = _node_facts(cands)
+    return NodeSpec(name, devices, cpu, mem, cpu_free, mem_free, healthy, battery, floor)
+
+
+def _node_facts(
+    cands: Sequence[Candidate],
+) -> tuple[int | None, int | None, int | None, int | None, bool, int | None, int]:
+    """A node's own figures from its candidates (the first row; healthy if all are), in
+    the order :meth:`NodeRec.set_facts` takes them. A capacity nobody reported is taken
+    to be what is free."""
+    first = cands[0]
+    cpu = first.node_cpu_milli
+    mem = first.node_memory_mib
+    return (
+        cpu if cpu is not None else first.node_cpu_free_milli,
+        first.node_cpu_free_milli,
+        mem if mem is not None else first.node_memory_free_mib,
+        first.node_memory_free_mib,
+        all(c.healthy for c in cands),
+        first.battery_pct,
+        first.battery_floor_pct,
     )

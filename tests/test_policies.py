@@ -189,6 +189,45 @@ def test_from_candidates_and_back() -> None:
     assert c.gpu_capacity_milli == 3000 and c.gpu_free_milli == 2400
 
 
+def test_upsert_of_the_same_devices_keeps_the_class_and_its_scores() -> None:
+    c = Cluster([node("a", [500] + [1000] * 7)])
+    before = cls_of(c, "a")
+    before.cache["probe"] = 1.0
+    supply = c.supply_version
+    c.upsert(node("a", [500] + [1000] * 7, cpu=4000))  # other node facts: another class
+    assert cls_of(c, "a") is not before and cls_of(c, "a").cpu_cap == 4000
+    c.upsert(node("a", [500] + [1000] * 7))
+    assert cls_of(c, "a").cache == {}  # the old state again: a class made anew
+    again = cls_of(c, "a")
+    again.cache["probe"] = 2.0
+    c.upsert(node("a", [500] + [1000] * 7))  # nothing changed: same class, scores kept
+    assert cls_of(c, "a") is again and again.cache == {"probe": 2.0}
+    assert c.supply_version == supply  # the devices are the same: no recount
+    c.upsert(node("a", [1000] * 4, model="H100"))  # other devices: replaced
+    assert c.supply_version != supply and c.supply == {"H100": 4000}
+
+
+def test_refresh_sets_books_in_place_less_what_is_held() -> None:
+    c = Cluster([node("a", n=2, mem=16000)])
+    cands = [Candidate("a", "gpu0", "gpu", "A100", 1000, 16000, 700, 9000,
+                       node_cpu_milli=8000, node_cpu_free_milli=6000, battery_pct=80),
+             Candidate("a", "gpu1", "gpu", "A100", 1000, 16000, 1200, 16000)]
+    v = c.nodes_version
+    assert c.refresh("a", cands, {"gpu0": (200, 1000)})
+    rec = c.nodes["a"]
+    assert [(d.free_c, d.free_m) for d in rec.devs] == [(500, 8000), (1000, 16000)]
+    assert (rec.cpu_cap, rec.cpu_free, rec.battery_pct) == (8000, 6000, 80)
+    assert c.nodes_version == v + 1
+    kept = cls_of(c, "a")
+    assert c.refresh("a", cands, {"gpu0": (200, 1000)})  # unchanged: nothing moves
+    assert c.nodes_version == v + 1 and cls_of(c, "a") is kept
+    # devices the node does not have as listed: refused, nothing changed
+    assert not c.refresh("a", cands[::-1])
+    assert not c.refresh("a", [cands[0]])
+    assert not c.refresh("b", cands)
+    assert [(d.free_c, d.free_m) for d in rec.devs] == [(500, 8000), (1000, 16000)]
+
+
 def test_duplicate_device_ids_rejected() -> None:
     with pytest.raises(ValueError):
         Cluster([NodeSpec("a", (DeviceSpec("g"), DeviceSpec("g")))])

@@ -41,6 +41,33 @@ def test_a_booked_device_is_not_offered_again_until_the_owner_answers() -> None:
     assert [p.job_id for p in again] == ["j1"]  # the refusal gave the booking back
 
 
+def test_a_booking_survives_new_gossip_of_its_node_until_the_owner_answers() -> None:
+    s = scheduler()
+    s.enqueue(submit("j1", 600), 0.0)
+    s.enqueue(submit("j2", 600), 0.0)
+    (first,) = proposals(s.propose(gpus("a", 1), 0.0))
+    assert first.job_id == "j1"
+    # the owner's next gossip does not show j1's grant yet (another list, same figures),
+    # and then one that shows someone else's use: j1's 600 stays booked on top of both
+    assert proposals(s.propose(gpus("a", 1), 1.0)) == []
+    assert proposals(s.propose(gpus("a", 1, free=900), 2.0)) == []
+    s.refused("j1", "busy", 3.0)  # the answer gives the booking back
+    (again,) = proposals(s.propose(gpus("a", 1, free=900), 5.0))
+    assert again.job_id in {"j1", "j2"}
+
+
+def test_a_node_with_other_devices_is_indexed_anew_with_its_bookings() -> None:
+    s = scheduler()
+    s.enqueue(submit("j1", 600), 0.0)
+    s.enqueue(submit("j2", 600), 0.0)
+    (first,) = proposals(s.propose(gpus("a", 1), 0.0))
+    assert first.job_id == "j1"
+    # the node reports a second device: replaced in the index, j1's booking kept on gpu0
+    (second,) = proposals(s.propose(gpus("a", 2), 1.0))
+    assert second.job_id == "j2" and second.placement.device == "gpu1"
+    assert [d.free_c for d in s._cluster.nodes["a"].devs] == [400, 400]
+
+
 def test_only_nodes_whose_view_changed_are_indexed_again() -> None:
     s = scheduler()
     view = [c for n in range(50) for c in gpus(f"n{n:02d}", 8)]
