@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from flexmesh.agent import metrics, ui
-from flexmesh.agent.models import TERMINAL, JobRecord
+from flexmesh.agent.models import PLACED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRecord, gang_members, member_id
 from flexmesh.agent.runtime import Agent
 
 log = logging.getLogger("flexmesh.api")
@@ -40,8 +40,9 @@ log = logging.getLogger("flexmesh.api")
 MAX_BODY = 256 * 1024
 MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
-                "requeue", "devices", "preemptible"}
+                "requeue", "devices", "preemptible", "gang"}
 MAX_DEVICES = 16  # whole devices one job may ask for on one node
+MAX_GANG = 64  # members of one gang (one node each)
 AGENT_KEY = web.AppKey("agent", Agent)
 
 
@@ -57,6 +58,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "exit_code": job.exit_code, "origin": job.origin, "kind": job.kind,
         "priority": job.priority, "preemptible": job.preemptible, "command": job.command,
         "created_at": job.created_at, "updated_at": job.updated_at, "attempts": job.attempts,
+        "gang": job.gang, "rank": job.rank, "gang_size": job.gang_size,
     }
 
 
@@ -133,9 +135,15 @@ def parse_submit(body: Any) -> dict[str, Any]:
     preemptible = body.get("preemptible", False)
     if not isinstance(preemptible, bool):
         raise BadRequest("preemptible must be true or false")
+    gang = body.get("gang", 1)
+    if isinstance(gang, bool) or not isinstance(gang, int) or not 1 <= gang <= MAX_GANG:
+        raise BadRequest(f"gang must be an integer from 1 to {MAX_GANG} (nodes, one member "
+                         "each)")
+    if gang > 1 and preemptible:
+        raise BadRequest("a gang cannot be preemptible: stopping one member stops them all")
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
             "priority": priority, "env": env, "requeue": requeue, "count": count,
-            "preemptible": preemptible}
+            "preemptible": preemptible, "gang_size": gang if gang > 1 else 0}
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -154,12 +162,52 @@ async def submit(request: web.Request) -> web.Response:
     except BadRequest as exc:
         log.info("submit refused uid=%s reason=%r", peer_uid(request), str(exc))
         return _error(400, str(exc))
-    job = JobRecord(id=uuid.uuid4().hex[:12], origin=agent.node.name, role="origin",
+    job_id = uuid.uuid4().hex[:12]
+    size = fields["gang_size"]
+    if size:
+        # A gang: one member job per rank, each placed on a node of its own, all at once.
+        fields.pop("gang_size")
+        members = gang_members(job_id, size, origin=agent.node.name, role="origin",
+                               uid=peer_uid(request), **fields)
+        await agent.submit_many(members)
+        log.info("gang accepted gang=%s members=%d uid=%s compute_milli=%d memory_mib=%d",
+                 job_id, size, members[0].uid, members[0].compute_milli,
+                 members[0].memory_mib)
+        return web.json_response(gang_view(job_id, members), status=201)
+    job = JobRecord(id=job_id, origin=agent.node.name, role="origin",
                     uid=peer_uid(request), **fields)
     await agent.submit(job)
     log.info("job accepted job=%s uid=%s compute_milli=%d memory_mib=%d", job.id, job.uid,
              job.compute_milli, job.memory_mib)
     return web.json_response(job_view(job), status=201)
+
+
+def gang_view(gang: str, members: list[JobRecord]) -> dict[str, Any]:
+    """A gang as one job: its members, and a state that is the least advanced member's
+    while any runs on, then ``succeeded`` if all did, else the first member's that did
+    not (with its reason)."""
+    live = [m for m in members if not m.terminal]
+    if live:
+        order = (QUEUED, PLACED, RUNNING)
+        state = min((m.state for m in live), key=order.index)
+        reason = next((m.reason for m in live if m.state == state and m.reason), "")
+        exit_code = None
+    else:
+        bad = [m for m in members if m.state != SUCCEEDED]
+        state = bad[0].state if bad else SUCCEEDED
+        reason = bad[0].reason if bad else ""
+        exit_code = bad[0].exit_code if bad else 0
+    first = members[0]
+    return {
+        "id": gang, "gang": gang, "state": state, "reason": reason, "exit_code": exit_code,
+        "node": ",".join(m.node for m in members if m.node), "device": "", "devices": [],
+        "count": first.count, "compute_milli": first.compute_milli,
+        "memory_mib": first.memory_mib, "origin": first.origin, "kind": first.kind,
+        "priority": first.priority, "preemptible": False, "command": first.command,
+        "created_at": first.created_at, "updated_at": max(m.updated_at for m in members),
+        "attempts": max(m.attempts for m in members), "gang_size": len(members),
+        "members": [job_view(m) for m in members],
+    }
 
 
 def _job(request: web.Request) -> JobRecord:
@@ -179,7 +227,21 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response([job_view(j) for j in jobs])
 
 
+def _gang(request: web.Request) -> list[JobRecord] | None:
+    """The members of the gang the request names, if it names one submitted here."""
+    agent = request.app[AGENT_KEY]
+    gang = request.match_info["id"]
+    first = agent.node.jobs.get(member_id(gang, 0))
+    if gang in agent.node.jobs or first is None or first.gang != gang or first.role == "owner":
+        return None
+    members = [agent.node.jobs.get(member_id(gang, r)) for r in range(first.gang_size)]
+    return [m for m in members if m is not None]
+
+
 async def show_job(request: web.Request) -> web.Response:
+    members = _gang(request)
+    if members is not None:
+        return await _show_gang(request, members)
     job = _job(request)
     wait = request.query.get("wait")
     if wait:
@@ -197,6 +259,26 @@ async def show_job(request: web.Request) -> web.Response:
                 await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
             job = agent.node.jobs[job.id]
     return web.json_response(job_view(job))
+
+
+async def _show_gang(request: web.Request, members: list[JobRecord]) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    wait = request.query.get("wait")
+    if wait:
+        try:
+            seconds = min(max(float(wait), 0.0), 300.0)
+        except ValueError:
+            return _error(400, "wait must be a number of seconds")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        for m in members:  # each member in turn, within the one deadline
+            while agent.node.jobs[m.id].state not in TERMINAL and loop.time() < deadline:
+                ev = agent.job_event(m.id)
+                ev.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
+        members = [agent.node.jobs[m.id] for m in members]
+    return web.json_response(gang_view(members[0].gang, members))
 
 
 def _operator_gid(agent: Agent) -> int | None:
@@ -233,6 +315,19 @@ def _refuse(request: web.Request, job: JobRecord, action: str) -> web.Response |
 
 
 async def cancel_job(request: web.Request) -> web.Response:
+    members = _gang(request)
+    if members is not None:  # a gang: every member
+        agent = request.app[AGENT_KEY]
+        for m in members:
+            refused = _refuse(request, m, "cancel")
+            if refused is not None:
+                return refused
+        results = [await agent.cancel(m.id) for m in members]
+        gang = members[0].gang
+        log.info("cancel gang=%s uid=%s results=%s", gang, peer_uid(request), results)
+        members = [agent.node.jobs[m.id] for m in members]
+        return web.json_response({"id": gang, "result": ",".join(results),
+                                  "job": gang_view(gang, members)}, status=202)
     job = _job(request)
     refused = _refuse(request, job, "cancel")
     if refused is not None:

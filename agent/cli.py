@@ -171,6 +171,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["devices"] = args.devices
     if args.preemptible:
         body["preemptible"] = True
+    if args.gang < 1:
+        raise CliError(f"--gang {args.gang}: give 1 or more nodes", 2)
+    if args.gang > 1:
+        body["gang"] = args.gang
     job = request(args, "POST", "/v1/jobs", body)
     if not args.wait:
         _emit(args, job, job["id"])
@@ -180,9 +184,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if deadline is not None and time.monotonic() > deadline:
             raise CliError(f"job {job['id']} still {job['state']} after {args.timeout:g}s", 1)
         job = request(args, "GET", f"/v1/jobs/{job['id']}?wait=30", timeout=60)
-    where = ",".join(job.get("devices") or [job["device"] or "-"])
-    _emit(args, job, f"{job['id']} {job['state']} on {job['node'] or '-'}/{where}: "
-                     f"{job['reason']}")
+    if job.get("members"):  # a gang: a line for each member
+        lines = [f"{job['id']} {job['state']}: {job['reason']}"]
+        for m in job["members"]:
+            where = ",".join(m.get("devices") or [m["device"] or "-"])
+            lines.append(f"  {m['id']} {m['state']} on {m['node'] or '-'}/{where}: "
+                         f"{m['reason']}")
+        _emit(args, job, "\n".join(lines))
+    else:
+        where = ",".join(job.get("devices") or [job["device"] or "-"])
+        _emit(args, job, f"{job['id']} {job['state']} on {job['node'] or '-'}/{where}: "
+                         f"{job['reason']}")
     if job["state"] == "succeeded":
         return 0
     code = job.get("exit_code")
@@ -376,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", help="device memory, e.g. 4GiB (per device)")
     s.add_argument("--devices", type=int, default=1,
                    help="N whole devices on one node (for multi-GPU jobs)")
+    s.add_argument("--gang", type=int, default=1,
+                   help="run on N nodes at once, one member each (all placed or none; "
+                        "members are told FLEXMESH_GANG_RANK, _SIZE, _NODES, _ADDRS)")
     s.add_argument("--kind", choices=["gpu", "npu", "any"], default="any")
     s.add_argument("--priority", type=int, default=0,
                    help="higher goes first, and may preempt lower preemptible jobs")

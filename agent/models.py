@@ -19,6 +19,11 @@ STATES = (QUEUED, PLACED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST})
 
 
+def member_id(gang: str, rank: int) -> str:
+    """The job id of a gang's member of this rank."""
+    return f"{gang}.{rank}"
+
+
 @dataclass(slots=True)
 class JobRecord:
     """One job as one agent knows it.
@@ -56,6 +61,11 @@ class JobRecord:
     more_devices: list[str] = field(default_factory=list)  # placed: devices beyond ``device``
     preemptible: bool = False  # a higher-priority job may stop it (then requeued if allowed)
     cancel_requested: bool = False  # origin: the user cancelled it; told to the owner until done
+    # A member of a gang (``gang`` is the gang's id, ``gang_size`` its members, ``rank``
+    # this one's place): all are placed on distinct nodes at once, and they end together.
+    gang: str = ""
+    gang_size: int = 0
+    rank: int = 0
 
     @property
     def devices(self) -> list[str]:
@@ -73,3 +83,9 @@ class JobRecord:
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def gang_members(gang: str, size: int, **fields: Any) -> list[JobRecord]:
+    """The member jobs of a new gang of ``size``: one per rank, alike but for id and rank."""
+    return [JobRecord(id=member_id(gang, rank), gang=gang, gang_size=size, rank=rank,
+                      **fields) for rank in range(size)]

@@ -40,6 +40,7 @@ from flexmesh.agent.models import (
     RUNNING,
     SUCCEEDED,
     JobRecord,
+    member_id,
 )
 from flexmesh.agent.scheduler import PreemptOrder, Scheduler
 from flexmesh.policies import (
@@ -53,7 +54,7 @@ from flexmesh.policies import (
 )
 from flexmesh.protocol import wire
 from flexmesh.protocol.election import Belief, Voter, decide
-from flexmesh.protocol.lease import ACTIVE, Lease, LeaseTable, Refusal
+from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, LeaseTable, Refusal
 from flexmesh.protocol.membership import (
     ALIVE,
     DEAD,
@@ -70,6 +71,7 @@ from flexmesh.protocol.membership import (
 MAX_GOSSIPED_PREEMPTIBLE = 16  # preemptible jobs a node lists in its facts
 CANCEL_RETRY = 2.0  # seconds between attempts to tell an owner of a cancel
 PREEMPT_RECHECK = 3.0  # an owner refused a preemption: choose again after this
+MAX_GANG = 64  # members of one gang, each on a node of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,10 @@ class Node:
         self._candidate_cache: dict[str, tuple[tuple[int, int], list[Candidate]]] = {}
         self._owner_away: dict[str, float] = {}  # owner that left -> since when
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
+        # Coordinator: gangs whose owners are being asked, member job -> the owner's answer
+        # (None until it comes): all granted, or every lease granted is given back.
+        self._gang_asks: dict[str, dict[str, tuple[wire.LeaseRequest, str, wire.LeaseReply
+                                                   | str | None]]] = {}
         self._voter_map: dict[str, Voter] = {}  # what the election reads, by member
         self._next_housekeeping = now
         self._now = now
@@ -537,6 +543,9 @@ class Node:
             self._log("propose", job=s.job_id, node=prop.placement.node,
                       device=",".join(prop.placement.devices))
             owner = prop.placement.node
+            if s.gang:
+                asks = self._gang_asks.setdefault(s.gang, {})
+                asks[s.job_id] = (req, owner, None)
             self._call(owner, req, self._lease_reply_handler(req, owner), now)
 
     def _send_preempt(self, order: PreemptOrder, now: float) -> None:
@@ -564,21 +573,57 @@ class Node:
                 # the job asked for. Its reservation expires unstarted.
                 reply = wire.LeaseReply(False, "", 0, reply.facts_version,
                                         f"{owner} cannot lease several devices at once")
+            answer: wire.LeaseReply | str
             if isinstance(reply, wire.LeaseReply) and reply.granted:
-                placed = wire.Placed(req.job_id, owner, req.device, reply.lease_id, reply.token,
-                                     req.term, list(req.more))
-                self.scheduler.granted(req.job_id, placed, req.compute_milli, req.memory_mib,
-                                       reply.facts_version, now)
-                self._log("placed", job=req.job_id, node=owner, device=req.device,
-                          lease=reply.lease_id)
-                self._call(req.origin, placed, _ignore, now)
+                answer = reply
+            else:
+                answer = reply.reason if isinstance(reply, wire.LeaseReply) else (
+                    error or f"unexpected reply {type(reply).__name__}")
+            gang = self._gang_of(req.job_id)
+            if gang is None:
+                self._lease_answered(req, owner, answer, now)
                 return
-            reason = reply.reason if isinstance(reply, wire.LeaseReply) else (
-                error or f"unexpected reply {type(reply).__name__}")
-            self._log("lease_refused", job=req.job_id, node=owner, reason=reason)
-            self.scheduler.refused(req.job_id, reason, now)
-            self._dirty_schedule = True
+            asks = self._gang_asks[gang]
+            asks[req.job_id] = (req, owner, answer)
+            if any(a is None for _, _, a in asks.values()):
+                return  # the gang's other owners have not all answered yet
+            del self._gang_asks[gang]
+            refused = [(r, o, a) for r, o, a in asks.values() if isinstance(a, str)]
+            if not refused:
+                for r, o, a in asks.values():
+                    if a is not None:
+                        self._lease_answered(r, o, a, now)
+                return
+            # All or nothing: one owner refused, so the leases the others granted are
+            # given back at once (if this is lost, they lapse unstarted at their TTL).
+            r0, o0, why = refused[0]
+            reason = f"gang member {r0.job_id} on {o0}: {why}"
+            for r, o, a in asks.values():
+                if isinstance(a, wire.LeaseReply):
+                    self._call(o, wire.Release(r.job_id, a.lease_id, a.token), _ignore, now)
+                self._lease_answered(r, o, reason if not isinstance(a, str) else a, now)
         return then
+
+    def _gang_of(self, job_id: str) -> str | None:
+        for gang, asks in self._gang_asks.items():
+            if job_id in asks:
+                return gang
+        return None
+
+    def _lease_answered(self, req: wire.LeaseRequest, owner: str,
+                        answer: wire.LeaseReply | str, now: float) -> None:
+        if isinstance(answer, wire.LeaseReply):
+            placed = wire.Placed(req.job_id, owner, req.device, answer.lease_id, answer.token,
+                                 req.term, list(req.more))
+            self.scheduler.granted(req.job_id, placed, req.compute_milli, req.memory_mib,
+                                   answer.facts_version, now)
+            self._log("placed", job=req.job_id, node=owner, device=req.device,
+                      lease=answer.lease_id)
+            self._call(req.origin, placed, _ignore, now)
+            return
+        self._log("lease_refused", job=req.job_id, node=owner, reason=answer)
+        self.scheduler.refused(req.job_id, answer, now)
+        self._dirty_schedule = True
 
     def _handle_submit(self, msg: wire.Submit, now: float) -> wire.Message:
         if not self.is_coordinator:
@@ -587,6 +632,9 @@ class Node:
                 and (msg.count == 1 or msg.compute_milli == 1000)):
             return wire.Error(f"a request of {msg.count} x {msg.compute_milli} milli, "
                               f"{msg.memory_mib} MiB cannot be placed")
+        if msg.gang and not (2 <= msg.gang_size <= MAX_GANG and 0 <= msg.rank < msg.gang_size):
+            return wire.Error(f"gang member {msg.rank} of {msg.gang_size} cannot be placed "
+                              f"(a gang has 2 to {MAX_GANG} members)")
         result = self.scheduler.enqueue(msg, now)
         if isinstance(result, wire.Placed):
             return result
@@ -613,6 +661,18 @@ class Node:
         return wire.LeaseReply(True, result.id, result.token, self.membership.me.facts_version,
                                "", list(result.devices))
 
+    def _handle_release(self, msg: wire.Release) -> wire.Message:
+        lease = self.leases.leases.get(msg.lease_id)
+        if (lease is None or lease.job_id != msg.job_id or lease.token != msg.token
+                or lease.state != RESERVED):
+            return wire.Ok("nothing to give back")  # started, expired, or not ours
+        released = self.leases.release(lease.id)
+        if released is not None:
+            self._out.append(PersistLease(released))
+            self._publish_facts()
+        self._log("lease_released", job=msg.job_id, lease=msg.lease_id)
+        return wire.Ok("released")
+
     def _handle_start(self, msg: wire.StartJob, now: float) -> wire.Message:
         job = self.jobs.get(msg.job_id)
         if job is not None and job.lease_id == msg.lease_id and job.role in ("owner", "both"):
@@ -637,6 +697,7 @@ class Node:
             self.jobs[job.id] = job
         else:
             job.role = "both"
+            job.env = dict(msg.env)  # as the origin sends it (a gang member: with the gang's)
         job.state, job.node, job.device = PLACED, self.name, result.device
         job.more_devices = list(result.more)
         job.lease_id, job.token, job.term = result.id, result.token, result.term
@@ -691,10 +752,12 @@ class Node:
             self._out.append(PersistLease(lease))
         self._log("job_end", job=job.id, state=state, reason=reason)
         self._publish_facts()
-        if job.role == "both" and state == PREEMPTED and job.requeue:
+        if job.role == "both" and state == PREEMPTED and job.requeue and not job.gang:
             self._requeue(job, f"preempted on {job.node}/{job.device}: {reason}", now)
         else:
             self._out.append(PersistJob(replace(job)))
+            if job.role == "both":
+                self._gang_ended(job, now)
 
     def _followed_on(self, node: str) -> list[JobRecord]:
         return [j for j in self.jobs.values()
@@ -720,6 +783,7 @@ class Node:
             job.state, job.reason = LOST, reason
             self._out.append(PersistJob(replace(job)))
             self._log("job_lost", job=job.id, node=node)
+            self._gang_ended(job, self._now)
 
     def _owner_back(self, node: str) -> None:
         for job in self._followed_on(node):
@@ -793,12 +857,13 @@ class Node:
         silent = st.coordinator_silent_since
         fallback = coordinator is None or (
             silent is not None and now - silent >= self.config.local_fallback_after)
-        if fallback and self._place_locally(job, now):
-            return
+        if fallback and not job.gang and self._place_locally(job, now):
+            return  # (a gang needs nodes of its own: it waits for a coordinator)
         if coordinator is None:
             return
         msg = wire.Submit(job.id, self.name, job.compute_milli, job.memory_mib, job.kind,
-                          job.priority, job.attempts, job.count, job.preemptible)
+                          job.priority, job.attempts, job.count, job.preemptible, job.gang,
+                          job.gang_size, job.rank)
         if coordinator == self.name:
             self._on_submit_reply(job.id, self._handle_submit(msg, now), "", now)
             return
@@ -878,10 +943,42 @@ class Node:
         self._log("job_placed", job=job.id, node=msg.node, device=",".join(job.devices))
         st = self._origin.setdefault(job.id, _OriginState())
         st.start_deadline = now + self.config.lease_ttl
-        self._send_start(job, now)
+        if not job.gang:
+            self._send_start(job, now)
+            return
+        members = self._gang_members(job)
+        if all(m.state == PLACED for m in members):
+            for m in members:  # the last of the gang is placed: every member starts now
+                self._send_start(m, now)
+
+    def _gang_members(self, job: JobRecord) -> list[JobRecord]:
+        """Every member of ``job``'s gang known here, by rank."""
+        return [j for j in (self.jobs.get(member_id(job.gang, r)) for r in range(job.gang_size))
+                if j is not None and j.gang == job.gang]
+
+    def _gang_env(self, job: JobRecord) -> dict[str, str]:
+        """What a gang member's process is told of its gang: where each rank runs."""
+        members = self._gang_members(job)
+        addrs = []
+        for m in members:
+            member = self.membership.members.get(m.node)
+            host = member.addr.rsplit(":", 1)[0] if member is not None else ""
+            addrs.append(host.strip("[]"))
+        return {
+            "FLEXMESH_GANG": job.gang,
+            "FLEXMESH_GANG_RANK": str(job.rank),
+            "FLEXMESH_GANG_SIZE": str(job.gang_size),
+            "FLEXMESH_GANG_NODES": ",".join(m.node for m in members),
+            "FLEXMESH_GANG_ADDRS": ",".join(addrs),
+        }
 
     def _send_start(self, job: JobRecord, now: float) -> None:
-        msg = wire.StartJob(job.id, job.lease_id, job.token, self.name, job.command, job.env,
+        # The user's variables, none of flexmesh's own names (the owner sets those; the
+        # gang's are set here)
+        env = {k: v for k, v in job.env.items() if not k.startswith("FLEXMESH_")}
+        if job.gang:
+            env.update(self._gang_env(job))
+        msg = wire.StartJob(job.id, job.lease_id, job.token, self.name, job.command, env,
                             job.compute_milli, job.memory_mib)
         if job.node == self.name:
             reply = self._handle_start(msg, now)
@@ -908,20 +1005,52 @@ class Node:
             if job.role == "origin":
                 self._watch(job)
         elif isinstance(reply, wire.Error):
-            self._requeue(job, f"owner {job.node} refused to start: {reply.reason}", now)
+            why = f"owner {job.node} refused to start: {reply.reason}"
+            if job.gang:  # its siblings may run already: the gang ends (see _gang_ended)
+                self._end_origin_job(job, FAILED, why, now)
+            else:
+                self._requeue(job, why, now)
         # No reply at all: _tick_origin retries until the lease would have expired.
 
     def _maybe_retry_start(self, job: JobRecord, st: _OriginState, now: float) -> None:
         if st.start_inflight:
             return
+        gang_waits = job.gang and not all(m.state != QUEUED
+                                          for m in self._gang_members(job))
         if now >= st.start_deadline:
-            self._requeue(job, f"owner {job.node} did not answer before the lease expired", now)
-        elif not job.cancel_requested:  # cancelled: let the reservation lapse instead
+            why = f"owner {job.node} did not answer before the lease expired"
+            if job.gang and not gang_waits:  # a start was sent: it may run there
+                self._end_origin_job(job, LOST, why, now)
+            else:
+                self._requeue(job, why, now)
+        elif not job.cancel_requested and not gang_waits:
+            # (cancelled: let the reservation lapse; a gang member whose siblings are not
+            # all placed yet: starts with them)
             self._send_start(job, now)
+
+    def _end_origin_job(self, job: JobRecord, state: str, reason: str, now: float) -> None:
+        """Origin: a job followed elsewhere ends here without word from its owner."""
+        job.state, job.reason, job.updated_at = state, reason, now
+        self._origin.pop(job.id, None)
+        self._out.append(PersistJob(replace(job)))
+        self._log("job_end", job=job.id, state=state, reason=reason)
+        self._gang_ended(job, now)
+
+    def _gang_ended(self, job: JobRecord, now: float) -> None:
+        """A gang member ended: if it did not succeed, its siblings are cancelled (a gang
+        runs all together or not at all)."""
+        if not job.gang or job.state == SUCCEEDED or not job.terminal:
+            return
+        for m in self._gang_members(job):
+            if m.id == job.id or m.terminal or m.role == "owner":
+                continue
+            self._log("gang_stop", job=m.id, because=job.id)
+            self.cancel(m.id, now, f"gang member {job.id} {job.state}: {job.reason}")
 
     def _requeue(self, job: JobRecord, reason: str, now: float) -> None:
         if job.cancel_requested:  # it ended there before the cancel arrived: done
-            job.state, job.reason, job.updated_at = CANCELLED, "cancelled by user", now
+            job.state, job.updated_at = CANCELLED, now
+            job.reason = job.reason or "cancelled by user"
             job.role = "origin" if job.role == "both" else job.role
             self._out.append(PersistJob(replace(job)))
             self._origin.pop(job.id, None)
@@ -954,20 +1083,20 @@ class Node:
             return  # about an earlier placement of this job
         if job.state not in (PLACED, RUNNING):
             return  # a late report about a placement this job has left (requeued since)
-        if state == PREEMPTED and job.requeue:
+        if state == PREEMPTED and job.requeue and not job.gang:
             self._requeue(job, f"preempted on {job.node}/{job.device}: {reason}", now)
             return
         job.state, job.reason, job.exit_code, job.updated_at = state, reason, exit_code, now
         self._out.append(PersistJob(replace(job)))
+        self._gang_ended(job, now)
 
-    def cancel(self, job_id: str, now: float) -> str:
+    def cancel(self, job_id: str, now: float, reason: str = "cancelled by user") -> str:
         """Cancel a job submitted here; returns what was done, for the user."""
         job = self.jobs.get(job_id)
         if job is None:
             return "unknown"
         if job.terminal:
             return job.state
-        reason = "cancelled by user"
         if job.state == QUEUED:
             job.state, job.reason, job.updated_at = CANCELLED, reason, now
             self._out.append(PersistJob(replace(job)))
@@ -977,6 +1106,7 @@ class Node:
                 self.scheduler.withdraw(job_id)
             elif coordinator:
                 self._call(coordinator, wire.Withdraw(job_id), _ignore, now)
+            self._gang_ended(job, now)
             return CANCELLED
         if job.node == self.name:
             self._handle_cancel(wire.Cancel(job_id, reason), now)
@@ -984,6 +1114,7 @@ class Node:
             # Told to the owner until it answers: a cancel is never lost to a failed call
             # or an owner that is away for a while.
             job.cancel_requested = True
+            job.reason = reason
             self._out.append(PersistJob(replace(job)))
             self._send_cancel(job, now)
         self._after_input(now)
@@ -999,13 +1130,15 @@ class Node:
             if isinstance(reply, wire.Error) and current.state == RUNNING:
                 # The owner answered and runs no such job (it lost it): nothing to stop.
                 current.state, current.updated_at = CANCELLED, t
-                current.reason = f"cancelled by user ({job.node}: {reply.reason})"
+                current.reason = (f"{current.reason or 'cancelled by user'} "
+                                  f"({job.node}: {reply.reason})")
                 self._out.append(PersistJob(replace(current)))
+                self._gang_ended(current, t)
             elif not isinstance(reply, wire.Ok):
                 self._log("cancel_retry", job=job.id, node=job.node,
                           error=reply.reason if isinstance(reply, wire.Error) else error)
                 self._cancel_retry[job.id] = t + CANCEL_RETRY
-        self._call(job.node, wire.Cancel(job.id, "cancelled by user"), then, now)
+        self._call(job.node, wire.Cancel(job.id, job.reason or "cancelled by user"), then, now)
 
     def _handle_cancel(self, msg: wire.Cancel, now: float) -> wire.Message:
         job = self.jobs.get(msg.job_id)
@@ -1055,6 +1188,8 @@ class Node:
             reply = self._handle_cancel(msg, now)
         elif isinstance(msg, wire.Preempt):
             reply = self._handle_preempt(msg, now)
+        elif isinstance(msg, wire.Release):
+            reply = self._handle_release(msg)
         elif isinstance(msg, wire.PushPull):
             self.membership.merge_remote_state(msg.states, now)
             reply = wire.PushPull(False, self.name, self.membership.local_state())

@@ -641,7 +641,10 @@ class Agent:
         except ValueError as exc:
             log.warning("job %s: no limits applied: %s", job.id, exc)
             env.update(visible_env(devices))
-        env.update({k: v for k, v in job.env.items() if not k.startswith("FLEXMESH_")})
+        # The submitter's own variables; of flexmesh's names only the gang's, which the
+        # origin sets (and never takes from the user): the rest are this owner's to set.
+        env.update({k: v for k, v in job.env.items()
+                    if not k.startswith("FLEXMESH_") or k.startswith("FLEXMESH_GANG")})
         if job.role == "owner":
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / job.id)
@@ -727,11 +730,19 @@ class Agent:
     # --- API helpers --------------------------------------------------------------------
 
     async def submit(self, job: JobRecord) -> JobRecord:
-        job.created_at = job.updated_at = time.time()
-        await self.commits.write([job])  # on disk before the submitter hears "accepted"
-        self.node.submit(job, self.loop.time())
-        self.kick()  # placement goes on after the answer
+        await self.submit_many([job])
         return job
+
+    async def submit_many(self, jobs: list[JobRecord]) -> None:
+        """Accept jobs together (a gang's members): journaled in one commit, all or none."""
+        stamp = time.time()
+        for job in jobs:
+            job.created_at = job.updated_at = stamp
+        await self.commits.write(jobs)  # on disk before the submitter hears "accepted"
+        now = self.loop.time()
+        for job in jobs:
+            self.node.submit(job, now)
+        self.kick()  # placement goes on after the answer
 
     async def cancel(self, job_id: str) -> str:
         result = self.node.cancel(job_id, self.loop.time())

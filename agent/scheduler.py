@@ -16,6 +16,7 @@ from flexmesh.policies import (
     DEFAULT_POLICY,
     Candidate,
     Cluster,
+    GangPlacement,
     MultiPlacement,
     NoFit,
     Placement,
@@ -29,6 +30,7 @@ from flexmesh.policies import (
 )
 from flexmesh.policies.cluster import group_candidates, node_spec
 from flexmesh.policies.engine import Placer
+from flexmesh.policies.gang import place_gang
 from flexmesh.policies.preempt import may_preempt
 from flexmesh.protocol import wire
 
@@ -95,6 +97,8 @@ class Scheduler:
     _ready: list[tuple[int, int, str]] = field(default_factory=list)
     _doomed: dict[str, float] = field(default_factory=dict)  # victim -> chosen until
     queue: dict[str, Queued] = field(default_factory=dict)
+    # Gang members queued here, by gang id and job id (placed only all together).
+    gangs: dict[str, dict[str, Queued]] = field(default_factory=dict)
     shadows: list[Shadow] = field(default_factory=list)
     # Recent placements (placed, when, attempt), to answer an origin that asks again.
     placed: dict[str, tuple[wire.Placed, float, int]] = field(default_factory=dict)
@@ -110,19 +114,31 @@ class Scheduler:
             return done[0]
         q = self.queue.get(submit.job_id)
         if q is not None and q.submit.attempt < submit.attempt:
-            self._unbook(q)
+            self._unbook(self._pop(submit.job_id))
             q = None  # an older attempt still queued here: the new one replaces it
         if q is None:
             self._seq += 1
             q = Queued(submit, now, self._seq)
             self.queue[submit.job_id] = q
+            if submit.gang:
+                self.gangs.setdefault(submit.gang, {})[submit.job_id] = q
             self._wait(q)
             if self._placer is not None:
                 self._placer.observe(_request(submit))  # the recent mix FGD measures against
         return q
 
     def withdraw(self, job_id: str) -> None:
-        self._unbook(self.queue.pop(job_id, None))
+        self._unbook(self._pop(job_id))
+
+    def _pop(self, job_id: str) -> Queued | None:
+        q = self.queue.pop(job_id, None)
+        if q is not None and q.submit.gang:
+            members = self.gangs.get(q.submit.gang)
+            if members is not None:
+                members.pop(job_id, None)
+                if not members:
+                    del self.gangs[q.submit.gang]
+        return q
 
     def propose(self, view: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
                 now: float, limit: int = 64) -> list[Proposal | PreemptOrder]:
@@ -138,8 +154,17 @@ class Scheduler:
         for job_id in [j for j, until in self._doomed.items() if until <= now]:
             del self._doomed[job_id]
         doomed = self._doomed  # victims told to stop are not chosen again while they stop
+        tried: set[str] = set()  # gangs tried this round (their members wait again already)
         for q in ready:
             s = q.submit
+            if q.inflight or s.gang in tried:
+                continue  # placed, or tried, this round with the rest of its gang
+            if s.gang:
+                got = self._propose_gang(q, placer, now)
+                if got is not None:  # the whole gang was placed, or waits again
+                    tried.add(s.gang)
+                    out.extend(got)
+                continue
             req = _request(s)
             t0 = self.timer() if self.timer else 0.0
             result = placer.decide(req, explain=True)
@@ -178,6 +203,37 @@ class Scheduler:
             q.preempting_until = 0.0
             q.inflight = True
             out.append(Proposal(s.job_id, result, s))
+        return out
+
+    def _propose_gang(self, q: Queued, placer: Placer, now: float) -> list[Proposal] | None:
+        """Place every member of ``q``'s gang, each on a node of its own, or none. None:
+        the gang is not complete here (or a member is still out with an owner), and only
+        ``q`` waits again; else the proposals, empty when it does not fit (every member
+        waits again)."""
+        s = q.submit
+        members = sorted(self.gangs.get(s.gang, {}).values(), key=lambda m: m.submit.rank)
+        if len(members) != s.gang_size or any(m.inflight for m in members):
+            q.reason = f"waiting for the gang's members ({len(members)} of {s.gang_size} here)"
+            q.not_before = now + self.retry_after
+            self._wait(q)
+            return None
+        reqs = [_request(m.submit) for m in members]
+        t0 = self.timer() if self.timer else 0.0
+        result = place_gang(placer, reqs, distinct_nodes=True)  # booked in the index if placed
+        if self.timer and self.on_decision:
+            self.on_decision(self.timer() - t0)
+        out: list[Proposal] = []
+        for i, m in enumerate(members):
+            m.attempts += 1
+            if not isinstance(result, GangPlacement):
+                m.reason = f"waiting: {result.reason}"
+                m.not_before = now + self.retry_after
+                self._wait(m)
+                continue
+            self._book(m, reqs[i], result.parts[i])
+            m.preempting_until = 0.0
+            m.inflight = True
+            out.append(Proposal(m.submit.job_id, result.parts[i], m.submit))
         return out
 
     # The queue's order without sorting it: requests wait in a heap by the time they may
@@ -248,6 +304,7 @@ class Scheduler:
     def reset(self) -> None:
         """No longer the coordinator: forget the queue and every booking with it."""
         self.queue.clear()
+        self.gangs.clear()
         self._waiting.clear()
         self._ready.clear()
         self._doomed.clear()
@@ -302,7 +359,7 @@ class Scheduler:
 
     def granted(self, job_id: str, placed: wire.Placed, compute: int, memory: int,
                 facts_version: int, now: float) -> None:
-        q = self.queue.pop(job_id, None)
+        q = self._pop(job_id)
         self._unbook(q)
         self.placed[job_id] = (placed, now, q.submit.attempt if q else 0)
         for device in (placed.device, *placed.more):

@@ -23,7 +23,7 @@ from typing import Any
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
-from flexmesh.agent.models import LOST, RUNNING, TERMINAL, JobRecord
+from flexmesh.agent.models import LOST, RUNNING, TERMINAL, JobRecord, gang_members
 from flexmesh.agent.node import (
     Call,
     Node,
@@ -82,6 +82,7 @@ class Simulator:
         self._seq = 0
         self.stats: dict[str, int] = {"packets": 0, "bytes": 0, "dropped": 0}
         self.submitted: set[str] = set()
+        self.runs: list[tuple[str, str, dict[str, str]]] = []  # (node, job, env) per start
 
     # --- building the world -------------------------------------------------------------
 
@@ -172,6 +173,21 @@ class Simulator:
         self.nodes[origin].disk_jobs[job_id] = replace(job)  # journaled before the answer
         self.nodes[origin].node.submit(job, self.now)
         self._pump(origin)
+
+    def submit_gang(self, origin: str, gang: str, size: int, command: list[str],
+                    compute_milli: int, memory_mib: int, kind: str = "any",
+                    count: int = 1) -> list[str]:
+        """Submit a gang of ``size`` members (as the API does); returns their job ids."""
+        members = gang_members(gang, size, origin=origin, command=command,
+                               compute_milli=compute_milli, memory_mib=memory_mib, kind=kind,
+                               created_at=self.now, role="origin", count=count)
+        for job in members:
+            self.submitted.add(job.id)
+            self.nodes[origin].disk_jobs[job.id] = replace(job)
+        for job in members:
+            self.nodes[origin].node.submit(job, self.now)
+        self._pump(origin)
+        return [job.id for job in members]
 
     def job(self, job_id: str) -> JobRecord | None:
         """The origin's record of a job."""
@@ -318,11 +334,16 @@ class Simulator:
         self.at(self.now + latency, deliver)
 
     def _run_job(self, name: str, eff: RunJob) -> None:
+        # ["sleep", S] runs S seconds and exits 0; ["false", S] runs S seconds and exits 1;
+        # anything else runs 1 s and exits 0.
         cmd = eff.job.command
-        duration = float(cmd[1]) if len(cmd) == 2 and cmd[0] == "sleep" else 1.0
+        timed = len(cmd) == 2 and cmd[0] in ("sleep", "false")
+        duration = float(cmd[1]) if timed else 1.0
+        code = 1 if timed and cmd[0] == "false" else 0
         node = self.nodes[name].node
         job_id = eff.job.id
         self.nodes[name].processes[job_id] = self.now + duration
+        self.runs.append((name, job_id, dict(eff.job.env)))
 
         def started() -> None:
             if self.nodes[name].node is node and self.nodes[name].up:
@@ -330,7 +351,8 @@ class Simulator:
                                  lease_id=eff.job.lease_id)
                 self._pump(name)
         self.at(self.now + 0.01, started)
-        self.at(self.now + duration, lambda: self._exit(name, job_id, 0, "exited with code 0"))
+        self.at(self.now + duration,
+                lambda: self._exit(name, job_id, code, f"exited with code {code}"))
 
     def _exit(self, name: str, job_id: str, code: int, reason: str) -> None:
         sim = self.nodes[name]

@@ -224,6 +224,11 @@ class Submit(Message):
     attempt: int  # rises each time the origin requeues the job (a placement is per attempt)
     count: int = 1  # whole devices wanted on one node (1: one device, or a fraction of one)
     preemptible: bool = False  # a higher-priority request may stop it (it is then requeued)
+    # A member of a gang: ``gang_size`` requests with the same ``gang`` id, placed on as
+    # many distinct nodes all at once or not at all (``rank`` orders them).
+    gang: str = ""
+    gang_size: int = 0
+    rank: int = 0
 
 
 @message(34)
@@ -344,6 +349,17 @@ class Preempt(Message):
     term: int
     coordinator: str
     priority: int = 0  # of the request they make room for: only lower ones are stopped
+
+
+@message(45)
+@dataclass(frozen=True, slots=True)
+class Release(Message):
+    """Coordinator -> owner: give back a lease reserved for a job that will not start there
+    (another member of its gang was refused). A lease already started is left alone."""
+
+    job_id: str
+    lease_id: str
+    token: int
 
 
 # --- encoding ---------------------------------------------------------------------------

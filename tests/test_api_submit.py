@@ -14,7 +14,13 @@ CMD = {"command": ["true"]}
 def test_defaults() -> None:
     assert parse_submit(CMD) == {
         "command": ["true"], "compute_milli": 1000, "memory_mib": 0, "kind": "any",
-        "priority": 0, "env": {}, "requeue": True, "count": 1, "preemptible": False}
+        "priority": 0, "env": {}, "requeue": True, "count": 1, "preemptible": False,
+        "gang_size": 0}
+
+
+def test_a_gang() -> None:
+    assert parse_submit({**CMD, "gang": 3, "gpu": 0.5})["gang_size"] == 3
+    assert parse_submit({**CMD, "gang": 1})["gang_size"] == 0  # one node: a plain job
 
 
 def test_several_whole_devices() -> None:
@@ -38,6 +44,10 @@ def test_several_whole_devices() -> None:
         ({**CMD, "env": {"A=B": "c"}}, "env"),
         ({**CMD, "requeue": "yes"}, "requeue"),
         ({**CMD, "devices": 0}, "devices must be"),
+        ({**CMD, "gang": 0}, "gang must be"),
+        ({**CMD, "gang": 65}, "gang must be"),
+        ({**CMD, "gang": True}, "gang must be"),
+        ({**CMD, "gang": 2, "preemptible": True}, "cannot be preemptible"),
         ({**CMD, "devices": MAX_DEVICES + 1}, "devices must be"),
         ({**CMD, "devices": True}, "devices must be"),
         ({**CMD, "devices": 2, "gpu": 0.5}, "whole devices"),

@@ -228,6 +228,38 @@ def test_a_job_on_two_whole_devices_of_one_node(mesh: LocalMesh) -> None:
     assert bad.returncode == 2 and "whole devices" in bad.stderr
 
 
+def test_a_gang_runs_one_member_on_each_node(mesh: LocalMesh) -> None:
+    mesh.start("a", sim="gpu:1x16GiB")
+    mesh.start("b", sim="gpu:1x16GiB", join=["a"])
+    mesh.start("c", sim="gpu:1x16GiB", join=["a"])
+    mesh.start("d", join=["a"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "b", "c", "d"]))
+    res = mesh.cli("d", "submit", "--gang", "3", "--gpu", "0.5", "--memory", "1GiB",
+                   "--wait", "-o", "json", "--", "sh", "-c",
+                   'echo "rank $FLEXMESH_GANG_RANK of $FLEXMESH_GANG_SIZE on '
+                   '$FLEXMESH_GANG_NODES"')
+    gang = json.loads(res.stdout)
+    assert gang["state"] == "succeeded", gang
+    members = gang["members"]
+    nodes = [m["node"] for m in members]
+    assert sorted(nodes) == ["a", "b", "c"]
+    for rank, m in enumerate(members):
+        assert m["id"] == f"{gang['id']}.{rank}" and m["state"] == "succeeded"
+        out = mesh.cli("d", "logs", m["id"]).stdout
+        assert out == f"rank {rank} of 3 on {','.join(nodes)}\n"
+    shown = mesh.json("d", "show", gang["id"])
+    assert shown["state"] == "succeeded" and len(shown["members"]) == 3
+    # more members than nodes to lend: it waits whole, and a cancel ends every member
+    res = mesh.cli("d", "submit", "--gang", "4", "--gpu", "0.5", "-o", "json", "--", "true")
+    big = json.loads(res.stdout)["id"]
+    mesh.wait_for("the gang to be found too big", lambda: "nothing of the gang" in
+                  mesh.json("d", "show", big)["reason"] or None)
+    mesh.cli("d", "cancel", big)
+    done = mesh.wait_for("the gang to end", lambda: finished(mesh, "d", big))
+    assert done["state"] == "cancelled"
+    assert {m["state"] for m in done["members"]} == {"cancelled"}
+
+
 def test_a_frozen_loop_counts_as_loop_lag(mesh: LocalMesh) -> None:
     """A stopped process (as a machine under load stalls it) finds its timer late when it
     runs again: the runtime tells the membership, which counts it and slows its probes."""

@@ -263,3 +263,42 @@ def test_random_histories_keep_the_queue_honest(seed: int) -> None:
         for p in proposals(s.propose(view(), now)):
             waiting.discard(p.job_id)
     assert not waiting, f"{len(waiting)} queued jobs were never tried again"
+
+
+def gang_submit(gang: str, rank: int, size: int, compute: int = 500) -> wire.Submit:
+    return wire.Submit(f"{gang}.{rank}", "desk", compute, 1024, "gpu", 0, 0, 1, False, gang,
+                       size, rank)
+
+
+def test_a_gang_is_placed_whole_on_distinct_nodes_once_all_members_are_here() -> None:
+    s = scheduler()
+    view = [c for n in ("a", "b", "c") for c in gpus(n, 2)]
+    s.enqueue(gang_submit("g", 0, 3), 0.0)
+    s.enqueue(gang_submit("g", 1, 3), 0.0)
+    assert proposals(s.propose(view, 0.0)) == []  # the third member is not here yet
+    assert "2 of 3 here" in s.queue["g.0"].reason
+    s.enqueue(gang_submit("g", 2, 3), 0.5)
+    got = proposals(s.propose(view, 1.0))
+    assert sorted(p.job_id for p in got) == ["g.0", "g.1", "g.2"]
+    assert sorted(p.placement.node for p in got) == ["a", "b", "c"]
+    # one owner refuses: every member goes back, none is proposed alone
+    s.refused("g.1", "busy", 1.5)
+    assert proposals(s.propose(view, 3.0)) == []  # the others are still out with owners
+    for p in got:
+        if p.job_id != "g.1":
+            s.refused(p.job_id, "gang member g.1 refused", 1.6)
+    again = proposals(s.propose(view, 3.0))
+    assert sorted(p.job_id for p in again) == ["g.0", "g.1", "g.2"]
+    assert len({p.placement.node for p in again}) == 3
+
+
+def test_a_gang_bigger_than_the_mesh_waits_and_books_nothing() -> None:
+    s = scheduler()
+    view = [c for n in ("a", "b") for c in gpus(n, 4)]
+    for r in range(3):
+        s.enqueue(gang_submit("g", r, 3), 0.0)
+    s.enqueue(submit("solo", 500), 0.0)
+    got = proposals(s.propose(view, 0.0))
+    assert [p.job_id for p in got] == ["solo"]
+    assert "nothing of the gang of 3 was placed" in s.queue["g.0"].reason
+    assert sum(d.free_c for rec in s._cluster.nodes.values() for d in rec.devs) == 7500

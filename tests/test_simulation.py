@@ -240,3 +240,94 @@ def test_a_cancel_that_cannot_reach_the_owner_is_told_again() -> None:
     job = sim.job("long")
     assert job is not None and job.state == "cancelled", job
     assert sim.nodes["owner"].node.jobs["long"].state == "cancelled"
+
+
+# --- gangs ---------------------------------------------------------------------------------
+
+
+def gang_mesh(seed: int) -> Simulator:
+    sim = Simulator(seed, membership=PRESETS["lan"])
+    sim.add_node("a", [gpu(0)])
+    for n in "bc":
+        sim.add_node(n, [gpu(0)], join=["a"])
+    sim.add_node("desk", [], join=["a"])
+    settle(sim, 30)
+    return sim
+
+
+def test_a_gang_runs_on_nodes_of_its_own_all_at_once() -> None:
+    """Three members on three nodes, started together and told where each rank runs; a
+    gang of four, one more than there are nodes to lend, waits with nothing reserved."""
+    sim = gang_mesh(3)
+    ids = sim.submit_gang("desk", "g1", 3, ["sleep", "20"], 500, 1024)
+    big = sim.submit_gang("desk", "g2", 4, ["sleep", "5"], 500, 1024)
+    sim.run_for(8)
+    jobs = [sim.job(i) for i in ids]
+    assert all(j is not None and j.state == "running" for j in jobs), jobs
+    nodes = [j.node for j in jobs if j is not None]
+    assert sorted(nodes) == ["a", "b", "c"]
+    envs = {job: env for _, job, env in sim.runs}
+    for rank, job_id in enumerate(ids):
+        env = envs[job_id]
+        assert env["FLEXMESH_GANG"] == "g1" and env["FLEXMESH_GANG_SIZE"] == "3"
+        assert env["FLEXMESH_GANG_RANK"] == str(rank)
+        assert env["FLEXMESH_GANG_NODES"].split(",") == nodes
+        assert len(env["FLEXMESH_GANG_ADDRS"].split(",")) == 3
+    for job_id in big:
+        job = sim.job(job_id)
+        assert job is not None and job.state == "queued"
+        assert "nothing of the gang of 4 was placed" in job.reason
+    for n in "abc":
+        held = [x.job_id for x in sim.nodes[n].node.leases.active()]
+        assert all(h.startswith("g1.") for h in held), (n, held)
+    sim.run_for(30)
+    done = sim.terminal_jobs()
+    assert {done[i] for i in ids} == {"succeeded"}, done
+    # submitted on a node that lends too: its own member is told of the gang as well
+    mine = sim.submit_gang("a", "g3", 3, ["sleep", "5"], 500, 1024)
+    sim.run_for(8)
+    envs = {job: env for _, job, env in sim.runs}
+    assert [envs[i]["FLEXMESH_GANG_RANK"] for i in mine] == ["0", "1", "2"]
+
+
+def test_a_gang_member_refused_gives_the_others_leases_back() -> None:
+    """One owner refuses (its devices were taken between its gossip and the request): the
+    two leases the others granted are given back at once, and the gang waits whole; it is
+    placed once the third node lends again."""
+    sim = gang_mesh(4)
+    ids = sim.submit_gang("desk", "g", 3, ["sleep", "10"], 500, 1024)
+    c = sim.nodes["c"]
+    c.node.set_devices(c.devices, {c.devices[0].id: (0, 0)})  # c's own work takes it all
+    sim.run_for(1.0)
+    assert all(not sim.nodes[n].node.leases.active() for n in "abc")
+    released = [x for n in "ab" for x in sim.nodes[n].node.leases.leases.values()]
+    assert released and all(x.state == "released" for x in released), released
+    for job_id in ids:
+        job = sim.job(job_id)
+        assert job is not None and job.state == "queued"
+    sim.run_for(10)
+    assert all(not sim.nodes[n].node.leases.active() for n in "abc")  # two nodes: no gang
+    c.node.set_devices(c.devices, {})
+    sim.run_for(30)
+    done = sim.terminal_jobs()
+    assert {done[i] for i in ids} == {"succeeded"}, done
+
+
+def test_a_gang_ends_together_when_a_member_is_lost() -> None:
+    """The owner of one member dies: that member is lost and the others are stopped."""
+    sim = gang_mesh(5)
+    ids = sim.submit_gang("desk", "g", 3, ["sleep", "300"], 500, 1024)
+    sim.run_for(8)
+    jobs = {i: sim.job(i) for i in ids}
+    assert all(j is not None and j.state == "running" for j in jobs.values()), jobs
+    victim = next(i for i, j in jobs.items() if j is not None and j.node == "b")
+    sim.crash("b")
+    sim.run_for(40)
+    done = sim.terminal_jobs()
+    assert done[victim] == "lost"
+    others = [i for i in ids if i != victim]
+    assert {done[i] for i in others} == {"cancelled"}, done
+    for i in others:
+        job = sim.job(i)
+        assert job is not None and f"gang member {victim} lost" in job.reason
+    assert all(not sim.nodes[n].node.leases.active() for n in "ac")
