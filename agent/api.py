@@ -32,7 +32,16 @@ from typing import Any
 from aiohttp import web
 
 from flexmesh.agent import metrics, ui
-from flexmesh.agent.models import PLACED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRecord, gang_members, member_id
+from flexmesh.agent.models import (
+    PLACED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    JobRecord,
+    gang_members,
+    member_id,
+)
 from flexmesh.agent.runtime import Agent
 
 log = logging.getLogger("flexmesh.api")
