@@ -302,3 +302,15 @@ def test_a_gang_bigger_than_the_mesh_waits_and_books_nothing() -> None:
     assert [p.job_id for p in got] == ["solo"]
     assert "nothing of the gang of 3 was placed" in s.queue["g.0"].reason
     assert sum(d.free_c for rec in s._cluster.nodes.values() for d in rec.devs) == 7500
+
+
+def test_a_shadowed_device_keeps_its_node_facts() -> None:
+    s = scheduler()
+    cand = Candidate("a", "gpu0", "gpu", "sim-gpu", 1000, 16384, 1000, 16384,
+                     node_cpu_milli=8000, node_cpu_free_milli=4000, battery_pct=30,
+                     battery_floor_pct=20)
+    s.granted("j", wire.Placed("j", "a", "gpu0", "l", 1, 1), 400, 1024, 5, 0.0)
+    (shadowed,) = s.apply_shadows([cand])
+    assert (shadowed.free_compute_milli, shadowed.free_memory_mib) == (600, 15360)
+    assert (shadowed.node_cpu_free_milli, shadowed.battery_pct) == (4000, 30)
+    assert shadowed.battery_floor_pct == 20
