@@ -185,7 +185,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise CliError(f"job {job['id']} still {job['state']} after {args.timeout:g}s", 1)
         job = request(args, "GET", f"/v1/jobs/{job['id']}?wait=30", timeout=60)
     if job.get("members"):  # a gang: a line for each member
-        lines = [f"{job['id']} {job['state']}: {job['reason']}"]
+        lines = [f"{job['id']} {job['state']}" + (f": {job['reason']}" if job["reason"] else "")]
         for m in job["members"]:
             where = ",".join(m.get("devices") or [m["device"] or "-"])
             lines.append(f"  {m['id']} {m['state']} on {m['node'] or '-'}/{where}: "

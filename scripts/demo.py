@@ -71,6 +71,18 @@ def main() -> int:
         for job_id in ids:
             print(mesh.cli("edge-d", "logs", job_id).stdout, end="")
 
+        say("a gang: one member on each GPU node, placed all at once or not at all")
+        gang_script = ('echo "rank $FLEXMESH_GANG_RANK of $FLEXMESH_GANG_SIZE on '
+                       '$(hostname)/$FLEXMESH_DEVICE; ranks on $FLEXMESH_GANG_NODES"')
+        flags = ["--gang", "2", "--gpu", "0.25", "--memory", "2GiB", "--kind", "gpu"]
+        print(f"  flexmesh submit {' '.join(flags)} --wait")
+        res = mesh.cli("edge-d", "submit", *flags, "--wait", "--timeout", "60", "--", "sh",
+                       "-c", gang_script)
+        print(res.stdout, end="")
+        gang_id = res.stdout.split()[0]
+        for member in mesh.json("edge-d", "show", gang_id)["members"]:
+            print(mesh.cli("edge-d", "logs", member["id"]).stdout, end="")
+
         say("cancel: a long job, cancelled from edge-d")
         long_id = mesh.cli("edge-d", "submit", "--gpu", "0.1", "--", "sleep", "600").stdout.strip()
         mesh.wait_for("it to run", lambda: mesh.json("edge-d", "show", long_id)["state"]
