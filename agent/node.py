@@ -196,8 +196,8 @@ class Node:
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
         # Coordinator: gangs whose owners are being asked, member job -> the owner's answer
         # (None until it comes): all granted, or every lease granted is given back.
-        self._gang_asks: dict[str, dict[str, tuple[wire.LeaseRequest, str, wire.LeaseReply
-                                                   | str | None]]] = {}
+        self._gang_asks: dict[tuple[str, int], dict[str, tuple[
+            wire.LeaseRequest, str, wire.LeaseReply | str | None]]] = {}  # by (gang, term)
         self._voter_map: dict[str, Voter] = {}  # what the election reads, by member
         self._next_housekeeping = now
         self._now = now
@@ -544,7 +544,7 @@ class Node:
                       device=",".join(prop.placement.devices))
             owner = prop.placement.node
             if s.gang:
-                asks = self._gang_asks.setdefault(s.gang, {})
+                asks = self._gang_asks.setdefault((s.gang, req.term), {})
                 asks[s.job_id] = (req, owner, None)
             self._call(owner, req, self._lease_reply_handler(req, owner), now)
 
@@ -570,7 +570,9 @@ class Node:
             if (isinstance(reply, wire.LeaseReply) and reply.granted and req.more
                     and reply.devices != [req.device, *req.more]):
                 # An owner of an older version granted the first device only: not what
-                # the job asked for. Its reservation expires unstarted.
+                # the job asked for. Given back (else it lapses unstarted at its TTL).
+                self._call(owner, wire.Release(req.job_id, reply.lease_id, reply.token),
+                           _ignore, now)
                 reply = wire.LeaseReply(False, "", 0, reply.facts_version,
                                         f"{owner} cannot lease several devices at once")
             answer: wire.LeaseReply | str
@@ -579,7 +581,7 @@ class Node:
             else:
                 answer = reply.reason if isinstance(reply, wire.LeaseReply) else (
                     error or f"unexpected reply {type(reply).__name__}")
-            gang = self._gang_of(req.job_id)
+            gang = self._gang_of(req.job_id, req.term)
             if gang is None:
                 self._lease_answered(req, owner, answer, now)
                 return
@@ -589,6 +591,10 @@ class Node:
                 return  # the gang's other owners have not all answered yet
             del self._gang_asks[gang]
             refused = [(r, o, a) for r, o, a in asks.values() if isinstance(a, str)]
+            if not refused and (not self.is_coordinator or self.belief.term != req.term):
+                # No longer the coordinator of that term: the new one places the gang
+                # afresh, so these grants must not reach the origin as well.
+                refused = [(req, owner, f"coordinator term {req.term} is over")]
             if not refused:
                 for r, o, a in asks.values():
                     if a is not None:
@@ -604,10 +610,10 @@ class Node:
                 self._lease_answered(r, o, reason if not isinstance(a, str) else a, now)
         return then
 
-    def _gang_of(self, job_id: str) -> str | None:
-        for gang, asks in self._gang_asks.items():
-            if job_id in asks:
-                return gang
+    def _gang_of(self, job_id: str, term: int) -> tuple[str, int] | None:
+        for key, asks in self._gang_asks.items():
+            if key[1] == term and job_id in asks:
+                return key
         return None
 
     def _lease_answered(self, req: wire.LeaseRequest, owner: str,
@@ -632,9 +638,10 @@ class Node:
                 and (msg.count == 1 or msg.compute_milli == 1000)):
             return wire.Error(f"a request of {msg.count} x {msg.compute_milli} milli, "
                               f"{msg.memory_mib} MiB cannot be placed")
-        if msg.gang and not (2 <= msg.gang_size <= MAX_GANG and 0 <= msg.rank < msg.gang_size):
+        if msg.gang and (msg.preemptible or not 2 <= msg.gang_size <= MAX_GANG
+                         or not 0 <= msg.rank < msg.gang_size):
             return wire.Error(f"gang member {msg.rank} of {msg.gang_size} cannot be placed "
-                              f"(a gang has 2 to {MAX_GANG} members)")
+                              f"(a gang has 2 to {MAX_GANG} members, none preemptible)")
         result = self.scheduler.enqueue(msg, now)
         if isinstance(result, wire.Placed):
             return result
@@ -825,6 +832,11 @@ class Node:
                                   LOST)
             else:
                 self.resume(job, now)
+        for job in list(self.jobs.values()):
+            # a member that ended (or was found gone) while this node was down: its
+            # siblings, read after it, end with it
+            if job.gang and job.terminal and job.role != "owner":
+                self._gang_ended(job, now)
         self._publish_facts()
 
     def resume(self, job: JobRecord, now: float) -> None:
@@ -946,15 +958,22 @@ class Node:
         if not job.gang:
             self._send_start(job, now)
             return
-        members = self._gang_members(job)
-        if all(m.state == PLACED for m in members):
-            for m in members:  # the last of the gang is placed: every member starts now
-                self._send_start(m, now)
+        if self._gang_ready(job):
+            for m in self._gang_members(job):  # the last is placed: every member starts
+                if m.state == PLACED:
+                    self._send_start(m, now)
 
     def _gang_members(self, job: JobRecord) -> list[JobRecord]:
         """Every member of ``job``'s gang known here, by rank."""
         return [j for j in (self.jobs.get(member_id(job.gang, r)) for r in range(job.gang_size))
                 if j is not None and j.gang == job.gang]
+
+    def _gang_ready(self, job: JobRecord) -> bool:
+        """Whether every member of the gang has its placement (and none has ended): then,
+        and only then, the members are started."""
+        members = self._gang_members(job)
+        return len(members) == job.gang_size and all(m.state in (PLACED, RUNNING)
+                                                     for m in members)
 
     def _gang_env(self, job: JobRecord) -> dict[str, str]:
         """What a gang member's process is told of its gang: where each rank runs."""
@@ -1015,11 +1034,12 @@ class Node:
     def _maybe_retry_start(self, job: JobRecord, st: _OriginState, now: float) -> None:
         if st.start_inflight:
             return
-        gang_waits = job.gang and not all(m.state != QUEUED
-                                          for m in self._gang_members(job))
+        gang_waits = bool(job.gang) and not self._gang_ready(job)
         if now >= st.start_deadline:
             why = f"owner {job.node} did not answer before the lease expired"
-            if job.gang and not gang_waits:  # a start was sent: it may run there
+            if job.gang and not gang_waits and not job.cancel_requested:
+                # a start was sent: it may run there, unheard; told to stop, once
+                self._call(job.node, wire.Cancel(job.id, why), _ignore, now)
                 self._end_origin_job(job, LOST, why, now)
             else:
                 self._requeue(job, why, now)
@@ -1054,6 +1074,7 @@ class Node:
             job.role = "origin" if job.role == "both" else job.role
             self._out.append(PersistJob(replace(job)))
             self._origin.pop(job.id, None)
+            self._gang_ended(job, now)
             return
         self._log("job_requeued", job=job.id, reason=reason)
         if job.attempts or job.state in (RUNNING, PLACED):
@@ -1107,6 +1128,16 @@ class Node:
             elif coordinator:
                 self._call(coordinator, wire.Withdraw(job_id), _ignore, now)
             self._gang_ended(job, now)
+            return CANCELLED
+        if job.gang and job.state == PLACED and not self._gang_ready(job):
+            # placed, but never started (its gang is not all placed): nothing runs; the
+            # lease its owner reserved is given back
+            release = wire.Release(job.id, job.lease_id, job.token)
+            if job.node == self.name:
+                self._handle_release(release)
+            else:
+                self._call(job.node, release, _ignore, now)
+            self._end_origin_job(job, CANCELLED, reason, now)
             return CANCELLED
         if job.node == self.name:
             self._handle_cancel(wire.Cancel(job_id, reason), now)

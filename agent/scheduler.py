@@ -277,8 +277,7 @@ class Scheduler:
         nodes = self._cluster.nodes
         if len(nodes) != len(grouped) or any(n not in grouped for n in nodes):
             for name in [n for n in nodes if n not in grouped]:
-                self._seen.pop(name, None)
-                self._held.pop(name, None)
+                self._seen.pop(name, None)  # (its holds stay until their owners answer)
                 self._cluster.remove(name)
         seen, cluster, held = self._seen, self._cluster, self._held
         for name, cands in grouped.items():

@@ -50,7 +50,12 @@ def place_gang(
                 f"gang member {i} ({describe(req)}) cannot be placed{where}; "
                 f"nothing of the gang of {len(members)} was placed"
             )
-        placer.commit(req, res)
+        try:
+            placer.commit(req, res)
+        except ValueError as exc:  # the index contradicts itself: give back, place nothing
+            for j, got in done.items():
+                placer.release(members[j], got)
+            return NoFit(f"gang member {i} ({describe(req)}) cannot be booked: {exc}")
         done[i] = res
         used.add(res.node)
     if not commit:

@@ -7,6 +7,7 @@ import pytest
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.simulator import LinkFaults, Simulator
 from flexmesh.protocol import wire
+from flexmesh.protocol.lease import Lease
 from flexmesh.protocol.membership import PRESETS
 
 
@@ -331,3 +332,46 @@ def test_a_gang_ends_together_when_a_member_is_lost() -> None:
         job = sim.job(i)
         assert job is not None and f"gang member {victim} lost" in job.reason
     assert all(not sim.nodes[n].node.leases.active() for n in "ac")
+
+
+def test_a_gang_whose_origin_restarts_without_a_member_ends_whole() -> None:
+    """The origin lends too and runs rank 0; it crashes and its process is gone when it
+    comes back: that member is lost, and the members it reads after it are stopped."""
+    sim = gang_mesh(6)
+    ids = sim.submit_gang("a", "g", 3, ["sleep", "300"], 500, 1024)
+    sim.run_for(8)
+    job = sim.job("g.0")
+    assert job is not None and job.node == "a" and job.state == "running"
+    sim.crash("a")
+    sim.run_for(1)
+    sim.restart("a", ["b"])
+    sim.run_for(60)
+    a = sim.nodes["a"].node
+    assert a.jobs["g.0"].state == "lost"
+    assert {a.jobs[i].state for i in ids[1:]} == {"cancelled"}
+    assert all(not sim.nodes[n].node.leases.active() for n in "bc")
+
+
+def test_cancelling_a_member_that_waits_for_its_gang_gives_its_lease_back() -> None:
+    """Rank 0 has its placement (here: its own node's lease), rank 1 has none yet. The
+    user cancels rank 0: nothing was started, the lease is given back at once, and the
+    rank still queued is cancelled with it rather than left waiting."""
+    sim = Simulator(3, membership=PRESETS["lan"])
+    sim.add_node("a", [gpu(0)])
+    sim.add_node("b", [gpu(0)], join=["a"])
+    settle(sim, 30)
+    sim.isolate("a")  # no coordinator answers rank 1
+    a = sim.nodes["a"].node
+    ids = sim.submit_gang("a", "g", 2, ["sleep", "300"], 500, 1024)
+    lease = a.leases.request(job_id="g.0", device="gpu0", compute_milli=500, memory_mib=1024,
+                             term=a.leases.max_term, coordinator="a", origin="a",
+                             now=sim.now, ttl=a.config.lease_ttl)
+    assert isinstance(lease, Lease)
+    a.handle_request(wire.Placed("g.0", "a", "gpu0", lease.id, lease.token, lease.term, []),
+                     sim.now)
+    assert a.jobs["g.0"].state == "placed" and a.jobs["g.1"].state == "queued"
+    assert a.cancel("g.0", sim.now) == "cancelled"
+    assert not a.leases.active()
+    assert a.jobs["g.1"].state == "cancelled" and "gang member g.0" in a.jobs["g.1"].reason
+    sim.run_for(20)
+    assert [job for _, job, _ in sim.runs] == []
