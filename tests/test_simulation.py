@@ -362,7 +362,7 @@ def test_cancelling_a_member_that_waits_for_its_gang_gives_its_lease_back() -> N
     settle(sim, 30)
     sim.isolate("a")  # no coordinator answers rank 1
     a = sim.nodes["a"].node
-    ids = sim.submit_gang("a", "g", 2, ["sleep", "300"], 500, 1024)
+    assert sim.submit_gang("a", "g", 2, ["sleep", "300"], 500, 1024) == ["g.0", "g.1"]
     lease = a.leases.request(job_id="g.0", device="gpu0", compute_milli=500, memory_mib=1024,
                              term=a.leases.max_term, coordinator="a", origin="a",
                              now=sim.now, ttl=a.config.lease_ttl)
