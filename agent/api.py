@@ -248,30 +248,10 @@ def _gang(request: web.Request) -> list[JobRecord] | None:
 
 
 async def show_job(request: web.Request) -> web.Response:
-    members = _gang(request)
-    if members is not None:
-        return await _show_gang(request, members)
-    job = _job(request)
-    wait = request.query.get("wait")
-    if wait:
-        try:
-            seconds = min(max(float(wait), 0.0), 300.0)
-        except ValueError:
-            return _error(400, "wait must be a number of seconds")
-        agent = request.app[AGENT_KEY]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while job.state not in TERMINAL and loop.time() < deadline:
-            ev = agent.job_event(job.id)
-            ev.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
-            job = agent.node.jobs[job.id]
-    return web.json_response(job_view(job))
-
-
-async def _show_gang(request: web.Request, members: list[JobRecord]) -> web.Response:
+    """One job, or a gang by its id; with ``?wait=S``, once it has ended or S s passed."""
     agent = request.app[AGENT_KEY]
+    members = _gang(request)
+    ids = [m.id for m in members] if members is not None else [_job(request).id]
     wait = request.query.get("wait")
     if wait:
         try:
@@ -280,14 +260,16 @@ async def _show_gang(request: web.Request, members: list[JobRecord]) -> web.Resp
             return _error(400, "wait must be a number of seconds")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        for m in members:  # each member in turn, within the one deadline
-            while agent.node.jobs[m.id].state not in TERMINAL and loop.time() < deadline:
-                ev = agent.job_event(m.id)
+        for job_id in ids:  # each in turn, within the one deadline
+            while agent.node.jobs[job_id].state not in TERMINAL and loop.time() < deadline:
+                ev = agent.job_event(job_id)
                 ev.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
-        members = [agent.node.jobs[m.id] for m in members]
-    return web.json_response(gang_view(members[0].gang, members))
+    jobs = [agent.node.jobs[job_id] for job_id in ids]
+    if members is not None:
+        return web.json_response(gang_view(jobs[0].gang, jobs))
+    return web.json_response(job_view(jobs[0]))
 
 
 def _operator_gid(agent: Agent) -> int | None:

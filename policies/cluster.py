@@ -173,16 +173,19 @@ class NodeRec:
         self.battery_pct = battery_pct
         self.battery_floor = battery_floor_pct
 
-    def same_devices(self, devices: Sequence[DeviceSpec | Candidate]) -> bool:
-        """Whether ``devices`` are this node's devices as it has them: the same ids in the
+    def facts(self) -> tuple[Any, ...]:
+        return (self.cpu_cap, self.cpu_free, self.mem_cap, self.mem_free, self.healthy,
+                self.battery_pct, self.battery_floor)
+
+    def same_devices(self, cands: Sequence[Candidate]) -> bool:
+        """Whether ``cands`` list this node's devices as it has them: the same ids in the
         same order, each of the same kind, model and capacity."""
         devs = self.devs
-        if len(devs) != len(devices):
+        if len(devs) != len(cands):
             return False
-        for d, s in zip(devs, devices, strict=True):
-            if (d.id != (s.id if isinstance(s, DeviceSpec) else s.device)
-                    or d.cap_c != s.compute_milli or d.cap_m != s.memory_mib
-                    or d.kind != s.kind or d.model != s.model):
+        for d, c in zip(devs, cands, strict=True):
+            if (d.id != c.device or d.cap_c != c.compute_milli or d.cap_m != c.memory_mib
+                    or d.kind != c.kind or d.model != c.model):
                 return False
         return True
 
@@ -222,7 +225,7 @@ class Cluster:
         self.classes: dict[tuple[Any, ...], NodeClass] = {}
         self.buckets: dict[tuple[tuple[tuple[str, str], ...], int], dict[int, NodeClass]] = {}
         self.bucket_version = 0  # bumped when a bucket appears or goes
-        self.nodes_version = 0  # bumped when a node is added, updated or removed
+        self.nodes_version = 0  # bumped when a node is added, changed or removed
         # device compute per model, over every node (the scarcity score's supply), and a
         # version bumped only when it changes: books and health changes leave it alone
         self.supply: dict[str, int] = {}
@@ -248,19 +251,6 @@ class Cluster:
     def upsert(self, spec: NodeSpec) -> None:
         """Add a node, or replace what is known of it (its books included)."""
         old = self.nodes.get(spec.name)
-        if old is not None and old.same_devices(spec.devices):
-            # the same devices with other books (the usual gossip update): set the books in
-            # place, so that a node whose state did not change stays in its class (which
-            # keeps its cached scores), and the supply is not recounted
-            for d, sd in zip(old.devs, spec.devices, strict=True):
-                d.free_c = d.cap_c if sd.free_compute_milli is None else sd.free_compute_milli
-                d.free_m = d.cap_m if sd.free_memory_mib is None else sd.free_memory_mib
-            old.set_facts(spec.cpu_milli, spec.cpu_free_milli, spec.memory_mib,
-                          spec.memory_free_mib, spec.healthy, spec.battery_pct,
-                          spec.battery_floor_pct)
-            self.nodes_version += 1
-            self._reclass(old)
-            return
         if old is not None:
             self._leave(old)
         rec = NodeRec(spec)
@@ -277,9 +267,9 @@ class Cluster:
     ) -> bool:
         """Set a known node's books from its per-device candidates, less what ``taken``
         holds back per device id (compute, memory), in place: what :func:`node_spec` and
-        :meth:`upsert` would do, without building the spec. False, and nothing changed,
-        when the node is unknown or the candidates do not list its devices as it has them.
-        """
+        :meth:`upsert` would do, but a node whose state did not change stays in its class
+        (which keeps its cached scores). False, and nothing changed, when the node is
+        unknown or the candidates do not list its devices as it has them."""
         rec = self.nodes.get(name)
         if rec is None or not rec.same_devices(cands):
             return False
@@ -295,15 +285,9 @@ class Cluster:
                 d.free_c = fc
                 d.free_m = fm
                 changed = True
-        facts = _node_facts(cands)
-        if facts != (rec.cpu_cap if rec.cpu_cap != UNKNOWN else None,
-                     rec.cpu_free if rec.cpu_free != UNKNOWN else None,
-                     rec.mem_cap if rec.mem_cap != UNKNOWN else None,
-                     rec.mem_free if rec.mem_free != UNKNOWN else None,
-                     rec.healthy, rec.battery_pct, rec.battery_floor):
-            rec.set_facts(*facts)
-            changed = True
-        if changed:
+        before = rec.facts()
+        rec.set_facts(*_node_facts(cands))
+        if changed or rec.facts() != before:
             self.nodes_version += 1
             self._reclass(rec)
         return True

@@ -3,6 +3,7 @@ gangs, preemption, locality and energy."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -189,24 +190,6 @@ def test_from_candidates_and_back() -> None:
     assert c.gpu_capacity_milli == 3000 and c.gpu_free_milli == 2400
 
 
-def test_upsert_of_the_same_devices_keeps_the_class_and_its_scores() -> None:
-    c = Cluster([node("a", [500] + [1000] * 7)])
-    before = cls_of(c, "a")
-    before.cache["probe"] = 1.0
-    supply = c.supply_version
-    c.upsert(node("a", [500] + [1000] * 7, cpu=4000))  # other node facts: another class
-    assert cls_of(c, "a") is not before and cls_of(c, "a").cpu_cap == 4000
-    c.upsert(node("a", [500] + [1000] * 7))
-    assert cls_of(c, "a").cache == {}  # the old state again: a class made anew
-    again = cls_of(c, "a")
-    again.cache["probe"] = 2.0
-    c.upsert(node("a", [500] + [1000] * 7))  # nothing changed: same class, scores kept
-    assert cls_of(c, "a") is again and again.cache == {"probe": 2.0}
-    assert c.supply_version == supply  # the devices are the same: no recount
-    c.upsert(node("a", [1000] * 4, model="H100"))  # other devices: replaced
-    assert c.supply_version != supply and c.supply == {"H100": 4000}
-
-
 def test_refresh_sets_books_in_place_less_what_is_held() -> None:
     c = Cluster([node("a", n=2, mem=16000)])
     cands = [Candidate("a", "gpu0", "gpu", "A100", 1000, 16000, 700, 9000,
@@ -219,8 +202,16 @@ def test_refresh_sets_books_in_place_less_what_is_held() -> None:
     assert (rec.cpu_cap, rec.cpu_free, rec.battery_pct) == (8000, 6000, 80)
     assert c.nodes_version == v + 1
     kept = cls_of(c, "a")
+    kept.cache["probe"] = 1.0
     assert c.refresh("a", cands, {"gpu0": (200, 1000)})  # unchanged: nothing moves
     assert c.nodes_version == v + 1 and cls_of(c, "a") is kept
+    assert kept.cache == {"probe": 1.0}  # and its cached scores stay
+    # a capacity reported without a free figure (all of it free) is no change either
+    cpu_only = [dataclasses.replace(x, node_cpu_free_milli=None) for x in cands]
+    assert c.refresh("a", cpu_only, {"gpu0": (200, 1000)})
+    assert c.nodes["a"].cpu_free == 8000 and c.nodes_version == v + 2
+    assert c.refresh("a", cpu_only, {"gpu0": (200, 1000)})
+    assert c.nodes_version == v + 2
     # devices the node does not have as listed: refused, nothing changed
     assert not c.refresh("a", cands[::-1])
     assert not c.refresh("a", [cands[0]])
