@@ -543,10 +543,10 @@ class Node:
             self._log("propose", job=s.job_id, node=prop.placement.node,
                       device=",".join(prop.placement.devices))
             owner = prop.placement.node
-            if s.gang:
-                asks = self._gang_asks.setdefault((s.gang, req.term), {})
-                asks[s.job_id] = (req, owner, None)
-            self._call(owner, req, self._lease_reply_handler(req, owner), now)
+            gang = (s.gang, req.term) if s.gang else None
+            if gang is not None:
+                self._gang_asks.setdefault(gang, {})[s.job_id] = (req, owner, None)
+            self._call(owner, req, self._lease_reply_handler(req, owner, gang), now)
 
     def _send_preempt(self, order: PreemptOrder, now: float) -> None:
         reason = f"preempted for job {order.job_id} (priority {order.priority})"
@@ -565,7 +565,8 @@ class Node:
                     self.scheduler.preempt_failed(order.job_id, t + PREEMPT_RECHECK)
         self._call(order.node, msg, then, now)
 
-    def _lease_reply_handler(self, req: wire.LeaseRequest, owner: str) -> Continuation:
+    def _lease_reply_handler(self, req: wire.LeaseRequest, owner: str,
+                             gang: tuple[str, int] | None = None) -> Continuation:
         def then(reply: wire.Message | None, error: str, now: float) -> None:
             if (isinstance(reply, wire.LeaseReply) and reply.granted and req.more
                     and reply.devices != [req.device, *req.more]):
@@ -581,11 +582,10 @@ class Node:
             else:
                 answer = reply.reason if isinstance(reply, wire.LeaseReply) else (
                     error or f"unexpected reply {type(reply).__name__}")
-            gang = self._gang_of(req.job_id, req.term)
-            if gang is None:
+            asks = self._gang_asks.get(gang) if gang is not None else None
+            if asks is None:
                 self._lease_answered(req, owner, answer, now)
                 return
-            asks = self._gang_asks[gang]
             asks[req.job_id] = (req, owner, answer)
             if any(a is None for _, _, a in asks.values()):
                 return  # the gang's other owners have not all answered yet
@@ -609,12 +609,6 @@ class Node:
                     self._call(o, wire.Release(r.job_id, a.lease_id, a.token), _ignore, now)
                 self._lease_answered(r, o, reason if not isinstance(a, str) else a, now)
         return then
-
-    def _gang_of(self, job_id: str, term: int) -> tuple[str, int] | None:
-        for key, asks in self._gang_asks.items():
-            if key[1] == term and job_id in asks:
-                return key
-        return None
 
     def _lease_answered(self, req: wire.LeaseRequest, owner: str,
                         answer: wire.LeaseReply | str, now: float) -> None:
@@ -1049,7 +1043,7 @@ class Node:
             self._send_start(job, now)
 
     def _end_origin_job(self, job: JobRecord, state: str, reason: str, now: float) -> None:
-        """Origin: a job followed elsewhere ends here without word from its owner."""
+        """Origin: a job ends here without (more) word from its owner."""
         job.state, job.reason, job.updated_at = state, reason, now
         self._origin.pop(job.id, None)
         self._out.append(PersistJob(replace(job)))
@@ -1119,15 +1113,12 @@ class Node:
         if job.terminal:
             return job.state
         if job.state == QUEUED:
-            job.state, job.reason, job.updated_at = CANCELLED, reason, now
-            self._out.append(PersistJob(replace(job)))
-            self._origin.pop(job_id, None)
             coordinator = self.belief.coordinator
             if coordinator == self.name:
                 self.scheduler.withdraw(job_id)
             elif coordinator:
                 self._call(coordinator, wire.Withdraw(job_id), _ignore, now)
-            self._gang_ended(job, now)
+            self._end_origin_job(job, CANCELLED, reason, now)
             return CANCELLED
         if job.gang and job.state == PLACED and not self._gang_ready(job):
             # placed, but never started (its gang is not all placed): nothing runs; the
@@ -1160,11 +1151,8 @@ class Node:
                 return
             if isinstance(reply, wire.Error) and current.state == RUNNING:
                 # The owner answered and runs no such job (it lost it): nothing to stop.
-                current.state, current.updated_at = CANCELLED, t
-                current.reason = (f"{current.reason or 'cancelled by user'} "
-                                  f"({job.node}: {reply.reason})")
-                self._out.append(PersistJob(replace(current)))
-                self._gang_ended(current, t)
+                self._end_origin_job(current, CANCELLED, f"{current.reason or 'cancelled by user'}"
+                                     f" ({job.node}: {reply.reason})", t)
             elif not isinstance(reply, wire.Ok):
                 self._log("cancel_retry", job=job.id, node=job.node,
                           error=reply.reason if isinstance(reply, wire.Error) else error)
