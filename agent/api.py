@@ -222,8 +222,8 @@ def gang_view(gang: str, members: list[JobRecord]) -> dict[str, Any]:
 def _job(request: web.Request) -> JobRecord:
     agent = request.app[AGENT_KEY]
     job_id = request.match_info["id"]
-    job = agent.node.jobs.get(job_id)
-    if job is None or job.role == "owner":
+    job = agent.node.origin.jobs.get(job_id)
+    if job is None:
         raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id} was submitted here"}),
                                content_type="application/json")
     return job
@@ -231,7 +231,7 @@ def _job(request: web.Request) -> JobRecord:
 
 async def list_jobs(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    jobs = [j for j in agent.node.jobs.values() if j.role != "owner"]
+    jobs = list(agent.node.origin.jobs.values())
     jobs.sort(key=lambda j: j.created_at)
     return web.json_response([job_view(j) for j in jobs])
 
@@ -240,10 +240,11 @@ def _gang(request: web.Request) -> list[JobRecord] | None:
     """The members of the gang the request names, if it names one submitted here."""
     agent = request.app[AGENT_KEY]
     gang = request.match_info["id"]
-    first = agent.node.jobs.get(member_id(gang, 0))
-    if gang in agent.node.jobs or first is None or first.gang != gang or first.role == "owner":
+    mine = agent.node.origin.jobs
+    first = mine.get(member_id(gang, 0))
+    if gang in mine or first is None or first.gang != gang:
         return None
-    members = [agent.node.jobs.get(member_id(gang, r)) for r in range(first.gang_size)]
+    members = [agent.node.origin.jobs.get(member_id(gang, r)) for r in range(first.gang_size)]
     return [m for m in members if m is not None]
 
 
@@ -261,12 +262,12 @@ async def show_job(request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         for job_id in ids:  # each in turn, within the one deadline
-            while agent.node.jobs[job_id].state not in TERMINAL and loop.time() < deadline:
+            while agent.node.origin.jobs[job_id].state not in TERMINAL and loop.time() < deadline:
                 ev = agent.job_event(job_id)
                 ev.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
-    jobs = [agent.node.jobs[job_id] for job_id in ids]
+    jobs = [agent.node.origin.jobs[job_id] for job_id in ids]
     if members is not None:
         return web.json_response(gang_view(jobs[0].gang, jobs))
     return web.json_response(job_view(jobs[0]))
@@ -316,7 +317,7 @@ async def cancel_job(request: web.Request) -> web.Response:
         results = [await agent.cancel(m.id) for m in members]
         gang = members[0].gang
         log.info("cancel gang=%s uid=%s results=%s", gang, peer_uid(request), results)
-        members = [agent.node.jobs[m.id] for m in members]
+        members = [agent.node.origin.jobs[m.id] for m in members]
         return web.json_response({"id": gang, "result": ",".join(results),
                                   "job": gang_view(gang, members)}, status=202)
     job = _job(request)
@@ -348,7 +349,7 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     offsets = dict.fromkeys(streams, 0)
     while True:
-        job = agent.node.jobs[job.id]
+        job = agent.node.origin.jobs[job.id]
         done = job.state in TERMINAL  # read state first: output written before it counts
         got = False
         for name in streams:
@@ -385,23 +386,22 @@ def _read(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
 
 
 async def nodes(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].node.nodes_view())
+    return web.json_response(request.app[AGENT_KEY].node.views.nodes())
 
 
 async def devices(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].node.devices_view())
+    return web.json_response(request.app[AGENT_KEY].node.views.devices())
 
 
 async def status(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    node = agent.node
+    st = agent.node.status()
     return web.json_response({
-        "name": node.name, "address": agent.addr, "coordinator": node.belief.coordinator,
-        "term": node.belief.term, "is_coordinator": node.is_coordinator,
-        "queue": len(node.scheduler.queue), "enforcement": agent.enforcement,
+        "name": st.name, "address": agent.addr, "coordinator": st.coordinator,
+        "term": st.term, "is_coordinator": st.is_coordinator,
+        "queue": st.queue, "enforcement": agent.enforcement,
         "ui": agent.ui_url,
-        "counters": {**node.counters, **node.membership.counters, **agent.counters,
-                     **node.scheduler.counters},
+        "counters": {**st.counters, **agent.counters},
     })
 
 

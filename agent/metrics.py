@@ -37,7 +37,7 @@ from flexmesh.agent.models import STATES as JOB_STATES
 from flexmesh.protocol.membership import STATES as MEMBER_STATES
 
 if TYPE_CHECKING:  # no agent module at import time: the scheduler or runtime may import this
-    from flexmesh.agent.node import Node
+    from flexmesh.agent.node import Node, NodeStatus
 
 MIB = 1 << 20
 PREFIX = "flexmesh"
@@ -119,14 +119,15 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Metric]:
         node = self.agent.node
-        yield from self._identity(node)
-        yield from self._membership(node)
-        yield from self._election(node)
-        yield from self._scheduling(node)
-        yield from self._devices(node)
-        yield from self._jobs(node)
+        st = node.status()
+        yield from self._identity(st)
+        yield from self._membership(st)
+        yield from self._election(st)
+        yield from self._scheduling(st, decision_times(node.scheduler))
+        yield from self._devices(st)
+        yield from self._jobs(st)
 
-    def _identity(self, node: Node) -> Iterator[Metric]:
+    def _identity(self, node: NodeStatus) -> Iterator[Metric]:
         info = GaugeMetricFamily(f"{PREFIX}_agent_info", "This agent: node name and address.",
                                  labels=["node", "address", "enforcement"])
         info.add_metric([node.name, self.agent.addr,
@@ -137,16 +138,16 @@ class AgentCollector:
             yield GaugeMetricFamily(f"{PREFIX}_agent_start_time_seconds",
                                     "When this agent started, in Unix time.", value=started)
 
-    def _membership(self, node: Node) -> Iterator[Metric]:
+    def _membership(self, node: NodeStatus) -> Iterator[Metric]:
         members = GaugeMetricFamily(f"{PREFIX}_members", "Members this node knows, by state.",
                                     labels=["state"])
         by_state = dict.fromkeys(MEMBER_STATES, 0)
-        for m in node.membership.members.values():
-            by_state[m.state] = by_state.get(m.state, 0) + 1
+        for state, n in node.members.items():
+            by_state[state] = by_state.get(state, 0) + n
         for state, n in by_state.items():
             members.add_metric([state], n)
         yield members
-        mc = node.membership.counters
+        mc = node.counters
         yield _counter("membership_probes", "Probes this node started.", mc.get("probes", 0))
         yield _counter("membership_probes_failed", "Probes that got no ack in time.",
                        mc.get("probe_failed", 0))
@@ -156,7 +157,7 @@ class AgentCollector:
                        "Suspicions of this node that it refuted.", mc.get("refutations", 0))
         yield GaugeMetricFamily(f"{PREFIX}_membership_awareness_score",
                                 "Lifeguard local health; 0 is healthy, higher slows timeouts.",
-                                value=node.membership.awareness.score)
+                                value=node.awareness)
         counters = self._all_counters(node)
         for prefix, what in _DROPPED:
             fam = CounterMetricFamily(f"{PREFIX}_{what}_dropped",
@@ -173,18 +174,17 @@ class AgentCollector:
                 events.add_metric([key], n)
         yield events
 
-    def _all_counters(self, node: Node) -> dict[str, int]:
-        merged: dict[str, int] = {}
-        for source in (node.membership.counters, node.counters, self.agent.counters,
-                       node.scheduler.counters):
+    def _all_counters(self, node: NodeStatus) -> dict[str, int]:
+        merged = dict(node.counters)
+        for source in (self.agent.counters,):
             for key, n in source.items():
                 merged[key] = merged.get(key, 0) + n
         return merged
 
-    def _election(self, node: Node) -> Iterator[Metric]:
+    def _election(self, node: NodeStatus) -> Iterator[Metric]:
         yield GaugeMetricFamily(f"{PREFIX}_election_term",
                                 "Term of the coordinator this node follows.",
-                                value=node.belief.term)
+                                value=node.term)
         yield GaugeMetricFamily(f"{PREFIX}_election_max_term",
                                 "Highest coordinator term this node has seen.",
                                 value=node.max_term)
@@ -194,19 +194,18 @@ class AgentCollector:
         coord = GaugeMetricFamily(f"{PREFIX}_coordinator_info",
                                   "The coordinator this node follows (absent: none).",
                                   labels=["coordinator"])
-        if node.belief.coordinator is not None:
-            coord.add_metric([node.belief.coordinator], 1)
+        if node.coordinator is not None:
+            coord.add_metric([node.coordinator], 1)
         yield coord
 
-    def _scheduling(self, node: Node) -> Iterator[Metric]:
-        sched = node.scheduler
+    def _scheduling(self, node: NodeStatus, times: DecisionTimes) -> Iterator[Metric]:
         yield GaugeMetricFamily(f"{PREFIX}_scheduler_queue_length",
                                 "Requests waiting in this coordinator's queue.",
-                                value=len(sched.queue))
+                                value=node.queue)
         yield _counter("scheduler_placements", "Placements an owner granted.",
-                       sched.counters.get("placements", 0))
+                       node.counters.get("placements", 0))
         yield _counter("scheduler_refusals", "Placements an owner refused.",
-                       sched.counters.get("refusals", 0))
+                       node.counters.get("refusals", 0))
         yield _counter("leases_refused", "Lease requests this node refused as an owner.",
                        node.counters.get("leases_refused", 0))
         pre = CounterMetricFamily(f"{PREFIX}_preemptions",
@@ -217,13 +216,12 @@ class AgentCollector:
         yield pre
         yield _counter("scheduler_preemptions_ordered",
                        "Jobs this coordinator told owners to stop for higher-priority ones.",
-                       sched.counters.get("preemptions", 0))
-        times = decision_times(sched)
+                       node.counters.get("preemptions", 0))
         yield HistogramMetricFamily(f"{PREFIX}_scheduler_decision_seconds",
                                     "Time to decide one placement.",
                                     buckets=times.cumulative(), sum_value=times.total)
 
-    def _devices(self, node: Node) -> Iterator[Metric]:
+    def _devices(self, node: NodeStatus) -> Iterator[Metric]:
         labels = ["node", "device"]
         info = GaugeMetricFamily(f"{PREFIX}_device_info", "This node's devices.",
                                  labels=[*labels, "kind", "model", "backend"])
@@ -245,10 +243,10 @@ class AgentCollector:
         util = _gauge("device_utilization_ratio",
                       "Utilisation last measured, 0 to 1 (where the backend reports it).", labels)
         samples = _samples(self.agent)
-        for d in sorted(node.devices.values(), key=lambda d: d.id):
+        for d in node.devices:
             key = [node.name, d.id]
-            used_c, used_m = node.leases.used(d.id)
-            free_c, free_m = node.leases.free(d.id)
+            used_c, used_m = d.leased_compute_milli, d.leased_memory_mib
+            free_c, free_m = d.lendable_compute_milli, d.lendable_memory_mib
             info.add_metric([*key, d.kind, d.model, d.backend], 1)
             healthy.add_metric(key, int(d.healthy))
             for name, value in (("capacity_compute", d.compute_milli),
@@ -266,13 +264,13 @@ class AgentCollector:
         yield from fams.values()
         yield util
 
-    def _jobs(self, node: Node) -> Iterator[Metric]:
+    def _jobs(self, node: NodeStatus) -> Iterator[Metric]:
         fam = GaugeMetricFamily(
             f"{PREFIX}_jobs", "Jobs this node knows, by state and role (origin: submitted "
             "here; owner: runs here for another node; both).", labels=["state", "role"])
         counts = {(s, r): 0 for s in JOB_STATES for r in ("origin", "owner", "both")}
-        for job in node.jobs.values():
-            counts[(job.state, job.role)] = counts.get((job.state, job.role), 0) + 1
+        for by, n in node.jobs.items():
+            counts[by] = counts.get(by, 0) + n
         for (state, role), n in counts.items():
             fam.add_metric([state, role], n)
         yield fam

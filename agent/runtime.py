@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from flexmesh.agent import rpc
 from flexmesh.agent.config import Settings
@@ -40,6 +40,8 @@ from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
+    Effect,
+    JobOutput,
     LogEvent,
     Node,
     NodeConfig,
@@ -47,19 +49,23 @@ from flexmesh.agent.node import (
     PersistLease,
     RunJob,
     StopJob,
-    WatchJob,
 )
 from flexmesh.agent.store import AsyncJournal
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import OVERHEAD, CryptoError, Keyring, KeyringError, Sealer
 from flexmesh.protocol.lease import Lease
-from flexmesh.protocol.membership import PRESETS, MemberEvent, SendPacket, StartPushPull
+from flexmesh.protocol.membership import (
+    PRESETS,
+    FactsEvent,
+    MemberEvent,
+    SendPacket,
+    StartPushPull,
+)
 
 log = logging.getLogger("flexmesh.agent")
 
 SAMPLE_INTERVAL = 1.0  # seconds between device readings (the watchdog checks this often)
-SYNC_WAIT_MS = 1000  # long-poll window of JobSync
 SYNC_CHUNK = 256 * 1024
 
 
@@ -71,7 +77,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.agent.on_datagram(data, addr)
 
     def error_received(self, exc: Exception) -> None:
-        self.agent.node._count("udp_errors")
+        self.agent.count("udp_errors")
 
 
 class GroupCommit:
@@ -142,7 +148,6 @@ class Agent:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._job_events: dict[str, asyncio.Event] = {}
-        self._watching: set[str] = set()
         self._estimators: dict[str, IdleEstimator] = {}
         self._device_list: list[Device] = []
         self.last_samples: dict[str, DeviceSample] = {}
@@ -380,7 +385,7 @@ class Agent:
             )
             healthy = d.healthy and (sample.healthy if sample else True)
             devices.append(d if healthy == d.healthy else replace(d, healthy=healthy))
-        self.node.set_devices(devices, lend)
+        self.node.set_devices(devices, lend, now)
 
     async def _sample_loop(self) -> None:
         while True:
@@ -402,9 +407,9 @@ class Agent:
     def _watchdog(self, samples: list[DeviceSample]) -> None:
         """No interception: stop a job whose measured device memory exceeds its lease."""
         running = self.runner.running()
-        for job in list(self.node.jobs.values()):
+        for job in list(self.node.owner.runs.values()):
             pid = running.get(job.id)
-            if pid is None or job.role not in ("owner", "both") or job.terminal:
+            if pid is None or job.terminal:
                 continue
             for device in job.devices:  # the lease's memory is per device
                 used = job_memory_used(samples, device, [pid])
@@ -422,7 +427,12 @@ class Agent:
             return (job.pid is not None and job.pid_start is not None
                     and self.runner.adopt(job.id, job.pid, job.pid_start))
 
-        self.node.recover(await self.journal.list_jobs(), leases, adopt, self.loop.time())
+        def output(job_id: str) -> tuple[int, int]:
+            out = self.state_dir / "jobs" / job_id
+            return _size(out / "stdout"), _size(out / "stderr")
+
+        self.node.recover(await self.journal.list_jobs(), leases, adopt, self.loop.time(),
+                          output)
 
     # --- the effect pump ----------------------------------------------------------------
 
@@ -457,9 +467,9 @@ class Agent:
                 job.updated_at = now
                 if job.created_at < 1e9:
                     job.created_at = now
-                live = self.node.jobs.get(job.id)
-                if live is not None:
-                    live.updated_at, live.created_at = job.updated_at, job.created_at
+                for live in (self.node.origin.jobs.get(job.id), self.node.owner.runs.get(job.id)):
+                    if live is not None:
+                        live.updated_at, live.created_at = job.updated_at, job.created_at
                 jobs[job.id] = job
             else:
                 leases[eff.lease.id] = eff.lease.to_dict()
@@ -473,29 +483,35 @@ class Agent:
     def kick(self) -> None:
         self._spawn(self.flush())
 
-    async def _effect(self, eff: Any) -> None:
-        if isinstance(eff, SendPacket):
-            self._send_packet(eff)
-        elif isinstance(eff, Call):
-            self._spawn(self._do_call(eff))
-        elif isinstance(eff, StartPushPull):
-            self._spawn(self._do_pushpull(eff))
-        elif isinstance(eff, RunJob):
-            self._spawn(self._run_job(eff))
-        elif isinstance(eff, StopJob):
-            self._spawn(self.runner.stop(eff.job_id, self.settings.stop_grace, eff.reason))
-        elif isinstance(eff, ArchiveOutput):
-            await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / eff.job_id)
-        elif isinstance(eff, WatchJob):
-            key = f"{eff.job_id}@{eff.node}"
-            if key not in self._watching:
-                self._watching.add(key)
-                self._spawn(self._watch(eff, key))
-        elif isinstance(eff, LogEvent):
-            log.info("%s %s", eff.event, " ".join(f"{k}={v}" for k, v in eff.fields.items()))
-        elif isinstance(eff, MemberEvent):
-            log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state, eff.prev,
-                     eff.addr)
+    async def _effect(self, eff: Effect) -> None:
+        match eff:
+            case SendPacket():
+                self._send_packet(eff)
+            case Call():
+                self._spawn(self._do_call(eff))
+            case StartPushPull():
+                self._spawn(self._do_pushpull(eff))
+            case RunJob():
+                self._spawn(self._run_job(eff))
+            case StopJob():
+                self._spawn(self.runner.stop(eff.job_id, self.settings.stop_grace, eff.reason))
+            case ArchiveOutput():
+                await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / eff.job_id)
+            case JobOutput():
+                # Written before anything after it runs: the job's end is journaled only
+                # once its output is here (see follow.py).
+                path = self.state_dir / "jobs" / eff.job_id
+                await asyncio.to_thread(_write_at, path, eff.stream, eff.offset, eff.data)
+            case LogEvent():
+                log.info("%s %s", eff.event,
+                         " ".join(f"{k}={v}" for k, v in eff.fields.items()))
+            case MemberEvent():
+                log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state,
+                         eff.prev, eff.addr)
+            case FactsEvent() | PersistJob() | PersistLease():
+                pass  # facts are read from the membership; journal writes came first
+            case _:
+                assert_never(eff)
 
     def healthy(self) -> bool:
         """The loop turns and the node ticks: what the systemd watchdog vouches for."""
@@ -607,8 +623,8 @@ class Agent:
         return reply
 
     async def _job_sync(self, msg: wire.JobSync) -> wire.Message:
-        job = self.node.jobs.get(msg.job_id)
-        if job is None or job.role not in ("owner", "both"):
+        job = self.node.owner.runs.get(msg.job_id)
+        if job is None:
             return wire.Error(f"no job {msg.job_id} runs here")
         deadline = self.loop.time() + min(max(msg.wait_ms, 0), 10_000) / 1000
         while True:
@@ -617,10 +633,8 @@ class Agent:
                                           msg.stdout_offset, SYNC_CHUNK)
             err = await asyncio.to_thread(self.runner.read_log, job.id, "stderr",
                                           msg.stderr_offset, SYNC_CHUNK)
-            terminal = state in TERMINAL
-            if out or err or terminal or self.loop.time() >= deadline:
-                complete = terminal and len(out) < SYNC_CHUNK and len(err) < SYNC_CHUNK
-                return wire.JobSyncReply(state, job.reason, job.exit_code, out, err, complete)
+            if out or err or state in TERMINAL or self.loop.time() >= deadline:
+                return self.node.sync_reply(msg, out, err, SYNC_CHUNK)
             ev = self._job_events.setdefault(job.id, asyncio.Event())
             ev.clear()
             with contextlib.suppress(TimeoutError):
@@ -629,7 +643,7 @@ class Agent:
     # --- jobs ---------------------------------------------------------------------------
 
     async def _run_job(self, eff: RunJob) -> None:
-        job, devices = eff.job, (eff.device, *eff.more)
+        job, devices = eff.job, eff.devices
         env = {
             "FLEXMESH_JOB_ID": job.id, "FLEXMESH_DEVICE": ",".join(d.id for d in devices),
             "FLEXMESH_COMPUTE_MILLI": str(job.compute_milli),
@@ -645,7 +659,7 @@ class Agent:
         # origin sets (and never takes from the user): the rest are this owner's to set.
         env.update({k: v for k, v in job.env.items()
                     if not k.startswith("FLEXMESH_") or k.startswith("FLEXMESH_GANG")})
-        if job.role == "owner":
+        if job.id not in self.node.origin.jobs:
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(_archive_output, self.state_dir / "jobs" / job.id)
         user = await asyncio.to_thread(self.job_user, job)  # NSS lookups may block
@@ -680,52 +694,6 @@ class Agent:
         state = LOST if exit_code is None else None
         self.node.job_exited(job_id, exit_code, reason, self.loop.time(), state=state)
         self.kick()
-
-    async def _watch(self, eff: WatchJob, key: str) -> None:
-        """Origin: follow a remote job's state and copy its output here."""
-        out_path = self.state_dir / "jobs" / eff.job_id
-        await asyncio.to_thread(out_path.mkdir, parents=True, exist_ok=True)
-        offsets = {"stdout": _size(out_path / "stdout"), "stderr": _size(out_path / "stderr")}
-        failures = 0
-        lease = self.node.jobs[eff.job_id].lease_id if eff.job_id in self.node.jobs else ""
-        try:
-            while True:
-                job = self.node.jobs.get(eff.job_id)
-                if job is None or job.state in TERMINAL or job.lease_id != lease:
-                    return  # ended, or requeued and placed anew (a new watch follows it)
-                msg = wire.JobSync(eff.job_id, offsets["stdout"], offsets["stderr"],
-                                   SYNC_WAIT_MS)
-                member = self.node.membership.members.get(eff.node)
-                if member is None:  # not known yet (we just restarted): ask again soon
-                    await asyncio.sleep(1.0)
-                    continue
-                try:
-                    reply = await rpc.call(member.addr, msg, SYNC_WAIT_MS / 1000 + 5.0,
-                                           self.codec)
-                except rpc.CallError:
-                    failures += 1
-                    await asyncio.sleep(min(0.2 * 2 ** failures, 2.0))
-                    continue
-                failures = 0
-                if not isinstance(reply, wire.JobSyncReply):
-                    log.warning("job %s: owner %s answered %r", eff.job_id, eff.node, reply)
-                    await asyncio.sleep(1.0)
-                    continue
-                job = self.node.jobs.get(eff.job_id)
-                if job is None or job.lease_id != lease:
-                    return
-                for stream, data in (("stdout", reply.stdout), ("stderr", reply.stderr)):
-                    if data:
-                        await asyncio.to_thread(_write_at, out_path / stream, offsets[stream],
-                                                data)
-                        offsets[stream] += len(data)
-                if reply.state in TERMINAL and not reply.complete:
-                    continue  # fetch the rest of the output before saying it ended
-                self.node.remote_update(eff.job_id, reply.state, reply.reason, reply.exit_code,
-                                        self.loop.time(), lease_id=lease)
-                await self.flush()
-        finally:
-            self._watching.discard(key)
 
     # --- API helpers --------------------------------------------------------------------
 
@@ -793,7 +761,9 @@ def _archive_output(job_dir: Path) -> None:
             (job_dir / stream).rename(job_dir / f"{stream}.{n}")
 
 
-def _write_at(path: Path, offset: int, data: bytes) -> None:
+def _write_at(job_dir: Path, stream: str, offset: int, data: bytes) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / stream
     mode = "r+b" if path.exists() else "wb"
     with open(path, mode) as f:
         f.seek(offset)

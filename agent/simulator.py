@@ -9,8 +9,11 @@ everything by (virtual time, sequence number), and all randomness comes from one
 ``random.Random(seed)``, so a seed replays exactly.
 
 Faults are one line each: ``cut(a, b)``, ``isolate(n)``, ``heal()``, ``crash(n)``,
-``restart(n)``, ``stall(n, seconds)``. ``check()`` verifies the invariants: no device
-leased beyond its capacity, and every accepted job in exactly one state.
+``restart(n)``, ``stall(n, seconds)``. Calls between agents go through the wire codec and
+may be lost (``LinkFaults.call_loss``) or delayed out of order (``call_jitter``); an origin
+follows a job it placed elsewhere with ``JobSync`` calls over that network, as real agents
+do, and a simulated process writes output that the origin must get back exactly once.
+``check()`` verifies the invariants after every step (see ``invariants``).
 """
 
 from __future__ import annotations
@@ -19,28 +22,39 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import assert_never
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
-from flexmesh.agent.models import LOST, RUNNING, TERMINAL, JobRecord, gang_members
+from flexmesh.agent.models import LOST, TERMINAL, JobRecord, gang_members
 from flexmesh.agent.node import (
+    ArchiveOutput,
     Call,
+    Effect,
+    JobOutput,
+    LogEvent,
     Node,
     NodeConfig,
     PersistJob,
     PersistLease,
     RunJob,
     StopJob,
-    WatchJob,
 )
+from flexmesh.agent.simcheck import InvariantError, check_promise, check_start, check_world
+from flexmesh.agent.simlog import SimLog
 from flexmesh.protocol import wire
-from flexmesh.protocol.lease import ACTIVE, Lease
-from flexmesh.protocol.membership import PRESETS, Config, SendPacket, StartPushPull
+from flexmesh.protocol.lease import Lease
+from flexmesh.protocol.membership import (
+    PRESETS,
+    Config,
+    FactsEvent,
+    MemberEvent,
+    SendPacket,
+    StartPushPull,
+)
 
-
-class InvariantError(AssertionError):
-    pass
+SYNC_CHUNK = 96  # bytes of output a JobSync answer carries at most: small, to split output
+SYNC_POLL = 0.25  # the owner looks again this often while it holds a JobSync open
 
 
 @dataclass
@@ -49,6 +63,8 @@ class LinkFaults:
     delay: float = 0.002
     jitter: float = 0.002
     duplicate: float = 0.0
+    call_loss: float = 0.0  # a call's request or answer is lost: the caller times out
+    call_jitter: float = 0.0  # extra random delay of each call leg (reorders calls)
 
 
 @dataclass
@@ -65,6 +81,10 @@ class _SimNode:
     # What the node journaled: survives a crash, read back on restart (as SQLite would).
     disk_jobs: dict[str, JobRecord] = field(default_factory=dict)
     disk_leases: dict[str, Lease] = field(default_factory=dict)
+    logs: dict[str, SimLog] = field(default_factory=dict)  # owner: output of each job run
+    # origin: output received of each job (by stream), and of its earlier attempts
+    received: dict[str, dict[str, bytearray]] = field(default_factory=dict)
+    archived: dict[str, list[dict[str, bytearray]]] = field(default_factory=dict)
 
 
 class Simulator:
@@ -93,7 +113,7 @@ class Simulator:
                             priority=priority)
         node = Node(config, random.Random(self.rng.getrandbits(64)), self.now)
         sim = _SimNode(node, list(devices or []), config)
-        node.set_devices(sim.devices, {})
+        node.set_devices(sim.devices, {}, self.now)
         self.nodes[name] = sim
         self.by_addr[addr] = name
         if join:
@@ -125,8 +145,11 @@ class Simulator:
         self.cuts.clear()
 
     def crash(self, n: str) -> None:
-        self.nodes[n].up = False
-        self.nodes[n].processes.clear()
+        sim = self.nodes[n]
+        sim.up = False
+        for job_id in sim.processes:
+            sim.logs[job_id].stop(self.now)
+        sim.processes.clear()
 
     def leave(self, n: str) -> None:
         """A graceful stop: the node says it leaves, then goes down; its jobs' processes
@@ -142,11 +165,15 @@ class Simulator:
         token = max((x.token for x in old.disk_leases.values()), default=0)
         node = Node(old.config, random.Random(self.rng.getrandbits(64)), self.now,
                     incarnation=old.incarnation, token=token)
-        node.set_devices(old.devices, {})
+        node.set_devices(old.devices, {}, self.now)
+
+        def output(job_id: str) -> tuple[int, int]:
+            got = old.received.get(job_id, {})
+            return len(got.get("stdout", b"")), len(got.get("stderr", b""))
         node.recover([replace(j) for j in old.disk_jobs.values()],
                      [replace(x) for x in old.disk_leases.values()],
                      # a crash took every process with it; a leave kept them
-                     lambda job: job.id in old.processes, self.now)
+                     lambda job: job.id in old.processes, self.now, output)
         old.adopted = set(old.processes)
         old.node, old.up, old.tick_at = node, True, -1.0
         node.join([self.nodes[j].config.addr for j in join], self.now)
@@ -167,7 +194,7 @@ class Simulator:
                preemptible: bool = False) -> None:
         job = JobRecord(id=job_id, origin=origin, command=command,
                         compute_milli=compute_milli, memory_mib=memory_mib, kind=kind,
-                        created_at=self.now, role="origin", count=count, priority=priority,
+                        created_at=self.now, count=count, priority=priority,
                         preemptible=preemptible)
         self.submitted.add(job_id)
         self.nodes[origin].disk_jobs[job_id] = replace(job)  # journaled before the answer
@@ -180,7 +207,7 @@ class Simulator:
         """Submit a gang of ``size`` members (as the API does); returns their job ids."""
         members = gang_members(gang, size, origin=origin, command=command,
                                compute_milli=compute_milli, memory_mib=memory_mib, kind=kind,
-                               created_at=self.now, role="origin", count=count)
+                               created_at=self.now, count=count)
         for job in members:
             self.submitted.add(job.id)
             self.nodes[origin].disk_jobs[job.id] = replace(job)
@@ -192,10 +219,18 @@ class Simulator:
     def job(self, job_id: str) -> JobRecord | None:
         """The origin's record of a job."""
         for sim in self.nodes.values():
-            job = sim.node.jobs.get(job_id)
-            if job is not None and job.role in ("origin", "both"):
+            job = sim.node.origin.jobs.get(job_id)
+            if job is not None:
                 return job
         return None
+
+    def output(self, job_id: str, stream: str = "stdout") -> tuple[bytes, bytes]:
+        """(what the job's origin received, what its last run on its owner wrote)."""
+        job = self.job(job_id)
+        assert job is not None
+        got = self.nodes[job.origin].received.get(job_id, {}).get(stream, bytearray())
+        log = self.nodes[job.node].logs.get(job_id) if job.node else None
+        return bytes(got), (log.read(stream, 0, 1 << 30, self.now) if log else b"")
 
     # --- running ------------------------------------------------------------------------
 
@@ -236,23 +271,36 @@ class Simulator:
         node.tick(self.now)
         self._pump(name)
 
-    def _effect(self, name: str, eff: Any) -> None:
-        if isinstance(eff, SendPacket):
-            self._send_packet(name, eff)
-        elif isinstance(eff, StartPushPull):
-            self._pushpull(name, eff)
-        elif isinstance(eff, Call):
-            self._rpc(name, eff)
-        elif isinstance(eff, RunJob):
-            self._run_job(name, eff)
-        elif isinstance(eff, StopJob):
-            self.at(self.now + 0.01, lambda: self._exit(name, eff.job_id, 143, "terminated"))
-        elif isinstance(eff, WatchJob):
-            self.at(self.now + 0.2, lambda: self._sync(name, eff))
-        elif isinstance(eff, PersistJob):
-            self.nodes[name].disk_jobs[eff.job.id] = replace(eff.job)
-        elif isinstance(eff, PersistLease):
-            self.nodes[name].disk_leases[eff.lease.id] = replace(eff.lease)
+    def _effect(self, name: str, eff: Effect) -> None:
+        sim = self.nodes[name]
+        match eff:
+            case SendPacket():
+                self._send_packet(name, eff)
+            case StartPushPull():
+                self._pushpull(name, eff)
+            case Call():
+                self._rpc(name, eff)
+            case RunJob():
+                self._run_job(name, eff)
+            case StopJob():
+                self.at(self.now + 0.01, lambda: self._exit(name, eff.job_id, 143, "terminated"))
+            case PersistJob():
+                sim.disk_jobs[eff.job.id] = replace(eff.job)
+            case PersistLease():
+                sim.disk_leases[eff.lease.id] = replace(eff.lease)
+            case JobOutput():
+                got = sim.received.setdefault(eff.job_id, {}).setdefault(eff.stream, bytearray())
+                if eff.offset > len(got):
+                    raise InvariantError(f"seed {self.seed}: {name} got output of "
+                                         f"{eff.job_id} at {eff.offset}, past {len(got)}")
+                got[eff.offset:eff.offset + len(eff.data)] = eff.data
+            case ArchiveOutput():
+                if eff.job_id in sim.received:
+                    sim.archived.setdefault(eff.job_id, []).append(sim.received.pop(eff.job_id))
+            case LogEvent() | MemberEvent() | FactsEvent():
+                pass
+            case _:
+                assert_never(eff)
 
     def _latency(self) -> float:
         return self.faults.delay + self.rng.random() * self.faults.jitter
@@ -313,25 +361,58 @@ class Simulator:
                 node.call_result(eff.call_id, None, why, self.now)
                 self._pump(src)
 
-        if dst not in self.nodes or not self.reachable(src, dst):
-            self.at(self.now + eff.timeout, lambda: fail("timed out"))
-            return
-        latency = self._latency()
+        def back(reply: wire.Message) -> None:
+            if self.rng.random() < self.faults.call_loss:
+                self.at(self.now + eff.timeout, lambda: fail("timed out"))
+                return
+
+            def arrive() -> None:
+                if self.nodes[src].node is node and self.nodes[src].up:
+                    node.call_result(eff.call_id, reply, "", self.now)
+                    self._pump(src)
+            self.at(self.now + self._call_latency(), arrive)
 
         def deliver() -> None:
             if not self.reachable(src, dst):
                 self.at(self.now + eff.timeout, lambda: fail("timed out"))
                 return
             msg = wire.decode_frame_body(frame[4:])
+            if isinstance(msg, wire.JobSync):
+                self._answer_sync(dst, msg, self.now + msg.wait_ms / 1000, back,
+                                  lambda: fail("connection lost"))
+                return
             reply = self.nodes[dst].node.handle_request(msg, self.now)
             self._pump(dst)
+            check_promise(self, dst, msg, reply)
+            back(reply)
 
-            def back() -> None:
-                if self.nodes[src].node is node and self.nodes[src].up:
-                    node.call_result(eff.call_id, reply, "", self.now)
-                    self._pump(src)
-            self.at(self.now + latency, back)
-        self.at(self.now + latency, deliver)
+        if (dst not in self.nodes or not self.reachable(src, dst)
+                or self.rng.random() < self.faults.call_loss):
+            self.at(self.now + eff.timeout, lambda: fail("timed out"))
+            return
+        self.at(self.now + self._call_latency(), deliver)
+
+    def _call_latency(self) -> float:
+        return self._latency() + self.rng.random() * self.faults.call_jitter
+
+    def _answer_sync(self, owner: str, msg: wire.JobSync, until: float,
+                     back: Callable[[wire.Message], None], lost: Callable[[], None]) -> None:
+        """The owner holds a JobSync open until there is output or news, as the runtime
+        does: it reads the job's log from the asked offsets and answers."""
+        sim = self.nodes[owner]
+        if not sim.up:
+            lost()  # the owner went down while it held the call
+            return
+        log = sim.logs.get(msg.job_id)
+        out = log.read("stdout", msg.stdout_offset, SYNC_CHUNK, self.now) if log else b""
+        err = log.read("stderr", msg.stderr_offset, SYNC_CHUNK, self.now) if log else b""
+        reply = sim.node.sync_reply(msg, out, err, SYNC_CHUNK)
+        news = not isinstance(reply, wire.JobSyncReply) or out or err or reply.state in TERMINAL
+        if news or self.now >= until:
+            back(reply)
+            return
+        self.at(min(until, self.now + SYNC_POLL),
+                lambda: self._answer_sync(owner, msg, until, back, lost))
 
     def _run_job(self, name: str, eff: RunJob) -> None:
         # ["sleep", S] runs S seconds and exits 0; ["false", S] runs S seconds and exits 1;
@@ -340,9 +421,12 @@ class Simulator:
         timed = len(cmd) == 2 and cmd[0] in ("sleep", "false")
         duration = float(cmd[1]) if timed else 1.0
         code = 1 if timed and cmd[0] == "false" else 0
-        node = self.nodes[name].node
+        check_start(self, name, eff)
+        sim = self.nodes[name]
+        node = sim.node
         job_id = eff.job.id
-        self.nodes[name].processes[job_id] = self.now + duration
+        sim.processes[job_id] = self.now + duration
+        sim.logs[job_id] = SimLog(f"{job_id}#{eff.job.attempts}", self.now, self.now + duration)
         self.runs.append((name, job_id, dict(eff.job.env)))
 
         def started() -> None:
@@ -359,6 +443,7 @@ class Simulator:
         if job_id not in sim.processes:
             return
         del sim.processes[job_id]
+        sim.logs[job_id].stop(self.now)
         if not sim.up:
             return  # ended while the agent was down: its restart finds it vanished
         if job_id in sim.adopted:
@@ -370,44 +455,10 @@ class Simulator:
         sim.node.job_exited(job_id, code, reason, self.now)
         self._pump(name)
 
-    def _sync(self, origin: str, eff: WatchJob, lease: str | None = None) -> None:
-        node = self.nodes[origin].node
-        job = node.jobs.get(eff.job_id)
-        if lease is None and job is not None:
-            lease = job.lease_id  # the placement this watch follows, as the runtime does
-        if job is None or job.terminal or not self.nodes[origin].up or job.lease_id != lease:
-            return
-        if self.reachable(origin, eff.node):
-            remote = self.nodes[eff.node].node.jobs.get(eff.job_id)
-            if remote is not None:
-                node.remote_update(eff.job_id, remote.state, remote.reason, remote.exit_code,
-                                   self.now, lease_id=lease)
-                self._pump(origin)
-        self.at(self.now + 0.5, lambda: self._sync(origin, eff, lease))
-
     # --- invariants and views -----------------------------------------------------------
 
     def check(self) -> None:
-        for name, sim in self.nodes.items():
-            if not sim.up:
-                continue
-            for d in sim.devices:
-                c = m = 0
-                for lease in sim.node.leases.leases.values():
-                    if lease.holds(d.id) and lease.state in ACTIVE:
-                        c += lease.compute_milli
-                        m += lease.memory_mib
-                if c > d.compute_milli or m > d.memory_mib:
-                    raise InvariantError(
-                        f"seed {self.seed}: {name}/{d.id} leased {c} milli {m} MiB beyond "
-                        f"{d.compute_milli}/{d.memory_mib} at t={self.now:.3f}")
-            running = [j for j in sim.node.jobs.values()
-                       if j.role in ("owner", "both") and j.state == RUNNING]
-            for j in running:
-                held = sim.node.leases.leases.get(j.lease_id)
-                if held is None or held.state not in ACTIVE:
-                    raise InvariantError(f"seed {self.seed}: job {j.id} runs on {name} "
-                                         f"without an active lease")
+        check_world(self)
 
     def up_nodes(self) -> list[str]:
         return [n for n, s in self.nodes.items() if s.up]

@@ -195,20 +195,21 @@ _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
 def state_view(agent: Agent) -> dict[str, Any]:
     """What ``/ui/state`` returns."""
     node = agent.node
-    rows = node.devices_view()
+    st = node.status()
+    rows = node.views.devices()
     for row in rows:
-        if row["node"] == node.name:
+        if row["node"] == st.name:
             row["enforcement"] = agent.enforcement
     jobs: dict[str, int] = {}
-    for job in node.jobs.values():
-        if job.role != "owner":
-            jobs[job.state] = jobs.get(job.state, 0) + 1
+    for (state, role), n in st.jobs.items():
+        if role != "owner":
+            jobs[state] = jobs.get(state, 0) + n
     return {
-        "status": {"name": node.name, "address": agent.addr,
-                   "coordinator": node.belief.coordinator, "term": node.belief.term,
-                   "is_coordinator": node.is_coordinator, "queue": len(node.scheduler.queue),
+        "status": {"name": st.name, "address": agent.addr,
+                   "coordinator": st.coordinator, "term": st.term,
+                   "is_coordinator": st.is_coordinator, "queue": st.queue,
                    "enforcement": agent.enforcement},
-        "nodes": node.nodes_view(), "devices": rows, "jobs": jobs,
+        "nodes": node.views.nodes(), "devices": rows, "jobs": jobs,
     }
 
 

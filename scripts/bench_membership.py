@@ -175,7 +175,7 @@ def disseminate_facts(sim: BenchSim, origin: str, timeout: float) -> dict[str, A
     half = not s.devices or node.leases.lendable(s.devices[0].id)[0] == \
         s.devices[0].compute_milli
     node.set_devices(s.devices, {d.id: (500, d.memory_mib // 2) for d in s.devices}
-                     if half else {})
+                     if half else {}, sim.now)
     version = node.membership.me.facts_version
     start = sim.now
     reached: dict[str, float] = {}

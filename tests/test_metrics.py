@@ -53,7 +53,7 @@ def job(job_id: str, compute: int, memory: int) -> JobRecord:
 @pytest.fixture
 def agent() -> StandIn:
     node = Node(NodeConfig("alpha", "127.0.0.1:7001"), random.Random(1), 0.0)
-    node.set_devices(parse_sim_devices("gpu:2x16GiB"), {"gpu0": (900, 14336)})
+    node.set_devices(parse_sim_devices("gpu:2x16GiB"), {"gpu0": (900, 14336)}, 0.0)
     node.tick(1.0)  # alone: elects itself
     pump(node, 1.0)
     node.submit(job("j1", 250, 4096), 1.0)  # fits: placed on this node and started
@@ -142,7 +142,7 @@ def test_scheduling_and_jobs(agent: StandIn) -> None:
 
 def test_devices(agent: StandIn) -> None:
     _, s = scrape(agent)
-    placed = agent.node.jobs["j1"].device
+    placed = agent.node.origin.jobs["j1"].device
     other = "gpu1" if placed == "gpu0" else "gpu0"
     g0 = {"node": "alpha", "device": "gpu0"}
     assert value(s, "flexmesh_device_capacity_compute_milli", **g0) == 1000

@@ -17,7 +17,7 @@ def gpu(i: int) -> Device:
 
 def owner(n: int = 8) -> Node:
     node = Node(NodeConfig("owner", "127.0.0.1:7946"), random.Random(1), 0.0)
-    node.set_devices([gpu(i) for i in range(n)], {})
+    node.set_devices([gpu(i) for i in range(n)], {}, 0.0)
     node.drain()
     return node
 
@@ -49,7 +49,7 @@ def test_a_job_stopped_while_its_process_starts_is_killed_once_it_exists() -> No
     assert isinstance(node.handle_request(start, 2.0), wire.Ok)
     node.drain()
     node.stop_job("j1", "cancelled by its submitter", CANCELLED, 2.5)
-    assert node.jobs["j1"].state == CANCELLED
+    assert node.owner.runs["j1"].state == CANCELLED
     assert node.leases.free(gpu(0).id)[0] == 1000  # given back at once
     node.job_started("j1", 4242, None, 3.0)  # the runtime had already spawned it
     stops = [e for e in node.drain() if isinstance(e, StopJob)]
@@ -62,8 +62,7 @@ def test_gossip_rows_that_repeat_a_device_or_claim_nothing_are_dropped() -> None
     empty = ["gpu9", "gpu", "m", 81559, 0, 0, 0, 0, 0, "nvml", True, "none"]
     node.membership.handle_alive(wire.Alive("peer", "127.0.0.1:7947", 0), 1.0)
     node.membership.handle_facts(wire.Facts("peer", 0, 1, {"dev": [row, row, empty]}))
-    cands = node.candidates_by_node()["peer"]
-    assert [c.device for c in cands] == [gpu(0).id]
+    assert [d["id"] for d in node.views.devices() if d["node"] == "peer"] == [gpu(0).id]
 
 
 def test_a_submit_that_cannot_be_placed_is_refused_by_the_coordinator() -> None:
@@ -81,7 +80,7 @@ def test_a_local_job_preempted_while_starting_is_stopped_not_run() -> None:
     """Reclaimed between RunJob and its process starting: it is requeued, and the process
     that the runtime was already spawning is stopped when it reports in."""
     node = Node(NodeConfig("solo", "127.0.0.1:7946"), random.Random(1), 0.0)
-    node.set_devices([gpu(0)], {})
+    node.set_devices([gpu(0)], {}, 0.0)
     for _ in range(40):
         node.tick(node.next_deadline())
     assert node.is_coordinator
@@ -91,13 +90,13 @@ def test_a_local_job_preempted_while_starting_is_stopped_not_run() -> None:
     runs = [e for e in node.drain() if isinstance(e, RunJob)]
     assert len(runs) == 1
     lease_id = runs[0].job.lease_id
-    node.set_devices([gpu(0)], {gpu(0).id: (0, 0)})  # the owner's own work takes it all
-    assert node.jobs["j1"].state == "queued"
+    node.set_devices([gpu(0)], {gpu(0).id: (0, 0)}, node._now)  # the owner's own work takes it all
+    assert node.origin.jobs["j1"].state == "queued"
     node.job_started("j1", 4242, None, node._now, lease_id=lease_id)
-    assert node.jobs["j1"].state == "queued" and node.jobs["j1"].pid is None
+    assert node.origin.jobs["j1"].state == "queued" and node.origin.jobs["j1"].pid is None
     assert [e.job_id for e in node.drain() if isinstance(e, StopJob)] == ["j1"]
     node.job_exited("j1", 143, "terminated", node._now)  # the stale process ends
-    assert node.jobs["j1"].state == "queued"
+    assert node.origin.jobs["j1"].state == "queued"
 
 
 def test_a_member_back_after_being_forgotten_is_elected_on_its_facts() -> None:

@@ -235,12 +235,12 @@ def test_a_cancel_that_cannot_reach_the_owner_is_told_again() -> None:
     sim.cut("desk", "owner")
     assert sim.nodes["desk"].node.cancel("long", sim.now) == "cancelling"
     sim.run_for(3)  # the call failed; the job still runs there
-    assert sim.nodes["owner"].node.jobs["long"].state == "running"
+    assert sim.nodes["owner"].node.owner.runs["long"].state == "running"
     sim.heal()
     sim.run_for(15)
     job = sim.job("long")
     assert job is not None and job.state == "cancelled", job
-    assert sim.nodes["owner"].node.jobs["long"].state == "cancelled"
+    assert sim.nodes["owner"].node.owner.runs["long"].state == "cancelled"
 
 
 # --- gangs ---------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_a_gang_member_refused_gives_the_others_leases_back() -> None:
     sim = gang_mesh(4)
     ids = sim.submit_gang("desk", "g", 3, ["sleep", "10"], 500, 1024)
     c = sim.nodes["c"]
-    c.node.set_devices(c.devices, {c.devices[0].id: (0, 0)})  # c's own work takes it all
+    c.node.set_devices(c.devices, {c.devices[0].id: (0, 0)}, sim.now)  # c's own work takes it all
     sim.run_for(1.0)
     assert all(not sim.nodes[n].node.leases.active() for n in "abc")
     released = [x for n in "ab" for x in sim.nodes[n].node.leases.leases.values()]
@@ -308,7 +308,7 @@ def test_a_gang_member_refused_gives_the_others_leases_back() -> None:
         assert job is not None and job.state == "queued"
     sim.run_for(10)
     assert all(not sim.nodes[n].node.leases.active() for n in "abc")  # two nodes: no gang
-    c.node.set_devices(c.devices, {})
+    c.node.set_devices(c.devices, {}, sim.now)
     sim.run_for(30)
     done = sim.terminal_jobs()
     assert {done[i] for i in ids} == {"succeeded"}, done
@@ -347,8 +347,8 @@ def test_a_gang_whose_origin_restarts_without_a_member_ends_whole() -> None:
     sim.restart("a", ["b"])
     sim.run_for(60)
     a = sim.nodes["a"].node
-    assert a.jobs["g.0"].state == "lost"
-    assert {a.jobs[i].state for i in ids[1:]} == {"cancelled"}
+    assert a.origin.jobs["g.0"].state == "lost"
+    assert {a.origin.jobs[i].state for i in ids[1:]} == {"cancelled"}
     assert all(not sim.nodes[n].node.leases.active() for n in "bc")
 
 
@@ -369,9 +369,10 @@ def test_cancelling_a_member_that_waits_for_its_gang_gives_its_lease_back() -> N
     assert isinstance(lease, Lease)
     a.handle_request(wire.Placed("g.0", "a", "gpu0", lease.id, lease.token, lease.term, []),
                      sim.now)
-    assert a.jobs["g.0"].state == "placed" and a.jobs["g.1"].state == "queued"
+    assert a.origin.jobs["g.0"].state == "placed" and a.origin.jobs["g.1"].state == "queued"
     assert a.cancel("g.0", sim.now) == "cancelled"
     assert not a.leases.active()
-    assert a.jobs["g.1"].state == "cancelled" and "gang member g.0" in a.jobs["g.1"].reason
+    g1 = a.origin.jobs["g.1"]
+    assert g1.state == "cancelled" and "gang member g.0" in g1.reason
     sim.run_for(20)
     assert [job for _, job, _ in sim.runs] == []

@@ -60,8 +60,8 @@ async def mesh_agent(tmp_path: Path) -> AsyncIterator[Agent]:
         await agent.start()
         node = agent.node
         await until("both nodes alive and all three devices seen", lambda: (
-            sum(n["state"] == "alive" for n in node.nodes_view()) == 2
-            and len(node.devices_view()) == 3 and node.belief.coordinator is not None))
+            sum(n["state"] == "alive" for n in node.views.nodes()) == 2
+            and len(node.views.devices()) == 3 and node.belief.coordinator is not None))
         yield agent
     finally:
         if agent is not None:

@@ -1,0 +1,25 @@
+"""One node's sans-IO composition; see ``core`` for the theory of operation.
+
+- ``core``: inputs, routing, the election, becoming and ceasing to be coordinator
+- ``origin``, ``follow``: jobs submitted here, and following those that run elsewhere
+- ``owner``: this node's devices, leases and the jobs it runs
+- ``coordinator``: the queue and placement, while this node coordinates
+- ``effects``: what the node asks the runtime to do; ``views``: what it shows
+"""
+
+from flexmesh.agent.node.core import Node, NodeConfig
+from flexmesh.agent.node.effects import (
+    ArchiveOutput,
+    Call,
+    Effect,
+    JobOutput,
+    LogEvent,
+    PersistJob,
+    PersistLease,
+    RunJob,
+    StopJob,
+)
+from flexmesh.agent.node.views import NodeStatus
+
+__all__ = ["ArchiveOutput", "Call", "Effect", "JobOutput", "LogEvent", "Node", "NodeConfig",
+           "NodeStatus", "PersistJob", "PersistLease", "RunJob", "StopJob"]

@@ -1,0 +1,474 @@
+"""One node's sans-IO core: inputs in, effects out, and the roles a node plays.
+
+Theory of operation
+-------------------
+The runtime (or the simulator) feeds the node its inputs and carries out the effects it
+returns from ``drain()`` (see ``effects``):
+
+- ``step_packet(src, bytes, now)``: a UDP datagram; anything undecodable is counted.
+- ``handle_request(msg, now) -> reply``: an agent-to-agent call that arrived over TCP.
+- ``call_result(call_id, reply | None, error, now)``: the outcome of a ``Call`` effect.
+- ``tick(now)``: time passed; call again no later than ``next_deadline()``.
+- ``submit``, ``cancel`` (the local user), ``job_started``, ``job_exited`` (processes),
+  ``set_devices`` (device readings), ``recover`` (the journal, after a restart).
+
+A job's life across nodes, and the role that handles each step::
+
+    origin --Submit--> coordinator --LeaseRequest--> owner      (owner reserves on its books)
+    origin <--Placed-- coordinator                              (lease id + fencing token)
+    origin --StartJob--> owner                                  (owner starts the process)
+    origin --JobSync (long poll)--> owner                       (state and output)
+
+Every node is an origin (``origin``, ``follow``) and an owner (``owner``); the one the
+election picks is also the coordinator (``coordinator``), an object that exists only while
+this node coordinates. A request is routed by its type (``_REQUESTS``), a reply by the type
+of the call it answers (``_REPLIES``); a call to oneself takes the same path, answered in
+memory after the current input is done with.
+
+Only the origin starts a job, once per lease, so a coordinator that dies half-way can
+cause at most a reserved lease that expires, never a job that runs twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flexmesh.agent.devices.base import Device
+from flexmesh.agent.models import JobRecord
+from flexmesh.agent.node.coordinator import Coordinator, lease_reply
+from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall, PersistJob
+from flexmesh.agent.node.origin import Origin
+from flexmesh.agent.node.owner import Owner
+from flexmesh.agent.node.views import NodeStatus, Views
+from flexmesh.agent.scheduler import Scheduler
+from flexmesh.policies import DEFAULT_POLICY, get_policy, get_spec
+from flexmesh.protocol import facts, wire
+from flexmesh.protocol.election import Belief, Voter, decide
+from flexmesh.protocol.lease import Lease, LeaseTable
+from flexmesh.protocol.membership import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    Config,
+    FactsEvent,
+    Member,
+    MemberEvent,
+    Membership,
+)
+
+HOUSEKEEPING = 0.5  # seconds between the roles' own timers (retries, follow-ups, pruning)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    addr: str
+    membership: Config = field(default_factory=Config)
+    priority: int = 0
+    eligible: bool = True  # may be elected coordinator
+    policy: str = DEFAULT_POLICY
+    lease_ttl: float = 15.0  # a reserved lease not started within this is taken back
+    call_timeout: float = 5.0
+    submit_refresh: float = 5.0  # re-send Submit for a still-queued job this often
+    local_fallback_after: float = 6.0  # no coordinator answer: place on own devices
+    # An owner that left the mesh (a restart, an upgrade) keeps running its jobs; they are
+    # followed again when it is back, and marked lost only if it is not back within this.
+    owner_away_limit: float = 900.0
+
+
+class Node:
+    def __init__(
+        self, config: NodeConfig, rng: random.Random, now: float, incarnation: int = 0,
+        token: int = 0, max_term: int = 0,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.rng = rng
+        self.out = Outbox()
+        self.counters = self.out.counters
+        self.membership = Membership(config.name, config.addr, config.membership, rng, now,
+                                     incarnation)
+        self.leases = LeaseTable(config.name, token, max_term)
+        # The placement policy and its hooks outlive any one term as coordinator.
+        self.scheduler = Scheduler(get_policy(config.policy), spec=get_spec(config.policy))
+        self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
+        self.belief = Belief(None, 0)
+        self.claim = 0
+        self.max_term = max_term
+        self.owner = Owner(self)
+        self.origin = Origin(self)
+        self.coordinator: Coordinator | None = None
+        self.views = Views(self)
+        self._calls: dict[int, PendingCall] = {}
+        self._self_calls: deque[int] = deque()
+        self._call_seq = 0
+        self._voter_map: dict[str, Voter] = {}  # what the election reads, by member
+        self._facts: dict[str, tuple[tuple[int, int], facts.NodeFacts]] = {}
+        self._joining_until = 0.0
+        self._dirty_election = True
+        self._dirty_schedule = False
+        self._next_housekeeping = now
+        self._now = now
+        self.publish_facts()
+
+    # --- effects ------------------------------------------------------------------------
+
+    def drain(self) -> list[Effect]:
+        self._pull_membership()
+        return self.out.drain()
+
+    def persist(self, job: JobRecord) -> None:
+        """Journal a job as it is now; its role says which of this node's roles keep it."""
+        mine = self.origin.jobs.get(job.id) is job
+        runs = self.owner.runs.get(job.id) is job
+        job.role = "both" if mine and runs else "owner" if runs else "origin"
+        self.out.emit(PersistJob(replace(job)))
+
+    def call(self, node: str, msg: wire.Message, now: float, job_id: str = "",
+             gang: tuple[str, int] | None = None) -> None:
+        """Ask another agent (or this one) ``msg``; its reply is routed by ``_REPLIES``."""
+        self._call_seq += 1
+        call_id = self._call_seq
+        self._calls[call_id] = PendingCall(node, msg, job_id, gang)
+        if node == self.name:
+            self._self_calls.append(call_id)
+            return
+        member = self.membership.members.get(node)
+        if member is None or member.state in (DEAD, LEFT):
+            self._answer(call_id, None, f"node {node} is not a live member", now)
+            return
+        timeout = self.config.call_timeout
+        if isinstance(msg, wire.JobSync):
+            timeout += msg.wait_ms / 1000  # the owner holds a long poll that long
+        self.out.emit(Call(call_id, node, member.addr, msg, timeout))
+
+    def _answer(self, call_id: int, reply: wire.Message | None, error: str,
+                now: float) -> None:
+        pending = self._calls.pop(call_id, None)
+        if pending is None:
+            return
+        handler = _REPLIES.get(type(pending.msg))
+        if handler is not None:
+            handler(self, pending, reply, error, now)
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def step_packet(self, src: str, data: bytes, now: float) -> None:
+        try:
+            msgs = wire.decode_packet(data)
+        except wire.DecodeError:
+            self.out.count("packets_dropped_malformed")
+            return
+        self.membership.step(src, msgs, now)
+        self._after_input(now)
+
+    def handle_request(self, msg: wire.Message, now: float) -> wire.Message:
+        reply = self._dispatch(msg, now)
+        self._after_input(now)
+        return reply
+
+    def call_result(self, call_id: int, reply: wire.Message | None, error: str,
+                    now: float) -> None:
+        if call_id in self._calls:
+            self._answer(call_id, reply, error, now)
+            self._after_input(now)
+
+    def tick(self, now: float) -> None:
+        self._now = now
+        self.membership.tick(now)
+        if self.owner.expire(now):
+            self.publish_facts()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING
+            if self._joining_until and now >= self._joining_until:
+                self._joining_until = 0.0
+                self._dirty_election = True
+            self.origin.tick(now)
+            if self.coordinator is not None:
+                self.coordinator.tick(now)
+                self._dirty_schedule = self._dirty_schedule or self.coordinator.has_queue()
+        self._after_input(now)
+
+    def next_deadline(self) -> float:
+        times = [self.membership.next_deadline(), self._next_housekeeping]
+        lease_deadline = self.leases.next_deadline()
+        if lease_deadline is not None:
+            times.append(lease_deadline)
+        return min(times)
+
+    def submit(self, job: JobRecord, now: float) -> None:
+        """A job accepted on this node (already journaled by the runtime)."""
+        self._now = now
+        self.origin.submit(job, now)
+        self._after_input(now)
+
+    def cancel(self, job_id: str, now: float, reason: str = "cancelled by user") -> str:
+        """Cancel a job submitted here; returns what was done, for the user."""
+        self._now = now
+        result = self.origin.cancel(job_id, now, reason)
+        self._after_input(now)
+        return result
+
+    def stop_job(self, job_id: str, reason: str, state: str, now: float) -> None:
+        """Stop a job this node runs (the watchdog, a device gone); it ends in ``state``."""
+        self._now = now
+        self.owner.stop_job(job_id, reason, state, now)
+        self._after_input(now)
+
+    def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float,
+                    lease_id: str | None = None) -> None:
+        """The process of a job this node runs (under ``lease_id``, as RunJob gave it) has
+        started."""
+        self._now = now
+        self.owner.job_started(job_id, pid, pid_start, now, lease_id)
+        self._after_input(now)
+
+    def job_exited(self, job_id: str, exit_code: int | None, reason: str, now: float,
+                   state: str | None = None) -> None:
+        """The process of a job this node runs has ended (or could not start)."""
+        self._now = now
+        self.owner.job_exited(job_id, exit_code, reason, now, state)
+        self._after_input(now)
+
+    def set_devices(self, devices: list[Device], lendable: dict[str, tuple[int, int]],
+                    now: float) -> None:
+        """Declare local devices and what of each may be lent (capacity minus local use)."""
+        self._now = now
+        self.owner.set_devices(devices, lendable, now)
+        self.publish_facts()
+        self._after_input(now)
+
+    def recover(self, jobs: list[JobRecord], leases: list[Lease],
+                adopt: Callable[[JobRecord], bool], now: float,
+                output: Callable[[str], tuple[int, int]] | None = None) -> None:
+        """After a restart: take back the journal's leases and jobs.
+
+        A job this node ran whose process is gone (``adopt`` says whether it could be
+        re-watched) ends ``lost`` and gives its lease back; queued jobs are submitted again
+        and remote ones followed again, from the output already here (``output``: bytes
+        of stdout and stderr kept for a job).
+        """
+        self._now = now
+        self.owner.restore(leases)
+        self.origin.adopt([j for j in jobs if j.role != "owner"])
+        for job in jobs:
+            if job.role != "origin":
+                if job.role == "both":
+                    job = self.origin.jobs[job.id]
+                self.owner.recover_run(job, job.terminal or adopt(job), now)
+        self.origin.recover(now, output or (lambda _job: (0, 0)))
+        self.publish_facts()
+        self._after_input(now)
+
+    def join(self, seeds: list[str], now: float) -> None:
+        """Join the mesh through seeds. Until the first exchange with one of them (or a
+        grace period), a lone node does not elect itself: a node that is joining should
+        not claim a term only to give the role up a moment later."""
+        if seeds:
+            self._joining_until = now + 4 * self.config.membership.probe_interval
+        self.membership.join(seeds)
+        self._after_input(now)
+
+    def pushpull_request(self, join: bool) -> wire.PushPull:
+        return wire.PushPull(join, self.name, self.membership.local_state())
+
+    def pushpull_reply(self, reply: wire.Message | None, now: float) -> None:
+        if isinstance(reply, wire.PushPull):
+            self.membership.merge_remote_state(reply.states, now)
+            self._after_input(now)
+
+    def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes,
+                   chunk: int) -> wire.Message:
+        """Owner: a JobSync, answered with the output the caller read for it."""
+        return self.owner.sync_reply(msg, stdout, stderr, chunk)
+
+    def status(self) -> NodeStatus:
+        return self.views.status()
+
+    # --- the loop after every input -----------------------------------------------------
+
+    def _after_input(self, now: float) -> None:
+        self._now = now
+        while True:
+            self._pull_membership()
+            if self._dirty_election:
+                self._dirty_election = False
+                self._elect(now)
+            if self._dirty_schedule and self.coordinator is not None:
+                self._dirty_schedule = False
+                self.coordinator.schedule(now)
+            if not self._self_calls:
+                break
+            call_id = self._self_calls.popleft()
+            pending = self._calls.get(call_id)
+            if pending is not None:
+                self._answer(call_id, self._dispatch(pending.msg, now), "", now)
+
+    def _dispatch(self, msg: wire.Message, now: float) -> wire.Message:
+        handler = _REQUESTS.get(type(msg))
+        if handler is None:
+            self.out.count("unexpected_requests")
+            return wire.Error(f"unexpected request {type(msg).__name__}")
+        return handler(self, msg, now)
+
+    def _pull_membership(self) -> None:
+        for eff in self.membership.drain():
+            self.out.emit(eff)
+            if isinstance(eff, MemberEvent):
+                self._on_member_event(eff)
+            elif isinstance(eff, FactsEvent):
+                self._dirty_schedule = True
+                # Most facts changes are device usage: the election (O(members)) runs
+                # again only when what it reads of the member changed.
+                if self._refresh_voter(eff.name):
+                    self._dirty_election = True
+
+    def _on_member_event(self, ev: MemberEvent) -> None:
+        self._dirty_election = True
+        self._dirty_schedule = True
+        self._refresh_voter(ev.name)
+        if ev.state in (DEAD, LEFT):
+            self.origin.follow.owner_gone(ev.name, ev.state, self._now)
+        elif ev.state == ALIVE:
+            self.origin.follow.owner_back(ev.name, self._now)
+
+    # --- facts --------------------------------------------------------------------------
+
+    def facts_of(self, m: Member) -> facts.NodeFacts:
+        """A member's facts, decoded once per version."""
+        key = (m.facts_inc, m.facts_version)
+        hit = self._facts.get(m.name)
+        if hit is None or hit[0] != key:
+            hit = self._facts[m.name] = (key, facts.decode(m.facts))
+            if len(self._facts) > 2 * len(self.membership.members):
+                for name in [n for n in self._facts if n not in self.membership.members]:
+                    del self._facts[name]
+        return hit[1]
+
+    def publish_facts(self) -> None:
+        ours = facts.NodeFacts(
+            self.owner.device_facts(self.enforcement), self.config.priority,
+            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts())
+        me = self.membership.me
+        data = facts.fit(ours, self.name, me.incarnation, me.facts_version + 1).encode()
+        if data != me.facts:  # unchanged facts are not news to gossip
+            self.membership.set_facts(data)
+
+    def saw_term(self, term: int) -> None:
+        if term > self.max_term:
+            self.max_term = term
+            self._dirty_election = True
+
+    # --- election -----------------------------------------------------------------------
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.belief.coordinator == self.name
+
+    def _refresh_voter(self, name: str) -> bool:
+        """Read a member again as the election sees it; True when that changed."""
+        m = self.membership.members.get(name)
+        if m is None:
+            return self._voter_map.pop(name, None) is not None
+        voter = self._voter(m)
+        if self._voter_map.get(name) == voter:
+            return False
+        self._voter_map[name] = voter
+        return True
+
+    def _voter(self, m: Member) -> Voter:
+        f = self.facts_of(m)
+        return Voter(m.name, m.state, f.priority, f.eligible, f.claim, f.max_term)
+
+    def _voters(self) -> list[Voter]:
+        """Every member as the election sees it: kept per member and read again only when
+        an event touches it (at 30% loss state flips are many, and members thousands)."""
+        vm, members = self._voter_map, self.membership.members
+        if len(vm) != len(members) or any(n not in members for n in vm):
+            for name in [n for n in vm if n not in members]:
+                del vm[name]  # reaped
+            for name, m in members.items():
+                if name not in vm:
+                    vm[name] = self._voter(m)
+        return list(vm.values())
+
+    def _elect(self, now: float) -> None:
+        if self._joining_until > now and self.membership.live_count() == 1:
+            return  # tick() or the first push-pull reply elects
+        voters = self._voters()
+        before = self.belief
+        self.belief, claim = decide(voters, self.name, self.belief, self.claim)
+        term_seen = max(self.max_term, self.belief.term,
+                        max((max(v.claim, v.max_term) for v in voters), default=0))
+        changed_claim = claim != self.claim
+        self.claim = claim
+        if term_seen != self.max_term or changed_claim:
+            self.max_term = term_seen
+            self.publish_facts()
+        if self.belief == before:
+            return
+        self.out.log("coordinator", name=self.belief.coordinator, term=self.belief.term)
+        if self.is_coordinator and self.coordinator is None:
+            self._become_coordinator()
+        elif not self.is_coordinator and self.coordinator is not None:
+            self._stop_coordinating()
+        self.origin.coordinator_changed(now)
+        self._dirty_schedule = True
+
+    def _become_coordinator(self) -> None:
+        self.coordinator = Coordinator(self)
+
+    def _stop_coordinating(self) -> None:
+        self.scheduler.reset()  # the origins re-submit to the new coordinator
+        self.coordinator = None
+
+
+# --- routing: requests by their type, replies by the type of the call they answer ------
+
+def _submit(node: Node, msg: wire.Submit, now: float) -> wire.Message:
+    if node.coordinator is None:
+        return wire.Error(f"not the coordinator (ask {node.belief.coordinator})")
+    return node.coordinator.handle_submit(msg, now)
+
+
+def _withdraw(node: Node, msg: wire.Withdraw, now: float) -> wire.Message:
+    node.scheduler.withdraw(msg.job_id)
+    return wire.Ok("withdrawn")
+
+
+def _pushpull(node: Node, msg: wire.PushPull, now: float) -> wire.Message:
+    node.membership.merge_remote_state(msg.states, now)
+    return node.pushpull_request(False)
+
+
+def _preempt_reply(node: Node, call: PendingCall, reply: wire.Message | None, error: str,
+                   now: float) -> None:
+    if node.coordinator is not None:
+        node.coordinator.on_preempt_reply(call, reply, error, now)
+
+
+_REQUESTS: dict[type, Callable[[Node, Any, float], wire.Message]] = {
+    wire.Submit: _submit,
+    wire.Withdraw: _withdraw,
+    wire.LeaseRequest: lambda n, m, t: n.owner.handle_lease_request(m, t),
+    wire.Placed: lambda n, m, t: n.origin.handle_placed(m, t),
+    wire.StartJob: lambda n, m, t: n.owner.handle_start(m, t),
+    wire.Cancel: lambda n, m, t: n.owner.handle_cancel(m, t),
+    wire.Preempt: lambda n, m, t: n.owner.handle_preempt(m, t),
+    wire.Release: lambda n, m, t: n.owner.handle_release(m, t),
+    wire.PushPull: _pushpull,
+}
+
+_REPLIES: dict[type, Callable[[Node, PendingCall, wire.Message | None, str, float], None]] = {
+    wire.Submit: lambda n, c, r, e, t: n.origin.on_submit_reply(c, r, e, t),
+    wire.StartJob: lambda n, c, r, e, t: n.origin.on_start_reply(c, r, e, t),
+    wire.Cancel: lambda n, c, r, e, t: n.origin.on_cancel_reply(c, r, e, t),
+    wire.JobSync: lambda n, c, r, e, t: n.origin.follow.on_sync_reply(c, r, e, t),
+    wire.LeaseRequest: lambda n, c, r, e, t: lease_reply(n, c, r, e, t),
+    wire.Preempt: _preempt_reply,
+    # Placed, Release, Withdraw: the other side retries on its own; nothing to do.
+}

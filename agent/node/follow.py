@@ -1,0 +1,169 @@
+"""The origin following its jobs that run on other nodes: state and output, sans-IO.
+
+For each such job the origin keeps one ``JobSync`` call out to the owner at a time, asking
+for the output from what it already has. The owner holds the call open until there is
+output or news (a long poll), so the next call goes out as soon as an answer is in. Output
+is handed to the runtime as ``JobOutput`` effects, to be written at the offsets they name:
+a repeated or late answer writes nothing new, and a lost one is asked again. A terminal
+state is taken only from an answer that carries no more output, so everything the job
+wrote is on disk here before its end is.
+
+An owner that left the mesh (a restart, an upgrade) keeps running its jobs: they are
+followed again when it is back, and lost only if it stays away beyond
+``owner_away_limit``. An owner that died takes its jobs with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flexmesh.agent.models import LOST, PLACED, RUNNING, JobRecord
+from flexmesh.agent.node.effects import JobOutput, PendingCall
+from flexmesh.protocol import wire
+from flexmesh.protocol.membership import LEFT
+
+if TYPE_CHECKING:
+    from flexmesh.agent.node.origin import Origin
+
+SYNC_WAIT_MS = 1000  # how long the owner may hold a JobSync open
+RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds between attempts after a failed call
+
+
+@dataclass(slots=True)
+class _Followed:
+    node: str
+    lease_id: str
+    stdout: int = 0  # bytes of output already here
+    stderr: int = 0
+    inflight: bool = False
+    next_at: float = 0.0
+    failures: int = 0
+
+
+class Follow:
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.node = origin.node
+        self.out = origin.out
+        self._jobs: dict[str, _Followed] = {}
+        self._away: dict[str, float] = {}  # owner that left -> since when
+
+    def following(self) -> dict[str, tuple[str, str]]:
+        """Job -> (owner, lease) of each job followed now."""
+        return {j: (f.node, f.lease_id) for j, f in self._jobs.items()}
+
+    def is_away(self, node: str) -> bool:
+        return node in self._away
+
+    def start(self, job: JobRecord, now: float, offsets: tuple[int, int] = (0, 0)) -> None:
+        """Follow ``job``'s current placement (once: a second start changes nothing)."""
+        f = self._jobs.get(job.id)
+        if f is not None and f.lease_id == job.lease_id and f.node == job.node:
+            return
+        self._jobs[job.id] = _Followed(job.node, job.lease_id, *offsets, next_at=now)
+        self._ask(job.id, now)
+
+    def tick(self, now: float) -> None:
+        for node, since in list(self._away.items()):
+            if now - since >= self.node.config.owner_away_limit:
+                del self._away[node]
+                self._lose_jobs_on(node, f"owner {node} left the mesh and was not back "
+                                         f"within {self.node.config.owner_away_limit:g} s",
+                                   now)
+        for job_id, f in list(self._jobs.items()):
+            if not f.inflight and now >= f.next_at and f.node not in self._away:
+                self._ask(job_id, now)
+
+    def _current(self, job_id: str) -> tuple[JobRecord, _Followed] | None:
+        """The job and what is followed of it, while it is still worth following."""
+        f = self._jobs.get(job_id)
+        job = self.origin.jobs.get(job_id)
+        if f is None:
+            return None
+        if (job is None or job.state not in (PLACED, RUNNING) or job.lease_id != f.lease_id
+                or job.node != f.node):
+            del self._jobs[job_id]  # ended, or requeued and placed anew (followed anew)
+            return None
+        return job, f
+
+    def _ask(self, job_id: str, now: float) -> None:
+        cur = self._current(job_id)
+        if cur is None:
+            return
+        f = cur[1]
+        f.inflight = True
+        self.node.call(f.node, wire.JobSync(job_id, f.stdout, f.stderr, SYNC_WAIT_MS), now)
+
+    def on_sync_reply(self, call: PendingCall, reply: wire.Message | None, error: str,
+                      now: float) -> None:
+        msg = call.msg
+        assert isinstance(msg, wire.JobSync)
+        cur = self._current(msg.job_id)
+        if cur is None:
+            return
+        job, f = cur
+        if (call.node, msg.stdout_offset, msg.stderr_offset) != (f.node, f.stdout, f.stderr):
+            return  # an answer to an earlier ask (its output is here already)
+        f.inflight = False
+        if not isinstance(reply, wire.JobSyncReply):
+            f.failures += 1
+            f.next_at = now + min(RETRY_MIN * 2 ** f.failures, RETRY_MAX)
+            if reply is not None:  # (no answer at all: the owner may be away for a while)
+                why = reply.reason if isinstance(reply, wire.Error) else type(reply).__name__
+                self.out.log("follow_failed", job=job.id, node=f.node, error=why)
+            return
+        f.failures = 0
+        for stream, data in (("stdout", reply.stdout), ("stderr", reply.stderr)):
+            if data:
+                offset = f.stdout if stream == "stdout" else f.stderr
+                self.out.emit(JobOutput(job.id, stream, offset, data))
+        f.stdout += len(reply.stdout)
+        f.stderr += len(reply.stderr)
+        # A terminal state only once all output is here: the next answer comes at once.
+        if True:
+            self.origin.remote_update(job, reply.state, reply.reason, reply.exit_code, now)
+        self._ask(job.id, now)
+
+    # --- owners that leave, come back or die --------------------------------------------
+
+    def _followed_on(self, node: str) -> list[JobRecord]:
+        return [j for j in self.origin.jobs.values()
+                if j.node == node and j.state in (PLACED, RUNNING)
+                and not self.origin.runs_here(j)]
+
+    def owner_gone(self, node: str, state: str, now: float) -> None:
+        """The owner of some of our jobs died (they are lost) or left the mesh (they go on
+        there, and are followed again when it comes back)."""
+        if state != LEFT:
+            self._away.pop(node, None)
+            self._lose_jobs_on(node, f"node {node} died", now)
+            return
+        jobs = self._followed_on(node)
+        if jobs:
+            self._away[node] = now
+        for job in jobs:
+            job.reason = (f"owner {node} left the mesh; the job goes on there and is "
+                          f"followed again when {node} is back")
+            self.node.persist(job)
+
+    def owner_back(self, node: str, now: float) -> None:
+        if self._away.pop(node, None) is None:
+            return
+        for job in self._followed_on(node):
+            job.reason = ""
+            self.node.persist(job)
+            self.origin.retry_cancel(job, now)
+            f = self._jobs.get(job.id)
+            if f is None:
+                self.start(job, now)
+            elif not f.inflight:
+                f.next_at = now
+                self._ask(job.id, now)
+
+    def _lose_jobs_on(self, node: str, reason: str, now: float) -> None:
+        for job in self._followed_on(node):
+            job.state, job.reason = LOST, reason
+            self.node.persist(job)
+            self.out.log("job_lost", job=job.id, node=node)
+            self.origin.gang_ended(job, now)

@@ -1,0 +1,322 @@
+"""The owner role: this node's devices, the leases on them and the jobs it runs.
+
+An owner is the authority over its own devices. It grants a lease only if the fraction is
+free on its own books (``protocol.lease``), starts a job only for the holder of a current
+lease, takes fractions back when its own workload grows (reclaim) or a coordinator asks
+for room (preemption), and tells a job's origin what became of it (``JobSync``). Every
+node is an owner, with or without devices.
+
+``runs`` holds the jobs this node runs or ran. A job submitted here and run here is the
+same record in ``Origin.jobs``; every other run belongs to another node's origin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from flexmesh.agent.devices.base import Device
+from flexmesh.agent.models import (
+    CANCELLED,
+    FAILED,
+    LOST,
+    PLACED,
+    PREEMPTED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+)
+from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
+from flexmesh.protocol import facts, wire
+from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, Refusal
+
+if TYPE_CHECKING:
+    from flexmesh.agent.node.core import Node
+
+
+class Owner:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.out = node.out
+        self.leases = node.leases
+        self.devices: dict[str, Device] = {}
+        self.runs: dict[str, JobRecord] = {}
+        self._stopping: dict[str, StopJob] = {}
+
+    # --- devices ------------------------------------------------------------------------
+
+    def set_devices(self, devices: list[Device], lendable: dict[str, tuple[int, int]],
+                    now: float) -> None:
+        known = set(self.devices)
+        self.devices = {d.id: d for d in devices}
+        for d in devices:
+            lend_c, lend_m = lendable.get(d.id, (d.compute_milli, d.memory_mib))
+            if not d.healthy:
+                # Lend nothing more, but do not take back what runs: a failing reading is
+                # not a reason to kill jobs (a device that is gone is, below).
+                lend_c, lend_m = self.leases.used(d.id)
+            self.leases.set_device(d.id, d.compute_milli, d.memory_mib, lend_c, lend_m)
+        for gone in known - set(self.devices):
+            for lease in self.leases.remove_device(gone):
+                self.out.emit(PersistLease(lease))
+                self.stop_job(lease.job_id, f"device {gone} is gone", LOST, now)
+        for d in devices:
+            self._reclaim(d.id, now)
+
+    def device_facts(self, enforcement: str) -> tuple[facts.DeviceFact, ...]:
+        out = []
+        for d in self.devices.values():
+            used_c, used_m = self.leases.used(d.id)
+            free_c, free_m = self.leases.free(d.id)
+            out.append(facts.DeviceFact(d.id, d.kind, d.model, d.memory_mib, d.compute_milli,
+                                        used_c, used_m, free_c, free_m, d.backend, d.healthy,
+                                        enforcement))
+        return tuple(out)
+
+    def preemptible_facts(self) -> tuple[facts.PreemptibleFact, ...]:
+        """Jobs a higher-priority request may preempt here, cheapest first (lowest
+        priority, then least device share, then newest)."""
+        pre = sorted(
+            (x for x in self.leases.active()
+             if x.preemptible and x.job_id not in self._stopping),
+            key=lambda x: (x.priority, x.compute_milli * len(x.devices), -x.token),
+        )[:facts.MAX_PREEMPTIBLE]
+        return tuple(facts.PreemptibleFact(x.job_id, x.devices, x.compute_milli, x.memory_mib,
+                                           x.priority) for x in pre)
+
+    def _reclaim(self, device: str, now: float) -> None:
+        """The owner's own use grew into what was lent: take fractions back.
+
+        Victims are the lowest-priority, then newest, jobs on the device, until what stays
+        leased fits what the owner can lend now. Reserved leases whose job has not started
+        go first: nothing runs on them yet.
+        """
+        lend_c, lend_m = self.leases.lendable(device)
+        used_c, used_m = self.leases.used(device, excluding=set(self._stopping))
+        if used_c <= lend_c and used_m <= lend_m:
+            return
+        active = [x for x in self.leases.active() if x.holds(device)
+                  and x.job_id not in self._stopping]
+        active.sort(key=lambda x: (x.state != RESERVED, x.priority, -x.created))
+        for lease in active:
+            if used_c <= lend_c and used_m <= lend_m:
+                break
+            used_c -= lease.compute_milli
+            used_m -= lease.memory_mib
+            self.out.count("reclaims")
+            self._take_back(lease, f"reclaimed by {self.node.name}: its own workload needs "
+                                   f"{device}", now)
+
+    def _take_back(self, lease: Lease, reason: str, now: float) -> None:
+        """End a lease before its job is done; a running job is preempted."""
+        if lease.job_id in self.runs:
+            self.stop_job(lease.job_id, reason, PREEMPTED, now)
+        else:  # reserved, its job not started here: nothing runs on it yet
+            self.leases.release(lease.id)
+            self.out.emit(PersistLease(lease))
+            self.out.log("lease_reclaimed", lease=lease.id, job=lease.job_id)
+            self.node.publish_facts()
+
+    # --- leases -------------------------------------------------------------------------
+
+    def lease(self, job_id: str, devices: tuple[str, ...], compute_milli: int,
+              memory_mib: int, term: int, coordinator: str, origin: str, priority: int,
+              preemptible: bool, now: float) -> Lease | Refusal:
+        """Reserve a fraction of ``devices`` on this node's books (journaled and gossiped
+        when granted)."""
+        result = self.leases.request(
+            job_id=job_id, device=devices[0], compute_milli=compute_milli,
+            memory_mib=memory_mib, term=term, coordinator=coordinator, origin=origin, now=now,
+            ttl=self.node.config.lease_ttl, more=devices[1:], priority=priority,
+            preemptible=preemptible,
+        )
+        if isinstance(result, Refusal):
+            self.out.count("leases_refused")
+            return result
+        self.node.saw_term(result.term)
+        self.out.emit(PersistLease(result))
+        self.node.publish_facts()
+        return result
+
+    def handle_lease_request(self, msg: wire.LeaseRequest, now: float) -> wire.Message:
+        result = self.lease(msg.job_id, (msg.device, *msg.more), msg.compute_milli,
+                            msg.memory_mib, msg.term, msg.coordinator, msg.origin,
+                            msg.priority, msg.preemptible, now)
+        version = self.node.membership.me.facts_version
+        if isinstance(result, Refusal):
+            return wire.LeaseReply(False, "", 0, version, result.reason)
+        return wire.LeaseReply(True, result.id, result.token, version, "", list(result.devices))
+
+    def handle_release(self, msg: wire.Release, now: float) -> wire.Message:
+        lease = self.leases.leases.get(msg.lease_id)
+        if (lease is None or lease.job_id != msg.job_id or lease.token != msg.token
+                or lease.state != RESERVED):
+            return wire.Ok("nothing to give back")  # started, expired, or not ours
+        released = self.leases.release(lease.id)
+        if released is not None:
+            self.out.emit(PersistLease(released))
+            self.node.publish_facts()
+        self.out.log("lease_released", job=msg.job_id, lease=msg.lease_id)
+        return wire.Ok("released")
+
+    def handle_preempt(self, msg: wire.Preempt, now: float) -> wire.Message:
+        """A coordinator stops preemptible jobs here for a higher-priority one."""
+        if msg.term < self.leases.max_term:
+            return wire.Error(f"stale coordinator term {msg.term} (this owner has seen "
+                              f"{self.leases.max_term})")
+        held = {x.job_id: x for x in self.leases.active()}
+        stopped, refused = [], []
+        for job_id in msg.job_ids:
+            lease = held.get(job_id)
+            if lease is None or not lease.preemptible or lease.priority >= msg.priority:
+                # gone already, never preemptible, or not below the request: left alone
+                refused.append(job_id)
+                continue
+            stopped.append(job_id)
+            if job_id not in self._stopping:  # (else already on its way out)
+                self.out.count("preempted")
+                self._take_back(lease, msg.reason, now)
+        self.out.log("preempted", jobs=stopped, refused=refused, coordinator=msg.coordinator)
+        if not stopped:
+            return wire.Error(f"no preemptible job among {', '.join(msg.job_ids)}")
+        return wire.Ok(f"stopping {len(stopped)}")
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def handle_start(self, msg: wire.StartJob, now: float) -> wire.Message:
+        job = self.runs.get(msg.job_id)
+        if job is not None and job.lease_id == msg.lease_id:
+            return wire.Ok(job.state)  # already started: starting is idempotent
+        result = self.leases.start(msg.lease_id, msg.job_id, msg.token)
+        if isinstance(result, Refusal):
+            return wire.Error(result.reason)
+        held = [self.devices.get(d) for d in result.devices]
+        gone = [d for d, dev in zip(result.devices, held, strict=True) if dev is None]
+        if gone:
+            self.leases.release(result.id)
+            return wire.Error(f"device {','.join(gone)} is gone")
+        job = self._run_record(msg, result, now)
+        job.state, job.node, job.device = PLACED, self.node.name, result.device
+        job.more_devices = list(result.more)
+        job.lease_id, job.token, job.term = result.id, result.token, result.term
+        job.updated_at, job.pid, job.exit_code = now, None, None
+        job.attempts += 1
+        self.out.emit(PersistLease(result))
+        self.node.persist(job)
+        self.out.emit(RunJob(replace(job), tuple(d for d in held if d is not None)))
+        self.out.log("job_start", job=job.id, device=",".join(result.devices), origin=job.origin)
+        return wire.Ok("starting")
+
+    def _run_record(self, msg: wire.StartJob, lease: Lease, now: float) -> JobRecord:
+        """The record of a new run: the origin's own when the job was submitted here."""
+        job = self.node.origin.jobs.get(msg.job_id)
+        if job is None:
+            job = JobRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
+                            compute_milli=lease.compute_milli, memory_mib=lease.memory_mib,
+                            env=dict(msg.env), created_at=now, role="owner")
+        else:
+            job.env = dict(msg.env)  # as the origin sends it (a gang member: with the gang's)
+        self.runs[job.id] = job
+        return job
+
+    def handle_cancel(self, msg: wire.Cancel, now: float) -> wire.Message:
+        job = self.runs.get(msg.job_id)
+        if job is None:
+            return wire.Error(f"no job {msg.job_id} runs here")
+        if job.terminal:
+            return wire.Ok(job.state)
+        self.stop_job(job.id, msg.reason, CANCELLED, now)
+        return wire.Ok("stopping")
+
+    def stop_job(self, job_id: str, reason: str, state: str, now: float) -> None:
+        """Stop a job's process; it ends in ``state`` with ``reason``."""
+        job = self.runs.get(job_id)
+        if job is None or job.terminal or job_id in self._stopping:
+            return
+        self.out.log("job_stop", job=job_id, state=state, reason=reason)
+        if job.state == PLACED and job.pid is None:
+            self._end_run(job, None, reason, now, state)  # not started yet: nothing to signal
+            return
+        stop = StopJob(job_id, reason, state)
+        self._stopping[job_id] = stop
+        self.out.emit(stop)
+
+    def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float,
+                    lease_id: str | None) -> None:
+        job = self.runs.get(job_id)
+        if (job is None or job.state != PLACED
+                or (lease_id is not None and job.lease_id != lease_id)):
+            # Stopped (cancelled, preempted, reclaimed) while its process was being started,
+            # maybe requeued since: its lease is given back, so the process must not run on.
+            self.out.log("stale_start", job=job_id, pid=pid)
+            self.out.emit(StopJob(job_id, "stopped before it had started",
+                                  job.state if job is not None and job.terminal else CANCELLED))
+            return
+        job.state, job.pid, job.pid_start, job.updated_at = RUNNING, pid, pid_start, now
+        self.node.persist(job)
+
+    def job_exited(self, job_id: str, exit_code: int | None, reason: str, now: float,
+                   state: str | None) -> None:
+        job = self.runs.get(job_id)
+        if job is None or job.state not in (PLACED, RUNNING):
+            return  # not a run of ours (any more): e.g. stopped while starting, requeued
+        stop = self._stopping.pop(job_id, None)
+        if stop is not None:
+            state, reason = stop.state, stop.reason
+        elif state is None:
+            state = SUCCEEDED if exit_code == 0 else FAILED
+        self._end_run(job, exit_code, reason, now, state)
+
+    def _end_run(self, job: JobRecord, exit_code: int | None, reason: str, now: float,
+                 state: str) -> None:
+        self._stopping.pop(job.id, None)
+        job.state, job.exit_code, job.reason, job.updated_at = state, exit_code, reason, now
+        lease = self.leases.release(job.lease_id)
+        if lease is not None:
+            self.out.emit(PersistLease(lease))
+        self.out.log("job_end", job=job.id, state=state, reason=reason)
+        self.node.publish_facts()
+        if job.id in self.node.origin.jobs:  # submitted here: the origin takes it from here
+            self.node.origin.run_ended(job, now)
+        else:
+            self.node.persist(job)
+
+    def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes,
+                   chunk: int) -> wire.Message:
+        """Answer an origin that follows a job run here: its state and the output from
+        the offsets it asked for (read by the caller, at most ``chunk`` bytes a stream)."""
+        job = self.runs.get(msg.job_id)
+        if job is None:
+            return wire.Error(f"no job {msg.job_id} runs here")
+        complete = job.terminal and len(stdout) < chunk and len(stderr) < chunk
+        return wire.JobSyncReply(job.state, job.reason, job.exit_code, stdout, stderr, complete)
+
+    def drop_run(self, job_id: str) -> None:
+        """A job submitted here and run here goes back to the queue: not ours to run now."""
+        self.runs.pop(job_id, None)
+        self._stopping.pop(job_id, None)
+
+    # --- restart ------------------------------------------------------------------------
+
+    def restore(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            if lease.state in ACTIVE:
+                self.leases.restore(lease)
+
+    def recover_run(self, job: JobRecord, adopted: bool, now: float) -> None:
+        """A run read from the journal: ended, re-adopted, or lost with the agent."""
+        self.runs[job.id] = job
+        if job.state in (PLACED, RUNNING) and not adopted:
+            self.out.log("job_lost", job=job.id, reason="process vanished")
+            self._end_run(job, None, "process vanished while the agent was down", now, LOST)
+
+    def stopping(self) -> set[str]:
+        return set(self._stopping)
+
+    def expire(self, now: float) -> bool:
+        """Reserved leases whose job never started are taken back; True if any was."""
+        expired = self.leases.expire(now)
+        for lease in expired:
+            self.out.log("lease_expired", lease=lease.id, job=lease.job_id)
+            self.out.emit(PersistLease(lease))
+        return bool(expired)

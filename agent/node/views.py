@@ -1,0 +1,112 @@
+"""What a node shows of itself: the status snapshot and the tables the API, the metrics
+and the web page read. Read-only; nothing here changes the node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flexmesh.agent.models import JobRecord
+from flexmesh.protocol.membership import ALIVE
+
+if TYPE_CHECKING:
+    from flexmesh.agent.node.core import Node
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUse:
+    """One of this node's devices, and what of it is leased and still lendable."""
+
+    id: str
+    kind: str
+    model: str
+    backend: str
+    healthy: bool
+    compute_milli: int
+    memory_mib: int
+    leased_compute_milli: int
+    leased_memory_mib: int
+    lendable_compute_milli: int
+    lendable_memory_mib: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    coordinator: str | None
+    term: int  # of the coordinator this node follows
+    max_term: int  # the highest term it has seen
+    is_coordinator: bool
+    queue: int  # requests waiting in this node's queue (coordinator only)
+    counters: dict[str, int]  # the node's, its membership's and its scheduler's, merged
+    members: dict[str, int]  # by state
+    awareness: int  # Lifeguard's local health score
+    devices: tuple[DeviceUse, ...]
+    jobs: dict[tuple[str, str], int]  # (state, role) -> jobs this node keeps
+
+
+class Views:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def status(self) -> NodeStatus:
+        n = self.node
+        counters: dict[str, int] = {}
+        for source in (n.membership.counters, n.counters, n.scheduler.counters):
+            for key, v in source.items():
+                counters[key] = counters.get(key, 0) + v
+        members: dict[str, int] = {}
+        for m in n.membership.members.values():
+            members[m.state] = members.get(m.state, 0) + 1
+        jobs: dict[tuple[str, str], int] = {}
+        for job in self.records():
+            by = (job.state, job.role)
+            jobs[by] = jobs.get(by, 0) + 1
+        return NodeStatus(n.name, n.belief.coordinator, n.belief.term, n.max_term,
+                          n.is_coordinator, len(n.scheduler.queue), counters, members,
+                          n.membership.awareness.score, self.device_use(), jobs)
+
+    def records(self) -> list[JobRecord]:
+        """Every job record this node keeps, as an origin and as an owner (once each)."""
+        seen = dict(self.node.origin.jobs)
+        for job_id, job in self.node.owner.runs.items():
+            if seen.get(job_id) is not job:
+                seen[f"run:{job_id}"] = job
+        return list(seen.values())
+
+    def device_use(self) -> tuple[DeviceUse, ...]:
+        leases = self.node.leases
+        out = []
+        for d in sorted(self.node.owner.devices.values(), key=lambda d: d.id):
+            used_c, used_m = leases.used(d.id)
+            free_c, free_m = leases.free(d.id)
+            out.append(DeviceUse(d.id, d.kind, d.model, d.backend, d.healthy, d.compute_milli,
+                                 d.memory_mib, used_c, used_m, free_c, free_m))
+        return tuple(out)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        n = self.node
+        return [
+            {"name": m.name, "address": m.addr, "state": m.state, "incarnation": m.incarnation,
+             "coordinator": m.name == n.belief.coordinator,
+             "devices": len(n.facts_of(m).devices)}
+            for m in sorted(n.membership.members.values(), key=lambda m: m.name)
+        ]
+
+    def devices(self) -> list[dict[str, Any]]:
+        n = self.node
+        out = []
+        for m in sorted(n.membership.members.values(), key=lambda m: m.name):
+            if m.state != ALIVE:
+                continue
+            for d in n.facts_of(m).devices:
+                out.append({
+                    "node": m.name, "id": d.id, "kind": d.kind, "model": d.model,
+                    "memory_mib": d.memory_mib, "compute_milli": d.compute_milli,
+                    "leased_compute_milli": d.leased_compute_milli,
+                    "leased_memory_mib": d.leased_memory_mib,
+                    "lendable_compute_milli": d.lendable_compute_milli,
+                    "lendable_memory_mib": d.lendable_memory_mib,
+                    "backend": d.backend, "healthy": d.healthy, "enforcement": d.enforcement,
+                })
+        return out

@@ -1,0 +1,148 @@
+"""What a node gossips about itself: its devices, the jobs it lets be preempted, and the
+facts the election reads (priority, eligibility, claim, highest term seen).
+
+This module owns the shape of those facts on the wire and nothing else. It does no I/O and
+keeps no state: ``NodeFacts.encode()`` gives the msgpack-ready mapping the membership
+layer carries as an opaque ``Facts.data``, ``decode()`` reads a peer's mapping back and
+never raises (a row of the wrong shape is skipped, a missing field takes its default), and
+``fit()`` trims what is optional until the facts fit one datagram.
+
+The encoding is positional and must stay byte-identical for the same state (peers of other
+versions read it): a device is the row ``[id, kind, model, memory_mib, compute_milli,
+leased_compute_milli, leased_memory_mib, lendable_compute_milli, lendable_memory_mib,
+backend, healthy, enforcement]``, a preemptible job ``[job_id, [device, ...],
+compute_milli, memory_mib, priority]``. Only append fields to a row; a reader takes rows
+longer than it knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from flexmesh.protocol import wire
+
+MAX_PREEMPTIBLE = 16  # preemptible jobs a node lists at most, cheapest first
+UNKNOWN_ENFORCEMENT = "unknown"  # a peer too old to say how it enforces fractions
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFact:
+    id: str
+    kind: str
+    model: str
+    memory_mib: int
+    compute_milli: int
+    leased_compute_milli: int
+    leased_memory_mib: int
+    lendable_compute_milli: int
+    lendable_memory_mib: int
+    backend: str
+    healthy: bool
+    enforcement: str = UNKNOWN_ENFORCEMENT
+
+    def encode(self) -> list[Any]:
+        return [self.id, self.kind, self.model, self.memory_mib, self.compute_milli,
+                self.leased_compute_milli, self.leased_memory_mib,
+                self.lendable_compute_milli, self.lendable_memory_mib, self.backend,
+                self.healthy, self.enforcement]
+
+
+@dataclass(frozen=True, slots=True)
+class PreemptibleFact:
+    """A job running on the node that a higher-priority request may stop."""
+
+    job_id: str
+    devices: tuple[str, ...]
+    compute_milli: int  # per device
+    memory_mib: int  # per device
+    priority: int
+
+    def encode(self) -> list[Any]:
+        return [self.job_id, list(self.devices), self.compute_milli, self.memory_mib,
+                self.priority]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    devices: tuple[DeviceFact, ...] = ()
+    priority: int = 0  # election priority
+    eligible: bool = True  # may be elected coordinator
+    claim: int = 0  # the term this node claims as coordinator (0: none)
+    max_term: int = 0  # the highest coordinator term this node has seen
+    preemptible: tuple[PreemptibleFact, ...] = ()
+
+    def encode(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dev": [d.encode() for d in self.devices], "prio": self.priority,
+            "elig": self.eligible, "claim": self.claim, "mt": self.max_term,
+        }
+        if self.preemptible:
+            out["pre"] = [p.encode() for p in self.preemptible]
+        return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> int:
+    return v if _is_int(v) else 0
+
+
+_DEVICE_TYPES: tuple[type, ...] = (str, str, str, int, int, int, int, int, int, str, bool)
+
+
+def _device(row: Any) -> DeviceFact | None:
+    if not (isinstance(row, list) and len(row) >= len(_DEVICE_TYPES)):
+        return None
+    for v, t in zip(row, _DEVICE_TYPES, strict=False):
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            return None
+    if row[3] < 0 or row[4] <= 0:  # no capacity claimed: not a device
+        return None
+    enforcement = row[11] if len(row) > 11 and isinstance(row[11], str) else UNKNOWN_ENFORCEMENT
+    return DeviceFact(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+                      row[9], row[10], enforcement)
+
+
+def _preemptible(row: Any) -> PreemptibleFact | None:
+    if not (isinstance(row, list) and len(row) >= 5 and isinstance(row[0], str)
+            and isinstance(row[1], list) and row[1] and all(isinstance(d, str) for d in row[1])
+            and all(_is_int(v) for v in row[2:5]) and row[2] > 0 and row[3] >= 0):
+        return None
+    return PreemptibleFact(row[0], tuple(row[1]), row[2], row[3], row[4])
+
+
+def decode(data: Any) -> NodeFacts:
+    """A peer's facts as far as they make sense; never raises. Device rows that have the
+    wrong shape, name a device twice or claim no capacity are left out, as are malformed
+    preemptible rows."""
+    if not isinstance(data, dict):
+        return NodeFacts()
+    devices: list[DeviceFact] = []
+    seen: set[str] = set()
+    rows = data.get("dev")
+    for row in rows if isinstance(rows, list) else ():
+        dev = _device(row)
+        if dev is not None and dev.id not in seen:
+            seen.add(dev.id)
+            devices.append(dev)
+    pre = data.get("pre")
+    jobs = [p for p in (_preemptible(r) for r in (pre if isinstance(pre, list) else ()))
+            if p is not None]
+    return NodeFacts(tuple(devices), _int(data.get("prio")), bool(data.get("elig", True)),
+                     _int(data.get("claim")), _int(data.get("mt")), tuple(jobs))
+
+
+def fit(facts: NodeFacts, name: str, incarnation: int, version: int) -> NodeFacts:
+    """The facts trimmed to one datagram: preemptible jobs, listed cheapest first, are
+    dropped from the end until the ``Facts`` message that carries them fits."""
+    jobs = list(facts.preemptible[:MAX_PREEMPTIBLE])
+    while jobs:
+        trial = replace(facts, preemptible=tuple(jobs))
+        size = len(wire.encode_message(wire.Facts(name, incarnation, version, trial.encode())))
+        if size + wire.packet_overhead(1) <= wire.UDP_BUDGET:
+            return trial
+        jobs.pop()
+    return replace(facts, preemptible=())
