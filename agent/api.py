@@ -157,7 +157,7 @@ def parse_submit(body: Any) -> dict[str, Any]:
 
 async def submit(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    if agent._stopping:
+    if agent.stopping:
         return _error(503, "the agent is shutting down")
     try:
         raw = await request.read()

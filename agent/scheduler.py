@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+from flexmesh.agent.shadows import Shadow, Shadows, minus
 from flexmesh.policies import (
     DEFAULT_POLICY,
     Candidate,
@@ -47,15 +48,6 @@ class Queued:
     preempting_until: float = 0.0  # victims were told to stop; no new ones before this
     # Where the index has it booked while the owner is asked (taken back on the answer).
     booked: tuple[Request, Placement | MultiPlacement] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Shadow:
-    node: str
-    device: str
-    compute_milli: int
-    memory_mib: int
-    facts_version: int  # the owner's facts version that first includes this grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +91,7 @@ class Scheduler:
     queue: dict[str, Queued] = field(default_factory=dict)
     # Gang members queued here, by gang id and job id (placed only all together).
     gangs: dict[str, dict[str, Queued]] = field(default_factory=dict)
-    shadows: list[Shadow] = field(default_factory=list)
+    shadows: Shadows = field(default_factory=Shadows)
     # Recent placements (placed, when, attempt), to answer an origin that asks again.
     placed: dict[str, tuple[wire.Placed, float, int]] = field(default_factory=dict)
     _seq: int = 0
@@ -165,45 +157,57 @@ class Scheduler:
                     tried.add(s.gang)
                     out.extend(got)
                 continue
-            req = _request(s)
-            t0 = self.timer() if self.timer else 0.0
-            result = placer.decide(req, explain=True)
-            if self.timer and self.on_decision:
-                self.on_decision(self.timer() - t0)
-            q.attempts += 1
-            if isinstance(result, NoFit) or not result.devices:
-                why = result.reason if isinstance(result, NoFit) else "no device chosen"
-                if q.preempting_until > now:
-                    self._wait(q)  # victims are stopping: try again as soon as room frees
-                    continue
-                order = self._preempt_for(req, q, placer, doomed)
-                if order is not None:
-                    out.append(order)
-                    for victim in order.victims:
-                        doomed[victim] = now + self.preempt_hold
-                    q.preempting_until = now + self.preempt_hold
-                    q.reason = (f"waiting: preempting {len(order.victims)} lower-priority "
-                                f"job(s) on {order.node}")
-                    self._wait(q)
-                    continue
-                q.reason = f"waiting: {why}"
-                q.not_before = now + self.retry_after
-                self._wait(q)
-                continue
-            try:
-                # Booked in the index until the owner answers, so that the next request
-                # sees it as used; the answer re-reads the node from gossip and shadows.
-                placer.commit(req, result)
-            except ValueError as exc:  # the view contradicts itself: try again later
-                q.reason = f"waiting: {exc}"
-                q.not_before = now + self.retry_after
-                self._wait(q)
-                continue
-            self._book(q, req, result)
-            q.preempting_until = 0.0
-            q.inflight = True
-            out.append(Proposal(s.job_id, result, s))
+            one = self._propose_one(q, placer, doomed, now)
+            if one is not None:
+                out.append(one)
         return out
+
+    def _propose_one(self, q: Queued, placer: Placer, doomed: dict[str, float],
+                     now: float) -> Proposal | PreemptOrder | None:
+        """A placement for one request, or the victims to stop for it; None: it waits."""
+        s = q.submit
+        req = _request(s)
+        t0 = self.timer() if self.timer else 0.0
+        result = placer.decide(req, explain=True)
+        if self.timer and self.on_decision:
+            self.on_decision(self.timer() - t0)
+        q.attempts += 1
+        if isinstance(result, NoFit) or not result.devices:
+            why = result.reason if isinstance(result, NoFit) else "no device chosen"
+            return self._no_fit(q, req, why, placer, doomed, now)
+        try:
+            # Booked in the index until the owner answers, so that the next request sees
+            # it as used; the answer re-reads the node from gossip and shadows.
+            placer.commit(req, result)
+        except ValueError as exc:  # the view contradicts itself: try again later
+            q.reason = f"waiting: {exc}"
+            q.not_before = now + self.retry_after
+            self._wait(q)
+            return None
+        self._book(q, req, result)
+        q.preempting_until = 0.0
+        q.inflight = True
+        return Proposal(s.job_id, result, s)
+
+    def _no_fit(self, q: Queued, req: Request, why: str, placer: Placer,
+                doomed: dict[str, float], now: float) -> PreemptOrder | None:
+        """Nothing fits ``q`` now: stop lower-priority jobs for it, or let it wait."""
+        if q.preempting_until > now:
+            self._wait(q)  # victims are stopping: try again as soon as room frees
+            return None
+        order = self._preempt_for(req, q, placer, doomed)
+        if order is not None:
+            for victim in order.victims:
+                doomed[victim] = now + self.preempt_hold
+            q.preempting_until = now + self.preempt_hold
+            q.reason = (f"waiting: preempting {len(order.victims)} lower-priority "
+                        f"job(s) on {order.node}")
+            self._wait(q)
+            return order
+        q.reason = f"waiting: {why}"
+        q.not_before = now + self.retry_after
+        self._wait(q)
+        return None
 
     def _propose_gang(self, q: Queued, placer: Placer, now: float) -> list[Proposal] | None:
         """Place every member of ``q``'s gang, each on a node of its own, or none. None:
@@ -291,7 +295,7 @@ class Scheduler:
                 taken = held.get(name)
                 if not cluster.refresh(name, cands, taken):
                     if taken:
-                        cands = [c if c.device not in taken else _minus(c, *taken[c.device])
+                        cands = [c if c.device not in taken else minus(c, *taken[c.device])
                                  for c in cands]
                     cluster.upsert(node_spec(name, cands))
             except ValueError:  # gossip the index cannot take (a device listed twice)
@@ -380,35 +384,6 @@ class Scheduler:
         for job_id in [j for j, (_, t, _) in self.placed.items() if t < before]:
             del self.placed[job_id]
 
-    def prune_shadows(self, facts_versions: dict[str, int]) -> None:
-        self.shadows = [
-            s for s in self.shadows if facts_versions.get(s.node, -1) < s.facts_version
-        ]
-
-    def apply_shadows_by_node(self, view: dict[str, list[Candidate]]
-                              ) -> dict[str, list[Candidate]]:
-        """``apply_shadows`` for a view by node; nodes without shadows keep their lists."""
-        if not self.shadows:
-            return view
-        out = dict(view)
-        for node in {s.node for s in self.shadows}:
-            if node in out:
-                out[node] = self.apply_shadows(out[node])
-        return out
-
-    def apply_shadows(self, candidates: list[Candidate]) -> list[Candidate]:
-        if not self.shadows:
-            return candidates
-        by_key: dict[tuple[str, str], tuple[int, int]] = {}
-        for s in self.shadows:
-            c, m = by_key.get((s.node, s.device), (0, 0))
-            by_key[(s.node, s.device)] = (c + s.compute_milli, m + s.memory_mib)
-        out = []
-        for cand in candidates:
-            used = by_key.get((cand.node, cand.device))
-            out.append(cand if used is None else _minus(cand, *used))
-        return out
-
 
 _FALLBACK_SPEC = get_spec(DEFAULT_POLICY)
 
@@ -416,8 +391,3 @@ _FALLBACK_SPEC = get_spec(DEFAULT_POLICY)
 def _request(s: wire.Submit) -> Request:
     return Request(s.compute_milli, s.memory_mib, s.kind, s.origin, s.priority,
                    count=max(s.count, 1), preemptible=s.preemptible)
-
-
-def _minus(c: Candidate, compute: int, memory: int) -> Candidate:
-    return replace(c, free_compute_milli=max(c.free_compute_milli - compute, 0),
-                   free_memory_mib=max(c.free_memory_mib - memory, 0))

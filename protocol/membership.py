@@ -242,6 +242,11 @@ class Membership:
         for addr in self._seeds:
             self._out.append(StartPushPull(addr, join=True))
 
+    @property
+    def left(self) -> bool:
+        """Whether this node said it leaves the mesh."""
+        return self._left
+
     def leave(self, now: float) -> None:
         """Announce a graceful leave: others mark this node ``left``, not ``dead``."""
         me = self.me

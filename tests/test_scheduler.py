@@ -310,7 +310,7 @@ def test_a_shadowed_device_keeps_its_node_facts() -> None:
                      node_cpu_milli=8000, node_cpu_free_milli=4000, battery_pct=30,
                      battery_floor_pct=20)
     s.granted("j", wire.Placed("j", "a", "gpu0", "l", 1, 1), 400, 1024, 5, 0.0)
-    (shadowed,) = s.apply_shadows([cand])
+    (shadowed,) = s.shadows.apply([cand])
     assert (shadowed.free_compute_milli, shadowed.free_memory_mib) == (600, 15360)
     assert (shadowed.node_cpu_free_milli, shadowed.battery_pct) == (4000, 30)
     assert shadowed.battery_floor_pct == 20

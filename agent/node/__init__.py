@@ -7,7 +7,8 @@
 - ``effects``: what the node asks the runtime to do; ``views``: what it shows
 """
 
-from flexmesh.agent.node.core import Node, NodeConfig
+from flexmesh.agent.node.config import NodeConfig
+from flexmesh.agent.node.core import Node
 from flexmesh.agent.node.effects import (
     ArchiveOutput,
     Call,

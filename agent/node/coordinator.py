@@ -94,8 +94,8 @@ class Coordinator:
 
     def schedule(self, now: float) -> None:
         members = self.node.membership.members.values()
-        self.scheduler.prune_shadows({m.name: m.facts_version for m in members})
-        view = self.scheduler.apply_shadows_by_node(self.candidates_by_node())
+        self.scheduler.shadows.prune({m.name: m.facts_version for m in members})
+        view = self.scheduler.shadows.apply_by_node(self.candidates_by_node())
         self.scheduler.running = self.preemptible_jobs()
         for prop in self.scheduler.propose(view, now):
             if isinstance(prop, PreemptOrder):

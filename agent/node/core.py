@@ -21,8 +21,8 @@ A job's life across nodes, and the role that handles each step::
 
 Every node is an origin (``origin``, ``follow``) and an owner (``owner``); the one the
 election picks is also the coordinator (``coordinator``), an object that exists only while
-this node coordinates. A request is routed by its type (``_REQUESTS``), a reply by the type
-of the call it answers (``_REPLIES``); a call to oneself takes the same path, answered in
+this node coordinates. A request is routed by its type, a reply by the type of the call it
+answers (``routes``); a call to oneself takes the same path, answered in
 memory after the current input is done with.
 
 Only the origin starts a job, once per lease, so a coordinator that dies half-way can
@@ -34,26 +34,27 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import JobRecord
-from flexmesh.agent.node.coordinator import Coordinator, lease_reply
+from flexmesh.agent.node.config import NodeConfig
+from flexmesh.agent.node.coordinator import Coordinator
 from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall, PersistJob
+from flexmesh.agent.node.electorate import Electorate
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
+from flexmesh.agent.node.routes import REPLIES, REQUESTS
 from flexmesh.agent.node.views import NodeStatus, Views
 from flexmesh.agent.scheduler import Scheduler
-from flexmesh.policies import DEFAULT_POLICY, get_policy, get_spec
+from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import facts, wire
-from flexmesh.protocol.election import Belief, Voter, decide
+from flexmesh.protocol.election import Belief, decide
 from flexmesh.protocol.lease import Lease, LeaseTable
 from flexmesh.protocol.membership import (
     ALIVE,
     DEAD,
     LEFT,
-    Config,
     FactsEvent,
     Member,
     MemberEvent,
@@ -61,23 +62,6 @@ from flexmesh.protocol.membership import (
 )
 
 HOUSEKEEPING = 0.5  # seconds between the roles' own timers (retries, follow-ups, pruning)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    name: str
-    addr: str
-    membership: Config = field(default_factory=Config)
-    priority: int = 0
-    eligible: bool = True  # may be elected coordinator
-    policy: str = DEFAULT_POLICY
-    lease_ttl: float = 15.0  # a reserved lease not started within this is taken back
-    call_timeout: float = 5.0
-    submit_refresh: float = 5.0  # re-send Submit for a still-queued job this often
-    local_fallback_after: float = 6.0  # no coordinator answer: place on own devices
-    # An owner that left the mesh (a restart, an upgrade) keeps running its jobs; they are
-    # followed again when it is back, and marked lost only if it is not back within this.
-    owner_away_limit: float = 900.0
 
 
 class Node:
@@ -99,15 +83,14 @@ class Node:
         self.belief = Belief(None, 0)
         self.claim = 0
         self.max_term = max_term
-        self.owner = Owner(self)
-        self.origin = Origin(self)
+        self.owner: Owner = Owner(self)
+        self.origin: Origin = Origin(self)
         self.coordinator: Coordinator | None = None
         self.views = Views(self)
         self._calls: dict[int, PendingCall] = {}
         self._self_calls: deque[int] = deque()
         self._call_seq = 0
-        self._voter_map: dict[str, Voter] = {}  # what the election reads, by member
-        self._facts: dict[str, tuple[tuple[int, int], facts.NodeFacts]] = {}
+        self.electorate = Electorate(self.membership)
         self._joining_until = 0.0
         self._dirty_election = True
         self._dirty_schedule = False
@@ -130,7 +113,7 @@ class Node:
 
     def call(self, node: str, msg: wire.Message, now: float, job_id: str = "",
              gang: tuple[str, int] | None = None) -> None:
-        """Ask another agent (or this one) ``msg``; its reply is routed by ``_REPLIES``."""
+        """Ask another agent (or this one) ``msg``; its reply is routed by ``routes.REPLIES``."""
         self._call_seq += 1
         call_id = self._call_seq
         self._calls[call_id] = PendingCall(node, msg, job_id, gang)
@@ -151,7 +134,7 @@ class Node:
         pending = self._calls.pop(call_id, None)
         if pending is None:
             return
-        handler = _REPLIES.get(type(pending.msg))
+        handler = REPLIES.get(type(pending.msg))
         if handler is not None:
             handler(self, pending, reply, error, now)
 
@@ -309,7 +292,7 @@ class Node:
                 self._answer(call_id, self._dispatch(pending.msg, now), "", now)
 
     def _dispatch(self, msg: wire.Message, now: float) -> wire.Message:
-        handler = _REQUESTS.get(type(msg))
+        handler = REQUESTS.get(type(msg))
         if handler is None:
             self.out.count("unexpected_requests")
             return wire.Error(f"unexpected request {type(msg).__name__}")
@@ -324,13 +307,13 @@ class Node:
                 self._dirty_schedule = True
                 # Most facts changes are device usage: the election (O(members)) runs
                 # again only when what it reads of the member changed.
-                if self._refresh_voter(eff.name):
+                if self.electorate.refresh(eff.name):
                     self._dirty_election = True
 
     def _on_member_event(self, ev: MemberEvent) -> None:
         self._dirty_election = True
         self._dirty_schedule = True
-        self._refresh_voter(ev.name)
+        self.electorate.refresh(ev.name)
         if ev.state in (DEAD, LEFT):
             self.origin.follow.owner_gone(ev.name, ev.state, self._now)
         elif ev.state == ALIVE:
@@ -340,14 +323,7 @@ class Node:
 
     def facts_of(self, m: Member) -> facts.NodeFacts:
         """A member's facts, decoded once per version."""
-        key = (m.facts_inc, m.facts_version)
-        hit = self._facts.get(m.name)
-        if hit is None or hit[0] != key:
-            hit = self._facts[m.name] = (key, facts.decode(m.facts))
-            if len(self._facts) > 2 * len(self.membership.members):
-                for name in [n for n in self._facts if n not in self.membership.members]:
-                    del self._facts[name]
-        return hit[1]
+        return self.electorate.facts_of(m)
 
     def publish_facts(self) -> None:
         ours = facts.NodeFacts(
@@ -369,37 +345,10 @@ class Node:
     def is_coordinator(self) -> bool:
         return self.belief.coordinator == self.name
 
-    def _refresh_voter(self, name: str) -> bool:
-        """Read a member again as the election sees it; True when that changed."""
-        m = self.membership.members.get(name)
-        if m is None:
-            return self._voter_map.pop(name, None) is not None
-        voter = self._voter(m)
-        if self._voter_map.get(name) == voter:
-            return False
-        self._voter_map[name] = voter
-        return True
-
-    def _voter(self, m: Member) -> Voter:
-        f = self.facts_of(m)
-        return Voter(m.name, m.state, f.priority, f.eligible, f.claim, f.max_term)
-
-    def _voters(self) -> list[Voter]:
-        """Every member as the election sees it: kept per member and read again only when
-        an event touches it (at 30% loss state flips are many, and members thousands)."""
-        vm, members = self._voter_map, self.membership.members
-        if len(vm) != len(members) or any(n not in members for n in vm):
-            for name in [n for n in vm if n not in members]:
-                del vm[name]  # reaped
-            for name, m in members.items():
-                if name not in vm:
-                    vm[name] = self._voter(m)
-        return list(vm.values())
-
     def _elect(self, now: float) -> None:
         if self._joining_until > now and self.membership.live_count() == 1:
             return  # tick() or the first push-pull reply elects
-        voters = self._voters()
+        voters = self.electorate.voters()
         before = self.belief
         self.belief, claim = decide(voters, self.name, self.belief, self.claim)
         term_seen = max(self.max_term, self.belief.term,
@@ -425,50 +374,3 @@ class Node:
     def _stop_coordinating(self) -> None:
         self.scheduler.reset()  # the origins re-submit to the new coordinator
         self.coordinator = None
-
-
-# --- routing: requests by their type, replies by the type of the call they answer ------
-
-def _submit(node: Node, msg: wire.Submit, now: float) -> wire.Message:
-    if node.coordinator is None:
-        return wire.Error(f"not the coordinator (ask {node.belief.coordinator})")
-    return node.coordinator.handle_submit(msg, now)
-
-
-def _withdraw(node: Node, msg: wire.Withdraw, now: float) -> wire.Message:
-    node.scheduler.withdraw(msg.job_id)
-    return wire.Ok("withdrawn")
-
-
-def _pushpull(node: Node, msg: wire.PushPull, now: float) -> wire.Message:
-    node.membership.merge_remote_state(msg.states, now)
-    return node.pushpull_request(False)
-
-
-def _preempt_reply(node: Node, call: PendingCall, reply: wire.Message | None, error: str,
-                   now: float) -> None:
-    if node.coordinator is not None:
-        node.coordinator.on_preempt_reply(call, reply, error, now)
-
-
-_REQUESTS: dict[type, Callable[[Node, Any, float], wire.Message]] = {
-    wire.Submit: _submit,
-    wire.Withdraw: _withdraw,
-    wire.LeaseRequest: lambda n, m, t: n.owner.handle_lease_request(m, t),
-    wire.Placed: lambda n, m, t: n.origin.handle_placed(m, t),
-    wire.StartJob: lambda n, m, t: n.owner.handle_start(m, t),
-    wire.Cancel: lambda n, m, t: n.owner.handle_cancel(m, t),
-    wire.Preempt: lambda n, m, t: n.owner.handle_preempt(m, t),
-    wire.Release: lambda n, m, t: n.owner.handle_release(m, t),
-    wire.PushPull: _pushpull,
-}
-
-_REPLIES: dict[type, Callable[[Node, PendingCall, wire.Message | None, str, float], None]] = {
-    wire.Submit: lambda n, c, r, e, t: n.origin.on_submit_reply(c, r, e, t),
-    wire.StartJob: lambda n, c, r, e, t: n.origin.on_start_reply(c, r, e, t),
-    wire.Cancel: lambda n, c, r, e, t: n.origin.on_cancel_reply(c, r, e, t),
-    wire.JobSync: lambda n, c, r, e, t: n.origin.follow.on_sync_reply(c, r, e, t),
-    wire.LeaseRequest: lambda n, c, r, e, t: lease_reply(n, c, r, e, t),
-    wire.Preempt: _preempt_reply,
-    # Placed, Release, Withdraw: the other side retries on its own; nothing to do.
-}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from flexmesh.agent.models import LOST, PLACED, RUNNING, JobRecord
 from flexmesh.agent.node.effects import JobOutput, PendingCall
+from flexmesh.agent.node.gang import gang_ended
 from flexmesh.protocol import wire
 from flexmesh.protocol.membership import LEFT
 
@@ -121,7 +122,7 @@ class Follow:
         f.stdout += len(reply.stdout)
         f.stderr += len(reply.stderr)
         # A terminal state only once all output is here: the next answer comes at once.
-        if True:
+        if not (reply.stdout or reply.stderr) or reply.state in (PLACED, RUNNING):
             self.origin.remote_update(job, reply.state, reply.reason, reply.exit_code, now)
         self._ask(job.id, now)
 
@@ -166,4 +167,4 @@ class Follow:
             job.state, job.reason = LOST, reason
             self.node.persist(job)
             self.out.log("job_lost", job=job.id, node=node)
-            self.origin.gang_ended(job, now)
+            gang_ended(self.origin, job, now)

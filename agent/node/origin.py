@@ -24,13 +24,12 @@ from flexmesh.agent.models import (
     PREEMPTED,
     QUEUED,
     RUNNING,
-    SUCCEEDED,
     JobRecord,
-    member_id,
 )
 from flexmesh.agent.node.coordinator import device_candidates
 from flexmesh.agent.node.effects import ArchiveOutput, PendingCall
 from flexmesh.agent.node.follow import Follow
+from flexmesh.agent.node.gang import gang_ended, gang_env, gang_members, gang_ready
 from flexmesh.policies import NoFit, Request
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import Refusal
@@ -105,7 +104,7 @@ class Origin:
                     self._cancel_retry[job.id] = now
         for job in list(self.jobs.values()):
             if job.gang and job.terminal:
-                self.gang_ended(job, now)
+                gang_ended(self, job, now)
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -202,8 +201,8 @@ class Origin:
         w.start_deadline = now + self.config.lease_ttl
         if not job.gang:
             self._send_start(job, now)
-        elif self._gang_ready(job):
-            for m in self._gang_members(job):  # the last is placed: every member starts
+        elif gang_ready(self, job):
+            for m in gang_members(self, job):  # the last is placed: every member starts
                 if m.state == PLACED:
                     self._send_start(m, now)
 
@@ -212,7 +211,7 @@ class Origin:
         # gang's are set here)
         env = {k: v for k, v in job.env.items() if not k.startswith("FLEXMESH_")}
         if job.gang:
-            env.update(self._gang_env(job))
+            env.update(gang_env(self, job))
         msg = wire.StartJob(job.id, job.lease_id, job.token, self.node.name, job.command, env,
                             job.compute_milli, job.memory_mib)
         w = self._waiting.get(job.id)
@@ -244,7 +243,7 @@ class Origin:
     def _maybe_retry_start(self, job: JobRecord, w: _Waiting, now: float) -> None:
         if w.start_inflight:
             return
-        gang_waits = bool(job.gang) and not self._gang_ready(job)
+        gang_waits = bool(job.gang) and not gang_ready(self, job)
         if now >= w.start_deadline:
             why = f"owner {job.node} did not answer before the lease expired"
             if job.gang and not gang_waits and not job.cancel_requested:
@@ -258,46 +257,6 @@ class Origin:
             # all placed yet: starts with them)
             self._send_start(job, now)
 
-    # --- gangs --------------------------------------------------------------------------
-
-    def _gang_members(self, job: JobRecord) -> list[JobRecord]:
-        """Every member of ``job``'s gang known here, by rank."""
-        found = (self.jobs.get(member_id(job.gang, r)) for r in range(job.gang_size))
-        return [j for j in found if j is not None and j.gang == job.gang]
-
-    def _gang_ready(self, job: JobRecord) -> bool:
-        """Whether every member of the gang has its placement (and none has ended): then,
-        and only then, the members are started."""
-        members = self._gang_members(job)
-        return len(members) == job.gang_size and all(m.state in (PLACED, RUNNING)
-                                                     for m in members)
-
-    def _gang_env(self, job: JobRecord) -> dict[str, str]:
-        """What a gang member's process is told of its gang: where each rank runs."""
-        members = self._gang_members(job)
-        addrs = []
-        for m in members:
-            member = self.node.membership.members.get(m.node)
-            host = member.addr.rsplit(":", 1)[0] if member is not None else ""
-            addrs.append(host.strip("[]"))
-        return {
-            "FLEXMESH_GANG": job.gang,
-            "FLEXMESH_GANG_RANK": str(job.rank),
-            "FLEXMESH_GANG_SIZE": str(job.gang_size),
-            "FLEXMESH_GANG_NODES": ",".join(m.node for m in members),
-            "FLEXMESH_GANG_ADDRS": ",".join(addrs),
-        }
-
-    def gang_ended(self, job: JobRecord, now: float) -> None:
-        """A gang member ended: if it did not succeed, its siblings are cancelled (a gang
-        runs all together or not at all)."""
-        if not job.gang or job.state == SUCCEEDED or not job.terminal:
-            return
-        for m in self._gang_members(job):
-            if m.id != job.id and not m.terminal:
-                self.out.log("gang_stop", job=m.id, because=job.id)
-                self.cancel(m.id, now, f"gang member {job.id} {job.state}: {job.reason}")
-
     # --- endings ------------------------------------------------------------------------
 
     def end(self, job: JobRecord, state: str, reason: str, now: float) -> None:
@@ -306,7 +265,7 @@ class Origin:
         self._waiting.pop(job.id, None)
         self.node.persist(job)
         self.out.log("job_end", job=job.id, state=state, reason=reason)
-        self.gang_ended(job, now)
+        gang_ended(self, job, now)
 
     def run_ended(self, job: JobRecord, now: float) -> None:
         """A job submitted here and run here has ended on this node's devices."""
@@ -314,7 +273,7 @@ class Origin:
             self.requeue(job, f"preempted on {job.node}/{job.device}: {job.reason}", now)
             return
         self.node.persist(job)
-        self.gang_ended(job, now)
+        gang_ended(self, job, now)
 
     def requeue(self, job: JobRecord, reason: str, now: float) -> None:
         self.node.owner.drop_run(job.id)  # run here or not, it is not running now
@@ -323,7 +282,7 @@ class Origin:
             job.reason = job.reason or "cancelled by user"
             self.node.persist(job)
             self._waiting.pop(job.id, None)
-            self.gang_ended(job, now)
+            gang_ended(self, job, now)
             return
         self.out.log("job_requeued", job=job.id, reason=reason)
         if job.attempts or job.state in (RUNNING, PLACED):
@@ -350,7 +309,7 @@ class Origin:
                 self.node.call(coordinator, wire.Withdraw(job_id), now)
             self.end(job, CANCELLED, reason, now)
             return CANCELLED
-        if job.gang and job.state == PLACED and not self._gang_ready(job):
+        if job.gang and job.state == PLACED and not gang_ready(self, job):
             # placed, but never started (its gang is not all placed): nothing runs; the
             # lease its owner reserved is given back
             self.node.call(job.node, wire.Release(job.id, job.lease_id, job.token), now)
@@ -401,4 +360,4 @@ class Origin:
             return
         job.state, job.reason, job.exit_code, job.updated_at = state, reason, exit_code, now
         self.node.persist(job)
-        self.gang_ended(job, now)
+        gang_ended(self, job, now)

@@ -1,0 +1,365 @@
+"""The asyncio adapter around a sans-IO ``Node``: its life cycle and the effect pump.
+
+The runtime owns every piece of I/O. It feeds the node what arrives (datagrams, calls,
+call results, process exits, device readings, time) and carries out the effects the node
+returns, in order: journal writes are awaited before anything that depends on them is
+sent, so a job is on disk before its submitter hears it was accepted. The pieces live
+beside this file: ``transport`` (UDP and TCP, sealed), ``keys``, ``sampling`` (devices
+and the watchdog), ``processes`` (a job's environment, user, process and output) and
+``commit`` (journal writes grouped into one transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, assert_never
+
+from flexmesh.agent.config import Settings
+from flexmesh.agent.devices.base import DeviceSample
+from flexmesh.agent.metrics import decision_times
+from flexmesh.agent.models import JobRecord
+from flexmesh.agent.node import (
+    ArchiveOutput,
+    Call,
+    Effect,
+    JobOutput,
+    LogEvent,
+    Node,
+    NodeConfig,
+    PersistJob,
+    PersistLease,
+    RunJob,
+    StopJob,
+)
+from flexmesh.agent.runtime.commit import GroupCommit
+from flexmesh.agent.runtime.keys import Keys, KeysError
+from flexmesh.agent.runtime.processes import Processes
+from flexmesh.agent.runtime.sampling import Sampler
+from flexmesh.agent.runtime.transport import Transport
+from flexmesh.agent.store import AsyncJournal
+from flexmesh.policies import get_policy, get_spec
+from flexmesh.protocol import wire
+from flexmesh.protocol.lease import Lease
+from flexmesh.protocol.membership import (
+    PRESETS,
+    FactsEvent,
+    MemberEvent,
+    SendPacket,
+    StartPushPull,
+)
+
+log = logging.getLogger("flexmesh.agent")
+
+
+class StartError(Exception):
+    """The agent cannot start as configured; the message says why, in one line."""
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir)
+        self.loop = asyncio.get_running_loop()
+        self.node: Node = None  # type: ignore[assignment]  # set in start()
+        self.journal: AsyncJournal = None  # type: ignore[assignment]
+        self.commits: GroupCommit = None  # type: ignore[assignment]
+        self.keys = Keys(settings, self.state_dir)
+        self.transport = Transport(self)
+        self.sampler = Sampler(self)
+        self.processes = Processes(self)
+        self.addr = ""
+        self.started_at = time.time()
+        self.ui_url = ""
+        self.stopping = False
+        self.counters: dict[str, int] = {}
+        self.last_tick = self.loop.time()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._job_events: dict[str, asyncio.Event] = {}
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    @property
+    def enforcement(self) -> str:
+        return self.sampler.enforcement
+
+    @property
+    def last_samples(self) -> dict[str, DeviceSample]:
+        return self.sampler.last_samples
+
+    # --- configuration and keys ---------------------------------------------------------
+
+    def reconfigure(self, new: Settings) -> None:
+        """Apply a reloaded configuration. What needs a restart (name, bind, socket, state
+        dir, devices) is reported and left as it is."""
+        old = self.settings
+        fixed = [k for k in ("name", "bind", "advertise", "socket", "state_dir", "sim_devices",
+                             "npu_smi", "nvml") if getattr(new, k) != getattr(old, k)]
+        if fixed:
+            log.warning("reload: %s change only with a restart", ", ".join(fixed))
+            for k in fixed:
+                setattr(new, k, getattr(old, k))
+        self.settings = self.transport.faults.settings = new
+        self.node.scheduler.policy = get_policy(new.policy)
+        self.node.scheduler.spec = get_spec(new.policy)
+        self.node.membership.config = PRESETS[new.profile]
+        logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        self.keys.reload(new)
+        log.info("reloaded policy=%s profile=%s keys=%d", new.policy, new.profile,
+                 len(self.keys.keyring))
+
+    def keys_view(self) -> dict[str, Any]:
+        return self.keys.view()
+
+    async def keys_change(self, op: str, key: str) -> dict[str, Any]:
+        return await self.keys.change(op, key)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        try:
+            self.keys.load()
+        except KeysError as exc:
+            raise StartError(str(exc)) from None
+        self.journal = await AsyncJournal.open(self.state_dir / "journal.sqlite3")
+        self.commits = GroupCommit(self.journal)
+        incarnation = await self.journal.bump_meta("incarnation")
+        host, port = s.bind_host_port()
+        port = await self.transport.bind(host, port, self._handle_call)
+        self.addr = s.advertise or f"{host}:{port}"
+        leases = [Lease.from_dict(x) for x in await self.journal.list_leases()]
+        token = max([x.token for x in leases] + [int(await self.journal.get_meta("token") or 0)])
+        self.node = Node(self._node_config(), random.Random(os.urandom(16)), self.loop.time(),
+                         incarnation=incarnation, token=token,
+                         max_term=max((x.term for x in leases), default=0))
+        self.node.scheduler.timer = time.perf_counter
+        self.node.scheduler.on_decision = decision_times(self.node.scheduler).observe
+        await self.sampler.discover()
+        await self._recover(leases)
+        self.node.join(list(s.join), self.loop.time())
+        self._spawn(self._timer_loop())
+        self._spawn(self.sampler.loop())
+        await self.flush()
+        log.info("agent started name=%s addr=%s incarnation=%d devices=%d enforcement=%s",
+                 s.name, self.addr, incarnation, len(self.sampler.devices), self.enforcement)
+
+    def _node_config(self) -> NodeConfig:
+        s = self.settings
+        return NodeConfig(
+            name=s.name, addr=self.addr, membership=PRESETS[s.profile], priority=s.priority,
+            eligible=s.coordinator_eligible, policy=s.policy, lease_ttl=s.lease_ttl,
+            owner_away_limit=s.owner_away_limit,
+        )
+
+    async def _recover(self, leases: list[Lease]) -> None:
+        runner = self.processes.runner
+
+        def adopt(job: JobRecord) -> bool:
+            return (job.pid is not None and job.pid_start is not None
+                    and runner.adopt(job.id, job.pid, job.pid_start))
+
+        self.node.recover(await self.journal.list_jobs(), leases, adopt, self.loop.time(),
+                          self.processes.output_size)
+
+    async def stop(self, leave: bool = True, kill_jobs: bool = False) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if leave and self.node is not None:
+            self.node.membership.leave(self.loop.time())
+            await self.flush()
+            # Give the leave a moment to get out before the socket closes.
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.processes.runner.shutdown(kill=kill_jobs, grace_s=self.settings.stop_grace)
+        await self.transport.close()
+        await self.sampler.close()
+        if self.journal is not None:
+            await self.journal.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background task failed: %r", exc, exc_info=exc)
+
+    def healthy(self) -> bool:
+        """The loop turns and the node ticks: what the systemd watchdog vouches for."""
+        return not self.stopping and self.loop.time() - self.last_tick < 10.0
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self.last_tick = self.loop.time()
+            delay = max(0.0, self.node.next_deadline() - self.loop.time())
+            self._wake.clear()
+            wait = min(delay, 1.0)
+            started = self.loop.time()
+            woken = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+                woken = True
+            now = self.loop.time()
+            if not woken:  # slept past its timer: by how much says how slow the loop is
+                self.node.membership.timer_overshoot(now - started - wait)
+            if now >= self.node.next_deadline():
+                self.node.tick(now)
+                await self.flush()
+
+    # --- the effect pump ----------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Carry out every pending effect of the node.
+
+        Flushes may overlap: each drains its own effects at once (draining is synchronous)
+        and hands their journal writes to the group commit in drain order, so a later state
+        of a job never lands before an earlier one. A batch's other effects run only once
+        its writes are durable: a message never promises what is not on disk yet.
+        """
+        while True:
+            effects = self.node.drain()
+            if not effects:
+                break
+            await self._persist([e for e in effects if isinstance(e, (PersistJob, PersistLease))])
+            for eff in effects:
+                await self._effect(eff)
+        self._wake.set()
+
+    async def _persist(self, effects: list[PersistJob | PersistLease]) -> None:
+        if not effects:
+            return
+        jobs: dict[str, JobRecord] = {}
+        leases: dict[str, dict[str, Any]] = {}
+        now = time.time()
+        for eff in effects:
+            if isinstance(eff, PersistJob):
+                job = eff.job
+                # The node keeps its own (monotonic or virtual) time; records carry wall time.
+                job.updated_at = now
+                if job.created_at < 1e9:
+                    job.created_at = now
+                for live in (self.node.origin.jobs.get(job.id), self.node.owner.runs.get(job.id)):
+                    if live is not None:
+                        live.updated_at, live.created_at = job.updated_at, job.created_at
+                jobs[job.id] = job
+            else:
+                leases[eff.lease.id] = eff.lease.to_dict()
+        meta = {"token": str(self.node.leases.token)} if leases else None
+        await self.commits.write(list(jobs.values()), list(leases.values()), meta)
+        for job_id in jobs:
+            ev = self._job_events.get(job_id)
+            if ev is not None:
+                ev.set()
+
+    def kick(self) -> None:
+        self._spawn(self.flush())
+
+    async def _effect(self, eff: Effect) -> None:
+        match eff:
+            case SendPacket():
+                self.transport.send_packet(eff, leaving=self.node.membership.left)
+            case Call():
+                self._spawn(self._call(eff))
+            case StartPushPull():
+                self._spawn(self._pushpull(eff))
+            case RunJob():
+                self._spawn(self.processes.run(eff))
+            case StopJob():
+                self._spawn(self.processes.runner.stop(eff.job_id, self.settings.stop_grace,
+                                                       eff.reason))
+            case ArchiveOutput():
+                await self.processes.archive(eff.job_id)
+            case JobOutput():
+                # Written before anything after it runs: the job's end is journaled only
+                # once its output is here (see node/follow.py).
+                await self.processes.write_output(eff)
+            case LogEvent():
+                log.info("%s %s", eff.event,
+                         " ".join(f"{k}={v}" for k, v in eff.fields.items()))
+            case MemberEvent():
+                log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state,
+                         eff.prev, eff.addr)
+            case FactsEvent() | PersistJob() | PersistLease():
+                pass  # facts are read from the membership; journal writes came first
+            case _:
+                assert_never(eff)
+
+    async def _call(self, eff: Call) -> None:
+        reply, error = await self.transport.call(eff.addr, eff.msg, eff.timeout)
+        self.node.call_result(eff.call_id, reply, error, self.loop.time())
+        await self.flush()
+
+    async def _pushpull(self, eff: StartPushPull) -> None:
+        request = self.node.pushpull_request(eff.join)
+        reply, error = await self.transport.call(eff.addr, request, 10.0)
+        if reply is None:
+            log.debug("push-pull with %s failed: %s", eff.addr, error)
+            if eff.join:
+                log.warning("could not join through %s: %s", eff.addr, error)
+            return
+        self.node.pushpull_reply(reply, self.loop.time())
+        await self.flush()
+
+    async def _handle_call(self, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.JobSync):
+            return await self.processes.job_sync(msg)
+        if self.stopping and isinstance(msg, (wire.Submit, wire.StartJob, wire.LeaseRequest)):
+            return wire.Error("agent is shutting down")
+        reply = self.node.handle_request(msg, self.loop.time())
+        await self.flush()  # what the reply promises is journaled before it is sent
+        return reply
+
+    # --- API helpers --------------------------------------------------------------------
+
+    async def submit(self, job: JobRecord) -> JobRecord:
+        await self.submit_many([job])
+        return job
+
+    async def submit_many(self, jobs: list[JobRecord]) -> None:
+        """Accept jobs together (a gang's members): journaled in one commit, all or none."""
+        stamp = time.time()
+        for job in jobs:
+            job.created_at = job.updated_at = stamp
+        await self.commits.write(jobs)  # on disk before the submitter hears "accepted"
+        now = self.loop.time()
+        for job in jobs:
+            self.node.submit(job, now)
+        self.kick()  # placement goes on after the answer
+
+    async def cancel(self, job_id: str) -> str:
+        result = self.node.cancel(job_id, self.loop.time())
+        await self.flush()
+        return result
+
+    def job_event(self, job_id: str) -> asyncio.Event:
+        return self._job_events.setdefault(job_id, asyncio.Event())
+
+
+def install_signal_handlers(stop: asyncio.Event, force: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()  # a second Ctrl-C: exit now
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)

@@ -1,0 +1,104 @@
+"""The cluster keys: loaded from the state dir or the config, changed on a running agent,
+and the sealer and codec every packet and call goes through."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flexmesh.agent import rpc
+from flexmesh.agent.config import Settings
+from flexmesh.protocol.crypto import Keyring, KeyringError, Sealer
+
+log = logging.getLogger("flexmesh.agent")
+
+
+class KeysError(Exception):
+    """The keys cannot be loaded; the message says why, in one line."""
+
+
+class Keys:
+    def __init__(self, settings: Settings, state_dir: Path) -> None:
+        self.settings = settings
+        self.path = state_dir / "keyring.json"  # kept by ``flexmesh keys``
+        self.keyring = Keyring()
+        self.sealer: Sealer | None = None
+        self.codec = rpc.Codec()
+        self._warned_plaintext = False
+
+    def load(self) -> None:
+        """The keyring kept by ``flexmesh keys`` wins; else the configured key(s)."""
+        s = self.settings
+        try:
+            if self.path.exists():
+                self.keyring = Keyring.from_list(json.loads(self.path.read_text()))
+            else:
+                keys = []
+                if s.key_file:
+                    keys += [line.strip() for line in Path(s.key_file).read_text().splitlines()
+                             if line.strip() and not line.lstrip().startswith("#")]
+                if s.key:
+                    keys.append(s.key)
+                self.keyring = Keyring(keys)
+        except (OSError, ValueError) as exc:
+            raise KeysError(f"cannot load the keyring: {exc}") from None
+        if not len(self.keyring):
+            if not s.is_loopback():
+                raise KeysError(
+                    f"bind {s.bind} is not a loopback address and no key is configured: "
+                    "make one with `flexmesh keygen` and set [security] key_file")
+            if self.sealer is None and not self._warned_plaintext:
+                self._warned_plaintext = True
+                log.warning("no cluster key: gossip and calls run in plaintext (allowed on "
+                            "loopback only)")
+        self._apply()
+
+    def reload(self, settings: Settings) -> None:
+        self.settings = settings
+        if not self.path.exists():  # keys changed with `flexmesh keys` stay
+            self.load()
+
+    def _apply(self) -> None:
+        if self.sealer is not None and len(self.keyring):
+            self.sealer.keyring = self.keyring  # keep its nonce sequence and replay window
+        else:
+            self.sealer = Sealer(self.keyring) if len(self.keyring) else None
+        self.codec = rpc.Codec(self.sealer, self.settings.cluster.encode())
+
+    def view(self) -> dict[str, Any]:
+        return {"primary": self.keyring.primary, "keys": list(self.keyring.keys),
+                "encrypted": self.sealer is not None, "cluster": self.settings.cluster}
+
+    async def change(self, op: str, key: str) -> dict[str, Any]:
+        """Add, promote or remove a key on the running agent, and keep the ring on disk."""
+        ring = Keyring.from_list(self.keyring.to_list())
+        if op == "add":
+            ring.add(key)
+        elif op == "promote":
+            ring.promote(key)
+        elif op == "remove":
+            ring.remove(key)
+        else:
+            raise KeyringError(f"unknown key operation {op!r} (add, promote, remove)")
+        await asyncio.to_thread(_write_private, self.path, json.dumps(ring.to_list()))
+        self.keyring = ring
+        if self.sealer is None:
+            self._apply()
+        else:  # keep the sealer (its nonce sequence and replay window), swap its keys
+            self.sealer.keyring = ring
+        log.info("keyring %s primary=%s keys=%d", op, self.keyring.primary, len(self.keyring))
+        return self.view()
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""The one place that builds a job's environment, picks the user it runs as, starts and
+stops its process, and keeps its output: the owner's side (runs and JobSync answers) and
+the origin's (output received from a job followed elsewhere, attempts kept apart)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flexmesh.agent.devices.enforcement import job_env_many, visible_env
+from flexmesh.agent.jobs import JobRunner, JobStartError
+from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord
+from flexmesh.agent.node import JobOutput, RunJob
+from flexmesh.protocol import wire
+
+if TYPE_CHECKING:
+    from flexmesh.agent.runtime.agent import Agent
+
+log = logging.getLogger("flexmesh.agent")
+
+SYNC_CHUNK = 256 * 1024  # bytes of output a JobSync answer carries at most, per stream
+
+
+class Processes:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.jobs_dir = agent.state_dir / "jobs"
+        self.runner = JobRunner(agent.state_dir, self._on_exit)
+
+    # --- owner: runs --------------------------------------------------------------------
+
+    def env(self, eff: RunJob) -> dict[str, str]:
+        """The owner's variables (identity, devices, limits), then the submitter's."""
+        job, devices = eff.job, eff.devices
+        env = {
+            "FLEXMESH_JOB_ID": job.id, "FLEXMESH_DEVICE": ",".join(d.id for d in devices),
+            "FLEXMESH_COMPUTE_MILLI": str(job.compute_milli),
+            "FLEXMESH_MEMORY_MIB": str(job.memory_mib), "FLEXMESH_ORIGIN": job.origin,
+        }
+        enforcement = self.agent.sampler.enforcement
+        try:
+            env.update(job_env_many(devices, job.compute_milli, job.memory_mib, enforcement,
+                                    self.agent.settings.hami_lib or None))
+        except ValueError as exc:
+            log.warning("job %s: no limits applied: %s", job.id, exc)
+            env.update(visible_env(devices))
+        # The submitter's own variables; of flexmesh's names only the gang's, which the
+        # origin sets (and never takes from the user): the rest are this owner's to set.
+        env.update({k: v for k, v in job.env.items()
+                    if not k.startswith("FLEXMESH_") or k.startswith("FLEXMESH_GANG")})
+        return env
+
+    async def run(self, eff: RunJob) -> None:
+        job, node, loop = eff.job, self.agent.node, self.agent.loop
+        if job.id not in node.origin.jobs:
+            # A new attempt here after an earlier one (preempted): keep that output apart.
+            await asyncio.to_thread(archive_output, self.jobs_dir / job.id)
+        user = await asyncio.to_thread(self.job_user, job)  # NSS lookups may block
+        try:
+            pid, pid_start = await self.runner.start(job.id, job.command, self.env(eff),
+                                                     user=user)
+        except (JobStartError, ValueError, OSError) as exc:
+            node.job_exited(job.id, None, f"could not start: {exc}", loop.time(), state=FAILED)
+        else:
+            node.job_started(job.id, pid, pid_start, loop.time(), lease_id=job.lease_id)
+        await self.agent.flush()
+
+    def job_user(self, job: JobRecord) -> tuple[int, int] | None:
+        """(uid, gid) a job runs as; None: as the agent (which then is not root).
+
+        A job submitted here runs as its submitter; root's only if ``allow_root``. Jobs
+        borrowed from other nodes, or whose submitter is unknown, run as ``borrowed_user``.
+        """
+        if os.geteuid() != 0:
+            return None  # an unprivileged agent cannot switch users: jobs run as it does
+        s = self.agent.settings
+        uid = job.uid if job.origin == self.agent.node.name else None
+        if uid is None or (uid == 0 and not s.allow_root):
+            return _lookup_user(s.borrowed_user)
+        try:
+            return uid, pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            return uid, uid  # no passwd entry: a group of the same number
+
+    def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        state = LOST if exit_code is None else None
+        self.agent.node.job_exited(job_id, exit_code, reason, self.agent.loop.time(),
+                                   state=state)
+        self.agent.kick()
+
+    async def job_sync(self, msg: wire.JobSync) -> wire.Message:
+        """Answer an origin that follows a job run here: hold the call open (up to
+        ``wait_ms``, at most 10 s) until there is output past its offsets or the job ends."""
+        loop, node = self.agent.loop, self.agent.node
+        job = node.owner.runs.get(msg.job_id)
+        if job is None:
+            return wire.Error(f"no job {msg.job_id} runs here")
+        deadline = loop.time() + min(max(msg.wait_ms, 0), 10_000) / 1000
+        while True:
+            state = job.state  # read before the output: output written before it counts
+            out = await asyncio.to_thread(self.runner.read_log, job.id, "stdout",
+                                          msg.stdout_offset, SYNC_CHUNK)
+            err = await asyncio.to_thread(self.runner.read_log, job.id, "stderr",
+                                          msg.stderr_offset, SYNC_CHUNK)
+            if out or err or state in TERMINAL or loop.time() >= deadline:
+                return node.sync_reply(msg, out, err, SYNC_CHUNK)
+            ev = self.agent.job_event(job.id)
+            ev.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), min(0.2, deadline - loop.time()))
+
+    # --- origin: output of jobs followed elsewhere --------------------------------------
+
+    async def archive(self, job_id: str) -> None:
+        await asyncio.to_thread(archive_output, self.jobs_dir / job_id)
+
+    async def write_output(self, eff: JobOutput) -> None:
+        await asyncio.to_thread(write_at, self.jobs_dir / eff.job_id, eff.stream, eff.offset,
+                                eff.data)
+
+    def output_size(self, job_id: str) -> tuple[int, int]:
+        """Bytes of stdout and stderr already here for a job (its current attempt)."""
+        return _size(self.jobs_dir / job_id / "stdout"), _size(self.jobs_dir / job_id / "stderr")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _lookup_user(name: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name), int(name)
+        log.warning("user %r does not exist; running borrowed jobs as 65534 (nobody)", name)
+        return 65534, 65534
+
+
+def archive_output(job_dir: Path) -> None:
+    """Move a finished attempt's output to ``stdout.1``, ``stderr.1``, ... beside it."""
+    if not (job_dir / "stdout").exists() and not (job_dir / "stderr").exists():
+        return
+    n = 1
+    while (job_dir / f"stdout.{n}").exists() or (job_dir / f"stderr.{n}").exists():
+        n += 1
+    for stream in ("stdout", "stderr"):
+        if (job_dir / stream).exists():
+            (job_dir / stream).rename(job_dir / f"{stream}.{n}")
+
+
+def write_at(job_dir: Path, stream: str, offset: int, data: bytes) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / stream
+    mode = "r+b" if path.exists() else "wb"
+    with open(path, mode) as f:
+        f.seek(offset)
+        f.write(data)

@@ -1,0 +1,121 @@
+"""Device discovery and sampling: what this node's devices are, what its own workload
+uses of them (smoothed, with hysteresis), how it holds jobs to their fractions, and the
+watchdog that stops a job using more device memory than it leased."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flexmesh.agent.devices.base import Backend, Device, DeviceSample
+from flexmesh.agent.devices.discovery import discover_backends
+from flexmesh.agent.devices.enforcement import (
+    detect_enforcement,
+    job_memory_used,
+    watchdog_verdict,
+)
+from flexmesh.agent.devices.idle import IdleEstimator, lendable
+from flexmesh.agent.models import FAILED
+
+if TYPE_CHECKING:
+    from flexmesh.agent.runtime.agent import Agent
+
+log = logging.getLogger("flexmesh.agent")
+
+SAMPLE_INTERVAL = 1.0  # seconds between device readings (the watchdog checks this often)
+
+
+class Sampler:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.backends: list[Backend] = []
+        self.devices: list[Device] = []
+        self.enforcement = "none"
+        self.last_samples: dict[str, DeviceSample] = {}
+        self._estimators: dict[str, IdleEstimator] = {}
+
+    async def discover(self) -> None:
+        s = self.agent.settings
+        self.backends = await asyncio.to_thread(
+            discover_backends, s.sim_devices or None,
+            Path(s.sim_load_file) if s.sim_load_file else None, s.npu_smi or None, s.nvml)
+        for backend in self.backends:
+            try:
+                self.devices.extend(await asyncio.to_thread(backend.discover))
+            except Exception as exc:  # a broken backend must not stop the agent
+                log.warning("device backend %s failed: %s", backend.name, exc)
+        has_nvml = any(b.name == "nvml" for b in self.backends)
+        try:
+            self.enforcement = detect_enforcement(
+                s.enforcement, s.hami_lib or None, nvml_available=has_nvml)
+        except ValueError as exc:
+            log.warning("enforcement: %s; falling back to none", exc)
+            self.enforcement = "none"
+        self.agent.node.enforcement = self.enforcement
+        self.apply({})
+
+    def apply(self, samples: dict[str, DeviceSample]) -> None:
+        """Tell the node its devices and what of each it may lend, from these readings."""
+        s = self.agent.settings
+        now = self.agent.loop.time()
+        lend: dict[str, tuple[int, int]] = {}
+        devices = []
+        gone = [d.id for d in self.devices if (sm := samples.get(d.id)) and sm.lost]
+        if gone:
+            log.warning("devices gone (fell off the bus?): %s; their jobs end", ", ".join(gone))
+            self.devices = [d for d in self.devices if d.id not in gone]
+        for d in self.devices:
+            sample = samples.get(d.id)
+            est = self._estimators.setdefault(d.id, IdleEstimator())
+            fc, fm = (sample.foreign_compute_milli, sample.foreign_memory_mib) if sample else (0, 0)
+            foreign = est.observe(now, fc, fm)
+            lend[d.id] = (
+                lendable(d.compute_milli, 0, foreign.compute_milli, s.reserve_compute_milli),
+                lendable(d.memory_mib, 0, foreign.memory_mib, s.reserve_memory_mib),
+            )
+            healthy = d.healthy and (sample.healthy if sample else True)
+            devices.append(d if healthy == d.healthy else replace(d, healthy=healthy))
+        self.agent.node.set_devices(devices, lend, now)
+
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            pids = frozenset(self.agent.processes.runner.running().values())
+            samples: dict[str, DeviceSample] = {}
+            for backend in self.backends:
+                try:
+                    for sm in await asyncio.to_thread(backend.sample, pids):
+                        samples[sm.id] = sm
+                except Exception as exc:
+                    log.warning("sampling %s failed: %s", backend.name, exc)
+            self.last_samples = samples
+            self.apply(samples)
+            if self.enforcement == "watchdog":
+                self.watchdog(list(samples.values()))
+            await self.agent.flush()
+
+    def watchdog(self, samples: list[DeviceSample]) -> None:
+        """No interception: stop a job whose measured device memory exceeds its lease."""
+        node = self.agent.node
+        running = self.agent.processes.runner.running()
+        for job in list(node.owner.runs.values()):
+            pid = running.get(job.id)
+            if pid is None or job.terminal:
+                continue
+            for device in job.devices:  # the lease's memory is per device
+                used = job_memory_used(samples, device, [pid])
+                verdict = watchdog_verdict(used, job.memory_mib)
+                if verdict:
+                    log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
+                             device, used, job.memory_mib)
+                    node.stop_job(job.id, verdict, FAILED, self.agent.loop.time())
+                    break
+
+    async def close(self) -> None:
+        for backend in self.backends:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(backend.close)

@@ -1,0 +1,162 @@
+"""The wire of a running agent: gossip over UDP, calls over TCP, both sealed with the
+cluster keys. Fault injection (loss, duplication, delay of outgoing datagrams, for tests on
+loopback only) is a wrapper around the datagram sender, not part of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from flexmesh.agent import rpc
+from flexmesh.agent.config import Settings
+from flexmesh.protocol import wire
+from flexmesh.protocol.crypto import OVERHEAD, SEAL_VERSION, CryptoError
+from flexmesh.protocol.membership import SendPacket
+
+if TYPE_CHECKING:
+    from flexmesh.agent.runtime.agent import Agent
+
+log = logging.getLogger("flexmesh.agent")
+
+Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+Send = Callable[[str, bytes], None]
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.transport.on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.transport.agent.count("udp_errors")
+
+
+class Faults:
+    """Loses, duplicates or delays outgoing datagrams as configured (``fault_*``)."""
+
+    def __init__(self, settings: Settings, count: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.count = count
+        self.rng = random.Random()
+        self.loop = asyncio.get_running_loop()
+
+    def send(self, addr: str, data: bytes, send: Send) -> None:
+        s = self.settings
+        if s.fault_drop and self.rng.random() < s.fault_drop:
+            self.count("fault_dropped")
+            return
+        copies = 2 if s.fault_duplicate and self.rng.random() < s.fault_duplicate else 1
+        for _ in range(copies):
+            if s.fault_delay_ms:
+                self.loop.call_later(s.fault_delay_ms / 1000, send, addr, data)
+            else:
+                send(addr, data)
+
+
+class Transport:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.loop = asyncio.get_running_loop()
+        self.faults = Faults(agent.settings, agent.count)
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._handler: Handler | None = None
+
+    async def bind(self, host: str, port: int, handler: Handler) -> int:
+        """Bind UDP and TCP on the same port; with port 0, one that is free for both."""
+        self._handler = handler
+        self._udp, port = await self._bind_udp(host, port)
+        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        return port
+
+    async def _bind_udp(self, host: str, port: int) -> tuple[asyncio.DatagramTransport, int]:
+        for _ in range(20):
+            transport, _ = await self.loop.create_datagram_endpoint(
+                lambda: _Udp(self), local_addr=(host, port))
+            chosen = transport.get_extra_info("sockname")[1]
+            if port:
+                return transport, chosen
+            try:
+                probe = await asyncio.start_server(lambda r, w: None, host, chosen)
+            except OSError:
+                transport.close()
+                continue
+            probe.close()
+            await probe.wait_closed()
+            return transport, chosen
+        raise OSError(f"no port on {host} free for both UDP and TCP")
+
+    async def close(self) -> None:
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
+        if self._udp is not None:
+            self._udp.close()
+
+    # --- UDP ----------------------------------------------------------------------------
+
+    def on_datagram(self, data: bytes, addr: tuple[Any, int]) -> None:
+        agent = self.agent
+        if len(data) > wire.UDP_BUDGET + OVERHEAD:
+            agent.count("packets_dropped_oversized")
+            return
+        sealer = agent.keys.sealer
+        if sealer is not None:
+            try:
+                data = sealer.open(data, agent.keys.codec.cluster, time.time())
+            except CryptoError as exc:
+                agent.count(f"packets_dropped_{exc.reason}")
+                return
+        elif data[:1] == bytes([SEAL_VERSION]):
+            agent.count("packets_dropped_sealed_without_key")
+            return
+        agent.node.step_packet(f"{addr[0]}:{addr[1]}", data, self.loop.time())
+        agent.kick()
+
+    def send_packet(self, eff: SendPacket, leaving: bool) -> None:
+        """Send a datagram; while the agent stops, only those that say it leaves."""
+        if self._udp is None or (self.agent.stopping and not leaving):
+            return
+        data = eff.data
+        sealer = self.agent.keys.sealer
+        if sealer is not None:
+            data = sealer.seal(data, self.agent.keys.codec.cluster, time.time())
+        self.faults.send(eff.addr, data, self._sendto)
+
+    def _sendto(self, addr: str, data: bytes) -> None:
+        if self._udp is None or self._udp.is_closing():
+            return
+        try:
+            host, port = addr.rsplit(":", 1)
+            self._udp.sendto(data, (host.strip("[]"), int(port)))
+        except (OSError, ValueError) as exc:
+            self.agent.count("udp_send_errors")
+            log.debug("udp send to %s failed: %s", addr, exc)
+
+    # --- TCP ----------------------------------------------------------------------------
+
+    async def call(self, addr: str, msg: wire.Message,
+                   timeout: float) -> tuple[wire.Message | None, str]:
+        """Call another agent: (its reply, "") or (None, why there is none)."""
+        try:
+            return await rpc.call(addr, msg, timeout, self.agent.keys.codec), ""
+        except rpc.CallError as exc:
+            return None, str(exc)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        assert self._handler is not None
+        try:
+            await rpc.serve_connection(reader, writer, self._handler, self.agent.keys.codec)
+        except rpc.RemoteError as exc:
+            self.agent.count("peers_disconnected_garbage")
+            self.agent.count(f"frames_dropped_{exc.reason}")
+            log.info("dropped a peer connection: %s", exc)
