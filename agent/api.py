@@ -33,6 +33,7 @@ from aiohttp import web
 
 from flexmesh.agent import metrics, ui
 from flexmesh.agent.models import (
+    MAX_GANG,
     PLACED,
     QUEUED,
     RUNNING,
@@ -51,7 +52,6 @@ MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
                 "requeue", "devices", "preemptible", "gang"}
 MAX_DEVICES = 16  # whole devices one job may ask for on one node
-MAX_GANG = 64  # members of one gang (one node each)
 AGENT_KEY = web.AppKey("agent", Agent)
 
 

@@ -18,6 +18,8 @@ LOST = "lost"
 STATES = (QUEUED, PLACED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST})
 
+MAX_GANG = 64  # members of one gang, each on a node of its own
+
 
 def member_id(gang: str, rank: int) -> str:
     """The job id of a gang's member of this rank."""
