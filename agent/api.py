@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from flexmesh.agent import metrics, ui
+from flexmesh.agent.jobs import read_at
 from flexmesh.agent.models import (
     MAX_DEVICES,
     MAX_GANG,
@@ -50,6 +51,7 @@ from flexmesh.agent.runtime import Agent
 log = logging.getLogger("flexmesh.api")
 
 MAX_BODY = 256 * 1024
+LOG_CHUNK = 1 << 20  # bytes of a log read at a time
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
                 "requeue", "devices", "preemptible", "gang"}
 AGENT_KEY = web.AppKey("agent", Agent)
@@ -347,7 +349,7 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
         done = job.state in TERMINAL  # read state first: output written before it counts
         got = False
         for name in streams:
-            data = await asyncio.to_thread(_read, base / name, offsets[name])
+            data = await asyncio.to_thread(read_at, base / name, offsets[name], LOG_CHUNK)
             if data:
                 got = True
                 offsets[name] += len(data)
@@ -368,15 +370,6 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
         await resp.write(json.dumps(end).encode() + b"\n")
     await resp.write_eof()
     return resp
-
-
-def _read(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(limit)
-    except FileNotFoundError:
-        return b""
 
 
 async def nodes(request: web.Request) -> web.Response:
