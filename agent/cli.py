@@ -424,8 +424,8 @@ COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
-        from flexmesh.agent import simulate
-        return int(simulate.main(argv[1:]))
+        from flexmesh.agent import trace_replay
+        return int(trace_replay.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.cmd](args)
