@@ -32,7 +32,10 @@ from typing import Any
 from aiohttp import web
 
 from flexmesh.agent import metrics, ui
+from flexmesh.agent.jobs import read_at
 from flexmesh.agent.models import (
+    MAX_DEVICES,
+    MAX_GANG,
     PLACED,
     QUEUED,
     RUNNING,
@@ -41,17 +44,16 @@ from flexmesh.agent.models import (
     JobRecord,
     gang_members,
     member_id,
+    request_problem,
 )
 from flexmesh.agent.runtime import Agent
 
 log = logging.getLogger("flexmesh.api")
 
 MAX_BODY = 256 * 1024
-MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
+LOG_CHUNK = 1 << 20  # bytes of a log read at a time
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
                 "requeue", "devices", "preemptible", "gang"}
-MAX_DEVICES = 16  # whole devices one job may ask for on one node
-MAX_GANG = 64  # members of one gang (one node each)
 AGENT_KEY = web.AppKey("agent", Agent)
 
 
@@ -88,7 +90,10 @@ def peer_uid(request: web.Request) -> int | None:
 
 
 def parse_submit(body: Any) -> dict[str, Any]:
-    """Validate a submission; return normalised fields or raise BadRequest."""
+    """Validate a submission; return normalised fields or raise BadRequest.
+
+    The types are checked here; what a request may ask for is ``request_problem``'s to say.
+    """
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - _SUBMIT_KEYS)
@@ -109,18 +114,8 @@ def parse_submit(body: Any) -> dict[str, Any]:
                              "(one whole device)")
         compute = max(1, round(frac * 1000))
     else:
-        compute = body.get("compute_milli", 1000)
-        if isinstance(compute, bool) or not isinstance(compute, int):
-            raise BadRequest("compute_milli must be an integer")
-        if not 0 < compute <= 1000:
-            raise BadRequest(f"compute_milli {compute} must be 1..1000 (1000 = one device)")
-    memory = body.get("memory_mib", 0)
-    if isinstance(memory, bool) or not isinstance(memory, int):
-        raise BadRequest("memory_mib must be an integer")
-    if memory < 0:
-        raise BadRequest(f"memory_mib {memory} is negative")
-    if memory > MAX_MEMORY_MIB:
-        raise BadRequest(f"memory_mib {memory} is larger than any device could be")
+        compute = _integer(body, "compute_milli", 1000, "compute_milli must be an integer")
+    memory = _integer(body, "memory_mib", 0, "memory_mib must be an integer")
     kind = body.get("kind", "any")
     if kind not in ("gpu", "npu", "any"):
         raise BadRequest(f"kind {kind!r} must be gpu, npu or any")
@@ -135,24 +130,26 @@ def parse_submit(body: Any) -> dict[str, Any]:
     requeue = body.get("requeue", True)
     if not isinstance(requeue, bool):
         raise BadRequest("requeue must be true or false")
-    count = body.get("devices", 1)
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DEVICES:
-        raise BadRequest(f"devices must be an integer from 1 to {MAX_DEVICES}")
-    if count > 1 and compute != 1000:
-        raise BadRequest(f"{count} devices are whole devices: a fraction of each "
-                         f"({compute} milli) cannot be asked for")
+    count = _integer(body, "devices", 1, f"devices must be an integer from 1 to {MAX_DEVICES}")
     preemptible = body.get("preemptible", False)
     if not isinstance(preemptible, bool):
         raise BadRequest("preemptible must be true or false")
-    gang = body.get("gang", 1)
-    if isinstance(gang, bool) or not isinstance(gang, int) or not 1 <= gang <= MAX_GANG:
-        raise BadRequest(f"gang must be an integer from 1 to {MAX_GANG} (nodes, one member "
-                         "each)")
-    if gang > 1 and preemptible:
-        raise BadRequest("a gang cannot be preemptible: stopping one member stops them all")
+    gang = _integer(body, "gang", 1, f"gang must be an integer from 1 to {MAX_GANG} (nodes, "
+                    "one member each)")
+    problem = request_problem(compute, memory, count, gang, preemptible)
+    if problem is not None:
+        raise BadRequest(problem)
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
             "priority": priority, "env": env, "requeue": requeue, "count": count,
             "preemptible": preemptible, "gang_size": gang if gang > 1 else 0}
+
+
+def _integer(body: dict[str, Any], key: str, default: int, message: str) -> int:
+    """``body[key]`` (or ``default``) if it is an integer (not a bool); else BadRequest."""
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(message)
+    return value
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -353,7 +350,7 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
         done = job.state in TERMINAL  # read state first: output written before it counts
         got = False
         for name in streams:
-            data = await asyncio.to_thread(_read, base / name, offsets[name])
+            data = await asyncio.to_thread(read_at, base / name, offsets[name], LOG_CHUNK)
             if data:
                 got = True
                 offsets[name] += len(data)
@@ -374,15 +371,6 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
         await resp.write(json.dumps(end).encode() + b"\n")
     await resp.write_eof()
     return resp
-
-
-def _read(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(limit)
-    except FileNotFoundError:
-        return b""
 
 
 async def nodes(request: web.Request) -> web.Response:

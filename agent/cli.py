@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+from flexmesh.agent.units import format_mib
+
 DEFAULT_SOCKET = "/run/flexmesh/agent.sock"
 
 
@@ -112,10 +114,6 @@ def _frac(milli: int) -> str:
     return f"{milli / 1000:g}"
 
 
-def _mib(mib: int) -> str:
-    return f"{mib / 1024:g}GiB" if mib >= 1024 and mib % 64 == 0 else f"{mib}MiB"
-
-
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     if args.output == "json":
         print(json.dumps(data, indent=None))
@@ -128,7 +126,7 @@ def _job_line(j: dict[str, Any]) -> dict[str, Any]:
     gpu = _frac(j["compute_milli"])
     if j.get("count", 1) > 1:
         gpu = f"{j['count']}x{gpu}"
-    return {**j, "where": where, "gpu": gpu, "mem": _mib(j["memory_mib"]),
+    return {**j, "where": where, "gpu": gpu, "mem": format_mib(j["memory_mib"], "table"),
             "cmd": " ".join(j.get("command", []))[:40]}
 
 
@@ -160,20 +158,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not sep or not name:
             raise CliError(f"--env {item!r} is not NAME=VALUE", 2)
         env[name] = value
-    if args.devices < 1:
-        raise CliError(f"--devices {args.devices}: give 1 or more", 2)
-    if args.devices > 1 and compute != 1000:
-        raise CliError(f"--devices {args.devices} takes whole devices: leave out "
-                       "--gpu/--compute", 2)
+    # What the request may ask for is the agent's to check: its 400 says what is wrong.
     body = {"command": command, "compute_milli": compute, "memory_mib": memory,
             "kind": args.kind, "priority": args.priority, "env": env}
     if args.devices != 1:
         body["devices"] = args.devices
     if args.preemptible:
         body["preemptible"] = True
-    if args.gang < 1:
-        raise CliError(f"--gang {args.gang}: give 1 or more nodes", 2)
-    if args.gang > 1:
+    if args.gang != 1:
         body["gang"] = args.gang
     job = request(args, "POST", "/v1/jobs", body)
     if not args.wait:
@@ -244,10 +236,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     rows = request(args, "GET", "/v1/devices")
-    view = [{**r, "memory": _mib(r["memory_mib"]),
-             "leased": f"{_frac(r['leased_compute_milli'])} / {_mib(r['leased_memory_mib'])}",
+    view = [{**r, "memory": format_mib(r["memory_mib"], "table"),
+             "leased": f"{_frac(r['leased_compute_milli'])} / "
+                       f"{format_mib(r['leased_memory_mib'], 'table')}",
              "lendable": f"{_frac(r['lendable_compute_milli'])} / "
-                         f"{_mib(r['lendable_memory_mib'])}"} for r in rows]
+                         f"{format_mib(r['lendable_memory_mib'], 'table')}"} for r in rows]
     _emit(args, rows, _table(view, ["node", "id", "kind", "model", "memory", "leased",
                                     "lendable", "backend", "enforcement"]))
     return 0
@@ -431,8 +424,8 @@ COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
-        from flexmesh.agent import simulate
-        return int(simulate.main(argv[1:]))
+        from flexmesh.agent import trace_replay
+        return int(trace_replay.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.cmd](args)

@@ -93,6 +93,8 @@ _TABLES: dict[str, dict[str, str]] = {
 
 
 def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (IPv6 with or without its brackets)."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:

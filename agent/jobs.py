@@ -173,6 +173,19 @@ def _check_stream(stream: str) -> None:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, not {stream!r}")
 
 
+def read_at(path: Path, offset: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the file at ``path`` from ``offset``; b"" past the end or
+    when there is no file (yet). Blocking file I/O: call it off the loop for large reads."""
+    if offset < 0 or limit < 0:
+        raise ValueError("offset and limit must not be negative")
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
 class JobRunner:
     """Starts job processes, watches them and reports each one's end exactly once.
 
@@ -214,16 +227,8 @@ class JobRunner:
         return self.job_dir(job_id) / stream
 
     def read_log(self, job_id: str, stream: str, offset: int = 0, limit: int = 65536) -> bytes:
-        """Up to ``limit`` bytes of a job's log from ``offset``; b"" past the end or when
-        there is no log (yet). Blocking file I/O: call it off the loop for large reads."""
-        if offset < 0 or limit < 0:
-            raise ValueError("offset and limit must not be negative")
-        try:
-            with open(self.log_path(job_id, stream), "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
+        """Up to ``limit`` bytes of a job's log from ``offset`` (see ``read_at``)."""
+        return read_at(self.log_path(job_id, stream), offset, limit)
 
     def running(self) -> dict[str, int]:
         """job_id -> pid of every process watched now (started and adopted)."""

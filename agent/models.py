@@ -18,6 +18,10 @@ LOST = "lost"
 STATES = (QUEUED, PLACED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST})
 
+MAX_GANG = 64  # members of one gang, each on a node of its own
+MAX_DEVICES = 16  # whole devices one job may ask for on one node
+MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
+
 
 MAX_GANG = 64  # members of one gang, each on a node of its own
 
@@ -25,6 +29,31 @@ MAX_GANG = 64  # members of one gang, each on a node of its own
 def member_id(gang: str, rank: int) -> str:
     """The job id of a gang's member of this rank."""
     return f"{gang}.{rank}"
+
+
+def request_problem(compute_milli: int, memory_mib: int, count: int, gang_size: int,
+                    preemptible: bool) -> str | None:
+    """What is wrong with the shape of a request, as a sentence, or None if nothing is.
+
+    ``count`` is the devices wanted on one node, ``gang_size`` the nodes (1: not a gang).
+    The sentences name the fields of the API's submit body.
+    """
+    if not 0 < compute_milli <= 1000:
+        return f"compute_milli {compute_milli} must be 1..1000 (1000 = one device)"
+    if memory_mib < 0:
+        return f"memory_mib {memory_mib} is negative"
+    if memory_mib > MAX_MEMORY_MIB:
+        return f"memory_mib {memory_mib} is larger than any device could be"
+    if not 1 <= count <= MAX_DEVICES:
+        return f"devices must be an integer from 1 to {MAX_DEVICES}"
+    if count > 1 and compute_milli != 1000:
+        return (f"{count} devices are whole devices: a fraction of each "
+                f"({compute_milli} milli) cannot be asked for")
+    if not 1 <= gang_size <= MAX_GANG:
+        return f"gang must be an integer from 1 to {MAX_GANG} (nodes, one member each)"
+    if gang_size > 1 and preemptible:
+        return "a gang cannot be preemptible: stopping one member stops them all"
+    return None
 
 
 @dataclass(slots=True)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from flexmesh.agent.units import format_mib
+
 LEASED, LOCAL, LENDABLE = "#", "~", "."
 MIN_BAR = 10
 NUMBERS = 25  # columns kept right of a bar for "leased / local / lendable"
@@ -68,15 +70,6 @@ def bar(length: int, parts: Sequence[int], color: bool = False) -> str:
 def fmt_compute(milli: int) -> str:
     """Compute as a share of one device: 250 -> '25%', 125 -> '12.5%'."""
     return f"{milli / 10:g}%"
-
-
-def fmt_mib(mib: int) -> str:
-    """Memory, short: 0 -> '0', 512 -> '512M', 4096 -> '4G', 1536 -> '1.5G'."""
-    if mib == 0:
-        return "0"
-    if abs(mib) < 1024:
-        return f"{mib}M"
-    return f"{round(mib / 1024, 1):g}G"
 
 
 def render(nodes: list[dict[str, Any]], devices: list[dict[str, Any]], width: int = 80,
@@ -145,8 +138,8 @@ def _device_lines(d: Mapping[str, Any], width: int, bar_len: int, color: bool) -
                      _int(d.get("lendable_compute_milli")))
     memory = shares(cap_m, _int(d.get("leased_memory_mib")),
                     _int(d.get("lendable_memory_mib")))
-    title = f"  {d.get('id', '')}  {d.get('kind', '')} {d.get('model', '')}  {fmt_mib(cap_m)}"
-    title = _clip(title, width)
+    size = format_mib(cap_m, "short")
+    title = _clip(f"  {d.get('id', '')}  {d.get('kind', '')} {d.get('model', '')}  {size}", width)
     if d.get("healthy") is False:
         title = _clip(title + "  UNHEALTHY", width)
         if color and title.endswith("UNHEALTHY"):
@@ -154,7 +147,7 @@ def _device_lines(d: Mapping[str, Any], width: int, bar_len: int, color: bool) -
     return [
         title,
         _bar_line("compute", compute, [fmt_compute(x) for x in compute], bar_len, color),
-        _bar_line("memory", memory, [fmt_mib(x) for x in memory], bar_len, color),
+        _bar_line("memory", memory, [format_mib(x, "short") for x in memory], bar_len, color),
     ]
 
 

@@ -163,17 +163,18 @@ class Journal:
             raise
         self._conn.execute("COMMIT")
 
-    # -- jobs ----------------------------------------------------------------------------
-
-    def put_job(self, job: JobRecord) -> None:
-        """Insert or replace one job. Durable once this returns (see the module doc)."""
-        with self._tx() as conn:
-            _upsert_job(conn, job)
+    # -- writes --------------------------------------------------------------------------
 
     def write_batch(self, jobs: Iterable[JobRecord] = (), leases: Iterable[dict[str, Any]] = (),
                     meta: dict[str, str] | None = None) -> None:
-        """Several writes in one transaction, durable together once this returns: one
-        fsync for a burst of changes instead of one each (group commit)."""
+        """Insert or replace jobs, leases and meta values in one transaction, durable
+        together once this returns (see the module doc): one fsync for a burst of changes
+        instead of one each (group commit).
+
+        A lease is keyed by ``lease["id"]`` (or ``lease["lease_id"]``); the dict must be
+        JSON-serialisable, and comes back from ``list_leases`` equal. A lease without an
+        id raises ValueError and nothing of the batch is written.
+        """
         with self._tx() as conn:
             for job in jobs:
                 _upsert_job(conn, job)
@@ -182,11 +183,7 @@ class Journal:
             for key, value in (meta or {}).items():
                 _upsert_meta(conn, key, value)
 
-    def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._conn.execute(
-            f"SELECT {', '.join(_JOB_COLUMNS)}, data FROM jobs WHERE id = ?", (job_id,)
-        ).fetchone()
-        return None if row is None else _job_from_row(row)
+    # -- jobs ----------------------------------------------------------------------------
 
     def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
         """Jobs ordered by ``created_at`` (then by insertion), optionally only some states
@@ -206,23 +203,7 @@ class Journal:
                 jobs.append(job)
         return jobs
 
-    def delete_job(self, job_id: str) -> None:
-        with self._tx() as conn:
-            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-
     # -- leases --------------------------------------------------------------------------
-
-    def put_lease(self, lease: dict[str, Any]) -> None:
-        """Insert or replace one lease, keyed by ``lease["id"]`` (or ``lease["lease_id"]``).
-
-        The dict must be JSON-serialisable; it comes back from ``list_leases`` equal.
-        """
-        with self._tx() as conn:
-            _upsert_lease(conn, lease)
-
-    def delete_lease(self, lease_id: str) -> None:
-        with self._tx() as conn:
-            conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
 
     def list_leases(self) -> list[dict[str, Any]]:
         """Every stored lease, in the order they were first written."""
@@ -243,10 +224,6 @@ class Journal:
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as conn:
-            _upsert_meta(conn, key, value)
 
     def bump_meta(self, key: str, at_least: int = 0) -> int:
         """Atomically store ``max(current + 1, at_least)`` under ``key`` and return it.
@@ -369,7 +346,8 @@ class AsyncJournal:
     """A ``Journal`` whose every call runs on one dedicated worker thread.
 
     The event loop never waits on SQLite (or on fsync). Calls run one at a time, in the
-    order they were made, so a ``put_job`` awaited before another call is visible to it.
+    order they were made, so a ``write_batch`` awaited before another call is visible
+    to it.
     Cancelling an awaiting caller does not undo a write already handed to the worker.
     """
 
@@ -406,38 +384,20 @@ class AsyncJournal:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    async def put_job(self, job: JobRecord) -> None:
-        await self._call(self._journal.put_job, job)
-
-    async def get_job(self, job_id: str) -> JobRecord | None:
-        return await self._call(self._journal.get_job, job_id)
-
     async def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
         # Materialise here: a generator must not be consumed on the worker thread.
         return await self._call(self._journal.list_jobs, None if states is None else list(states))
-
-    async def delete_job(self, job_id: str) -> None:
-        await self._call(self._journal.delete_job, job_id)
 
     async def write_batch(self, jobs: Iterable[JobRecord] = (),
                           leases: Iterable[dict[str, Any]] = (),
                           meta: dict[str, str] | None = None) -> None:
         await self._call(self._journal.write_batch, list(jobs), list(leases), meta)
 
-    async def put_lease(self, lease: dict[str, Any]) -> None:
-        await self._call(self._journal.put_lease, dict(lease))
-
-    async def delete_lease(self, lease_id: str) -> None:
-        await self._call(self._journal.delete_lease, lease_id)
-
     async def list_leases(self) -> list[dict[str, Any]]:
         return await self._call(self._journal.list_leases)
 
     async def get_meta(self, key: str) -> str | None:
         return await self._call(self._journal.get_meta, key)
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self._call(self._journal.set_meta, key, value)
 
     async def bump_meta(self, key: str, at_least: int = 0) -> int:
         return await self._call(self._journal.bump_meta, key, at_least)

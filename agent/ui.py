@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
+
+from flexmesh.agent.config import is_loopback_host
 
 if TYPE_CHECKING:  # imported by api; the key is looked up when a request comes
     from flexmesh.agent.runtime import Agent
@@ -235,12 +236,12 @@ def add_routes(app: web.Application) -> None:
 def host_guard(bound_host: str) -> Middleware:
     """Middleware: on a loopback bind, refuse a ``Host`` that is not a loopback name."""
     allowed = {"localhost", bound_host.strip("[]").lower()}
-    open_to_all = not _is_loopback(bound_host)
+    open_to_all = not is_loopback_host(bound_host)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = _host_name(request.host)
-        if open_to_all or host in allowed or _is_loopback(host):
+        if open_to_all or host in allowed or is_loopback_host(host):
             return await handler(request)
         return web.Response(status=403, text=f"host {host!r} is not allowed here\n")
     return guard
@@ -251,16 +252,6 @@ def _host_name(header: str) -> str:
         return (URL(f"http://{header}").host or "").lower()
     except ValueError:
         return ""
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _root(request: web.Request) -> web.Response:

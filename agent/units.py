@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
+from typing import Literal
 
 MILLI = 1000  # one whole device
 MIB_PER_GIB = 1024
@@ -44,8 +45,26 @@ def parse_size(text: str) -> int:
     return math.ceil(Fraction(number) * _UNIT_MIB[unit])
 
 
-def format_mib(mib: int) -> str:
-    """16384 -> ``"16 GiB"``, 512 -> ``"512 MiB"``, 1536 -> ``"1.5 GiB"``."""
+MibStyle = Literal["long", "table", "short"]
+
+
+def format_mib(mib: int, style: MibStyle = "long") -> str:
+    """Memory for people to read, in one of three notations:
+
+    ``long``   16384 -> ``"16 GiB"``, 1536 -> ``"1.5 GiB"`` (tenths), 512 -> ``"512 MiB"``,
+               whole TiB as ``"1 TiB"``
+    ``table``  (the CLI's tables) 16384 -> ``"16GiB"``, 1536 -> ``"1.5GiB"``: GiB only for
+               whole multiples of 64 MiB (exact below 100 GiB), else MiB: 1100 -> ``"1100MiB"``
+    ``short``  (``flexmesh status``) 0 -> ``"0"``, 512 -> ``"512M"``, 1536 -> ``"1.5G"``
+    """
+    if style == "table":
+        return f"{mib / 1024:g}GiB" if mib >= 1024 and mib % 64 == 0 else f"{mib}MiB"
+    if style == "short":
+        if mib == 0:
+            return "0"
+        if abs(mib) < 1024:
+            return f"{mib}M"
+        return f"{round(mib / 1024, 1):g}G"
     sign, size = ("-", -mib) if mib < 0 else ("", mib)
     if size >= MIB_PER_TIB and size % MIB_PER_TIB == 0:
         return f"{sign}{size // MIB_PER_TIB} TiB"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flexmesh.agent.config import ConfigError, Settings, load
+from flexmesh.agent.config import ConfigError, Settings, is_loopback_host, load
 
 
 @pytest.fixture
@@ -271,3 +271,13 @@ def test_a_bad_file_value_is_not_rescued_by_a_flag(cfg) -> None:
     # The file is checked as it is read, before flags apply: fix the file, not the flags.
     path = cfg('profile = 3\n')
     assert "profile must be a str" in refused(path, flags={"profile": "lan"})
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("localhost", True), ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),
+     ("[::1]", True), ("0.0.0.0", False), ("10.0.0.1", False), ("[fe80::1]", False),
+     ("example.org", False), ("", False)],
+)
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback

@@ -25,6 +25,7 @@ from flexmesh.agent.jobs import (
     JobStartError,
     describe_exit,
     pid_start_time,
+    read_at,
 )
 
 try:
@@ -124,6 +125,17 @@ def test_describe_exit() -> None:
     assert describe_exit(-9) == (137, "killed by signal 9 (SIGKILL)")
     assert describe_exit(-15) == (143, "killed by signal 15 (SIGTERM)")
     assert pid_start_time(os.getpid()) is not None
+
+
+def test_read_at(tmp_path: Path) -> None:
+    log = tmp_path / "stdout"
+    log.write_bytes(b"hello world\n")
+    assert read_at(log, 0, 1 << 20) == b"hello world\n"
+    assert read_at(log, 6, 5) == b"world"
+    assert read_at(log, 100, 5) == b""  # past the end
+    assert read_at(tmp_path / "not-yet", 0, 5) == b""
+    with pytest.raises(ValueError):
+        read_at(log, -1, 5)
 
 
 def test_env_logs_and_exit_codes(

@@ -15,11 +15,11 @@ from flexmesh.agent.statusview import (
     MIN_WIDTH,
     bar,
     fmt_compute,
-    fmt_mib,
     render,
     shares,
     split_bar,
 )
+from flexmesh.agent.units import format_mib
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -104,8 +104,8 @@ def test_long_names_are_clipped() -> None:
 
 def test_formats() -> None:
     assert [fmt_compute(x) for x in (0, 125, 250, 1000)] == ["0%", "12.5%", "25%", "100%"]
-    assert [fmt_mib(x) for x in (0, 512, 1024, 1536, 81920)] == ["0", "512M", "1G", "1.5G",
-                                                                  "80G"]
+    assert [format_mib(x, "short") for x in (0, 512, 1024, 1536, 81920)] == [
+        "0", "512M", "1G", "1.5G", "80G"]
 
 
 def test_shares_local_is_the_rest() -> None:

@@ -33,6 +33,10 @@ def make_job(job_id: str, created_at: float = 1.0, state: str = QUEUED) -> JobRe
     )
 
 
+def job_in(j: Journal, job_id: str) -> JobRecord | None:
+    return next((x for x in j.list_jobs() if x.id == job_id), None)
+
+
 def raw(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None)
 
@@ -70,62 +74,55 @@ def test_job_roundtrip_survives_reopen(db: Path) -> None:
     job.pid, job.pid_start = 1234, 98765
     job.token, job.term, job.lease_id, job.node = 7, 2, "lease-1", "node-b"
     with Journal(db) as j:
-        j.put_job(job)
-        assert j.get_job("j1") == job
-        assert j.get_job("nope") is None
+        j.write_batch([job])
+        assert j.list_jobs() == [job]
+        assert job_in(j, "nope") is None
     with Journal(db) as j:
-        assert j.get_job("j1") == job
         assert j.list_jobs() == [job]
 
 
 def test_second_journal_sees_committed_write(db: Path) -> None:
     first = Journal(db)
     try:
-        first.put_job(make_job("j1"))
+        first.write_batch([make_job("j1")])
         with Journal(db) as second:
-            assert second.get_job("j1") == make_job("j1")
+            assert second.list_jobs() == [make_job("j1")]
     finally:
         first.close()
 
 
 def test_upsert_and_list_order_and_state_filter(db: Path) -> None:
     with Journal(db) as j:
-        j.put_job(make_job("late", created_at=30.0))
-        j.put_job(make_job("early", created_at=10.0))
-        j.put_job(make_job("mid", created_at=20.0))
+        j.write_batch([make_job("late", created_at=30.0)])
+        j.write_batch([make_job("early", created_at=10.0), make_job("mid", created_at=20.0)])
         updated = make_job("early", created_at=10.0, state=RUNNING)
         updated.reason = "started"
-        j.put_job(updated)
+        j.write_batch([updated])
         assert [x.id for x in j.list_jobs()] == ["early", "mid", "late"]
-        assert j.get_job("early") == updated
+        assert job_in(j, "early") == updated
         assert [x.id for x in j.list_jobs([RUNNING])] == ["early"]
         assert [x.id for x in j.list_jobs(RUNNING)] == ["early"]
         assert [x.id for x in j.list_jobs({QUEUED, FAILED})] == ["mid", "late"]
         assert j.list_jobs([]) == []
-        j.delete_job("mid")
-        assert [x.id for x in j.list_jobs()] == ["early", "late"]
 
 
 def test_leases_and_meta(db: Path) -> None:
     lease = {"id": "l1", "job_id": "j1", "device": "gpu0", "compute_milli": 500, "token": 3}
+    other = {"id": "l2", "job_id": "j2", "device": "gpu1", "token": 4}
     with Journal(db) as j:
-        j.put_lease(lease)
-        j.put_lease({"id": "l2", "job_id": "j2", "device": "gpu1", "token": 4})
-        j.put_lease({**lease, "token": 5})
-        assert j.list_leases() == [
-            {**lease, "token": 5},
-            {"id": "l2", "job_id": "j2", "device": "gpu1", "token": 4},
-        ]
-        j.delete_lease("l2")
-        j.delete_lease("missing")
-        with pytest.raises(ValueError):
-            j.put_lease({"job_id": "x"})
+        j.write_batch(leases=[lease, other])
+        j.write_batch(leases=[{**lease, "token": 5}])
+        assert j.list_leases() == [{**lease, "token": 5}, other]
+        with pytest.raises(ValueError):  # no id: nothing of the batch is written
+            j.write_batch([make_job("j9")], [{"id": "l3"}, {"job_id": "x"}],
+                          {"incarnation": "1"})
+        assert j.list_jobs() == [] and len(j.list_leases()) == 2
         assert j.get_meta("incarnation") is None
-        j.set_meta("incarnation", "4")
+        j.write_batch(meta={"incarnation": "4"})
         assert j.bump_meta("token") == 1
         assert j.bump_meta("token", at_least=100) == 100
     with Journal(db) as j:
-        assert j.list_leases() == [{**lease, "token": 5}]
+        assert j.list_leases() == [{**lease, "token": 5}, other]
         assert j.get_meta("incarnation") == "4"
         assert j.bump_meta("token") == 101
         assert j.bump_meta("incarnation") == 5
@@ -133,10 +130,8 @@ def test_leases_and_meta(db: Path) -> None:
 
 def test_corrupt_rows_are_skipped_and_logged(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     with Journal(db) as j:
-        for i in range(5):
-            j.put_job(make_job(f"j{i}", created_at=float(i)))
-        j.put_lease({"id": "good", "job_id": "j0"})
-        j.put_lease({"id": "bad", "job_id": "j1"})
+        j.write_batch([make_job(f"j{i}", created_at=float(i)) for i in range(5)],
+                      [{"id": "good", "job_id": "j0"}, {"id": "bad", "job_id": "j1"}])
     conn = raw(db)
     try:
         conn.execute("UPDATE jobs SET data = '{not json' WHERE id = 'j1'")
@@ -146,9 +141,7 @@ def test_corrupt_rows_are_skipped_and_logged(db: Path, caplog: pytest.LogCapture
     finally:
         conn.close()
     with caplog.at_level(logging.ERROR, logger="flexmesh.agent.store"), Journal(db) as j:
-        assert [x.id for x in j.list_jobs()] == ["j0", "j4"]
-        assert j.get_job("j1") is None
-        assert j.get_job("j4") == make_job("j4", created_at=4.0)
+        assert j.list_jobs() == [make_job("j0", created_at=0.0), make_job("j4", created_at=4.0)]
         assert j.list_leases() == [{"id": "good", "job_id": "j0"}]
     messages = " ".join(r.getMessage() for r in caplog.records)
     for bad in ("'j1'", "'j2'", "'j3'", "'bad'"):
@@ -174,7 +167,7 @@ def test_migration_from_empty_database_keeps_file(db: Path) -> None:
     raw(db).close()  # an empty database at version 0
     with Journal(db) as j:
         assert j.schema_version == SCHEMA_VERSION
-        j.put_job(make_job("j1"))
+        j.write_batch([make_job("j1")])
 
 
 _KILL_SCRIPT = textwrap.dedent(
@@ -184,16 +177,15 @@ _KILL_SCRIPT = textwrap.dedent(
     from flexmesh.agent.store import Journal
 
     j = Journal(sys.argv[1])
-    j.put_job(JobRecord(id="survivor", origin="n", command=["true"], compute_milli=1000,
-                        memory_mib=1, created_at=5.0))
-    j.set_meta("incarnation", "9")
+    j.write_batch([JobRecord(id="survivor", origin="n", command=["true"], compute_milli=1000,
+                             memory_mib=1, created_at=5.0)], meta={"incarnation": "9"})
     print("ok", flush=True)
     signal.pause()
     """
 )
 
 
-def test_job_survives_kill_9_after_put_job(db: Path) -> None:
+def test_job_survives_kill_9_after_write_batch(db: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILL_SCRIPT, str(db)],
         stdout=subprocess.PIPE,
@@ -209,7 +201,7 @@ def test_job_survives_kill_9_after_put_job(db: Path) -> None:
             proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     with Journal(db) as j:
-        job = j.get_job("survivor")
+        job = job_in(j, "survivor")
         assert job is not None and job.command == ["true"] and job.created_at == 5.0
         assert j.get_meta("incarnation") == "9"
 
@@ -218,17 +210,13 @@ async def test_async_journal(db: Path) -> None:
     aj = await AsyncJournal.open(db)
     try:
         jobs = [make_job(f"j{i}", created_at=float(i)) for i in range(20)]
-        await asyncio.gather(*(aj.put_job(job) for job in jobs))
+        await asyncio.gather(*(aj.write_batch([job]) for job in jobs))
         assert await aj.list_jobs() == jobs
         assert await aj.list_jobs(x for x in [QUEUED]) == jobs
-        assert await aj.get_job("j3") == jobs[3]
-        await aj.delete_job("j3")
-        assert await aj.get_job("j3") is None
-        await aj.put_lease({"id": "l1", "device": "gpu0"})
+        assert await aj.list_jobs([RUNNING]) == []
+        await aj.write_batch(leases=(x for x in [{"id": "l1", "device": "gpu0"}]),
+                             meta={"k": "v"})
         assert await aj.list_leases() == [{"id": "l1", "device": "gpu0"}]
-        await aj.delete_lease("l1")
-        assert await aj.list_leases() == []
-        await aj.set_meta("k", "v")
         assert await aj.get_meta("k") == "v"
         assert await aj.bump_meta("n") == 1
         # Every call runs on the same worker thread, never on the loop's.
@@ -238,10 +226,10 @@ async def test_async_journal(db: Path) -> None:
         await aj.close()
     await aj.close()  # idempotent
     with pytest.raises(JournalError):
-        await aj.get_job("j1")
+        await aj.list_jobs()
     wrapped = AsyncJournal(Journal(db))
     try:
-        assert len(await wrapped.list_jobs()) == 19
+        assert len(await wrapped.list_jobs()) == 20
     finally:
         await wrapped.close()
 

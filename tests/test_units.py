@@ -66,6 +66,47 @@ def test_format_mib(mib: int, text: str) -> None:
     assert format_mib(mib) == text
 
 
+@pytest.mark.parametrize(
+    ("mib", "text"),
+    [
+        (0, "0MiB"),
+        (512, "512MiB"),
+        (1024, "1GiB"),
+        (1536, "1.5GiB"),
+        (1088, "1.0625GiB"),  # a whole number of 64 MiB: in GiB
+        (1100, "1100MiB"),  # not one: left in MiB rather than rounded
+        (1024 * 1024, "1024GiB"),
+        (-1024, "-1024MiB"),
+    ],
+)
+def test_format_mib_table(mib: int, text: str) -> None:
+    assert format_mib(mib, "table") == text
+
+
+@given(st.integers(min_value=0, max_value=100 * 1024 - 1))
+def test_format_mib_table_is_not_rounded_below_100_gib(mib: int) -> None:
+    assert parse_size(format_mib(mib, "table")) == mib
+
+
+@pytest.mark.parametrize(
+    ("mib", "text"),
+    [
+        (0, "0"),
+        (512, "512M"),
+        (1024, "1G"),
+        (1025, "1G"),
+        (1536, "1.5G"),
+        (1100, "1.1G"),
+        (81920, "80G"),
+        (1024 * 1024, "1024G"),
+        (-512, "-512M"),
+        (-1536, "-1.5G"),
+    ],
+)
+def test_format_mib_short(mib: int, text: str) -> None:
+    assert format_mib(mib, "short") == text
+
+
 @given(st.integers(min_value=0, max_value=2**40))
 def test_format_then_parse_whole_units_round_trips(mib: int) -> None:
     text = format_mib(mib)

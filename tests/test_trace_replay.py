@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flexmesh.agent import simulate as sim
+from flexmesh.agent import trace_replay
 from flexmesh.policies import DEFAULT_POLICY
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "openb"
@@ -33,7 +33,7 @@ def small_nodes(tmp: Path, n: int = 60) -> Path:
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, object]:
-    assert sim.main([*argv, "-o", "json"]) == 0
+    assert trace_replay.main([*argv, "-o", "json"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     data = json.loads(out)
@@ -71,41 +71,42 @@ def test_protocol_on_a_tiny_cluster(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_arrival_order_shuffles_and_inflates() -> None:
-    tasks = [sim.Task(f"t{i}", 0, 0, 1, 500) for i in range(10)]
-    order = sim.arrival_order(tasks, 4000, seed=7, inflate=1.3)
+    tasks = [trace_replay.Task(f"t{i}", 0, 0, 1, 500) for i in range(10)]
+    order = trace_replay.arrival_order(tasks, 4000, seed=7, inflate=1.3)
     assert sorted(t.name for t in order[:10]) == sorted(t.name for t in tasks)
     assert sum(t.gpu_request for t in order) >= 1.3 * 4000
     assert sum(t.gpu_request for t in order[:-1]) < 1.3 * 4000
-    assert order == sim.arrival_order(tasks, 4000, seed=7, inflate=1.3)
-    assert order != sim.arrival_order(tasks, 4000, seed=8, inflate=1.3)
+    assert order == trace_replay.arrival_order(tasks, 4000, seed=7, inflate=1.3)
+    assert order != trace_replay.arrival_order(tasks, 4000, seed=8, inflate=1.3)
     # CPU-only traces are not inflated (there is no GPU request to grow)
-    assert len(sim.arrival_order([sim.Task("c", 1, 1, 0, 0)], 1000, 1, 1.3)) == 1
+    assert len(trace_replay.arrival_order([trace_replay.Task("c", 1, 1, 0, 0)], 1000, 1, 1.3)) == 1
 
 
 def test_unallocated_metric() -> None:
     events = [(99.0, 90.0), (99.6, 95.0), (100.4, 96.0), (100.6, 97.0)]
-    assert sim.unallocated_at(events, 100) == pytest.approx(100 - 95.5)
-    assert sim.unallocated_at(events, 130) is None
+    assert trace_replay.unallocated_at(events, 100) == pytest.approx(100 - 95.5)
+    assert trace_replay.unallocated_at(events, 130) is None
     # no event at the level itself: those within one percent of it stand in
-    assert sim.unallocated_at([(98.6, 90.0), (101.4, 92.0)], 100) == pytest.approx(9.0)
+    assert trace_replay.unallocated_at([(98.6, 90.0), (101.4, 92.0)], 100) == pytest.approx(9.0)
 
 
 def test_no_sharing_rounds_fractions_up() -> None:
-    t = sim.Task("t", 1000, 10, 1, 300, ("T4",))
+    t = trace_replay.Task("t", 1000, 10, 1, 300, ("T4",))
     assert t.request().compute_milli == 300
     r = t.request(sharing=False)
     assert r.compute_milli == 1000 and r.models == ("T4",) and r.host_memory_mib == 10
-    cpu = sim.Task("c", 1000, 10, 0, 0).request(sharing=False)
+    cpu = trace_replay.Task("c", 1000, 10, 0, 0).request(sharing=False)
     assert cpu.count == 0 and cpu.compute_milli == 0
 
 
 def test_sharing_places_more_than_no_sharing() -> None:
     nodes = [
-        sim.NodeSpec(f"n{i}", tuple(sim.DeviceSpec(f"g{j}") for j in range(4))) for i in range(5)
+        trace_replay.NodeSpec(f"n{i}", tuple(trace_replay.DeviceSpec(f"g{j}") for j in range(4)))
+        for i in range(5)
     ]
-    tasks = [sim.Task(f"t{i}", 0, 0, 1, 250) for i in range(40)]
-    shared = sim.replay(nodes, tasks, "best-fit", 3, 1.3, sharing=True)
-    alone = sim.replay(nodes, tasks, "best-fit", 3, 1.3, sharing=False)
+    tasks = [trace_replay.Task(f"t{i}", 0, 0, 1, 250) for i in range(40)]
+    shared = trace_replay.replay(nodes, tasks, "best-fit", 3, 1.3, sharing=True)
+    alone = trace_replay.replay(nodes, tasks, "best-fit", 3, 1.3, sharing=False)
     assert shared["gpu_tasks_placed_100"] > alone["gpu_tasks_placed_100"]
     assert shared["unallocated_gpu_pct_100"] == pytest.approx(0.0)
 
@@ -113,7 +114,8 @@ def test_sharing_places_more_than_no_sharing() -> None:
 def test_text_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     nodes = write(tmp_path, "n.csv", NODES_CSV + "a,8000,32768,2,T4\n")
     pods = write(tmp_path, "p.csv", PODS_CSV + "p0,1000,1024,1,500,\n")
-    assert sim.main(["--trace", str(pods), "--nodes", str(nodes), "--policy", "spread"]) == 0
+    argv = ["--trace", str(pods), "--nodes", str(nodes), "--policy", "spread"]
+    assert trace_replay.main(argv) == 0
     out = capsys.readouterr().out
     assert "unallocated GPU at 100% arrival" in out and "spread" in out
 
@@ -145,7 +147,7 @@ def test_malformed_csv_names_file_line_and_problem(
     good_pods = write(tmp_path, "good_pods.csv", PODS_CSV + "p0,1000,1024,1,500,\n")
     bad = write(tmp_path, f"bad_{which}.csv", text)
     nodes, pods = (bad, good_pods) if which == "nodes" else (good_nodes, bad)
-    assert sim.main(["--trace", str(pods), "--nodes", str(nodes)]) == 2
+    assert trace_replay.main(["--trace", str(pods), "--nodes", str(nodes)]) == 2
     err = capsys.readouterr().err
     assert str(bad) + expect in err, err
     assert "Traceback" not in err
@@ -153,22 +155,23 @@ def test_malformed_csv_names_file_line_and_problem(
 
 def test_missing_file_and_bad_args(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write(tmp_path, "n.csv", NODES_CSV + "a,8000,32768,2,T4\n")
-    assert sim.main(["--trace", str(tmp_path / "nope.csv"), "--nodes", str(good)]) == 2
+    assert trace_replay.main(["--trace", str(tmp_path / "nope.csv"), "--nodes", str(good)]) == 2
     assert "nope.csv: cannot read" in capsys.readouterr().err
-    assert sim.main(["--trace", str(good), "--nodes", str(good), "--policy", "zzz"]) == 2
+    assert trace_replay.main(["--trace", str(good), "--nodes", str(good), "--policy", "zzz"]) == 2
     assert "unknown placement policy" in capsys.readouterr().err
-    assert sim.main(["--trace", str(good), "--nodes", str(good), "--inflate", "0"]) == 2
-    assert sim.main(["--nodes", str(good)]) == 2  # argparse: --trace is required
+    assert trace_replay.main(["--trace", str(good), "--nodes", str(good), "--inflate", "0"]) == 2
+    assert trace_replay.main(["--nodes", str(good)]) == 2  # argparse: --trace is required
     bad = tmp_path / "bin.csv"
     bad.write_bytes(b"sn,cpu_milli\n\xff\xfe\n")
-    assert sim.main(["--trace", str(good), "--nodes", str(bad)]) == 2
+    assert trace_replay.main(["--trace", str(good), "--nodes", str(bad)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
 
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path: Path) -> None:
     bad = write(tmp_path, "bad.csv", NODES_CSV + "a,x,1,1,T4\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "flexmesh.agent.simulate", "--trace", str(bad), "--nodes", str(bad)],
+        [sys.executable, "-m", "flexmesh.agent.trace_replay", "--trace", str(bad),
+         "--nodes", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
