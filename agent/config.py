@@ -46,6 +46,8 @@ class Settings:
     lease_ttl: float = 15.0
     stop_grace: float = 10.0
     owner_away_limit: float = 900.0  # a borrowed job's owner that left may be back this late
+    keep_finished: int = 1000  # ended jobs (and finished leases) kept, at most
+    keep_finished_for: float = 7 * 86400.0  # ... and for at most this many seconds
     socket_group: str = "flexmesh"  # group that may use the socket (name or number)
     ui: str = "127.0.0.1:0"  # HOST:PORT of the read-only web page; "" = off; 0 = any port
     metrics: str = ""  # HOST:PORT of a TCP /metrics listener; "" = socket only
@@ -83,6 +85,7 @@ _TABLES: dict[str, dict[str, str]] = {
     "scheduler": {"policy": "policy", "priority": "priority",
                   "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl"},
     "jobs": {"stop_grace": "stop_grace", "owner_away_limit": "owner_away_limit",
+             "keep_finished": "keep_finished", "keep_finished_for": "keep_finished_for",
              "allow_root": "allow_root",
              "borrowed_user": "borrowed_user", "operator_group": "operator_group"},
     "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
@@ -206,6 +209,16 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
         return next((sources[a] for a in attrs if a in sources), default_where)
 
     _validate(s, at)
+    _validate_jobs(s, at)
+
+
+def _validate_jobs(s: Settings, at: Any) -> None:
+    if s.keep_finished < 0:
+        raise ConfigError(f"{at('keep_finished')}: keep_finished must be a number of jobs, "
+                          "0 or more")
+    if not (math.isfinite(s.keep_finished_for) and s.keep_finished_for >= 0):
+        raise ConfigError(f"{at('keep_finished_for')}: keep_finished_for must be a number of "
+                          "seconds, 0 or more")
 
 
 def _validate(s: Settings, at: Any) -> None:

@@ -18,12 +18,24 @@ LOST = "lost"
 STATES = (QUEUED, PLACED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST})
 
+# The states a job may go to from each state, as its journal records them. A terminal
+# state is final; a run started again under the same id (a new attempt on an owner, its
+# ``attempts`` higher) is a new life and may begin anywhere.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({QUEUED, PLACED, CANCELLED, FAILED, LOST}),
+    PLACED: frozenset({PLACED, RUNNING, QUEUED, *TERMINAL}),
+    RUNNING: frozenset({RUNNING, QUEUED, *TERMINAL}),
+    **{state: frozenset({state}) for state in TERMINAL},
+}
+
+
+def may_become(before: str, attempts_before: int, after: str, attempts_after: int) -> bool:
+    """Whether a job journaled in ``before`` may next be journaled in ``after``."""
+    return attempts_after > attempts_before or after in TRANSITIONS.get(before, frozenset())
+
 MAX_GANG = 64  # members of one gang, each on a node of its own
 MAX_DEVICES = 16  # whole devices one job may ask for on one node
 MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
-
-
-MAX_GANG = 64  # members of one gang, each on a node of its own
 
 
 def member_id(gang: str, rank: int) -> str:

@@ -5,7 +5,8 @@
   job's current fencing token, and no job ever has two live processes.
 - What a reply promises is journaled before it is sent: a granted lease, a started run, an
   accepted placement are on the answering node's disk when the answer leaves.
-- Every accepted job is in exactly one state on its origin, in memory as on disk.
+- Every accepted job is in exactly one state on its origin, in memory as on disk, and
+  every state change a node journals is one ``models.TRANSITIONS`` allows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class InvariantError(AssertionError):
 
 def check_world(sim: Simulator) -> None:
     for name, node in sim.nodes.items():
+        if node.node.counters.get("job_state_invalid"):
+            _fail(sim, f"a job on {name} made a state change the table does not allow")
         if node.up:
             _check_capacity(sim, name, node)
             _check_runs(sim, name, node)

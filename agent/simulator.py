@@ -22,7 +22,7 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import assert_never
+from typing import Any, assert_never
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
@@ -31,6 +31,8 @@ from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
     Effect,
+    ForgetJob,
+    ForgetLease,
     JobOutput,
     LogEvent,
     Node,
@@ -61,6 +63,11 @@ class _SimNode:
     config: NodeConfig
     up: bool = True
     stalled_until: float = 0.0
+    load: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> owner's own use
+    # journal meta: the last fencing token and highest term (outlive forgotten leases)
+    disk_token: int = 0
+    disk_max_term: int = 0
+    tokens: dict[int, str] = field(default_factory=dict)  # every token handed out -> lease
     tick_at: float = -1.0
     incarnation: int = 0
     processes: dict[str, float] = field(default_factory=dict)  # job -> end time
@@ -76,7 +83,9 @@ class _SimNode:
 
 class Simulator(SimNetwork):
     def __init__(self, seed: int, faults: LinkFaults | None = None,
-                 membership: Config | None = None) -> None:
+                 membership: Config | None = None, **node_options: Any) -> None:
+        """``node_options``: NodeConfig fields every node gets (e.g. ``keep_finished``)."""
+        self.node_options = node_options
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults or LinkFaults()
@@ -97,7 +106,7 @@ class Simulator(SimNetwork):
                  join: list[str] | None = None, priority: int = 0) -> Node:
         addr = f"10.0.{len(self.nodes) // 250}.{len(self.nodes) % 250 + 1}:7946"
         config = NodeConfig(name=name, addr=addr, membership=self.membership,
-                            priority=priority)
+                            priority=priority, **self.node_options)
         node = Node(config, random.Random(self.rng.getrandbits(64)), self.now)
         sim = _SimNode(node, list(devices or []), config)
         node.set_devices(sim.devices, {}, self.now)
@@ -149,10 +158,11 @@ class Simulator(SimNetwork):
     def restart(self, n: str, join: list[str]) -> Node:
         old = self.nodes[n]
         old.incarnation += 1
-        token = max((x.token for x in old.disk_leases.values()), default=0)
+        token = max([x.token for x in old.disk_leases.values()] + [old.disk_token])
+        term = max([x.term for x in old.disk_leases.values()] + [old.disk_max_term])
         node = Node(old.config, random.Random(self.rng.getrandbits(64)), self.now,
-                    incarnation=old.incarnation, token=token)
-        node.set_devices(old.devices, {}, self.now)
+                    incarnation=old.incarnation, token=token, max_term=term)
+        node.set_devices(old.devices, self._lendable(old), self.now)
 
         def output(job_id: str) -> tuple[int, int]:
             got = old.received.get(job_id, {})
@@ -166,6 +176,23 @@ class Simulator(SimNetwork):
         node.join([self.nodes[j].config.addr for j in join], self.now)
         self._pump(n)
         return node
+
+    def load(self, n: str, device: str, compute_milli: int, memory_mib: int) -> None:
+        """The owner's own workload now uses this much of a device (0, 0: none): what it
+        lent beyond what is left is reclaimed."""
+        sim = self.nodes[n]
+        sim.load[device] = (compute_milli, memory_mib)
+        if sim.up:
+            sim.node.set_devices(sim.devices, self._lendable(sim), self.now)
+            self._pump(n)
+
+    @staticmethod
+    def _lendable(sim: _SimNode) -> dict[str, tuple[int, int]]:
+        out = {}
+        for d in sim.devices:
+            c, m = sim.load.get(d.id, (0, 0))
+            out[d.id] = (max(d.compute_milli - c, 0), max(d.memory_mib - m, 0))
+        return out
 
     def stall(self, n: str, seconds: float) -> None:
         self.nodes[n].stalled_until = self.now + seconds
@@ -274,7 +301,20 @@ class Simulator(SimNetwork):
             case PersistJob():
                 sim.disk_jobs[eff.job.id] = replace(eff.job)
             case PersistLease():
-                sim.disk_leases[eff.lease.id] = replace(eff.lease)
+                lease = eff.lease
+                if sim.tokens.setdefault(lease.token, lease.id) != lease.id:
+                    raise InvariantError(f"seed {self.seed}: {name} handed out token "
+                                         f"{lease.token} twice ({sim.tokens[lease.token]}, "
+                                         f"{lease.id})")
+                sim.disk_leases[lease.id] = replace(lease)
+                sim.disk_token = max(sim.disk_token, sim.node.leases.token)
+                sim.disk_max_term = max(sim.disk_max_term, sim.node.leases.max_term)
+            case ForgetJob():  # its journal row and its output go
+                sim.disk_jobs.pop(eff.job_id, None)
+                for kept in (sim.logs, sim.received, sim.archived):
+                    kept.pop(eff.job_id, None)
+            case ForgetLease():
+                sim.disk_leases.pop(eff.lease_id, None)
             case JobOutput():
                 got = sim.received.setdefault(eff.job_id, {}).setdefault(eff.stream, bytearray())
                 if eff.offset > len(got):

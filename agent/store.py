@@ -166,16 +166,20 @@ class Journal:
     # -- writes --------------------------------------------------------------------------
 
     def write_batch(self, jobs: Iterable[JobRecord] = (), leases: Iterable[dict[str, Any]] = (),
-                    meta: dict[str, str] | None = None) -> None:
+                    meta: dict[str, str] | None = None, forget_jobs: Iterable[str] = (),
+                    forget_leases: Iterable[str] = ()) -> None:
         """Insert or replace jobs, leases and meta values in one transaction, durable
         together once this returns (see the module doc): one fsync for a burst of changes
         instead of one each (group commit).
 
         A lease is keyed by ``lease["id"]`` (or ``lease["lease_id"]``); the dict must be
         JSON-serialisable, and comes back from ``list_leases`` equal. A lease without an
-        id raises ValueError and nothing of the batch is written.
+        id raises ValueError and nothing of the batch is written. ``forget_jobs`` and
+        ``forget_leases`` are deleted first (records past their retention).
         """
         with self._tx() as conn:
+            conn.executemany("DELETE FROM jobs WHERE id = ?", [(j,) for j in forget_jobs])
+            conn.executemany("DELETE FROM leases WHERE id = ?", [(x,) for x in forget_leases])
             for job in jobs:
                 _upsert_job(conn, job)
             for lease in leases:
@@ -390,8 +394,10 @@ class AsyncJournal:
 
     async def write_batch(self, jobs: Iterable[JobRecord] = (),
                           leases: Iterable[dict[str, Any]] = (),
-                          meta: dict[str, str] | None = None) -> None:
-        await self._call(self._journal.write_batch, list(jobs), list(leases), meta)
+                          meta: dict[str, str] | None = None, forget_jobs: Iterable[str] = (),
+                          forget_leases: Iterable[str] = ()) -> None:
+        await self._call(self._journal.write_batch, list(jobs), list(leases), meta,
+                         list(forget_jobs), list(forget_leases))
 
     async def list_leases(self) -> list[dict[str, Any]]:
         return await self._call(self._journal.list_leases)

@@ -239,3 +239,31 @@ async def test_async_journal_open_error_is_raised(tmp_path: Path) -> None:
     garbage.write_bytes(b"x" * 4096)
     with pytest.raises(JournalError):
         await AsyncJournal.open(garbage)
+
+
+def test_forgotten_jobs_and_leases_are_deleted_in_the_same_transaction(db: Path) -> None:
+    with Journal(db) as j:
+        j.write_batch([make_job("old", 1.0, FAILED), make_job("kept", 2.0)],
+                      [{"id": "l1", "job_id": "old"}, {"id": "l2", "job_id": "kept"}])
+        j.write_batch([make_job("new", 3.0)], forget_jobs=["old", "absent"],
+                      forget_leases=["l1"])
+        assert [x.id for x in j.list_jobs()] == ["kept", "new"]
+        assert [x["id"] for x in j.list_leases()] == ["l2"]
+
+
+async def test_group_commit_keeps_the_last_word_on_a_record(db: Path) -> None:
+    from flexmesh.agent.runtime.commit import GroupCommit
+
+    aj = await AsyncJournal.open(db)
+    try:
+        commits = GroupCommit(aj)
+        await commits.write([make_job("a"), make_job("b")], [{"id": "l1"}])
+        # In one batch: "a" written then forgotten (gone), "b" forgotten then written
+        # again (a new attempt under the same id: kept), lease l1 forgotten.
+        await asyncio.gather(commits.write([make_job("a", 5.0)]),
+                             commits.write(forget_jobs=["a", "b"], forget_leases=["l1"]),
+                             commits.write([make_job("b", 6.0)]))
+        assert [(x.id, x.created_at) for x in await aj.list_jobs()] == [("b", 6.0)]
+        assert await aj.list_leases() == []
+    finally:
+        await aj.close()

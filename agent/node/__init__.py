@@ -13,6 +13,8 @@ from flexmesh.agent.node.effects import (
     ArchiveOutput,
     Call,
     Effect,
+    ForgetJob,
+    ForgetLease,
     JobOutput,
     LogEvent,
     PersistJob,
@@ -22,5 +24,6 @@ from flexmesh.agent.node.effects import (
 )
 from flexmesh.agent.node.views import NodeStatus
 
-__all__ = ["ArchiveOutput", "Call", "Effect", "JobOutput", "LogEvent", "Node", "NodeConfig",
-           "NodeStatus", "PersistJob", "PersistLease", "RunJob", "StopJob"]
+__all__ = ["ArchiveOutput", "Call", "Effect", "ForgetJob", "ForgetLease", "JobOutput",
+           "LogEvent", "Node", "NodeConfig", "NodeStatus", "PersistJob", "PersistLease",
+           "RunJob", "StopJob"]

@@ -23,3 +23,7 @@ class NodeConfig:
     # An owner that left the mesh (a restart, an upgrade) keeps running its jobs; they are
     # followed again when it is back, and marked lost only if it is not back within this.
     owner_away_limit: float = 900.0
+    # Ended jobs and finished leases are kept (in memory and in the journal) this many at
+    # most, and no longer than this many seconds; then they are forgotten.
+    keep_finished: int = 1000
+    keep_finished_for: float = 7 * 86400.0

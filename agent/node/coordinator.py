@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flexmesh.agent.models import MAX_GANG
+from flexmesh.agent.models import request_problem
 from flexmesh.agent.node.effects import PendingCall
 from flexmesh.agent.scheduler import PreemptOrder, Proposal
 from flexmesh.policies import Candidate, RunningJob
@@ -46,14 +46,13 @@ class Coordinator:
         self.scheduler.prune_placed(now - 4 * self.node.config.lease_ttl)
 
     def handle_submit(self, msg: wire.Submit, now: float) -> wire.Message:
-        if not (0 < msg.compute_milli <= 1000 and msg.memory_mib >= 0 and msg.count >= 1
-                and (msg.count == 1 or msg.compute_milli == 1000)):
-            return wire.Error(f"a request of {msg.count} x {msg.compute_milli} milli, "
-                              f"{msg.memory_mib} MiB cannot be placed")
-        if msg.gang and (msg.preemptible or not 2 <= msg.gang_size <= MAX_GANG
-                         or not 0 <= msg.rank < msg.gang_size):
-            return wire.Error(f"gang member {msg.rank} of {msg.gang_size} cannot be placed "
-                              f"(a gang has 2 to {MAX_GANG} members, none preemptible)")
+        problem = request_problem(msg.compute_milli, msg.memory_mib, msg.count,
+                                  msg.gang_size if msg.gang else 1, msg.preemptible)
+        if problem is None and msg.gang and not (msg.gang_size >= 2
+                                                 and 0 <= msg.rank < msg.gang_size):
+            problem = f"gang member {msg.rank} of {msg.gang_size} has no place in its gang"
+        if problem is not None:
+            return wire.Error(f"job {msg.job_id} cannot be placed: {problem}")
         result = self.scheduler.enqueue(msg, now)
         if isinstance(result, wire.Placed):
             return result

@@ -37,20 +37,29 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, may_become
 from flexmesh.agent.node.config import NodeConfig
 from flexmesh.agent.node.coordinator import Coordinator
-from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall, PersistJob
+from flexmesh.agent.node.effects import (
+    Call,
+    Effect,
+    ForgetJob,
+    ForgetLease,
+    Outbox,
+    PendingCall,
+    PersistJob,
+)
 from flexmesh.agent.node.electorate import Electorate
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
+from flexmesh.agent.node.retention import Retention
 from flexmesh.agent.node.routes import REPLIES, REQUESTS
 from flexmesh.agent.node.views import NodeStatus, Views
 from flexmesh.agent.scheduler import Scheduler
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import Belief, decide
-from flexmesh.protocol.lease import Lease, LeaseTable
+from flexmesh.protocol.lease import ACTIVE, Lease, LeaseTable
 from flexmesh.protocol.membership import (
     ALIVE,
     DEAD,
@@ -62,6 +71,7 @@ from flexmesh.protocol.membership import (
 )
 
 HOUSEKEEPING = 0.5  # seconds between the roles' own timers (retries, follow-ups, pruning)
+FORGET_EVERY = 10.0  # seconds between looks for ended records past their retention
 
 
 class Node:
@@ -95,6 +105,10 @@ class Node:
         self._dirty_election = True
         self._dirty_schedule = False
         self._next_housekeeping = now
+        self._next_forget = now + FORGET_EVERY
+        self.kept_jobs = Retention(config.keep_finished, config.keep_finished_for)
+        self.kept_leases = Retention(config.keep_finished, config.keep_finished_for)
+        self._journaled: dict[str, tuple[str, int]] = {}  # job -> (state, attempts) on disk
         self._now = now
         self.publish_facts()
 
@@ -109,7 +123,37 @@ class Node:
         mine = self.origin.jobs.get(job.id) is job
         runs = self.owner.runs.get(job.id) is job
         job.role = "both" if mine and runs else "owner" if runs else "origin"
+        self._check_transition(job)
+        if job.terminal:
+            self.kept_jobs.ended(job.id, self._now)
+        else:
+            self.kept_jobs.revived(job.id)
         self.out.emit(PersistJob(replace(job)))
+
+    def _check_transition(self, job: JobRecord) -> None:
+        """Every state change a job makes is journaled here: checked against the table."""
+        before = self._journaled.get(job.id)
+        self._journaled[job.id] = (job.state, job.attempts)
+        if before is not None and not may_become(*before, job.state, job.attempts):
+            self.out.count("job_state_invalid")
+            self.out.log("job_state_invalid", job=job.id, before=before[0], after=job.state)
+
+    def _forget_finished(self, now: float) -> None:
+        """Drop ended jobs and finished leases past their retention, here and on disk."""
+        for job_id in self.kept_jobs.due(now):
+            self.origin.forget(job_id)
+            self.owner.forget(job_id)
+            if job_id not in self.origin.jobs and job_id not in self.owner.runs:
+                self._journaled.pop(job_id, None)
+                self.out.emit(ForgetJob(job_id))
+        for held in self.leases.leases.values():
+            if held.state not in ACTIVE:
+                self.kept_leases.ended(held.id, now)
+        for lease_id in self.kept_leases.due(now):
+            lease = self.leases.leases.get(lease_id)
+            if lease is not None and lease.state not in ACTIVE:
+                del self.leases.leases[lease_id]
+                self.out.emit(ForgetLease(lease_id))
 
     def call(self, node: str, msg: wire.Message, now: float, job_id: str = "",
              gang: tuple[str, int] | None = None) -> None:
@@ -171,6 +215,9 @@ class Node:
                 self._joining_until = 0.0
                 self._dirty_election = True
             self.origin.tick(now)
+            if now >= self._next_forget:
+                self._next_forget = now + FORGET_EVERY
+                self._forget_finished(now)
             if self.coordinator is not None:
                 self.coordinator.tick(now)
                 self._dirty_schedule = self._dirty_schedule or self.coordinator.has_queue()
@@ -244,6 +291,10 @@ class Node:
                     job = self.origin.jobs[job.id]
                 self.owner.recover_run(job, job.terminal or adopt(job), now)
         self.origin.recover(now, output or (lambda _job: (0, 0)))
+        for job in jobs:  # kept from now on for as long as a job that just ended
+            self._journaled[job.id] = (job.state, job.attempts)
+            if job.terminal:
+                self.kept_jobs.ended(job.id, now)
         self.publish_facts()
         self._after_input(now)
 

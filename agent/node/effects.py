@@ -40,6 +40,20 @@ class PersistLease:
 
 
 @dataclass(frozen=True, slots=True)
+class ForgetJob:
+    """An ended job is past its retention: delete it from the journal."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetLease:
+    """A finished lease is past its retention: delete it from the journal."""
+
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunJob:
     """Owner: start the job's process on these devices (report ``job_started``/``exited``)."""
 
@@ -79,7 +93,8 @@ class LogEvent:
 
 
 Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | Call | PersistJob
-          | PersistLease | RunJob | StopJob | ArchiveOutput | JobOutput | LogEvent)
+          | PersistLease | ForgetJob | ForgetLease | RunJob | StopJob | ArchiveOutput
+          | JobOutput | LogEvent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,14 @@ class Origin:
         self._waiting: dict[str, _Waiting] = {}
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
 
+    def forget(self, job_id: str) -> None:
+        """An ended job past its retention."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.terminal:
+            del self.jobs[job_id]
+            self._waiting.pop(job_id, None)
+            self._cancel_retry.pop(job_id, None)
+
     def runs_here(self, job: JobRecord) -> bool:
         return self.node.owner.runs.get(job.id) is job
 

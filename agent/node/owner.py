@@ -211,9 +211,11 @@ class Owner:
         """The record of a new run: the origin's own when the job was submitted here."""
         job = self.node.origin.jobs.get(msg.job_id)
         if job is None:
+            earlier = self.runs.get(msg.job_id)  # an earlier run here (preempted): counted on
             job = JobRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
                             compute_milli=lease.compute_milli, memory_mib=lease.memory_mib,
-                            env=dict(msg.env), created_at=now, role="owner")
+                            env=dict(msg.env), created_at=now, role="owner",
+                            attempts=earlier.attempts if earlier is not None else 0)
         else:
             job.env = dict(msg.env)  # as the origin sends it (a gang member: with the gang's)
         self.runs[job.id] = job
@@ -290,6 +292,13 @@ class Owner:
             return wire.Error(f"no job {msg.job_id} runs here")
         complete = job.terminal and len(stdout) < chunk and len(stderr) < chunk
         return wire.JobSyncReply(job.state, job.reason, job.exit_code, stdout, stderr, complete)
+
+    def forget(self, job_id: str) -> None:
+        """An ended run past its retention."""
+        job = self.runs.get(job_id)
+        if job is not None and job.terminal:
+            del self.runs[job_id]
+            self._stopping.pop(job_id, None)
 
     def drop_run(self, job_id: str) -> None:
         """A job submitted here and run here goes back to the queue: not ours to run now."""

@@ -30,6 +30,8 @@ from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
     Effect,
+    ForgetJob,
+    ForgetLease,
     JobOutput,
     LogEvent,
     Node,
@@ -57,6 +59,8 @@ from flexmesh.protocol.membership import (
 )
 
 log = logging.getLogger("flexmesh.agent")
+
+Persist = PersistJob | PersistLease | ForgetJob | ForgetLease  # journal writes, done first
 
 
 class StartError(Exception):
@@ -140,9 +144,9 @@ class Agent:
         self.addr = s.advertise or f"{host}:{port}"
         leases = [Lease.from_dict(x) for x in await self.journal.list_leases()]
         token = max([x.token for x in leases] + [int(await self.journal.get_meta("token") or 0)])
+        term = max([x.term for x in leases] + [int(await self.journal.get_meta("max_term") or 0)])
         self.node = Node(self._node_config(), random.Random(os.urandom(16)), self.loop.time(),
-                         incarnation=incarnation, token=token,
-                         max_term=max((x.term for x in leases), default=0))
+                         incarnation=incarnation, token=token, max_term=term)
         self.node.scheduler.timer = time.perf_counter
         self.node.scheduler.on_decision = decision_times(self.node.scheduler).observe
         await self.sampler.discover()
@@ -159,7 +163,8 @@ class Agent:
         return NodeConfig(
             name=s.name, addr=self.addr, membership=PRESETS[s.profile], priority=s.priority,
             eligible=s.coordinator_eligible, policy=s.policy, lease_ttl=s.lease_ttl,
-            owner_away_limit=s.owner_away_limit,
+            owner_away_limit=s.owner_away_limit, keep_finished=s.keep_finished,
+            keep_finished_for=s.keep_finished_for,
         )
 
     async def _recover(self, leases: list[Lease]) -> None:
@@ -238,19 +243,27 @@ class Agent:
             effects = self.node.drain()
             if not effects:
                 break
-            await self._persist([e for e in effects if isinstance(e, (PersistJob, PersistLease))])
+            await self._persist([e for e in effects if isinstance(e, Persist)])
             for eff in effects:
                 await self._effect(eff)
         self._wake.set()
 
-    async def _persist(self, effects: list[PersistJob | PersistLease]) -> None:
+    async def _persist(self, effects: list[Persist]) -> None:
         if not effects:
             return
         jobs: dict[str, JobRecord] = {}
         leases: dict[str, dict[str, Any]] = {}
+        forget_jobs: list[str] = []
+        forget_leases: list[str] = []
         now = time.time()
         for eff in effects:
-            if isinstance(eff, PersistJob):
+            if isinstance(eff, ForgetJob):
+                jobs.pop(eff.job_id, None)
+                forget_jobs.append(eff.job_id)
+            elif isinstance(eff, ForgetLease):
+                leases.pop(eff.lease_id, None)
+                forget_leases.append(eff.lease_id)
+            elif isinstance(eff, PersistJob):
                 job = eff.job
                 # The node keeps its own (monotonic or virtual) time; records carry wall time.
                 job.updated_at = now
@@ -262,8 +275,12 @@ class Agent:
                 jobs[job.id] = job
             else:
                 leases[eff.lease.id] = eff.lease.to_dict()
-        meta = {"token": str(self.node.leases.token)} if leases else None
-        await self.commits.write(list(jobs.values()), list(leases.values()), meta)
+        meta = None
+        if leases:  # a fencing token or a term is never handed out twice, leases forgotten
+            meta = {"token": str(self.node.leases.token),
+                    "max_term": str(self.node.leases.max_term)}
+        await self.commits.write(list(jobs.values()), list(leases.values()), meta,
+                                 forget_jobs, forget_leases)
         for job_id in jobs:
             ev = self._job_events.get(job_id)
             if ev is not None:
@@ -297,7 +314,9 @@ class Agent:
             case MemberEvent():
                 log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state,
                          eff.prev, eff.addr)
-            case FactsEvent() | PersistJob() | PersistLease():
+            case ForgetJob():  # its journal row is gone: its output goes too
+                await self.processes.forget(eff.job_id)
+            case FactsEvent() | PersistJob() | PersistLease() | ForgetLease():
                 pass  # facts are read from the membership; journal writes came first
             case _:
                 assert_never(eff)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,6 +123,12 @@ class Processes:
     async def write_output(self, eff: JobOutput) -> None:
         await asyncio.to_thread(write_at, self.jobs_dir / eff.job_id, eff.stream, eff.offset,
                                 eff.data)
+
+    async def forget(self, job_id: str) -> None:
+        """A job past its retention: its output (every attempt's) is deleted."""
+        path = self.jobs_dir / job_id
+        if path.parent == self.jobs_dir and job_id not in (".", ".."):
+            await asyncio.to_thread(shutil.rmtree, path, True)
 
     def output_size(self, job_id: str) -> tuple[int, int]:
         """Bytes of stdout and stderr already here for a job (its current attempt)."""
