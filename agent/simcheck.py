@@ -88,18 +88,26 @@ def check_start(sim: Simulator, name: str, eff: RunJob) -> None:
         _fail(sim, f"job {eff.job.id} starts on {name} while it runs on {', '.join(live)}")
 
 
-def check_promise(sim: Simulator, name: str, msg: wire.Message, reply: wire.Message) -> None:
-    """``name`` answered ``msg`` with ``reply``: what the answer promises is on its disk."""
+def job_attempts(sim: Simulator, name: str, msg: wire.Message) -> int:
+    """Attempts of the job a request names, as ``name`` has it on disk (-1: none)."""
+    job = sim.nodes[name].disk_jobs.get(getattr(msg, "job_id", ""))
+    return job.attempts if job is not None else -1
+
+
+def check_promise(sim: Simulator, name: str, msg: wire.Message, reply: wire.Message,
+                  attempts: int) -> None:
+    """``name`` answered ``msg`` with ``reply``: what the answer promises is on its disk
+    (for a job, or the job has moved on within the same step: a new attempt, or its end)."""
     node = sim.nodes[name]
     if isinstance(reply, wire.LeaseReply) and reply.granted:
         lease = node.disk_leases.get(reply.lease_id)
         if lease is None or lease.token != reply.token:
             _fail(sim, f"{name} granted lease {reply.lease_id} before journaling it")
-    elif isinstance(msg, wire.StartJob) and isinstance(reply, wire.Ok):
-        run = node.disk_jobs.get(msg.job_id)
-        if run is None or run.lease_id != msg.lease_id:
-            _fail(sim, f"{name} started {msg.job_id} before journaling the run")
-    elif isinstance(msg, wire.Placed) and isinstance(reply, wire.Ok):
-        job = node.disk_jobs.get(msg.job_id)
-        if job is None or job.lease_id != msg.lease_id:
-            _fail(sim, f"{name} accepted the placement of {msg.job_id} before journaling it")
+        return
+    if not (isinstance(msg, wire.StartJob | wire.Placed) and isinstance(reply, wire.Ok)):
+        return
+    job = node.disk_jobs.get(msg.job_id)
+    moved_on = job is not None and (job.attempts > attempts or job.terminal)
+    if not moved_on and (job is None or job.lease_id != msg.lease_id):
+        what = "started" if isinstance(msg, wire.StartJob) else "accepted the placement of"
+        _fail(sim, f"{name} {what} {msg.job_id} before journaling it")

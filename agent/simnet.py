@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from flexmesh.agent.models import TERMINAL
 from flexmesh.agent.node import Call, Node
-from flexmesh.agent.simcheck import check_promise
+from flexmesh.agent.simcheck import check_promise, job_attempts
 from flexmesh.protocol import wire
 from flexmesh.protocol.membership import SendPacket, StartPushPull
 
@@ -133,9 +133,10 @@ class SimNetwork:
                 self._answer_sync(dst, msg, self.now + msg.wait_ms / 1000, back,
                                   lambda: fail("connection lost"))
                 return
+            before = job_attempts(self, dst, msg)
             reply = self.nodes[dst].node.handle_request(msg, self.now)
             self._pump(dst)
-            check_promise(self, dst, msg, reply)
+            check_promise(self, dst, msg, reply, before)
             back(reply)
 
         if (dst not in self.nodes or not self.reachable(src, dst)

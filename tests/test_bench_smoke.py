@@ -88,3 +88,11 @@ def test_bench_kinship_drop_shim_builds(tmp_path: Path) -> None:
     bench = load("bench_kinship")
     lib = bench.build_shim(tmp_path)
     assert lib is not None and lib.exists()
+
+
+def test_bench_invariants_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_invariants")
+    assert bench.main(["--seeds", "4", "--first", "9000", "--jobs", "1"]) == 0
+    (summary,) = lines(capsys.readouterr().out)
+    assert summary["bench"] == "invariants" and summary["seeds"] == 4
+    assert summary["failed"] == 0 and summary["jobs"] > 0, summary

@@ -42,6 +42,9 @@ class Owner:
         self.devices: dict[str, Device] = {}
         self.runs: dict[str, JobRecord] = {}
         self._stopping: dict[str, StopJob] = {}
+        # Processes started (RunJob given) and not yet seen to exit, by job -> lease: one
+        # job never has two, even when a run stopped while starting is placed here again.
+        self._live: dict[str, str] = {}
 
     # --- devices ------------------------------------------------------------------------
 
@@ -187,6 +190,8 @@ class Owner:
         job = self.runs.get(msg.job_id)
         if job is not None and job.lease_id == msg.lease_id:
             return wire.Ok(job.state)  # already started: starting is idempotent
+        if self._live.get(msg.job_id, msg.lease_id) != msg.lease_id:
+            return wire.Error(f"an earlier run of job {msg.job_id} has not ended here yet")
         result = self.leases.start(msg.lease_id, msg.job_id, msg.token)
         if isinstance(result, Refusal):
             return wire.Error(result.reason)
@@ -204,6 +209,7 @@ class Owner:
         self.out.emit(PersistLease(result))
         self.node.persist(job)
         self.out.emit(RunJob(replace(job), tuple(d for d in held if d is not None)))
+        self._live[job.id] = result.id
         self.out.log("job_start", job=job.id, device=",".join(result.devices), origin=job.origin)
         return wire.Ok("starting")
 
@@ -259,6 +265,7 @@ class Owner:
 
     def job_exited(self, job_id: str, exit_code: int | None, reason: str, now: float,
                    state: str | None) -> None:
+        self._live.pop(job_id, None)
         job = self.runs.get(job_id)
         if job is None or job.state not in (PLACED, RUNNING):
             return  # not a run of ours (any more): e.g. stopped while starting, requeued
@@ -315,6 +322,8 @@ class Owner:
     def recover_run(self, job: JobRecord, adopted: bool, now: float) -> None:
         """A run read from the journal: ended, re-adopted, or lost with the agent."""
         self.runs[job.id] = job
+        if job.state in (PLACED, RUNNING) and adopted:
+            self._live[job.id] = job.lease_id
         if job.state in (PLACED, RUNNING) and not adopted:
             self.out.log("job_lost", job=job.id, reason="process vanished")
             self._end_run(job, None, "process vanished while the agent was down", now, LOST)
