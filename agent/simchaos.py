@@ -69,6 +69,11 @@ def _converge(sim: Simulator, seed: int) -> None:
         sim.run_for(1.0)
 
 
+def _settled(sim: Simulator, job_id: str) -> bool:
+    job = sim.job(job_id)
+    return job is None or job.terminal or job.state == "queued" or not sim.nodes[job.origin].up
+
+
 def _check_jobs(sim: Simulator, seed: int) -> dict[str, int]:
     ends: dict[str, int] = {}
     for job_id in sim.submitted:
@@ -108,6 +113,10 @@ def run_seed(seed: int) -> dict[str, Any]:
         if sim.nodes[name].load:
             sim.load(name, "gpu0", 0, 0)
     _converge(sim, seed)
-    sim.run_for(60)
+    # Calls are still lost after the heal: give every job time to end (a follow-up lost
+    # costs a call timeout) before calling one stuck.
+    start = sim.now
+    while sim.now - start < 300 and not all(_settled(sim, j) for j in sim.submitted):
+        sim.run_for(5)
     return {"seed": seed, "nodes": len(names), "jobs": jobs, "faults": faults,
             "ends": _check_jobs(sim, seed), "packets": sim.stats["packets"]}

@@ -152,3 +152,45 @@ def test_an_owner_stops_only_jobs_below_the_requests_priority() -> None:
     higher = node.handle_request(wire.Preempt(["low"], "room", 1, "coord", 4), 2.0)
     assert isinstance(higher, wire.Ok)
     assert not node.leases.active()  # reserved, not started: given back at once
+
+
+def test_no_second_run_of_a_job_starts_while_its_first_process_lives() -> None:
+    """A run stopped while its process was being spawned ends at once on the books, but
+    the process may exist: a new placement of the job here waits until it has exited."""
+    node = owner(1)
+    first = lease(node, "j1", gpu(0).id, compute=500)
+    assert isinstance(first, wire.LeaseReply) and first.granted
+    start = wire.StartJob("j1", first.lease_id, first.token, "origin", ["sleep", "9"], {},
+                          500, 1024)
+    assert isinstance(node.handle_request(start, 2.0), wire.Ok)
+    assert [type(e) for e in node.drain() if isinstance(e, RunJob)] == [RunJob]  # spawning
+    node.stop_job("j1", "reclaimed", "preempted", 2.1)  # before the process reported in
+    assert node.owner.runs["j1"].state == "preempted"
+    again = lease(node, "j1", gpu(0).id, compute=500)
+    assert isinstance(again, wire.LeaseReply) and again.granted
+    restart = wire.StartJob("j1", again.lease_id, again.token, "origin", ["sleep", "9"], {},
+                            500, 1024)
+    refused = node.handle_request(restart, 2.2)
+    assert isinstance(refused, wire.Error) and "has not ended" in refused.reason
+    node.drain()
+    node.job_started("j1", 4242, None, 2.3, lease_id=first.lease_id)  # the stale one
+    assert [e.job_id for e in node.drain() if isinstance(e, StopJob)] == ["j1"]
+    node.job_exited("j1", 143, "terminated", 2.4)
+    assert isinstance(node.handle_request(restart, 2.5), wire.Ok)
+    runs = [e for e in node.drain() if isinstance(e, RunJob)]
+    assert [r.job.lease_id for r in runs] == [again.lease_id]
+
+
+def test_a_run_ended_before_its_start_left_the_node_starts_no_process() -> None:
+    """Started and stopped within one input (the owner's own load took the device back):
+    the RunJob is taken back before the runtime sees it."""
+    node = owner(1)
+    reply = lease(node, "j1", gpu(0).id, compute=500)
+    assert isinstance(reply, wire.LeaseReply) and reply.granted
+    start = wire.StartJob("j1", reply.lease_id, reply.token, "origin", ["sleep", "9"], {},
+                          500, 1024)
+    assert isinstance(node.handle_request(start, 2.0), wire.Ok)
+    node.set_devices([gpu(0)], {gpu(0).id: (0, 0)}, 2.0)  # reclaimed, same instant
+    effects = node.drain()
+    assert not [e for e in effects if isinstance(e, RunJob | StopJob)]
+    assert node.owner.runs["j1"].state == "preempted" and not node.leases.active()

@@ -42,6 +42,9 @@ class Coordinator:
     def has_queue(self) -> bool:
         return bool(self.scheduler.queue)
 
+    def waits(self) -> bool:
+        return bool(self.scheduler.queue or self.scheduler.placed)
+
     def tick(self, now: float) -> None:
         self.scheduler.prune_placed(now - 4 * self.node.config.lease_ttl)
 

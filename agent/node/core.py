@@ -34,32 +34,28 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import JobRecord, may_become
+from flexmesh.agent.models import JobRecord
 from flexmesh.agent.node.config import NodeConfig
 from flexmesh.agent.node.coordinator import Coordinator
 from flexmesh.agent.node.effects import (
     Call,
     Effect,
-    ForgetJob,
-    ForgetLease,
     Outbox,
     PendingCall,
-    PersistJob,
 )
 from flexmesh.agent.node.electorate import Electorate
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
-from flexmesh.agent.node.retention import Retention
+from flexmesh.agent.node.records import Records
 from flexmesh.agent.node.routes import REPLIES, REQUESTS
 from flexmesh.agent.node.views import NodeStatus, Views
 from flexmesh.agent.scheduler import Scheduler
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import Belief, decide
-from flexmesh.protocol.lease import ACTIVE, Lease, LeaseTable
+from flexmesh.protocol.lease import Lease, LeaseTable
 from flexmesh.protocol.membership import (
     ALIVE,
     DEAD,
@@ -106,9 +102,7 @@ class Node:
         self._dirty_schedule = False
         self._next_housekeeping = now
         self._next_forget = now + FORGET_EVERY
-        self.kept_jobs = Retention(config.keep_finished, config.keep_finished_for)
-        self.kept_leases = Retention(config.keep_finished, config.keep_finished_for)
-        self._journaled: dict[str, tuple[str, int]] = {}  # job -> (state, attempts) on disk
+        self.records = Records(self)
         self._now = now
         self.publish_facts()
 
@@ -119,41 +113,8 @@ class Node:
         return self.out.drain()
 
     def persist(self, job: JobRecord) -> None:
-        """Journal a job as it is now; its role says which of this node's roles keep it."""
-        mine = self.origin.jobs.get(job.id) is job
-        runs = self.owner.runs.get(job.id) is job
-        job.role = "both" if mine and runs else "owner" if runs else "origin"
-        self._check_transition(job)
-        if job.terminal:
-            self.kept_jobs.ended(job.id, self._now)
-        else:
-            self.kept_jobs.revived(job.id)
-        self.out.emit(PersistJob(replace(job)))
-
-    def _check_transition(self, job: JobRecord) -> None:
-        """Every state change a job makes is journaled here: checked against the table."""
-        before = self._journaled.get(job.id)
-        self._journaled[job.id] = (job.state, job.attempts)
-        if before is not None and not may_become(*before, job.state, job.attempts):
-            self.out.count("job_state_invalid")
-            self.out.log("job_state_invalid", job=job.id, before=before[0], after=job.state)
-
-    def _forget_finished(self, now: float) -> None:
-        """Drop ended jobs and finished leases past their retention, here and on disk."""
-        for job_id in self.kept_jobs.due(now):
-            self.origin.forget(job_id)
-            self.owner.forget(job_id)
-            if job_id not in self.origin.jobs and job_id not in self.owner.runs:
-                self._journaled.pop(job_id, None)
-                self.out.emit(ForgetJob(job_id))
-        for held in self.leases.leases.values():
-            if held.state not in ACTIVE:
-                self.kept_leases.ended(held.id, now)
-        for lease_id in self.kept_leases.due(now):
-            lease = self.leases.leases.get(lease_id)
-            if lease is not None and lease.state not in ACTIVE:
-                del self.leases.leases[lease_id]
-                self.out.emit(ForgetLease(lease_id))
+        """Journal a job as it is now (see ``records``)."""
+        self.records.persist(job, self._now)
 
     def call(self, node: str, msg: wire.Message, now: float, job_id: str = "",
              gang: tuple[str, int] | None = None) -> None:
@@ -209,26 +170,34 @@ class Node:
         self.membership.tick(now)
         if self.owner.expire(now):
             self.publish_facts()
+        if now >= self._next_forget:
+            self._next_forget = now + FORGET_EVERY
+            self.records.forget_finished(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING
             if self._joining_until and now >= self._joining_until:
                 self._joining_until = 0.0
                 self._dirty_election = True
             self.origin.tick(now)
-            if now >= self._next_forget:
-                self._next_forget = now + FORGET_EVERY
-                self._forget_finished(now)
             if self.coordinator is not None:
                 self.coordinator.tick(now)
                 self._dirty_schedule = self._dirty_schedule or self.coordinator.has_queue()
         self._after_input(now)
 
     def next_deadline(self) -> float:
-        times = [self.membership.next_deadline(), self._next_housekeeping]
+        times = [self.membership.next_deadline(), self._next_forget]
+        if self._waits():
+            times.append(self._next_housekeeping)
         lease_deadline = self.leases.next_deadline()
         if lease_deadline is not None:
             times.append(lease_deadline)
         return min(times)
+
+    def _waits(self) -> bool:
+        """Whether a role has something to do on its own timer (a retry, a follow-up, a
+        grace): an idle node wakes only for its membership."""
+        return bool(self._joining_until or self.origin.waits()
+                    or (self.coordinator is not None and self.coordinator.waits()))
 
     def submit(self, job: JobRecord, now: float) -> None:
         """A job accepted on this node (already journaled by the runtime)."""
@@ -291,10 +260,7 @@ class Node:
                     job = self.origin.jobs[job.id]
                 self.owner.recover_run(job, job.terminal or adopt(job), now)
         self.origin.recover(now, output or (lambda _job: (0, 0)))
-        for job in jobs:  # kept from now on for as long as a job that just ended
-            self._journaled[job.id] = (job.state, job.attempts)
-            if job.terminal:
-                self.kept_jobs.ended(job.id, now)
+        self.records.read_back(jobs, now)
         self.publish_facts()
         self._after_input(now)
 

@@ -121,6 +121,15 @@ class Outbox:
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
+    def withdraw_run(self, job_id: str, lease_id: str) -> bool:
+        """Take back a RunJob not yet drained (its run ended within the same input, so no
+        process must start for it); True if there was one."""
+        for i, eff in enumerate(self.effects):
+            if isinstance(eff, RunJob) and eff.job.id == job_id and eff.job.lease_id == lease_id:
+                del self.effects[i]
+                return True
+        return False
+
     def drain(self) -> list[Effect]:
         out, self.effects = self.effects, []
         return out

@@ -54,6 +54,9 @@ class Follow:
         """Job -> (owner, lease) of each job followed now."""
         return {j: (f.node, f.lease_id) for j, f in self._jobs.items()}
 
+    def waits(self) -> bool:
+        return bool(self._away) or any(not f.inflight for f in self._jobs.values())
+
     def is_away(self, node: str) -> bool:
         return node in self._away
 

@@ -68,6 +68,10 @@ class Origin:
             self._waiting.pop(job_id, None)
             self._cancel_retry.pop(job_id, None)
 
+    def waits(self) -> bool:
+        """Whether a job here waits on a timer (a submit, a start, a cancel, a follow-up)."""
+        return bool(self._waiting or self._cancel_retry or self.follow.waits())
+
     def runs_here(self, job: JobRecord) -> bool:
         return self.node.owner.runs.get(job.id) is job
 

@@ -243,7 +243,11 @@ class Owner:
             return
         self.out.log("job_stop", job=job_id, state=state, reason=reason)
         if job.state == PLACED and job.pid is None:
-            self._end_run(job, None, reason, now, state)  # not started yet: nothing to signal
+            # Not started yet: nothing to signal. If its RunJob has not even left the
+            # outbox, no process will exist at all.
+            if self.out.withdraw_run(job.id, job.lease_id):
+                self._live.pop(job.id, None)
+            self._end_run(job, None, reason, now, state)
             return
         stop = StopJob(job_id, reason, state)
         self._stopping[job_id] = stop

@@ -86,6 +86,7 @@ class Agent:
         self.counters: dict[str, int] = {}
         self.last_tick = self.loop.time()
         self._wake = asyncio.Event()
+        self._sleep_until = 0.0  # when the timer loop wakes next, unless woken
         self._tasks: set[asyncio.Task[Any]] = set()
         self._job_events: dict[str, asyncio.Event] = {}
 
@@ -214,10 +215,10 @@ class Agent:
     async def _timer_loop(self) -> None:
         while True:
             self.last_tick = self.loop.time()
-            delay = max(0.0, self.node.next_deadline() - self.loop.time())
-            self._wake.clear()
-            wait = min(delay, 1.0)
             started = self.loop.time()
+            wait = min(max(0.0, self.node.next_deadline() - started), 1.0)
+            self._sleep_until = started + wait
+            self._wake.clear()
             woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
@@ -246,7 +247,8 @@ class Agent:
             await self._persist([e for e in effects if isinstance(e, Persist)])
             for eff in effects:
                 await self._effect(eff)
-        self._wake.set()
+        if self.node.next_deadline() < self._sleep_until:
+            self._wake.set()  # something is due before the timer loop would wake
 
     async def _persist(self, effects: list[Persist]) -> None:
         if not effects:
