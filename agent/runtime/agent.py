@@ -12,7 +12,6 @@ and the watchdog), ``processes`` (a job's environment, user, process and output)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -85,8 +84,9 @@ class Agent:
         self.stopping = False
         self.counters: dict[str, int] = {}
         self.last_tick = self.loop.time()
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Future[bool] = self.loop.create_future()
         self._sleep_until = 0.0  # when the timer loop wakes next, unless woken
+        self._kicked = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._job_events: dict[str, asyncio.Event] = {}
 
@@ -214,15 +214,15 @@ class Agent:
 
     async def _timer_loop(self) -> None:
         while True:
-            self.last_tick = self.loop.time()
-            started = self.loop.time()
+            started = self.last_tick = self.loop.time()
             wait = min(max(0.0, self.node.next_deadline() - started), 1.0)
             self._sleep_until = started + wait
-            self._wake.clear()
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-                woken = True
+            # One future and one timer a turn (no task): an idle agent turns a few times
+            # a second, and this is most of what it does.
+            self._wake = self.loop.create_future()
+            timer = self.loop.call_at(self._sleep_until, _resolve, self._wake, False)
+            woken = await self._wake
+            timer.cancel()
             now = self.loop.time()
             if not woken:  # slept past its timer: by how much says how slow the loop is
                 self.node.membership.timer_overshoot(now - started - wait)
@@ -248,7 +248,7 @@ class Agent:
             for eff in effects:
                 await self._effect(eff)
         if self.node.next_deadline() < self._sleep_until:
-            self._wake.set()  # something is due before the timer loop would wake
+            _resolve(self._wake, True)  # something is due before the timer loop would wake
 
     async def _persist(self, effects: list[Persist]) -> None:
         if not effects:
@@ -289,6 +289,13 @@ class Agent:
                 ev.set()
 
     def kick(self) -> None:
+        """Flush soon: once for all the input that arrives in one turn of the loop."""
+        if not self._kicked:
+            self._kicked = True
+            self.loop.call_soon(self._kick_now)
+
+    def _kick_now(self) -> None:
+        self._kicked = False
         self._spawn(self.flush())
 
     async def _effect(self, eff: Effect) -> None:
@@ -372,6 +379,11 @@ class Agent:
 
     def job_event(self, job_id: str) -> asyncio.Event:
         return self._job_events.setdefault(job_id, asyncio.Event())
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def install_signal_handlers(stop: asyncio.Event, force: asyncio.Event) -> None:

@@ -37,6 +37,7 @@ class Sampler:
         self.enforcement = "none"
         self.last_samples: dict[str, DeviceSample] = {}
         self._estimators: dict[str, IdleEstimator] = {}
+        self._applied: tuple[list[Device], dict[str, tuple[int, int]]] | None = None
 
     async def discover(self) -> None:
         s = self.agent.settings
@@ -58,8 +59,9 @@ class Sampler:
         self.agent.node.enforcement = self.enforcement
         self.apply({})
 
-    def apply(self, samples: dict[str, DeviceSample]) -> None:
-        """Tell the node its devices and what of each it may lend, from these readings."""
+    def apply(self, samples: dict[str, DeviceSample]) -> bool:
+        """Tell the node its devices and what of each it may lend, from these readings;
+        False when that is what it was told last time."""
         s = self.agent.settings
         now = self.agent.loop.time()
         lend: dict[str, tuple[int, int]] = {}
@@ -79,7 +81,11 @@ class Sampler:
             )
             healthy = d.healthy and (sample.healthy if sample else True)
             devices.append(d if healthy == d.healthy else replace(d, healthy=healthy))
+        if self._applied == (devices, lend):
+            return False  # most readings change nothing
+        self._applied = (devices, lend)
         self.agent.node.set_devices(devices, lend, now)
+        return True
 
     async def loop(self) -> None:
         while True:
@@ -93,13 +99,16 @@ class Sampler:
                 except Exception as exc:
                     log.warning("sampling %s failed: %s", backend.name, exc)
             self.last_samples = samples
-            self.apply(samples)
+            changed = self.apply(samples)
             if self.enforcement == "watchdog":
-                self.watchdog(list(samples.values()))
-            await self.agent.flush()
+                changed = self.watchdog(list(samples.values())) or changed
+            if changed:
+                await self.agent.flush()
 
-    def watchdog(self, samples: list[DeviceSample]) -> None:
-        """No interception: stop a job whose measured device memory exceeds its lease."""
+    def watchdog(self, samples: list[DeviceSample]) -> bool:
+        """No interception: stop a job whose measured device memory exceeds its lease;
+        True if one was stopped."""
+        stopped = False
         node = self.agent.node
         running = self.agent.processes.runner.running()
         for job in list(node.owner.runs.values()):
@@ -113,7 +122,9 @@ class Sampler:
                     log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
                              device, used, job.memory_mib)
                     node.stop_job(job.id, verdict, FAILED, self.agent.loop.time())
+                    stopped = True
                     break
+        return stopped
 
     async def close(self) -> None:
         for backend in self.backends:
