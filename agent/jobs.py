@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from flexmesh.agent.models import job_id_problem
+
 __all__ = [
     "ADOPTED_EXIT_REASON",
     "STREAMS",
@@ -157,15 +159,9 @@ class _Pending:
 
 
 def _check_job_id(job_id: str) -> None:
-    if (
-        not isinstance(job_id, str)
-        or not job_id
-        or job_id in (".", "..")
-        or "/" in job_id
-        or "\0" in job_id
-        or len(job_id) > 200
-    ):
-        raise ValueError(f"invalid job id {job_id!r}")
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _check_stream(stream: str) -> None:

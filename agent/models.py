@@ -38,6 +38,14 @@ MAX_DEVICES = 16  # whole devices one job may ask for on one node
 MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
 
 
+def job_id_problem(job_id: object) -> str | None:
+    """Why a job id cannot name a job (it names a directory in the state dir), or None."""
+    if (not isinstance(job_id, str) or not job_id or job_id in (".", "..") or "/" in job_id
+            or "\0" in job_id or len(job_id) > 200):
+        return f"invalid job id {job_id!r}"
+    return None
+
+
 def member_id(gang: str, rank: int) -> str:
     """The job id of a gang's member of this rank."""
     return f"{gang}.{rank}"

@@ -194,3 +194,14 @@ def test_a_run_ended_before_its_start_left_the_node_starts_no_process() -> None:
     effects = node.drain()
     assert not [e for e in effects if isinstance(e, RunJob | StopJob)]
     assert node.owner.runs["j1"].state == "preempted" and not node.leases.active()
+
+
+def test_an_owner_refuses_to_start_a_job_whose_id_cannot_name_a_directory() -> None:
+    node = owner(1)
+    for bad in ("..", "a/b", "x\0y", "j" * 201):
+        reply = lease(node, bad, gpu(0).id, compute=100)
+        assert isinstance(reply, wire.LeaseReply) and reply.granted
+        start = wire.StartJob(bad, reply.lease_id, reply.token, "origin", ["true"], {}, 100, 0)
+        refused = node.handle_request(start, 2.0)
+        assert isinstance(refused, wire.Error) and "invalid job id" in refused.reason, bad
+    assert not [e for e in node.drain() if isinstance(e, RunJob)]

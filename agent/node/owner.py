@@ -25,6 +25,7 @@ from flexmesh.agent.models import (
     RUNNING,
     SUCCEEDED,
     JobRecord,
+    job_id_problem,
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
 from flexmesh.protocol import facts, wire
@@ -190,6 +191,9 @@ class Owner:
         job = self.runs.get(msg.job_id)
         if job is not None and job.lease_id == msg.lease_id:
             return wire.Ok(job.state)  # already started: starting is idempotent
+        problem = job_id_problem(msg.job_id)
+        if problem is not None:
+            return wire.Error(problem)
         if self._live.get(msg.job_id, msg.lease_id) != msg.lease_id:
             return wire.Error(f"an earlier run of job {msg.job_id} has not ended here yet")
         result = self.leases.start(msg.lease_id, msg.job_id, msg.token)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobs import JobRunner, JobStartError
-from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord
+from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob
 from flexmesh.protocol import wire
 
@@ -30,7 +30,6 @@ SYNC_CHUNK = 256 * 1024  # bytes of output a JobSync answer carries at most, per
 class Processes:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.jobs_dir = agent.state_dir / "jobs"
         self.runner = JobRunner(agent.state_dir, self._on_exit)
 
     # --- owner: runs --------------------------------------------------------------------
@@ -60,7 +59,7 @@ class Processes:
         job, node, loop = eff.job, self.agent.node, self.agent.loop
         if job.id not in node.origin.jobs:
             # A new attempt here after an earlier one (preempted): keep that output apart.
-            await asyncio.to_thread(archive_output, self.jobs_dir / job.id)
+            await asyncio.to_thread(archive_output, self.runner.job_dir(job.id))
         user = await asyncio.to_thread(self.job_user, job)  # NSS lookups may block
         try:
             pid, pid_start = await self.runner.start(job.id, job.command, self.env(eff),
@@ -118,21 +117,23 @@ class Processes:
     # --- origin: output of jobs followed elsewhere --------------------------------------
 
     async def archive(self, job_id: str) -> None:
-        await asyncio.to_thread(archive_output, self.jobs_dir / job_id)
+        await asyncio.to_thread(archive_output, self.runner.job_dir(job_id))
 
     async def write_output(self, eff: JobOutput) -> None:
-        await asyncio.to_thread(write_at, self.jobs_dir / eff.job_id, eff.stream, eff.offset,
-                                eff.data)
+        await asyncio.to_thread(write_at, self.runner.job_dir(eff.job_id), eff.stream,
+                                eff.offset, eff.data)
 
     async def forget(self, job_id: str) -> None:
         """A job past its retention: its output (every attempt's) is deleted."""
-        path = self.jobs_dir / job_id
-        if path.parent == self.jobs_dir and job_id not in (".", ".."):
-            await asyncio.to_thread(shutil.rmtree, path, True)
+        if job_id_problem(job_id) is None:  # (a peer's run of a bad id never started)
+            await asyncio.to_thread(shutil.rmtree, self.runner.job_dir(job_id), True)
 
     def output_size(self, job_id: str) -> tuple[int, int]:
         """Bytes of stdout and stderr already here for a job (its current attempt)."""
-        return _size(self.jobs_dir / job_id / "stdout"), _size(self.jobs_dir / job_id / "stderr")
+        if job_id_problem(job_id) is not None:
+            return 0, 0
+        job_dir = self.runner.job_dir(job_id)
+        return _size(job_dir / "stdout"), _size(job_dir / "stderr")
 
 
 def _size(path: Path) -> int:
