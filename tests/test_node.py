@@ -8,6 +8,7 @@ from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import CANCELLED, JobRecord
 from flexmesh.agent.node import Call, Node, NodeConfig, RunJob, StopJob
 from flexmesh.protocol import wire
+from flexmesh.protocol.lease import Lease
 
 
 def gpu(i: int) -> Device:
@@ -200,8 +201,14 @@ def test_an_owner_refuses_to_start_a_job_whose_id_cannot_name_a_directory() -> N
     node = owner(1)
     for bad in ("..", "a/b", "x\0y", "j" * 201):
         reply = lease(node, bad, gpu(0).id, compute=100)
-        assert isinstance(reply, wire.LeaseReply) and reply.granted
-        start = wire.StartJob(bad, reply.lease_id, reply.token, "origin", ["true"], {}, 100, 0)
+        assert isinstance(reply, wire.LeaseReply) and not reply.granted
+        assert "invalid job id" in reply.reason
+        # a lease granted by some other way (an older owner) still starts nothing
+        held = node.leases.request(job_id=bad, device=gpu(0).id, compute_milli=100,
+                                   memory_mib=0, term=1, coordinator="c", origin="o",
+                                   now=1.0, ttl=15.0)
+        assert isinstance(held, Lease)
+        start = wire.StartJob(bad, held.id, held.token, "origin", ["true"], {}, 100, 0)
         refused = node.handle_request(start, 2.0)
         assert isinstance(refused, wire.Error) and "invalid job id" in refused.reason, bad
     assert not [e for e in node.drain() if isinstance(e, RunJob)]

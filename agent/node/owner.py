@@ -143,6 +143,9 @@ class Owner:
         return result
 
     def handle_lease_request(self, msg: wire.LeaseRequest, now: float) -> wire.Message:
+        problem = job_id_problem(msg.job_id)
+        if problem is not None:
+            return wire.LeaseReply(False, "", 0, self.node.membership.me.facts_version, problem)
         result = self.lease(msg.job_id, (msg.device, *msg.more), msg.compute_milli,
                             msg.memory_mib, msg.term, msg.coordinator, msg.origin,
                             msg.priority, msg.preemptible, now)
