@@ -83,6 +83,8 @@ def _check_jobs(sim: Simulator, seed: int) -> dict[str, int]:
         if sim.nodes[job.origin].up and not (job.terminal or job.state == "queued"):
             raise InvariantError(f"seed {seed}: job {job_id} stuck {job.state} on {job.node}")
         ends[job.state] = ends.get(job.state, 0) + 1
+        if job.state == "failed":  # every command here exits 0: a run was cut short
+            raise InvariantError(f"seed {seed}: {job_id} failed: {job.reason}")
         if job.state == "succeeded" and job.node != job.origin:
             for stream in ("stdout", "stderr"):
                 got, wrote = sim.output(job_id, stream)

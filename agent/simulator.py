@@ -71,6 +71,7 @@ class _SimNode:
     tick_at: float = -1.0
     incarnation: int = 0
     processes: dict[str, float] = field(default_factory=dict)  # job -> end time
+    process_lease: dict[str, str] = field(default_factory=dict)  # job -> run it belongs to
     adopted: set[str] = field(default_factory=set)  # processes an earlier instance started
     # What the node journaled: survives a crash, read back on restart (as SQLite would).
     disk_jobs: dict[str, JobRecord] = field(default_factory=dict)
@@ -297,7 +298,9 @@ class Simulator(SimNetwork):
             case RunJob():
                 self._run_job(name, eff)
             case StopJob():
-                self.at(self.now + 0.01, lambda: self._exit(name, eff.job_id, 143, "terminated"))
+                run = eff.lease_id or sim.process_lease.get(eff.job_id, "")
+                self.at(self.now + 0.01,
+                        lambda: self._exit(name, eff.job_id, 143, "terminated", run))
             case PersistJob():
                 sim.disk_jobs[eff.job.id] = replace(eff.job)
             case PersistLease():
@@ -341,6 +344,7 @@ class Simulator(SimNetwork):
         node = sim.node
         job_id = eff.job.id
         sim.processes[job_id] = self.now + duration
+        lease = sim.process_lease[job_id] = eff.job.lease_id
         sim.logs[job_id] = SimLog(f"{job_id}#{eff.job.attempts}", self.now, self.now + duration)
         self.runs.append((name, job_id, dict(eff.job.env)))
 
@@ -351,11 +355,12 @@ class Simulator(SimNetwork):
                 self._pump(name)
         self.at(self.now + 0.01, started)
         self.at(self.now + duration,
-                lambda: self._exit(name, job_id, code, f"exited with code {code}"))
+                lambda: self._exit(name, job_id, code, f"exited with code {code}", lease))
 
-    def _exit(self, name: str, job_id: str, code: int, reason: str) -> None:
+    def _exit(self, name: str, job_id: str, code: int, reason: str, lease: str) -> None:
+        """The process of ``job_id``'s run under ``lease`` ends (if it is still the one)."""
         sim = self.nodes[name]
-        if job_id not in sim.processes:
+        if job_id not in sim.processes or sim.process_lease.get(job_id) != lease:
             return
         del sim.processes[job_id]
         sim.logs[job_id].stop(self.now)

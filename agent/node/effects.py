@@ -63,9 +63,12 @@ class RunJob:
 
 @dataclass(frozen=True, slots=True)
 class StopJob:
+    """Owner: stop the process of ``job_id``'s run under ``lease_id`` (not a later run's)."""
+
     job_id: str
     reason: str
     state: str  # the terminal state the job gets once stopped
+    lease_id: str = ""  # "" : whatever process the job has
 
 
 @dataclass(frozen=True, slots=True)

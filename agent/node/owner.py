@@ -256,7 +256,7 @@ class Owner:
                 self._live.pop(job.id, None)
             self._end_run(job, None, reason, now, state)
             return
-        stop = StopJob(job_id, reason, state)
+        stop = StopJob(job_id, reason, state, job.lease_id)
         self._stopping[job_id] = stop
         self.out.emit(stop)
 
@@ -269,7 +269,8 @@ class Owner:
             # maybe requeued since: its lease is given back, so the process must not run on.
             self.out.log("stale_start", job=job_id, pid=pid)
             self.out.emit(StopJob(job_id, "stopped before it had started",
-                                  job.state if job is not None and job.terminal else CANCELLED))
+                                  job.state if job is not None and job.terminal else CANCELLED,
+                                  lease_id or ""))
             return
         job.state, job.pid, job.pid_start, job.updated_at = RUNNING, pid, pid_start, now
         self.node.persist(job)

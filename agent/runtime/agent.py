@@ -169,14 +169,8 @@ class Agent:
         )
 
     async def _recover(self, leases: list[Lease]) -> None:
-        runner = self.processes.runner
-
-        def adopt(job: JobRecord) -> bool:
-            return (job.pid is not None and job.pid_start is not None
-                    and runner.adopt(job.id, job.pid, job.pid_start))
-
-        self.node.recover(await self.journal.list_jobs(), leases, adopt, self.loop.time(),
-                          self.processes.output_size)
+        self.node.recover(await self.journal.list_jobs(), leases, self.processes.adopt,
+                          self.loop.time(), self.processes.output_size)
 
     async def stop(self, leave: bool = True, kill_jobs: bool = False) -> None:
         if self.stopping:
@@ -309,8 +303,7 @@ class Agent:
             case RunJob():
                 self._spawn(self.processes.run(eff))
             case StopJob():
-                self._spawn(self.processes.runner.stop(eff.job_id, self.settings.stop_grace,
-                                                       eff.reason))
+                self._spawn(self.processes.stop(eff))
             case ArchiveOutput():
                 await self.processes.archive(eff.job_id)
             case JobOutput():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_problem
-from flexmesh.agent.node import JobOutput, RunJob
+from flexmesh.agent.node import JobOutput, RunJob, StopJob
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class Processes:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.runner = JobRunner(agent.state_dir, self._on_exit)
+        self._runs: dict[str, str] = {}  # job -> lease of the process it has here
 
     # --- owner: runs --------------------------------------------------------------------
 
@@ -60,6 +61,7 @@ class Processes:
         if job.id not in node.origin.jobs:
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(archive_output, self.runner.job_dir(job.id))
+        self._runs[job.id] = job.lease_id
         user = await asyncio.to_thread(self.job_user, job)  # NSS lookups may block
         try:
             pid, pid_start = await self.runner.start(job.id, job.command, self.env(eff),
@@ -87,7 +89,24 @@ class Processes:
         except KeyError:
             return uid, uid  # no passwd entry: a group of the same number
 
+    def adopt(self, job: JobRecord) -> bool:
+        """A process an earlier instance of the agent started, still running?"""
+        if job.pid is None or job.pid_start is None:
+            return False
+        if not self.runner.adopt(job.id, job.pid, job.pid_start):
+            return False
+        self._runs[job.id] = job.lease_id
+        return True
+
+    async def stop(self, eff: StopJob) -> None:
+        """Stop a job's process, if it is still the run the node meant (a later run of the
+        same job, started once the earlier one exited, is left alone)."""
+        if eff.lease_id and self._runs.get(eff.job_id, eff.lease_id) != eff.lease_id:
+            return
+        await self.runner.stop(eff.job_id, self.agent.settings.stop_grace, eff.reason)
+
     def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        self._runs.pop(job_id, None)
         state = LOST if exit_code is None else None
         self.agent.node.job_exited(job_id, exit_code, reason, self.agent.loop.time(),
                                    state=state)
