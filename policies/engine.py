@@ -237,59 +237,88 @@ class Placer:
         if self._supply_version != self.cluster.supply_version:
             self.refresh_supply()  # before the shape id: it may make every score stale
         sid = self._shape_id(req)
+        best = self._best_node(req, sid, exclude)
+        if self.spec.locality > 0.0 and (req.origin or rtt):
+            best = self._with_locality(req, rtt, sid, exclude, best)
+        if best is None:
+            return NoFit(self.explain(req) if explain else "no node can take the request")
+        _, choice, node = best
+        devices = self.cluster.device_ids(node, choice)
+        if req.count == 1 and devices:
+            return Placement(node=node, device=devices[0])
+        return MultiPlacement(node=node, devices=devices)
+
+    def _best_node(
+        self, req: Request, sid: int, exclude: frozenset[str]
+    ) -> tuple[float, Choice, str] | None:
+        """The best class's score and device choice, and the node of that class to use."""
         if len(self.cluster.classes) < self.scan_below:
             found = self._best_by_scan(req, sid, exclude)
         else:
             found = self._best_by_heap(req, sid, exclude)
-        best_cls: NodeClass | None = None
-        best_s = 0.0
-        best_ch: Choice = ()
-        best_node = ""
-        if found is not None:
-            best_s, best_ch, best_cls = found
-            members = best_cls.members
-            if self.rng is not None and len(members) > 1:
-                names = [m for m in members if m not in exclude]
-                best_node = names[self.rng.randrange(len(names))]
-            else:
-                best_node = next(m for m in members if m not in exclude)
+        if found is None:
+            return None
+        score, choice, cls = found
+        members = cls.members
+        if self.rng is not None and len(members) > 1:
+            names = [m for m in members if m not in exclude]
+            return score, choice, names[self.rng.randrange(len(names))]
+        return score, choice, next(m for m in members if m not in exclude)
 
+    # -- locality -------------------------------------------------------------------------
+
+    def _with_locality(
+        self,
+        req: Request,
+        rtt: Mapping[str, float] | None,
+        sid: int,
+        exclude: frozenset[str],
+        best: tuple[float, Choice, str] | None,
+    ) -> tuple[float, Choice, str] | None:
+        """The best node once nodes near the submitter have their bonus off the score. The
+        classes were scored without one, so only these few nodes are scored again; on a
+        tie the origin wins."""
+        bonuses = self._locality_bonuses(req, rtt)
+        if best is not None:
+            score, choice, node = best
+            best = (score - bonuses.get(node, 0.0), choice, node)
+        for name, bonus in bonuses.items():
+            rec = self.cluster.nodes.get(name)
+            if rec is None or rec.cls is None or name in exclude:
+                continue
+            own = name == req.origin
+            r = self._node_score(req, rec.cls, sid, own)
+            if r is None:
+                continue
+            total = r[0] - bonus
+            if best is None or total < best[0] or (total == best[0] and own):
+                best = (total, r[1], name)
+        return best
+
+    def _locality_bonuses(
+        self, req: Request, rtt: Mapping[str, float] | None
+    ) -> dict[str, float]:
         lw = self.spec.locality
-        if lw > 0.0 and (req.origin or rtt):
-            # the classes above were scored without a bonus; now the few nodes that get one
-            special: dict[str, float] = {}
-            if rtt:
-                for name, ms in rtt.items():
-                    special[name] = lw * RTT_SCALE_MS / (RTT_SCALE_MS + max(0.0, ms))
-            if req.origin:
-                special[req.origin] = lw
-            cur = best_s - special.get(best_node, 0.0) if best_cls is not None else 0.0
-            for name, bonus in special.items():
-                rec = self.cluster.nodes.get(name)
-                if rec is None or rec.cls is None or name in exclude:
-                    continue
-                own = name == req.origin
-                if own and not rec.cls.battery_ok:
-                    r2 = self.evaluate(req, rec.cls, exempt_battery=True)
-                else:
-                    r2 = rec.cls.cache.get(sid, _MISSING)
-                    if r2 is _MISSING:
-                        r2 = rec.cls.cache[sid] = self.evaluate(req, rec.cls)
-                if r2 is None:
-                    continue
-                total = r2[0] - bonus
-                if best_cls is None or total < cur or (total == cur and own):
-                    cur = total
-                    best_ch = r2[1]
-                    best_cls = rec.cls
-                    best_node = name
+        bonuses: dict[str, float] = {}
+        if rtt:
+            for name, ms in rtt.items():
+                bonuses[name] = lw * RTT_SCALE_MS / (RTT_SCALE_MS + max(0.0, ms))
+        if req.origin:  # after the RTTs: the origin's own bonus is the full one
+            bonuses[req.origin] = lw
+        return bonuses
 
-        if best_cls is None:
-            return NoFit(self.explain(req) if explain else "no node can take the request")
-        devices = self.cluster.device_ids(best_node, best_ch)
-        if req.count == 1 and devices:
-            return Placement(node=best_node, device=devices[0])
-        return MultiPlacement(node=best_node, devices=devices)
+    def _node_score(
+        self, req: Request, cls: NodeClass, sid: int, own: bool
+    ) -> tuple[float, Choice] | None:
+        """The class's score for the request. The submitter's own node may take its job
+        below its battery floor: that score is not cached, as the class's other nodes may
+        not."""
+        if own and not cls.battery_ok:
+            return self.evaluate(req, cls, exempt_battery=True)
+        r: tuple[float, Choice] | None = cls.cache.get(sid, _MISSING)
+        if r is _MISSING:
+            r = cls.cache[sid] = self.evaluate(req, cls)
+        return r
 
     # -- finding the best class -----------------------------------------------------------
 
