@@ -93,15 +93,113 @@ def parse_spec(
     return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality)
 
 
+# a scored class in a shape's heap: (score, class seq, class, device choice); of equal
+# scores the older class comes first
+_Entry = tuple[float, int, NodeClass, Choice]
+
+
 class _ShapeState:
-    """A request shape's scored classes: a heap of (score, class seq, class, choice)."""
+    """A request shape's scored classes: a heap of entries, live and dead."""
 
     __slots__ = ("cursor", "heap", "relevant")
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, int, NodeClass, Choice]] = []
+        self.heap: list[_Entry] = []
         self.cursor = 0
         self.relevant: dict[tuple[tuple[str, str], ...], bool] = {}
+
+    def compact(self) -> None:
+        """Drop the entries of classes no node is in any more."""
+        self.heap = [e for e in self.heap if e[2].members]
+        heapq.heapify(self.heap)
+
+
+def _draw_tied_with_top(st: _ShapeState, rng: random.Random) -> _Entry:
+    """One of the live entries tied with the top, each of their nodes equally likely.
+    The tied entries form a subtree at the root: walk it in place rather than pop."""
+    heap = st.heap
+    limit = heap[0][0] + TIE_EPS
+    tied: list[tuple[_Entry, int]] = []
+    total = 0
+    dead = 0
+    stack = [0]
+    size = len(heap)
+    while stack:
+        i = stack.pop()
+        e = heap[i]
+        if e[0] > limit:
+            continue
+        n = len(e[2].members)
+        if n:
+            tied.append((e, n))
+            total += n
+        else:
+            dead += 1
+        j = 2 * i + 1
+        if j < size:
+            stack.append(j)
+            if j + 1 < size:
+                stack.append(j + 1)
+    if dead > 32 and dead > len(tied):  # walks through the dead cost: compact
+        st.compact()
+    drawn = _draw(tied, rng.random() * total)
+    return drawn if drawn is not None else tied[-1][0]
+
+
+def _best_not_excluded(
+    heap: list[_Entry], exclude: frozenset[str], rng: random.Random | None
+) -> _Entry | None:
+    """The best entry with a node not excluded; with an rng, drawn from those tied with
+    it, each of their nodes not excluded equally likely."""
+    cands = _tied_not_excluded(heap, exclude, first_only=rng is None)
+    if not cands:
+        return None
+    if rng is not None and len(cands) > 1:
+        drawn = _draw(cands, rng.random() * sum(n for _, n in cands))
+        if drawn is not None:
+            return drawn
+    return cands[0][0]
+
+
+def _tied_not_excluded(
+    heap: list[_Entry], exclude: frozenset[str], first_only: bool
+) -> list[tuple[_Entry, int]]:
+    """The live entries tied with the best one that has a node not excluded, each with its
+    count of such nodes (only that best one with ``first_only``). They are found by popping
+    and then pushed back; the dead entries on the way stay off."""
+    popped: list[_Entry] = []
+    cands: list[tuple[_Entry, int]] = []
+    top: float | None = None
+    while heap:
+        e = heap[0]
+        if not e[2].members:
+            heapq.heappop(heap)
+            continue
+        if top is not None and e[0] > top + TIE_EPS:
+            break
+        heapq.heappop(heap)
+        popped.append(e)
+        n = len(e[2].members) - sum(1 for m in e[2].members if m in exclude)
+        if n <= 0:
+            continue
+        if top is None:
+            top = e[0]
+        cands.append((e, n))
+        if first_only:
+            break
+    for e in popped:
+        heapq.heappush(heap, e)
+    return cands
+
+
+def _draw(weighted: list[tuple[_Entry, int]], x: float) -> _Entry | None:
+    """The entry that ``x``, uniform below the total weight, falls on (each as likely as
+    its weight); None if rounding took ``x`` up to the total."""
+    for e, n in weighted:
+        x -= n
+        if x < 0:
+            return e
+    return None
 
 
 class Placer:
@@ -393,8 +491,7 @@ class Placer:
             if r is not None:
                 heapq.heappush(heap, (r[0], cls.seq, cls, r[1]))
         if len(heap) > 2 * len(cl.classes) + 64:  # mostly dead entries: compact
-            st.heap = heap = [e for e in heap if e[2].members]
-            heapq.heapify(heap)
+            st.compact()
         return st
 
     def _best_by_heap(
@@ -408,82 +505,15 @@ class Placer:
             heapq.heappop(heap)
         if not heap:
             return None
-        rng = self.rng
-        if rng is None and not exclude:
-            s0, _, c0, ch0 = heap[0]
-            return (s0, ch0, c0)
-        if not exclude:
-            # the entries tied with the top form a subtree at the root: walk it, in place
-            assert rng is not None
-            limit = heap[0][0] + TIE_EPS
-            tied: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []
-            total = 0
-            dead = 0
-            stack = [0]
-            size = len(heap)
-            while stack:
-                i = stack.pop()
-                e = heap[i]
-                if e[0] > limit:
-                    continue
-                n = len(e[2].members)
-                if n:
-                    tied.append((e, n))
-                    total += n
-                else:
-                    dead += 1
-                j = 2 * i + 1
-                if j < size:
-                    stack.append(j)
-                    if j + 1 < size:
-                        stack.append(j + 1)
-            if dead > 32 and dead > len(tied):  # walks through the dead cost: compact
-                st.heap = [e for e in heap if e[2].members]
-                heapq.heapify(st.heap)
-            x = rng.random() * total
-            for e, n in tied:
-                x -= n
-                if x < 0:
-                    return (e[0], e[3], e[2])
-            e = tied[-1][0]
-            return (e[0], e[3], e[2])
-        # take off everything tied with the top (and excluded classes on the way)
-        popped: list[tuple[float, int, NodeClass, Choice]] = []
-        cands: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []
-        top: float | None = None
-        while heap:
+        if exclude:
+            e = _best_not_excluded(heap, exclude, self.rng)
+            if e is None:
+                return None
+        elif self.rng is None:
             e = heap[0]
-            if not e[2].members:
-                heapq.heappop(heap)
-                continue
-            if top is not None and e[0] > top + TIE_EPS:
-                break
-            heapq.heappop(heap)
-            popped.append(e)
-            n = len(e[2].members)
-            if exclude:
-                n -= sum(1 for m in e[2].members if m in exclude)
-            if n <= 0:
-                continue
-            if top is None:
-                top = e[0]
-            cands.append((e, n))
-            if rng is None:
-                break
-        for e in popped:
-            heapq.heappush(heap, e)
-        if not cands:
-            return None
-        pick = cands[0][0]
-        if rng is not None and len(cands) > 1:
-            total = sum(n for _, n in cands)
-            x = rng.random() * total
-            for e, n in cands:
-                x -= n
-                if x < 0:
-                    pick = e
-                    break
-        return (pick[0], pick[3], pick[2])
+        else:
+            e = _draw_tied_with_top(st, self.rng)
+        return (e[0], e[3], e[2])
 
     def place(self, req: Request, rtt: Mapping[str, float] | None = None) -> PlaceResult:
         """Decide, and on success take the placement off the cluster's books."""
