@@ -93,15 +93,113 @@ def parse_spec(
     return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality)
 
 
+# a scored class in a shape's heap: (score, class seq, class, device choice); of equal
+# scores the older class comes first
+_Entry = tuple[float, int, NodeClass, Choice]
+
+
 class _ShapeState:
-    """A request shape's scored classes: a heap of (score, class seq, class, choice)."""
+    """A request shape's scored classes: a heap of entries, live and dead."""
 
     __slots__ = ("cursor", "heap", "relevant")
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, int, NodeClass, Choice]] = []
+        self.heap: list[_Entry] = []
         self.cursor = 0
         self.relevant: dict[tuple[tuple[str, str], ...], bool] = {}
+
+    def compact(self) -> None:
+        """Drop the entries of classes no node is in any more."""
+        self.heap = [e for e in self.heap if e[2].members]
+        heapq.heapify(self.heap)
+
+
+def _draw_tied_with_top(st: _ShapeState, rng: random.Random) -> _Entry:
+    """One of the live entries tied with the top, each of their nodes equally likely.
+    The tied entries form a subtree at the root: walk it in place rather than pop."""
+    heap = st.heap
+    limit = heap[0][0] + TIE_EPS
+    tied: list[tuple[_Entry, int]] = []
+    total = 0
+    dead = 0
+    stack = [0]
+    size = len(heap)
+    while stack:
+        i = stack.pop()
+        e = heap[i]
+        if e[0] > limit:
+            continue
+        n = len(e[2].members)
+        if n:
+            tied.append((e, n))
+            total += n
+        else:
+            dead += 1
+        j = 2 * i + 1
+        if j < size:
+            stack.append(j)
+            if j + 1 < size:
+                stack.append(j + 1)
+    if dead > 32 and dead > len(tied):  # walks through the dead cost: compact
+        st.compact()
+    drawn = _draw(tied, rng.random() * total)
+    return drawn if drawn is not None else tied[-1][0]
+
+
+def _best_not_excluded(
+    heap: list[_Entry], exclude: frozenset[str], rng: random.Random | None
+) -> _Entry | None:
+    """The best entry with a node not excluded; with an rng, drawn from those tied with
+    it, each of their nodes not excluded equally likely."""
+    cands = _tied_not_excluded(heap, exclude, first_only=rng is None)
+    if not cands:
+        return None
+    if rng is not None and len(cands) > 1:
+        drawn = _draw(cands, rng.random() * sum(n for _, n in cands))
+        if drawn is not None:
+            return drawn
+    return cands[0][0]
+
+
+def _tied_not_excluded(
+    heap: list[_Entry], exclude: frozenset[str], first_only: bool
+) -> list[tuple[_Entry, int]]:
+    """The live entries tied with the best one that has a node not excluded, each with its
+    count of such nodes (only that best one with ``first_only``). They are found by popping
+    and then pushed back; the dead entries on the way stay off."""
+    popped: list[_Entry] = []
+    cands: list[tuple[_Entry, int]] = []
+    top: float | None = None
+    while heap:
+        e = heap[0]
+        if not e[2].members:
+            heapq.heappop(heap)
+            continue
+        if top is not None and e[0] > top + TIE_EPS:
+            break
+        heapq.heappop(heap)
+        popped.append(e)
+        n = len(e[2].members) - sum(1 for m in e[2].members if m in exclude)
+        if n <= 0:
+            continue
+        if top is None:
+            top = e[0]
+        cands.append((e, n))
+        if first_only:
+            break
+    for e in popped:
+        heapq.heappush(heap, e)
+    return cands
+
+
+def _draw(weighted: list[tuple[_Entry, int]], x: float) -> _Entry | None:
+    """The entry that ``x``, uniform below the total weight, falls on (each as likely as
+    its weight); None if rounding took ``x`` up to the total."""
+    for e, n in weighted:
+        x -= n
+        if x < 0:
+            return e
+    return None
 
 
 class Placer:
@@ -237,59 +335,88 @@ class Placer:
         if self._supply_version != self.cluster.supply_version:
             self.refresh_supply()  # before the shape id: it may make every score stale
         sid = self._shape_id(req)
+        best = self._best_node(req, sid, exclude)
+        if self.spec.locality > 0.0 and (req.origin or rtt):
+            best = self._with_locality(req, rtt, sid, exclude, best)
+        if best is None:
+            return NoFit(self.explain(req) if explain else "no node can take the request")
+        _, choice, node = best
+        devices = self.cluster.device_ids(node, choice)
+        if req.count == 1 and devices:
+            return Placement(node=node, device=devices[0])
+        return MultiPlacement(node=node, devices=devices)
+
+    def _best_node(
+        self, req: Request, sid: int, exclude: frozenset[str]
+    ) -> tuple[float, Choice, str] | None:
+        """The best class's score and device choice, and the node of that class to use."""
         if len(self.cluster.classes) < self.scan_below:
             found = self._best_by_scan(req, sid, exclude)
         else:
             found = self._best_by_heap(req, sid, exclude)
-        best_cls: NodeClass | None = None
-        best_s = 0.0
-        best_ch: Choice = ()
-        best_node = ""
-        if found is not None:
-            best_s, best_ch, best_cls = found
-            members = best_cls.members
-            if self.rng is not None and len(members) > 1:
-                names = [m for m in members if m not in exclude]
-                best_node = names[self.rng.randrange(len(names))]
-            else:
-                best_node = next(m for m in members if m not in exclude)
+        if found is None:
+            return None
+        score, choice, cls = found
+        members = cls.members
+        if self.rng is not None and len(members) > 1:
+            names = [m for m in members if m not in exclude]
+            return score, choice, names[self.rng.randrange(len(names))]
+        return score, choice, next(m for m in members if m not in exclude)
 
+    # -- locality -------------------------------------------------------------------------
+
+    def _with_locality(
+        self,
+        req: Request,
+        rtt: Mapping[str, float] | None,
+        sid: int,
+        exclude: frozenset[str],
+        best: tuple[float, Choice, str] | None,
+    ) -> tuple[float, Choice, str] | None:
+        """The best node once nodes near the submitter have their bonus off the score. The
+        classes were scored without one, so only these few nodes are scored again; on a
+        tie the origin wins."""
+        bonuses = self._locality_bonuses(req, rtt)
+        if best is not None:
+            score, choice, node = best
+            best = (score - bonuses.get(node, 0.0), choice, node)
+        for name, bonus in bonuses.items():
+            rec = self.cluster.nodes.get(name)
+            if rec is None or rec.cls is None or name in exclude:
+                continue
+            own = name == req.origin
+            r = self._node_score(req, rec.cls, sid, own)
+            if r is None:
+                continue
+            total = r[0] - bonus
+            if best is None or total < best[0] or (total == best[0] and own):
+                best = (total, r[1], name)
+        return best
+
+    def _locality_bonuses(
+        self, req: Request, rtt: Mapping[str, float] | None
+    ) -> dict[str, float]:
         lw = self.spec.locality
-        if lw > 0.0 and (req.origin or rtt):
-            # the classes above were scored without a bonus; now the few nodes that get one
-            special: dict[str, float] = {}
-            if rtt:
-                for name, ms in rtt.items():
-                    special[name] = lw * RTT_SCALE_MS / (RTT_SCALE_MS + max(0.0, ms))
-            if req.origin:
-                special[req.origin] = lw
-            cur = best_s - special.get(best_node, 0.0) if best_cls is not None else 0.0
-            for name, bonus in special.items():
-                rec = self.cluster.nodes.get(name)
-                if rec is None or rec.cls is None or name in exclude:
-                    continue
-                own = name == req.origin
-                if own and not rec.cls.battery_ok:
-                    r2 = self.evaluate(req, rec.cls, exempt_battery=True)
-                else:
-                    r2 = rec.cls.cache.get(sid, _MISSING)
-                    if r2 is _MISSING:
-                        r2 = rec.cls.cache[sid] = self.evaluate(req, rec.cls)
-                if r2 is None:
-                    continue
-                total = r2[0] - bonus
-                if best_cls is None or total < cur or (total == cur and own):
-                    cur = total
-                    best_ch = r2[1]
-                    best_cls = rec.cls
-                    best_node = name
+        bonuses: dict[str, float] = {}
+        if rtt:
+            for name, ms in rtt.items():
+                bonuses[name] = lw * RTT_SCALE_MS / (RTT_SCALE_MS + max(0.0, ms))
+        if req.origin:  # after the RTTs: the origin's own bonus is the full one
+            bonuses[req.origin] = lw
+        return bonuses
 
-        if best_cls is None:
-            return NoFit(self.explain(req) if explain else "no node can take the request")
-        devices = self.cluster.device_ids(best_node, best_ch)
-        if req.count == 1 and devices:
-            return Placement(node=best_node, device=devices[0])
-        return MultiPlacement(node=best_node, devices=devices)
+    def _node_score(
+        self, req: Request, cls: NodeClass, sid: int, own: bool
+    ) -> tuple[float, Choice] | None:
+        """The class's score for the request. The submitter's own node may take its job
+        below its battery floor: that score is not cached, as the class's other nodes may
+        not."""
+        if own and not cls.battery_ok:
+            return self.evaluate(req, cls, exempt_battery=True)
+        r: tuple[float, Choice] | None = cls.cache.get(sid, _MISSING)
+        if r is _MISSING:
+            r = cls.cache[sid] = self.evaluate(req, cls)
+        return r
 
     # -- finding the best class -----------------------------------------------------------
 
@@ -364,8 +491,7 @@ class Placer:
             if r is not None:
                 heapq.heappush(heap, (r[0], cls.seq, cls, r[1]))
         if len(heap) > 2 * len(cl.classes) + 64:  # mostly dead entries: compact
-            st.heap = heap = [e for e in heap if e[2].members]
-            heapq.heapify(heap)
+            st.compact()
         return st
 
     def _best_by_heap(
@@ -379,82 +505,15 @@ class Placer:
             heapq.heappop(heap)
         if not heap:
             return None
-        rng = self.rng
-        if rng is None and not exclude:
-            s0, _, c0, ch0 = heap[0]
-            return (s0, ch0, c0)
-        if not exclude:
-            # the entries tied with the top form a subtree at the root: walk it, in place
-            assert rng is not None
-            limit = heap[0][0] + TIE_EPS
-            tied: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []
-            total = 0
-            dead = 0
-            stack = [0]
-            size = len(heap)
-            while stack:
-                i = stack.pop()
-                e = heap[i]
-                if e[0] > limit:
-                    continue
-                n = len(e[2].members)
-                if n:
-                    tied.append((e, n))
-                    total += n
-                else:
-                    dead += 1
-                j = 2 * i + 1
-                if j < size:
-                    stack.append(j)
-                    if j + 1 < size:
-                        stack.append(j + 1)
-            if dead > 32 and dead > len(tied):  # walks through the dead cost: compact
-                st.heap = [e for e in heap if e[2].members]
-                heapq.heapify(st.heap)
-            x = rng.random() * total
-            for e, n in tied:
-                x -= n
-                if x < 0:
-                    return (e[0], e[3], e[2])
-            e = tied[-1][0]
-            return (e[0], e[3], e[2])
-        # take off everything tied with the top (and excluded classes on the way)
-        popped: list[tuple[float, int, NodeClass, Choice]] = []
-        cands: list[tuple[tuple[float, int, NodeClass, Choice], int]] = []
-        top: float | None = None
-        while heap:
+        if exclude:
+            e = _best_not_excluded(heap, exclude, self.rng)
+            if e is None:
+                return None
+        elif self.rng is None:
             e = heap[0]
-            if not e[2].members:
-                heapq.heappop(heap)
-                continue
-            if top is not None and e[0] > top + TIE_EPS:
-                break
-            heapq.heappop(heap)
-            popped.append(e)
-            n = len(e[2].members)
-            if exclude:
-                n -= sum(1 for m in e[2].members if m in exclude)
-            if n <= 0:
-                continue
-            if top is None:
-                top = e[0]
-            cands.append((e, n))
-            if rng is None:
-                break
-        for e in popped:
-            heapq.heappush(heap, e)
-        if not cands:
-            return None
-        pick = cands[0][0]
-        if rng is not None and len(cands) > 1:
-            total = sum(n for _, n in cands)
-            x = rng.random() * total
-            for e, n in cands:
-                x -= n
-                if x < 0:
-                    pick = e
-                    break
-        return (pick[0], pick[3], pick[2])
+        else:
+            e = _draw_tied_with_top(st, self.rng)
+        return (e[0], e[3], e[2])
 
     def place(self, req: Request, rtt: Mapping[str, float] | None = None) -> PlaceResult:
         """Decide, and on success take the placement off the cluster's books."""

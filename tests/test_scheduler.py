@@ -184,6 +184,94 @@ def test_gossip_that_lists_a_device_twice_is_skipped_not_raised() -> None:
     assert s.counters["bad_views"] == 1
 
 
+class Mesh:
+    """The truth behind the coordinator's view in a random history: nodes with their GPU
+    counts, the compute in use on each device, and the jobs running (node, devices, compute
+    per device)."""
+
+    def __init__(self, nodes: dict[str, int]) -> None:
+        self.nodes = nodes
+        self.used: dict[tuple[str, str], int] = {}
+        self.running: list[tuple[str, tuple[str, ...], int]] = []
+
+    def view(self) -> list[Candidate]:
+        return [Candidate(n, f"gpu{i}", "gpu", "sim-gpu", 1000, 16384,
+                          1000 - self.used.get((n, f"gpu{i}"), 0), 16384)
+                for n, count in self.nodes.items() for i in range(count)]
+
+    def fits(self, p: Proposal) -> bool:
+        """Whether the proposal still fits: other grants may have come first."""
+        return all(self.used.get((p.placement.node, d), 0) + p.submit.compute_milli <= 1000
+                   for d in p.placement.devices)
+
+    def start(self, p: Proposal) -> None:
+        for d in p.placement.devices:
+            key = (p.placement.node, d)
+            self.used[key] = self.used.get(key, 0) + p.submit.compute_milli
+        self.running.append((p.placement.node, p.placement.devices, p.submit.compute_milli))
+
+    def end_some(self, rng: random.Random) -> None:
+        for _ in range(rng.randrange(3)):
+            if self.running:
+                node, devs, compute = self.running.pop(rng.randrange(len(self.running)))
+                for d in devs:
+                    self.used[(node, d)] -= compute
+
+
+def submit_some(s: Scheduler, rng: random.Random, jobs: int, now: float) -> int:
+    """Up to three new jobs of the usual sizes; the number of jobs submitted so far."""
+    for _ in range(rng.randrange(4)):
+        jobs += 1
+        compute = rng.choice([100, 250, 500, 1000])
+        count = rng.choice([1, 1, 1, 2]) if compute == 1000 else 1
+        s.enqueue(wire.Submit(f"j{jobs}", "desk", compute, 0, "gpu", rng.randrange(3), 0,
+                              count), now)
+    return jobs
+
+
+def propose_honestly(s: Scheduler, view: list[Candidate], out: dict[str, Proposal],
+                     now: float) -> None:
+    """One round, checked: no job is proposed while it has a proposal out, and what the
+    round proposes fits what the view showed free."""
+    free = {(c.node, c.device): c.free_compute_milli for c in view}
+    round_use: dict[tuple[str, str], int] = {}
+    for p in proposals(s.propose(view, now)):
+        assert p.job_id not in out, "proposed twice while its proposal is out"
+        out[p.job_id] = p
+        for d in p.placement.devices:
+            key = (p.placement.node, d)
+            round_use[key] = round_use.get(key, 0) + p.submit.compute_milli
+            assert round_use[key] <= free[key], "one round proposed beyond the view"
+
+
+def answer_some(s: Scheduler, rng: random.Random, mesh: Mesh, out: dict[str, Proposal],
+                now: float) -> None:
+    """Owners answer some of the proposals out: a grant where it still fits (mostly),
+    else a refusal."""
+    for job_id in list(out):
+        if rng.random() < 0.6:
+            p = out.pop(job_id)
+            devs = p.placement.devices
+            if mesh.fits(p) and rng.random() < 0.8:
+                mesh.start(p)
+                s.granted(job_id, wire.Placed(job_id, p.placement.node, devs[0], "l", 1, 1,
+                                              list(devs[1:])), p.submit.compute_milli, 0,
+                          0, now)
+                s.shadows.clear()  # the owner's gossip shows it at once here
+            else:
+                s.refused(job_id, "no", now)
+
+
+def withdraw_or_step_down(s: Scheduler, rng: random.Random, out: dict[str, Proposal]) -> None:
+    if rng.random() < 0.05:  # a queued job is withdrawn
+        queued = [j for j in s.queue if j not in out]
+        if queued:
+            s.withdraw(rng.choice(queued))
+    if rng.random() < 0.02:  # another node is coordinator for a while
+        s.reset()
+        out.clear()
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_random_histories_keep_the_queue_honest(seed: int) -> None:
     """Random submits, answers, withdrawals, role changes and jobs ending, against a model
@@ -192,75 +280,25 @@ def test_random_histories_keep_the_queue_honest(seed: int) -> None:
     every job still queued is proposed: nothing is lost in the heaps."""
     rng = random.Random(seed)
     s = scheduler()
-    nodes = {f"n{i}": 2 for i in range(6)}
-    used: dict[tuple[str, str], int] = {}
-    running: list[tuple[str, tuple[str, ...], int]] = []
+    mesh = Mesh({f"n{i}": 2 for i in range(6)})
     out: dict[str, Proposal] = {}
     now = 0.0
     jobs = 0
-
-    def view() -> list[Candidate]:
-        return [Candidate(n, f"gpu{i}", "gpu", "sim-gpu", 1000, 16384,
-                          1000 - used.get((n, f"gpu{i}"), 0), 16384)
-                for n, count in nodes.items() for i in range(count)]
-
     for _ in range(300):
         now += rng.choice([0.1, 0.5, 1.5])
-        for _ in range(rng.randrange(4)):
-            jobs += 1
-            compute = rng.choice([100, 250, 500, 1000])
-            count = rng.choice([1, 1, 1, 2]) if compute == 1000 else 1
-            s.enqueue(wire.Submit(f"j{jobs}", "desk", compute, 0, "gpu", rng.randrange(3), 0,
-                                  count), now)
-        v = view()
-        free = {(c.node, c.device): c.free_compute_milli for c in v}
-        round_use: dict[tuple[str, str], int] = {}
-        for p in proposals(s.propose(v, now)):
-            assert p.job_id not in out, "proposed twice while its proposal is out"
-            out[p.job_id] = p
-            for d in p.placement.devices:
-                key = (p.placement.node, d)
-                round_use[key] = round_use.get(key, 0) + p.submit.compute_milli
-                assert round_use[key] <= free[key], "one round proposed beyond the view"
-        for job_id in list(out):  # owners answer some
-            if rng.random() < 0.6:
-                p = out.pop(job_id)
-                devs = p.placement.devices
-                fits = all(used.get((p.placement.node, d), 0) + p.submit.compute_milli <= 1000
-                           for d in devs)
-                if fits and rng.random() < 0.8:
-                    for d in devs:
-                        key = (p.placement.node, d)
-                        used[key] = used.get(key, 0) + p.submit.compute_milli
-                    running.append((p.placement.node, devs, p.submit.compute_milli))
-                    s.granted(job_id, wire.Placed(job_id, p.placement.node, devs[0], "l", 1, 1,
-                                                  list(devs[1:])), p.submit.compute_milli, 0,
-                              0, now)
-                    s.shadows.clear()  # the owner's gossip shows it at once here
-                else:
-                    s.refused(job_id, "no", now)
-        for _ in range(rng.randrange(3)):  # jobs end
-            if running:
-                node, devs, compute = running.pop(rng.randrange(len(running)))
-                for d in devs:
-                    used[(node, d)] -= compute
-        if rng.random() < 0.05:  # a queued job is withdrawn
-            queued = [j for j in s.queue if j not in out]
-            if queued:
-                s.withdraw(rng.choice(queued))
-        if rng.random() < 0.02:  # another node is coordinator for a while
-            s.reset()
-            out.clear()
+        jobs = submit_some(s, rng, jobs, now)
+        propose_honestly(s, mesh.view(), out, now)
+        answer_some(s, rng, mesh, out, now)
+        mesh.end_some(rng)
+        withdraw_or_step_down(s, rng, out)
     # Everything answered and ended: every queued job is proposed within a few rounds.
-    for job_id in list(out):
+    for job_id in out:
         s.refused(job_id, "no", now)
-    out.clear()
-    used.clear()
     waiting = set(s.queue)
-    nodes = {f"m{i}": 2 for i in range(len(waiting) + 1)}  # room for all of them at once
+    roomy = Mesh({f"m{i}": 2 for i in range(len(waiting) + 1)})  # room for all at once
     for _ in range(len(waiting) // 64 + 3):
         now += 2.0
-        for p in proposals(s.propose(view(), now)):
+        for p in proposals(s.propose(roomy.view(), now)):
             waiting.discard(p.job_id)
     assert not waiting, f"{len(waiting)} queued jobs were never tried again"
 
