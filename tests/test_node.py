@@ -212,3 +212,20 @@ def test_an_owner_refuses_to_start_a_job_whose_id_cannot_name_a_directory() -> N
         refused = node.handle_request(start, 2.0)
         assert isinstance(refused, wire.Error) and "invalid job id" in refused.reason, bad
     assert not [e for e in node.drain() if isinstance(e, RunJob)]
+
+
+def test_an_origin_drops_a_job_sync_answer_bigger_than_it_asks_for() -> None:
+    from flexmesh.agent.node import JobOutput
+    from flexmesh.agent.node.follow import SYNC_CHUNK
+
+    node = Node(NodeConfig("desk", "127.0.0.1:7946"), random.Random(1), 0.0)
+    job = JobRecord(id="j1", origin="desk", command=["true"], compute_milli=500,
+                    memory_mib=0, role="origin", state="running", node="owner",
+                    device="gpu0", lease_id="owner/7", token=7, term=1)
+    node.membership.handle_alive(wire.Alive("owner", "127.0.0.1:7947", 0), 0.0)
+    node.recover([job], [], lambda j: False, 0.0)
+    (sync,) = [e for e in node.drain() if isinstance(e, Call) and isinstance(e.msg, wire.JobSync)]
+    huge = wire.JobSyncReply("running", "", None, b"x" * (SYNC_CHUNK + 1), b"", False)
+    node.call_result(sync.call_id, huge, "", 1.0)
+    assert not [e for e in node.drain() if isinstance(e, JobOutput)]
+    assert node.counters["job_sync_oversized"] == 1

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from flexmesh.agent.node.origin import Origin
 
 SYNC_WAIT_MS = 1000  # how long the owner may hold a JobSync open
+SYNC_CHUNK = 256 * 1024  # bytes of output an answer carries at most, per stream
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds between attempts after a failed call
 
 
@@ -116,6 +117,11 @@ class Follow:
             if reply is not None:  # (no answer at all: the owner may be away for a while)
                 why = reply.reason if isinstance(reply, wire.Error) else type(reply).__name__
                 self.out.log("follow_failed", job=job.id, node=f.node, error=why)
+            return
+        if len(reply.stdout) > SYNC_CHUNK or len(reply.stderr) > SYNC_CHUNK:
+            self.out.count("job_sync_oversized")  # not what this origin asks for: dropped
+            f.failures += 1
+            f.next_at = now + RETRY_MAX
             return
         f.failures = 0
         for stream, data in (("stdout", reply.stdout), ("stderr", reply.stderr)):

@@ -17,6 +17,7 @@ from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
+from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flexmesh.agent")
 
-SYNC_CHUNK = 256 * 1024  # bytes of output a JobSync answer carries at most, per stream
 
 
 class Processes:
