@@ -117,11 +117,11 @@ class Node:
         self.records.persist(job, self._now)
 
     def call(self, node: str, msg: wire.Message, now: float, job_id: str = "",
-             gang: tuple[str, int] | None = None) -> None:
+             gang: tuple[str, int] | None = None, lease_id: str = "") -> None:
         """Ask another agent (or this one) ``msg``; its reply is routed by ``routes.REPLIES``."""
         self._call_seq += 1
         call_id = self._call_seq
-        self._calls[call_id] = PendingCall(node, msg, job_id, gang)
+        self._calls[call_id] = PendingCall(node, msg, job_id, gang, lease_id)
         if node == self.name:
             self._self_calls.append(call_id)
             return

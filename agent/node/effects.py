@@ -108,6 +108,7 @@ class PendingCall:
     msg: wire.Message
     job_id: str = ""  # the job the call is about, where the request does not name it
     gang: tuple[str, int] | None = None  # coordinator: the (gang, term) a lease ask is for
+    lease_id: str = ""  # origin: the placement a JobSync follows
 
 
 @dataclass(slots=True)

@@ -98,7 +98,8 @@ class Follow:
             return
         f = cur[1]
         f.inflight = True
-        self.node.call(f.node, wire.JobSync(job_id, f.stdout, f.stderr, SYNC_WAIT_MS), now)
+        self.node.call(f.node, wire.JobSync(job_id, f.stdout, f.stderr, SYNC_WAIT_MS), now,
+                       lease_id=f.lease_id)
 
     def on_sync_reply(self, call: PendingCall, reply: wire.Message | None, error: str,
                       now: float) -> None:
@@ -108,8 +109,9 @@ class Follow:
         if cur is None:
             return
         job, f = cur
-        if (call.node, msg.stdout_offset, msg.stderr_offset) != (f.node, f.stdout, f.stderr):
-            return  # an answer to an earlier ask (its output is here already)
+        if ((call.node, call.lease_id, msg.stdout_offset, msg.stderr_offset)
+                != (f.node, f.lease_id, f.stdout, f.stderr)):
+            return  # an answer to an earlier ask, or about an earlier placement
         f.inflight = False
         if not isinstance(reply, wire.JobSyncReply):
             f.failures += 1
