@@ -17,7 +17,7 @@ from aiohttp import web
 
 from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refuse
 from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
-from flexmesh.agent.jobs import read_at
+from flexmesh.agent.joblogs import read_at
 from flexmesh.agent.models import TERMINAL, JobRecord, gang_members, member_id
 
 log = logging.getLogger("flexmesh.api")
