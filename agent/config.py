@@ -208,20 +208,13 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
     def at(*attrs: str) -> str:
         return next((sources[a] for a in attrs if a in sources), default_where)
 
-    _validate(s, at)
-    _validate_jobs(s, at)
+    # The first problem found is the one reported, so the order of the checks is kept.
+    for check in (_validate_addresses, _validate_scheduling, _validate_logs_and_devices,
+                  _validate_security, _validate_testing, _validate_jobs):
+        check(s, at)
 
 
-def _validate_jobs(s: Settings, at: Any) -> None:
-    if s.keep_finished < 0:
-        raise ConfigError(f"{at('keep_finished')}: keep_finished must be a number of jobs, "
-                          "0 or more")
-    if not (math.isfinite(s.keep_finished_for) and s.keep_finished_for >= 0):
-        raise ConfigError(f"{at('keep_finished_for')}: keep_finished_for must be a number of "
-                          "seconds, 0 or more")
-
-
-def _validate(s: Settings, at: Any) -> None:
+def _validate_addresses(s: Settings, at: Any) -> None:
     if not s.name or any(c.isspace() or c in "/:" for c in s.name) or len(s.name) > 64:
         raise ConfigError(f"{at('name')}: name {s.name!r} must be 1-64 characters without spaces, "
                           "'/' or ':'")
@@ -235,6 +228,9 @@ def _validate(s: Settings, at: Any) -> None:
     for key in ("ui", "metrics"):
         if getattr(s, key):
             split_hostport(getattr(s, key), f"{at(key)}: {key}")
+
+
+def _validate_scheduling(s: Settings, at: Any) -> None:
     if s.profile not in PRESETS:
         raise ConfigError(f"{at('profile')}: profile {s.profile!r} is not one of "
                           f"{', '.join(sorted(PRESETS))}")
@@ -254,6 +250,9 @@ def _validate(s: Settings, at: Any) -> None:
                           "number of seconds")
     if not (math.isfinite(s.stop_grace) and s.stop_grace >= 0):
         raise ConfigError(f"{at('stop_grace')}: stop_grace must be a number of seconds, 0 or more")
+
+
+def _validate_logs_and_devices(s: Settings, at: Any) -> None:
     if s.log_format not in ("text", "json"):
         raise ConfigError(f"{at('log_format')}: log format must be text or json")
     if s.log_level not in ("debug", "info", "warning", "error"):
@@ -266,6 +265,9 @@ def _validate(s: Settings, at: Any) -> None:
                           "sim devices")
     if s.npu_smi and not Path(s.npu_smi).is_file():
         raise ConfigError(f"{at('npu_smi')}: npu_smi {s.npu_smi!r} does not exist")
+
+
+def _validate_security(s: Settings, at: Any) -> None:
     if s.borrowed_user in ("root", "0"):
         raise ConfigError(f"{at('borrowed_user')}: borrowed_user must not be root: jobs from "
                           "other nodes never run as root")
@@ -279,6 +281,9 @@ def _validate(s: Settings, at: Any) -> None:
             raise ConfigError(f"{at('key')}: key: {exc}") from None
     if not s.cluster or len(s.cluster) > 128:
         raise ConfigError(f"{at('cluster')}: cluster must be 1-128 characters")
+
+
+def _validate_testing(s: Settings, at: Any) -> None:
     for key in ("fault_drop", "fault_duplicate"):
         share = getattr(s, key)
         if not (math.isfinite(share) and 0 <= share <= 1):
@@ -295,3 +300,12 @@ def _validate(s: Settings, at: Any) -> None:
             parse_sim_devices(s.sim_devices)
         except ValueError as exc:
             raise ConfigError(f"{at('sim_devices')}: sim devices: {exc}") from None
+
+
+def _validate_jobs(s: Settings, at: Any) -> None:
+    if s.keep_finished < 0:
+        raise ConfigError(f"{at('keep_finished')}: keep_finished must be a number of jobs, "
+                          "0 or more")
+    if not (math.isfinite(s.keep_finished_for) and s.keep_finished_for >= 0):
+        raise ConfigError(f"{at('keep_finished_for')}: keep_finished_for must be a number of "
+                          "seconds, 0 or more")

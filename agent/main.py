@@ -16,6 +16,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from aiohttp import web
+
 from flexmesh.agent import api, metrics, ui
 from flexmesh.agent.config import ConfigError, Settings, split_hostport
 from flexmesh.agent.runtime import Agent, StartError, install_signal_handlers
@@ -32,32 +34,10 @@ async def run_agent(settings: Settings,
     install_signal_handlers(stop, force)
     notifier = Notifier.from_env(unset_environment=True)  # jobs must not inherit it
     agent = Agent(settings)
-    try:
-        await agent.start()
-        http = await api.serve(agent, settings.socket)
-    except StartError as exc:
-        log.error("cannot start: %s", exc)
-        await agent.stop(leave=False)
-        return 2
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        await agent.stop(leave=False)
-        return 1
-    extras = []  # the optional TCP listeners: web page and metrics
-    try:
-        if settings.ui:
-            host, port = split_hostport(settings.ui, "ui")
-            runner, agent.ui_url = await ui.start_ui(agent, host, port)
-            extras.append(runner)
-        if settings.metrics:
-            host, port = split_hostport(settings.metrics, "metrics")
-            runner, url = await metrics.start_tcp_metrics(agent, host, port)
-            extras.append(runner)
-            log.info("metrics url=%s", url)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        await agent.stop(leave=True)
-        return 1
+    started = await _start(agent, settings)
+    if isinstance(started, int):
+        return started
+    http, extras = started
     log.info("listening socket=%s gossip=%s ui=%s", settings.socket, agent.addr,
              agent.ui_url or "off")
     notifier.ready()  # the socket and the gossip port are bound
@@ -69,17 +49,62 @@ async def run_agent(settings: Settings,
     log.info("shutting down")
     notifier.stopping()
     watchdog.cancel()
+    await _stop_in_time(agent, http, extras, force, settings.socket)
+    notifier.close()
+    return 0
+
+
+async def _start(agent: Agent, settings: Settings
+                 ) -> tuple[web.AppRunner, list[web.AppRunner]] | int:
+    """The agent started and its listeners bound, or the exit code when that failed."""
+    try:
+        await agent.start()
+        http = await api.serve(agent, settings.socket)
+    except StartError as exc:
+        log.error("cannot start: %s", exc)
+        await agent.stop(leave=False)
+        return 2
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await agent.stop(leave=False)
+        return 1
+    try:
+        extras = await _start_extras(agent, settings)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await agent.stop(leave=True)
+        return 1
+    return http, extras
+
+
+async def _start_extras(agent: Agent, settings: Settings) -> list[web.AppRunner]:
+    """The optional TCP listeners: web page and metrics."""
+    extras = []
+    if settings.ui:
+        host, port = split_hostport(settings.ui, "ui")
+        runner, agent.ui_url = await ui.start_ui(agent, host, port)
+        extras.append(runner)
+    if settings.metrics:
+        host, port = split_hostport(settings.metrics, "metrics")
+        runner, url = await metrics.start_tcp_metrics(agent, host, port)
+        extras.append(runner)
+        log.info("metrics url=%s", url)
+    return extras
+
+
+async def _stop_in_time(agent: Agent, http: web.AppRunner, extras: list[web.AppRunner],
+                        force: asyncio.Event, sock: str) -> None:
+    """Close the listeners and stop the agent; a second signal, or STOP_TIMEOUT, exits
+    at once."""
     for runner in extras:
         with contextlib.suppress(Exception):
             await runner.cleanup()
-    shutdown = asyncio.ensure_future(_shutdown(agent, http, settings.socket))
+    shutdown = asyncio.ensure_future(_shutdown(agent, http, sock))
     done, _ = await asyncio.wait({shutdown, asyncio.ensure_future(force.wait())},
                                  timeout=STOP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
     if shutdown not in done:
         log.warning("shutdown did not finish in time; exiting now")
         os._exit(1)
-    notifier.close()
-    return 0
 
 
 def _reload(agent: Agent, reload: Callable[[], Settings], notifier: Notifier) -> None:

@@ -17,12 +17,7 @@ that for speed where power loss is not a concern.
 
 Schema
 ------
-``PRAGMA user_version`` holds the schema version; ``_MIGRATIONS[i]`` brings a database
-from version ``i`` to ``i + 1`` in one transaction. A database written by a newer agent
-(a higher version than this code knows) is refused rather than guessed at.
-
-A row whose data cannot be turned back into a ``JobRecord`` (or a lease dict) is logged and
-skipped, so one damaged row never stops an agent from starting.
+The migrations and the row formats are ``storeschema``'s.
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import sqlite3
@@ -40,6 +34,16 @@ from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from flexmesh.agent.models import JobRecord
+from flexmesh.agent.storeschema import (
+    JOB_COLUMNS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    job_from_row,
+    lease_from_row,
+    upsert_job,
+    upsert_lease,
+    upsert_meta,
+)
 
 __all__ = ["SCHEMA_VERSION", "AsyncJournal", "Journal", "JournalError"]
 
@@ -47,43 +51,6 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# JobRecord fields kept as their own columns (queryable, indexed); every other field goes
-# into the ``data`` JSON column. On read the columns win over anything in ``data``.
-_JOB_COLUMNS = ("id", "state", "origin", "node", "lease_id", "role", "created_at", "updated_at")
-
-# One entry per schema version: the statements that bring version i to version i + 1.
-# Append only; never edit a released migration.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE jobs (
-            id         TEXT PRIMARY KEY,
-            state      TEXT NOT NULL,
-            origin     TEXT NOT NULL DEFAULT '',
-            node       TEXT NOT NULL DEFAULT '',
-            lease_id   TEXT NOT NULL DEFAULT '',
-            role       TEXT NOT NULL DEFAULT '',
-            created_at REAL NOT NULL DEFAULT 0,
-            updated_at REAL NOT NULL DEFAULT 0,
-            data       TEXT NOT NULL
-        )""",
-        "CREATE INDEX jobs_by_state ON jobs (state, created_at)",
-        "CREATE INDEX jobs_by_created ON jobs (created_at)",
-        """CREATE TABLE leases (
-            id     TEXT PRIMARY KEY,
-            job_id TEXT NOT NULL DEFAULT '',
-            device TEXT NOT NULL DEFAULT '',
-            data   TEXT NOT NULL
-        )""",
-        """CREATE TABLE meta (
-            key   TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        )""",
-    ),
-)
-
-SCHEMA_VERSION = len(_MIGRATIONS)
-
 
 class JournalError(Exception):
     """The journal file cannot be used (unreadable, or written by a newer agent)."""
@@ -146,7 +113,7 @@ class Journal:
                     f"agent supports ({SCHEMA_VERSION}); upgrade flexmesh"
                 )
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target - 1]:
+                for statement in MIGRATIONS[target - 1]:
                     self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {target}")
                 if version:
@@ -181,18 +148,18 @@ class Journal:
             conn.executemany("DELETE FROM jobs WHERE id = ?", [(j,) for j in forget_jobs])
             conn.executemany("DELETE FROM leases WHERE id = ?", [(x,) for x in forget_leases])
             for job in jobs:
-                _upsert_job(conn, job)
+                upsert_job(conn, job)
             for lease in leases:
-                _upsert_lease(conn, lease)
+                upsert_lease(conn, lease)
             for key, value in (meta or {}).items():
-                _upsert_meta(conn, key, value)
+                upsert_meta(conn, key, value)
 
     # -- jobs ----------------------------------------------------------------------------
 
     def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
         """Jobs ordered by ``created_at`` (then by insertion), optionally only some states
         (a single state string is accepted too)."""
-        sql = f"SELECT {', '.join(_JOB_COLUMNS)}, data FROM jobs"
+        sql = f"SELECT {', '.join(JOB_COLUMNS)}, data FROM jobs"
         params: tuple[str, ...] = ()
         if states is not None:
             params = (states,) if isinstance(states, str) else tuple(states)
@@ -202,7 +169,7 @@ class Journal:
         sql += " ORDER BY created_at, rowid"
         jobs = []
         for row in self._conn.execute(sql, params):
-            job = _job_from_row(row)
+            job = job_from_row(row)
             if job is not None:
                 jobs.append(job)
         return jobs
@@ -213,14 +180,9 @@ class Journal:
         """Every stored lease, in the order they were first written."""
         leases = []
         for lease_id, data in self._conn.execute("SELECT id, data FROM leases ORDER BY rowid"):
-            try:
-                lease = json.loads(data)
-                if not isinstance(lease, dict):
-                    raise ValueError(f"expected an object, got {type(lease).__name__}")
-            except (ValueError, TypeError) as e:
-                log.error("journal: skipping corrupt lease row %r: %s", lease_id, e)
-                continue
-            leases.append(lease)
+            lease = lease_from_row(lease_id, data)
+            if lease is not None:
+                leases.append(lease)
         return leases
 
     # -- meta ----------------------------------------------------------------------------
@@ -243,11 +205,7 @@ class Journal:
                 log.error("journal: meta %r holds %r, not an integer; restarting at 0", key, row[0])
                 current = 0
             value = max(current + 1, at_least)
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, str(value)),
-            )
+            upsert_meta(conn, key, str(value))
         return value
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -261,89 +219,6 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _upsert_job(conn: sqlite3.Connection, job: JobRecord) -> None:
-    record = job.to_dict()
-    columns = [record.pop(name) for name in _JOB_COLUMNS]
-    data = json.dumps(record, separators=(",", ":"), sort_keys=True)
-    conn.execute(
-        f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}, data) "
-        f"VALUES ({', '.join('?' * (len(_JOB_COLUMNS) + 1))}) "
-        "ON CONFLICT (id) DO UPDATE SET "
-        + ", ".join(f"{c} = excluded.{c}" for c in (*_JOB_COLUMNS[1:], "data")),
-        (*columns, data),
-    )
-
-
-def _upsert_lease(conn: sqlite3.Connection, lease: dict[str, Any]) -> None:
-    lease_id = _lease_id(lease)
-    data = json.dumps(lease, separators=(",", ":"), sort_keys=True)
-    job_id = lease.get("job_id", lease.get("job", ""))
-    device = lease.get("device", "")
-    conn.execute(
-        "INSERT INTO leases (id, job_id, device, data) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET job_id = excluded.job_id, "
-        "device = excluded.device, data = excluded.data",
-        (lease_id, str(job_id or ""), str(device or ""), data),
-    )
-
-
-def _upsert_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, str(value)),
-    )
-
-
-def _lease_id(lease: dict[str, Any]) -> str:
-    lease_id = lease.get("id", lease.get("lease_id"))
-    if not isinstance(lease_id, str) or not lease_id:
-        raise ValueError("a lease needs a non-empty string 'id' (or 'lease_id')")
-    return lease_id
-
-
-# Types a JobRecord field must have to be usable; a row that fails this is corrupt.
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "id": str,
-    "origin": str,
-    "command": list,
-    "compute_milli": int,
-    "memory_mib": int,
-    "kind": str,
-    "priority": int,
-    "env": dict,
-    "state": str,
-    "reason": str,
-    "exit_code": (int, type(None)),
-    "pid": (int, type(None)),
-    "pid_start": (int, type(None)),
-    "created_at": (int, float),
-    "updated_at": (int, float),
-}
-
-
-def _job_from_row(row: tuple[Any, ...]) -> JobRecord | None:
-    job_id = row[0]
-    try:
-        data = json.loads(row[-1])
-        if not isinstance(data, dict):
-            raise ValueError(f"data is a {type(data).__name__}, not an object")
-        data.update(zip(_JOB_COLUMNS, row[:-1], strict=True))
-        job = JobRecord.from_dict(data)
-        for name, kind in _FIELD_TYPES.items():
-            value = getattr(job, name)
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                raise ValueError(f"field {name!r} has type {type(value).__name__}")
-        if not all(isinstance(a, str) for a in job.command):
-            raise ValueError("command is not a list of strings")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in job.env.items()):
-            raise ValueError("env is not a mapping of strings")
-    except (ValueError, TypeError) as e:
-        log.error("journal: skipping corrupt job row %r: %s", job_id, e)
-        return None
-    return job
 
 
 class AsyncJournal:

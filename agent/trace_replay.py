@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,46 @@ def unallocated_at(events: Sequence[tuple[float, float]], level: int) -> float |
     return 100.0 - sum(vals) / len(vals)
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What one replay counts as the tasks arrive, in GPU milli and in tasks.
+
+    ``arrived`` and ``allocated`` are in the run's own (possibly rounded) requests;
+    ``orig_arrived`` is as the trace asks, the same with and without sharing, so that the
+    "within 100%" counts compare the two modes task for task.
+    """
+
+    capacity: int
+    events: list[tuple[float, float]] = field(default_factory=list)
+    arrived: int = 0
+    allocated: int = 0
+    orig_arrived: int = 0
+    placed: int = 0
+    gpu_tasks: int = 0
+    gpu_placed: int = 0
+    tasks_100: int = 0
+    gpu_tasks_100: int = 0
+    gpu_placed_100: int = 0
+
+    def add(self, task: Task, gpu: int, ok: bool) -> None:
+        self.orig_arrived += task.gpu_request
+        within_100 = self.orig_arrived <= self.capacity
+        self.arrived += gpu
+        if ok:
+            self.placed += 1
+            self.allocated += gpu
+        if task.num_gpu > 0:
+            self.gpu_tasks += 1
+            self.gpu_placed += ok
+            if within_100:
+                self.gpu_tasks_100 += 1
+                self.gpu_placed_100 += ok
+        if within_100:
+            self.tasks_100 += 1
+        self.events.append((self.arrived * 100.0 / self.capacity,
+                            self.allocated * 100.0 / self.capacity))
+
+
 def replay(
     nodes: Sequence[NodeSpec],
     tasks: Sequence[Task],
@@ -222,58 +262,39 @@ def replay(
     placer = Placer(cluster, spec, workload=workload, rng=random.Random(seed * 7919 + 1))
 
     started = time.perf_counter()
-    events: list[tuple[float, float]] = []
-    arrived = allocated = 0  # milli, in this run's own (possibly rounded) requests
-    orig_arrived = 0  # milli, as the trace asks (the same in both modes)
-    placed = gpu_tasks = gpu_placed = tasks_100 = gpu_tasks_100 = gpu_placed_100 = 0
+    tally = _Tally(capacity)
     decide = placer.decide
     commit = placer.commit
     for task in order:
         req = task.request(sharing)
-        gpu = req.compute_milli * req.count
         res = decide(req)
         ok = not isinstance(res, NoFit)
         if not isinstance(res, NoFit):
             commit(req, res)
-        orig_arrived += task.gpu_request
-        within_100 = orig_arrived <= capacity
-        arrived += gpu
-        if ok:
-            placed += 1
-            allocated += gpu
-        if task.num_gpu > 0:
-            gpu_tasks += 1
-            gpu_placed += ok
-            if within_100:
-                gpu_tasks_100 += 1
-                gpu_placed_100 += ok
-        if within_100:
-            tasks_100 += 1
-        events.append((arrived * 100.0 / capacity, allocated * 100.0 / capacity))
+        tally.add(task, req.compute_milli * req.count, ok)
     seconds = time.perf_counter() - started
+    return {"policy": spec.name, "seed": seed, "inflate": inflate, "sharing": sharing,
+            "nodes": len(nodes), **_figures(tally, len(order), inflate),
+            "seconds": round(seconds, 3)}
 
+
+def _figures(tally: _Tally, tasks: int, inflate: float) -> dict[str, Any]:
     def rnd(x: float | None) -> float | None:
         return None if x is None else round(x, 4)
 
     return {
-        "policy": spec.name,
-        "seed": seed,
-        "inflate": inflate,
-        "sharing": sharing,
-        "nodes": len(nodes),
-        "capacity_gpu_milli": capacity,
-        "tasks": len(order),
-        "placed": placed,
-        "failed": len(order) - placed,
-        "gpu_tasks": gpu_tasks,
-        "gpu_tasks_placed": gpu_placed,
-        "tasks_100": tasks_100,
-        "gpu_tasks_100": gpu_tasks_100,
-        "gpu_tasks_placed_100": gpu_placed_100,
-        "allocated_gpu_pct": round(allocated * 100.0 / capacity, 4),
-        "unallocated_gpu_pct_100": rnd(unallocated_at(events, 100)),
-        "unallocated_gpu_pct_130": rnd(unallocated_at(events, round(inflate * 100))),
-        "seconds": round(seconds, 3),
+        "capacity_gpu_milli": tally.capacity,
+        "tasks": tasks,
+        "placed": tally.placed,
+        "failed": tasks - tally.placed,
+        "gpu_tasks": tally.gpu_tasks,
+        "gpu_tasks_placed": tally.gpu_placed,
+        "tasks_100": tally.tasks_100,
+        "gpu_tasks_100": tally.gpu_tasks_100,
+        "gpu_tasks_placed_100": tally.gpu_placed_100,
+        "allocated_gpu_pct": round(tally.allocated * 100.0 / tally.capacity, 4),
+        "unallocated_gpu_pct_100": rnd(unallocated_at(tally.events, 100)),
+        "unallocated_gpu_pct_130": rnd(unallocated_at(tally.events, round(inflate * 100))),
     }
 
 

@@ -1,0 +1,185 @@
+"""The routes under ``/v1/jobs``: submit, list, show (and wait for), cancel, and the output.
+
+A gang is submitted as one request and shown and cancelled by its id as one job; its
+members are jobs of their own here, each with an id of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import uuid
+
+from aiohttp import web
+
+from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refuse
+from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
+from flexmesh.agent.joblogs import read_at
+from flexmesh.agent.models import TERMINAL, JobRecord, gang_members, member_id
+
+log = logging.getLogger("flexmesh.api")
+
+LOG_CHUNK = 1 << 20  # bytes of a log read at a time
+
+
+async def submit(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    if agent.stopping:
+        return error(503, "the agent is shutting down")
+    try:
+        raw = await request.read()
+        if len(raw) > MAX_BODY:
+            raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        fields = parse_submit(body)
+    except BadRequest as exc:
+        log.info("submit refused uid=%s reason=%r", peer_uid(request), str(exc))
+        return error(400, str(exc))
+    job_id = uuid.uuid4().hex[:12]
+    size = fields["gang_size"]
+    if size:
+        # A gang: one member job per rank, each placed on a node of its own, all at once.
+        fields.pop("gang_size")
+        members = gang_members(job_id, size, origin=agent.node.name, role="origin",
+                               uid=peer_uid(request), **fields)
+        await agent.submit_many(members)
+        log.info("gang accepted gang=%s members=%d uid=%s compute_milli=%d memory_mib=%d",
+                 job_id, size, members[0].uid, members[0].compute_milli,
+                 members[0].memory_mib)
+        return web.json_response(gang_view(job_id, members), status=201)
+    job = JobRecord(id=job_id, origin=agent.node.name, role="origin",
+                    uid=peer_uid(request), **fields)
+    await agent.submit(job)
+    log.info("job accepted job=%s uid=%s compute_milli=%d memory_mib=%d", job.id, job.uid,
+             job.compute_milli, job.memory_mib)
+    return web.json_response(job_view(job), status=201)
+
+
+def _job(request: web.Request) -> JobRecord:
+    agent = request.app[AGENT_KEY]
+    job_id = request.match_info["id"]
+    job = agent.node.origin.jobs.get(job_id)
+    if job is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id} was submitted here"}),
+                               content_type="application/json")
+    return job
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    jobs = list(agent.node.origin.jobs.values())
+    jobs.sort(key=lambda j: j.created_at)
+    return web.json_response([job_view(j) for j in jobs])
+
+
+def _gang(request: web.Request) -> list[JobRecord] | None:
+    """The members of the gang the request names, if it names one submitted here."""
+    agent = request.app[AGENT_KEY]
+    gang = request.match_info["id"]
+    mine = agent.node.origin.jobs
+    first = mine.get(member_id(gang, 0))
+    if gang in mine or first is None or first.gang != gang:
+        return None
+    members = [agent.node.origin.jobs.get(member_id(gang, r)) for r in range(first.gang_size)]
+    return [m for m in members if m is not None]
+
+
+async def show_job(request: web.Request) -> web.Response:
+    """One job, or a gang by its id; with ``?wait=S``, once it has ended or S s passed."""
+    agent = request.app[AGENT_KEY]
+    members = _gang(request)
+    ids = [m.id for m in members] if members is not None else [_job(request).id]
+    wait = request.query.get("wait")
+    if wait:
+        try:
+            seconds = min(max(float(wait), 0.0), 300.0)
+        except ValueError:
+            return error(400, "wait must be a number of seconds")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        for job_id in ids:  # each in turn, within the one deadline
+            while agent.node.origin.jobs[job_id].state not in TERMINAL and loop.time() < deadline:
+                ev = agent.job_event(job_id)
+                ev.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
+    jobs = [agent.node.origin.jobs[job_id] for job_id in ids]
+    if members is not None:
+        return web.json_response(gang_view(jobs[0].gang, jobs))
+    return web.json_response(job_view(jobs[0]))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    members = _gang(request)
+    if members is not None:  # a gang: every member
+        agent = request.app[AGENT_KEY]
+        for m in members:
+            refused = refuse(request, m, "cancel")
+            if refused is not None:
+                return refused
+        results = [await agent.cancel(m.id) for m in members]
+        gang = members[0].gang
+        log.info("cancel gang=%s uid=%s results=%s", gang, peer_uid(request), results)
+        members = [agent.node.origin.jobs[m.id] for m in members]
+        return web.json_response({"id": gang, "result": ",".join(results),
+                                  "job": gang_view(gang, members)}, status=202)
+    job = _job(request)
+    refused = refuse(request, job, "cancel")
+    if refused is not None:
+        return refused
+    agent = request.app[AGENT_KEY]
+    result = await agent.cancel(job.id)
+    log.info("cancel job=%s uid=%s result=%s", job.id, peer_uid(request), result)
+    return web.json_response({"id": job.id, "result": result, "job": job_view(job)},
+                             status=202)
+
+
+async def job_logs(request: web.Request) -> web.StreamResponse:
+    job = _job(request)
+    refused = refuse(request, job, "read the output of")
+    if refused is not None:
+        return refused
+    agent = request.app[AGENT_KEY]
+    follow = request.query.get("follow") in ("1", "true", "yes")
+    ndjson = request.query.get("format") == "ndjson"
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        return error(400, "stream must be stdout or stderr")
+    streams = ("stdout", "stderr") if ndjson else (stream,)
+    base = agent.state_dir / "jobs" / job.id
+    resp = web.StreamResponse()
+    resp.content_type = "application/x-ndjson" if ndjson else "application/octet-stream"
+    await resp.prepare(request)
+    offsets = dict.fromkeys(streams, 0)
+    while True:
+        job = agent.node.origin.jobs[job.id]
+        done = job.state in TERMINAL  # read state first: output written before it counts
+        got = False
+        for name in streams:
+            data = await asyncio.to_thread(read_at, base / name, offsets[name], LOG_CHUNK)
+            if data:
+                got = True
+                offsets[name] += len(data)
+                if ndjson:
+                    line = {"stream": name, "b64": base64.b64encode(data).decode()}
+                    await resp.write(json.dumps(line).encode() + b"\n")
+                else:
+                    await resp.write(data)
+        if not follow or (done and not got):
+            break
+        if not got:
+            ev = agent.job_event(job.id)
+            ev.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), 0.25)
+    if ndjson:
+        end = {"end": True, "state": job.state, "reason": job.reason, "exit_code": job.exit_code}
+        await resp.write(json.dumps(end).encode() + b"\n")
+    await resp.write_eof()
+    return resp

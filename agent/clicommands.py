@@ -1,0 +1,222 @@
+"""The ``flexmesh`` commands that talk to a running agent, and how they print: a table
+for people, or with ``-o json`` JSON only on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from typing import Any
+
+from flexmesh.agent.cliclient import CliError, request
+from flexmesh.agent.units import format_mib
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _frac(milli: int) -> str:
+    return f"{milli / 1000:g}"
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.output == "json":
+        print(json.dumps(data, indent=None))
+    else:
+        print(text)
+
+
+def _job_line(j: dict[str, Any]) -> dict[str, Any]:
+    where = f"{j['node']}/{','.join(j.get('devices') or [j['device']])}" if j.get("node") else "-"
+    gpu = _frac(j["compute_milli"])
+    if j.get("count", 1) > 1:
+        gpu = f"{j['count']}x{gpu}"
+    return {**j, "where": where, "gpu": gpu, "mem": format_mib(j["memory_mib"], "table"),
+            "cmd": " ".join(j.get("command", []))[:40]}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    job = request(args, "POST", "/v1/jobs", _submit_body(args))
+    if not args.wait:
+        _emit(args, job, job["id"])
+        return 0
+    job = _wait_until_ended(args, job)
+    _emit(args, job, _ended_text(job))
+    if job["state"] == "succeeded":
+        return 0
+    code = job.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
+    from flexmesh.agent.units import parse_fraction, parse_percent, parse_size
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CliError("submit needs a command after --", 2)
+    try:
+        compute = 1000
+        if args.gpu is not None and args.compute is not None:
+            raise ValueError("give --gpu or --compute, not both")
+        if args.gpu is not None:
+            compute = parse_fraction(args.gpu)
+        elif args.compute is not None:
+            compute = parse_percent(args.compute)
+        memory = parse_size(args.memory) if args.memory else 0
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    env = {}
+    for item in args.env or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"--env {item!r} is not NAME=VALUE", 2)
+        env[name] = value
+    # What the request may ask for is the agent's to check: its 400 says what is wrong.
+    body = {"command": command, "compute_milli": compute, "memory_mib": memory,
+            "kind": args.kind, "priority": args.priority, "env": env}
+    if args.devices != 1:
+        body["devices"] = args.devices
+    if args.preemptible:
+        body["preemptible"] = True
+    if args.gang != 1:
+        body["gang"] = args.gang
+    return body
+
+
+def _wait_until_ended(args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while job["state"] not in ("succeeded", "failed", "cancelled", "preempted", "lost"):
+        if deadline is not None and time.monotonic() > deadline:
+            raise CliError(f"job {job['id']} still {job['state']} after {args.timeout:g}s", 1)
+        job = request(args, "GET", f"/v1/jobs/{job['id']}?wait=30", timeout=60)
+    return job
+
+
+def _ended_text(job: dict[str, Any]) -> str:
+    if job.get("members"):  # a gang: a line for each member
+        lines = [f"{job['id']} {job['state']}" + (f": {job['reason']}" if job["reason"] else "")]
+        for m in job["members"]:
+            where = ",".join(m.get("devices") or [m["device"] or "-"])
+            lines.append(f"  {m['id']} {m['state']} on {m['node'] or '-'}/{where}: "
+                         f"{m['reason']}")
+        return "\n".join(lines)
+    where = ",".join(job.get("devices") or [job["device"] or "-"])
+    return f"{job['id']} {job['state']} on {job['node'] or '-'}/{where}: {job['reason']}"
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = request(args, "GET", "/v1/jobs")
+    _emit(args, jobs, _table([_job_line(j) for j in jobs],
+                             ["id", "state", "where", "gpu", "mem", "exit_code", "cmd"]))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    job = request(args, "GET", f"/v1/jobs/{args.job}")
+    text = "\n".join(f"{k:>14}: {v}" for k, v in job.items())
+    _emit(args, job, text)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    result = request(args, "DELETE", f"/v1/jobs/{args.job}")
+    _emit(args, result, f"{args.job}: {result['result']}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    follow = "&follow=1" if args.follow else ""
+    resp = request(args, "GET", f"/v1/jobs/{args.job}/logs?format=ndjson{follow}",
+                   timeout=None if args.follow else 60, stream=True)  # type: ignore[arg-type]
+    for line in resp:
+        rec = json.loads(line)
+        if rec.get("end"):
+            break
+        out = sys.stdout if rec["stream"] == "stdout" else sys.stderr
+        out.buffer.write(base64.b64decode(rec["b64"]))
+        out.flush()
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    rows = request(args, "GET", "/v1/nodes")
+    view = [{**r, "coordinator": "*" if r["coordinator"] else ""} for r in rows]
+    _emit(args, rows, _table(view, ["name", "address", "state", "coordinator", "devices"]))
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    rows = request(args, "GET", "/v1/devices")
+    view = [{**r, "memory": format_mib(r["memory_mib"], "table"),
+             "leased": f"{_frac(r['leased_compute_milli'])} / "
+                       f"{format_mib(r['leased_memory_mib'], 'table')}",
+             "lendable": f"{_frac(r['lendable_compute_milli'])} / "
+                         f"{format_mib(r['lendable_memory_mib'], 'table')}"} for r in rows]
+    _emit(args, rows, _table(view, ["node", "id", "kind", "model", "memory", "leased",
+                                    "lendable", "backend", "enforcement"]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The mesh drawn in the terminal: nodes, devices, bars of leased/local/lendable."""
+    import shutil
+
+    from flexmesh.agent.statusview import render
+
+    while True:
+        st = request(args, "GET", "/v1/status")
+        nodes = request(args, "GET", "/v1/nodes")
+        devices = request(args, "GET", "/v1/devices")
+        if args.output == "json":
+            print(json.dumps({"status": st, "nodes": nodes, "devices": devices}))
+        else:
+            width = shutil.get_terminal_size().columns
+            color = sys.stdout.isatty()
+            text = render(nodes, devices, width=width, color=color)
+            head = (f"{st['name']} at {st['address']}: coordinator {st['coordinator'] or '-'}"
+                    f" (term {st['term']}), queue {st['queue']}")
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            print(head + "\n" + text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    st = request(args, "GET", "/v1/status")
+    if not st.get("ui"):
+        raise CliError("the web page is off on this agent (set ui = \"127.0.0.1:PORT\")", 1)
+    _emit(args, {"url": st["ui"]}, st["ui"])
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from flexmesh.protocol.crypto import generate_key
+
+    print(generate_key())
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.op == "list":
+        view = request(args, "GET", "/v1/keys")
+    else:
+        if not args.key:
+            raise CliError(f"keys {args.op} needs a KEY (or its fingerprint)", 2)
+        view = request(args, "POST", "/v1/keys", {"op": args.op, "key": args.key})
+    lines = [f"cluster {view['cluster']}: "
+             + ("sealed" if view["encrypted"] else "PLAINTEXT (no key)")]
+    lines += [f"{fp}{'  (primary: seals)' if fp == view['primary'] else ''}"
+              for fp in view["keys"]]
+    _emit(args, view, "\n".join(lines))
+    return 0
