@@ -12,6 +12,9 @@ import contextlib
 import json
 import logging
 import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,6 +22,9 @@ from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refus
 from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
 from flexmesh.agent.joblogs import read_at
 from flexmesh.agent.models import TERMINAL, JobRecord, gang_members, member_id
+
+if TYPE_CHECKING:
+    from flexmesh.agent.runtime import Agent
 
 log = logging.getLogger("flexmesh.api")
 
@@ -104,15 +110,23 @@ async def show_job(request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         for job_id in ids:  # each in turn, within the one deadline
-            while agent.node.origin.jobs[job_id].state not in TERMINAL and loop.time() < deadline:
+            while _state(agent, job_id) not in TERMINAL and loop.time() < deadline:
                 ev = agent.job_event(job_id)
                 ev.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
-    jobs = [agent.node.origin.jobs[job_id] for job_id in ids]
+    jobs = [j for j in map(agent.node.origin.jobs.get, ids) if j is not None]
+    if not jobs:  # forgotten while we waited (its retention ran out)
+        return error(404, f"no job {request.match_info['id']}")
     if members is not None:
         return web.json_response(gang_view(jobs[0].gang, jobs))
     return web.json_response(job_view(jobs[0]))
+
+
+def _state(agent: Agent, job_id: str) -> str:
+    """A job's state now; a job forgotten meanwhile counts as ended."""
+    job = agent.node.origin.jobs.get(job_id)
+    return job.state if job is not None else "forgotten"
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -157,11 +171,34 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     resp.content_type = "application/x-ndjson" if ndjson else "application/octet-stream"
     await resp.prepare(request)
     offsets = dict.fromkeys(streams, 0)
+    try:
+        job = await _stream_logs(agent, job, resp, base, offsets, follow, ndjson)
+        if ndjson:
+            end = {"end": True, "state": job.state, "reason": job.reason,
+                   "exit_code": job.exit_code,
+                   "forgotten": job.id not in agent.node.origin.jobs}
+            await resp.write(json.dumps(end).encode() + b"\n")
+    except ConnectionResetError:  # the reader went away: nothing more to do
+        return resp
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write_eof()
+    return resp
+
+
+async def _stream_logs(agent: Agent, job: JobRecord, resp: web.StreamResponse, base: Path,
+                       offsets: dict[str, int], follow: bool, ndjson: bool) -> JobRecord:
+    """Write a job's output from ``offsets`` on: all there is now, and with ``follow``
+    until the job has ended and all of it is written. Returns the job as it ended (or as
+    it was last seen, with its reason saying so, if it was forgotten meanwhile)."""
     while True:
-        job = agent.node.origin.jobs[job.id]
+        now = agent.node.origin.jobs.get(job.id)
+        if now is None:  # past its retention, its output deleted with it
+            return replace(job, reason=f"job {job.id} was forgotten (retention) while "
+                                       "its output was read")
+        job = now
         done = job.state in TERMINAL  # read state first: output written before it counts
         got = False
-        for name in streams:
+        for name in offsets:
             data = await asyncio.to_thread(read_at, base / name, offsets[name], LOG_CHUNK)
             if data:
                 got = True
@@ -171,15 +208,10 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
                     await resp.write(json.dumps(line).encode() + b"\n")
                 else:
                     await resp.write(data)
-        if not follow or (done and not got):
-            break
+        if not got and (done or not follow):
+            return job
         if not got:
             ev = agent.job_event(job.id)
             ev.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), 0.25)
-    if ndjson:
-        end = {"end": True, "state": job.state, "reason": job.reason, "exit_code": job.exit_code}
-        await resp.write(json.dumps(end).encode() + b"\n")
-    await resp.write_eof()
-    return resp

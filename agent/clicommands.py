@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import sys
 import time
@@ -137,14 +138,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
     follow = "&follow=1" if args.follow else ""
     resp = request(args, "GET", f"/v1/jobs/{args.job}/logs?format=ndjson{follow}",
                    timeout=None if args.follow else 60, stream=True)  # type: ignore[arg-type]
-    for line in resp:
-        rec = json.loads(line)
-        if rec.get("end"):
-            break
-        out = sys.stdout if rec["stream"] == "stdout" else sys.stderr
-        out.buffer.write(base64.b64decode(rec["b64"]))
-        out.flush()
-    return 0
+    try:
+        for line in resp:
+            rec = json.loads(line)
+            if rec.get("end"):
+                if rec.get("forgotten"):
+                    raise CliError(rec["reason"], 1)
+                return 0
+            out = sys.stdout if rec["stream"] == "stdout" else sys.stderr
+            out.buffer.write(base64.b64decode(rec["b64"]))
+            out.flush()
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise CliError(f"reading the output of {args.job} failed: {exc}", 3) from None
+    raise CliError(f"the output of {args.job} ended early: the agent closed the stream "
+                   "(stopped or restarted?); run the command again for the rest", 3)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

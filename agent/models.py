@@ -39,10 +39,11 @@ MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
 
 
 def job_id_problem(job_id: object) -> str | None:
-    """Why a job id cannot name a job (it names a directory in the state dir), or None."""
+    """Why a job id cannot name a job, or None. It names a directory in the state dir and
+    appears in logs: one path component of at most 200 bytes, printable characters only."""
     if (not isinstance(job_id, str) or not job_id or job_id in (".", "..") or "/" in job_id
-            or "\0" in job_id or len(job_id) > 200):
-        return f"invalid job id {job_id!r}"
+            or not job_id.isprintable() or len(job_id.encode("utf-8", "replace")) > 200):
+        return f"invalid job id {str(job_id)[:80]!r}"
     return None
 
 

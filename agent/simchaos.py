@@ -3,7 +3,8 @@
 ``run_seed(seed)`` builds 3 to 8 nodes, submits jobs (fractions, whole devices,
 priorities, preemptible ones) from random nodes, and between rounds of jobs crashes,
 restarts, partitions, stalls or gracefully restarts a node, raises an owner's own load
-(reclaim), and loses, delays and reorders packets and calls. The simulator checks its
+(reclaim), fills a node's disk for a while (the output it follows cannot be written),
+and loses, delays and reorders packets and calls. The simulator checks its
 invariants after every event (see ``simcheck``); after the faults heal, the mesh must
 converge, every job end or wait in the queue, and every job that succeeded on another
 node must have its whole output at its origin, exactly once. A failure raises with the
@@ -20,7 +21,7 @@ from flexmesh.agent.simcheck import InvariantError
 from flexmesh.agent.simulator import LinkFaults, Simulator
 from flexmesh.protocol.membership import PRESETS
 
-FAULTS = ("crash", "partition", "stall", "leave", "load", "none")
+FAULTS = ("crash", "partition", "stall", "leave", "load", "disk", "none")
 
 
 def _gpu(i: int, mib: int = 8192) -> Device:
@@ -54,6 +55,8 @@ def _fault(sim: Simulator, rng: random.Random, names: list[str]) -> tuple[str, s
         sim.partition(set(rng.sample(names, rng.randint(1, len(names) - 1))))
     elif fault == "stall":
         sim.stall(victim, rng.uniform(0.5, 3.0))
+    elif fault == "disk":
+        sim.disk_full(rng.choice(names), rng.uniform(0.5, 5.0))
     elif fault == "load" and sim.nodes[victim].devices and sim.nodes[victim].up:
         sim.load(victim, "gpu0", rng.choice([0, 500, 1000]), rng.choice([0, 4096]))
     return fault, victim

@@ -9,10 +9,11 @@ everything by (virtual time, sequence number), and all randomness comes from one
 ``random.Random(seed)``, so a seed replays exactly.
 
 Faults are one line each: ``cut(a, b)``, ``isolate(n)``, ``heal()``, ``crash(n)``,
-``restart(n)``, ``stall(n, seconds)``. Calls between agents go through the wire codec and
-may be lost (``LinkFaults.call_loss``) or delayed out of order (``call_jitter``); an origin
-follows a job it placed elsewhere with ``JobSync`` calls over that network, as real agents
-do, and a simulated process writes output that the origin must get back exactly once.
+``restart(n)``, ``stall(n, seconds)``, ``disk_full(n, seconds)``. Calls between agents
+go through the wire codec and may be lost (``LinkFaults.call_loss``) or delayed out of
+order (``call_jitter``); an origin follows a job it placed elsewhere with ``JobSync``
+calls over that network, as real agents do, and a simulated process writes output that
+the origin must get back exactly once.
 ``check()`` verifies the invariants after every step (see ``invariants``).
 """
 
@@ -26,7 +27,7 @@ from typing import Any, assert_never
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
-from flexmesh.agent.models import LOST, TERMINAL, JobRecord, gang_members
+from flexmesh.agent.models import LOST, JobRecord, gang_members
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
@@ -45,6 +46,7 @@ from flexmesh.agent.node import (
 from flexmesh.agent.simcheck import InvariantError, check_start, check_world
 from flexmesh.agent.simlog import SimLog
 from flexmesh.agent.simnet import LinkFaults, SimNetwork
+from flexmesh.agent.simviews import SimViews
 from flexmesh.protocol.lease import Lease
 from flexmesh.protocol.membership import (
     PRESETS,
@@ -63,6 +65,7 @@ class _SimNode:
     config: NodeConfig
     up: bool = True
     stalled_until: float = 0.0
+    disk_full_until: float = 0.0  # until then, output received here cannot be written
     load: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> owner's own use
     # journal meta: the last fencing token and highest term (outlive forgotten leases)
     disk_token: int = 0
@@ -82,7 +85,7 @@ class _SimNode:
     archived: dict[str, list[dict[str, bytearray]]] = field(default_factory=dict)
 
 
-class Simulator(SimNetwork):
+class Simulator(SimNetwork, SimViews):
     def __init__(self, seed: int, faults: LinkFaults | None = None,
                  membership: Config | None = None, **node_options: Any) -> None:
         """``node_options``: NodeConfig fields every node gets (e.g. ``keep_finished``)."""
@@ -198,6 +201,10 @@ class Simulator(SimNetwork):
     def stall(self, n: str, seconds: float) -> None:
         self.nodes[n].stalled_until = self.now + seconds
 
+    def disk_full(self, n: str, seconds: float) -> None:
+        """For ``seconds``, output the node receives of jobs it follows is not written."""
+        self.nodes[n].disk_full_until = self.now + seconds
+
     def reachable(self, a: str, b: str) -> bool:
         return (self.nodes[a].up and self.nodes[b].up
                 and frozenset((a, b)) not in self.cuts)
@@ -266,8 +273,9 @@ class Simulator(SimNetwork):
         sim = self.nodes[name]
         if not sim.up:
             return
-        for eff in sim.node.drain():
-            self._effect(name, eff)
+        while effects := sim.node.drain():
+            for eff in effects:
+                self._effect(name, eff)
         deadline = max(sim.node.next_deadline(), self.now, sim.stalled_until)
         if sim.tick_at < self.now or deadline < sim.tick_at:
             sim.tick_at = deadline
@@ -318,6 +326,8 @@ class Simulator(SimNetwork):
                     kept.pop(eff.job_id, None)
             case ForgetLease():
                 sim.disk_leases.pop(eff.lease_id, None)
+            case JobOutput() if self.now < sim.disk_full_until:
+                sim.node.output_failed(eff.job_id, eff.stream, eff.offset, self.now)
             case JobOutput():
                 got = sim.received.setdefault(eff.job_id, {}).setdefault(eff.stream, bytearray())
                 if eff.offset > len(got):
@@ -379,44 +389,3 @@ class Simulator(SimNetwork):
 
     def check(self) -> None:
         check_world(self)
-
-    def up_nodes(self) -> list[str]:
-        return [n for n, s in self.nodes.items() if s.up]
-
-    def groups(self) -> list[set[str]]:
-        """Connected groups of up nodes under the current cuts."""
-        left = set(self.up_nodes())
-        out = []
-        while left:
-            start = left.pop()
-            group, todo = {start}, [start]
-            while todo:
-                a = todo.pop()
-                for b in list(left):
-                    if self.reachable(a, b):
-                        left.discard(b)
-                        group.add(b)
-                        todo.append(b)
-            out.append(group)
-        return out
-
-    def converged(self, group: set[str]) -> bool:
-        """Every node in ``group`` sees exactly the group alive, nobody suspect, and agrees
-        on one coordinator."""
-        beliefs = set()
-        for n in group:
-            node = self.nodes[n].node
-            members = node.membership.members.values()
-            alive = {m.name for m in members if m.state == "alive"}
-            if alive != group or any(m.state == "suspect" for m in members):
-                return False
-            beliefs.add(node.belief)
-        return len(beliefs) == 1 and all(b.coordinator and b.term for b in beliefs)
-
-    def terminal_jobs(self) -> dict[str, str]:
-        out = {}
-        for job_id in self.submitted:
-            job = self.job(job_id)
-            if job is not None and job.state in TERMINAL:
-                out[job_id] = job.state
-        return out

@@ -53,6 +53,14 @@ def test_four_agents_lend_a_fraction_and_fail_over(mesh: LocalMesh) -> None:
                    check=False)
     assert res.returncode == 7 and "exited with code 7" in res.stdout
 
+    # Output beyond one read (1 MiB) comes back whole, without --follow as with it.
+    res = mesh.cli("d", "submit", "--wait", "--gpu", "0.25", "--kind", "gpu", "-o", "json",
+                   "--", "sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' x")
+    big = json.loads(res.stdout)
+    assert big["node"] != "d"
+    assert mesh.cli("d", "logs", big["id"]).stdout == "x" * 3145728
+    assert mesh.cli("d", "logs", "--follow", big["id"]).stdout == "x" * 3145728
+
     # kill -9 the coordinator; a new one is elected and places the next job.
     coordinator = mesh.coordinator("d")
     assert coordinator in ("a", "b", "c")

@@ -199,7 +199,7 @@ def test_a_run_ended_before_its_start_left_the_node_starts_no_process() -> None:
 
 def test_an_owner_refuses_to_start_a_job_whose_id_cannot_name_a_directory() -> None:
     node = owner(1)
-    for bad in ("..", "a/b", "x\0y", "j" * 201):
+    for bad in ("..", "a/b", "./..", "x\0y", "x\ny", "\x1b[2J", "j" * 201, "é" * 101):
         reply = lease(node, bad, gpu(0).id, compute=100)
         assert isinstance(reply, wire.LeaseReply) and not reply.granted
         assert "invalid job id" in reply.reason
@@ -228,4 +228,55 @@ def test_an_origin_drops_a_job_sync_answer_bigger_than_it_asks_for() -> None:
     huge = wire.JobSyncReply("running", "", None, b"x" * (SYNC_CHUNK + 1), b"", False)
     node.call_result(sync.call_id, huge, "", 1.0)
     assert not [e for e in node.drain() if isinstance(e, JobOutput)]
-    assert node.counters["job_sync_oversized"] == 1
+    assert node.counters["job_sync_invalid"] == 1
+    # nor a state no agent has (a hostile or broken owner), nor a reason of megabytes
+    for n, bad in enumerate((wire.JobSyncReply("pwned", "", 0, b"", b"", True),
+                             wire.JobSyncReply("failed", "r" * 10**6, 1, b"", b"", True))):
+        node.tick(5.0 + 5 * n)
+        (sync,) = [e for e in node.drain()
+                   if isinstance(e, Call) and isinstance(e.msg, wire.JobSync)]
+        node.call_result(sync.call_id, bad, "", 5.0 + 5 * n)
+        assert node.origin.jobs["j1"].state == "running"
+        assert node.counters["job_sync_invalid"] == 2 + n
+
+
+def _following(stdout: bytes) -> tuple[Node, wire.JobSync]:
+    """``desk`` follows j1 on ``owner`` and has just been given ``stdout`` of it."""
+    node = Node(NodeConfig("desk", "127.0.0.1:7946"), random.Random(1), 0.0)
+    job = JobRecord(id="j1", origin="desk", command=["true"], compute_milli=500,
+                    memory_mib=0, role="origin", state="running", node="owner",
+                    device="gpu0", lease_id="owner/7", token=7, term=1)
+    node.membership.handle_alive(wire.Alive("owner", "127.0.0.1:7947", 0), 0.0)
+    node.recover([job], [], lambda j: False, 0.0)
+    (sync,) = [e for e in node.drain() if isinstance(e, Call) and isinstance(e.msg, wire.JobSync)]
+    node.call_result(sync.call_id, wire.JobSyncReply("running", "", None, stdout, b"", False),
+                     "", 1.0)
+    (nxt,) = [e for e in node.drain() if isinstance(e, Call) and isinstance(e.msg, wire.JobSync)]
+    assert isinstance(nxt.msg, wire.JobSync)
+    return node, nxt.msg
+
+
+def test_output_that_could_not_be_written_is_asked_for_again() -> None:
+    node, asked = _following(b"hello\n")
+    assert asked.stdout_offset == 6
+    node.output_failed("j1", "stdout", 0, 1.0)  # a full disk: the 6 bytes are not here
+    node.tick(1.1)
+    assert not [e for e in node.drain() if isinstance(e, Call)]  # a pause first
+    node.tick(4.0)
+    (again,) = [e for e in node.drain() if isinstance(e, Call)]
+    assert isinstance(again.msg, wire.JobSync) and again.msg.stdout_offset == 0
+    assert node.counters["job_output_unwritten"] == 1
+
+
+def test_an_owner_answers_a_job_sync_for_a_job_it_does_not_run() -> None:
+    node = owner(1)
+    unknown = node.sync_reply(wire.JobSync("nope", 0, 0, 0), b"", b"", 1024)
+    assert isinstance(unknown, wire.JobSyncReply) and unknown.state == "lost"
+    assert unknown.complete and "no record of job nope" in unknown.reason
+    reply = lease(node, "j1", gpu(0).id, compute=100)
+    assert isinstance(reply, wire.LeaseReply) and reply.granted
+    placed = node.sync_reply(wire.JobSync("j1", 0, 0, 0), b"", b"", 1024)
+    assert isinstance(placed, wire.JobSyncReply) and placed.state == "placed"  # not yet run
+    for offsets in ((-1, 0), (0, 2**63)):
+        bad = node.sync_reply(wire.JobSync("j1", *offsets, 0), b"", b"", 1024)
+        assert isinstance(bad, wire.Error) and "offsets" in bad.reason

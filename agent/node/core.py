@@ -233,6 +233,12 @@ class Node:
         self.owner.job_exited(job_id, exit_code, reason, now, state)
         self._after_input(now)
 
+    def output_failed(self, job_id: str, stream: str, offset: int, now: float) -> None:
+        """A ``JobOutput`` effect could not be carried out (its bytes are not on disk)."""
+        self._now = now
+        self.origin.follow.output_failed(job_id, stream, offset, now)
+        self._after_input(now)
+
     def set_devices(self, devices: list[Device], lendable: dict[str, tuple[int, int]],
                     now: float) -> None:
         """Declare local devices and what of each may be lent (capacity minus local use)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flexmesh.agent.models import LOST, PLACED, RUNNING, JobRecord
+from flexmesh.agent.models import LOST, PLACED, RUNNING, STATES, JobRecord
 from flexmesh.agent.node.effects import JobOutput, PendingCall
 from flexmesh.agent.node.gang import gang_ended
 from flexmesh.protocol import wire
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 SYNC_WAIT_MS = 1000  # how long the owner may hold a JobSync open
 SYNC_CHUNK = 256 * 1024  # bytes of output an answer carries at most, per stream
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds between attempts after a failed call
+MAX_REASON = 4096  # characters of an owner's reason for a job's state taken at most
 
 
 @dataclass(slots=True)
@@ -120,8 +121,11 @@ class Follow:
                 why = reply.reason if isinstance(reply, wire.Error) else type(reply).__name__
                 self.out.log("follow_failed", job=job.id, node=f.node, error=why)
             return
-        if len(reply.stdout) > SYNC_CHUNK or len(reply.stderr) > SYNC_CHUNK:
-            self.out.count("job_sync_oversized")  # not what this origin asks for: dropped
+        if (len(reply.stdout) > SYNC_CHUNK or len(reply.stderr) > SYNC_CHUNK
+                or reply.state not in STATES or len(reply.reason) > MAX_REASON):
+            self.out.count("job_sync_invalid")  # not an answer this origin can take
+            self.out.log("follow_failed", job=job.id, node=f.node,
+                         error=f"invalid answer (state {reply.state[:40]!r})")
             f.failures += 1
             f.next_at = now + RETRY_MAX
             return
@@ -136,6 +140,22 @@ class Follow:
         if not (reply.stdout or reply.stderr) or reply.state in (PLACED, RUNNING):
             self.origin.remote_update(job, reply.state, reply.reason, reply.exit_code, now)
         self._ask(job.id, now)
+
+    def output_failed(self, job_id: str, stream: str, offset: int, now: float) -> None:
+        """Output given as ``JobOutput`` at ``offset`` could not be written here (a full
+        disk): ask for it again from there, after a pause."""
+        f = self._jobs.get(job_id)
+        if f is None:
+            return
+        if stream == "stdout":
+            f.stdout = min(f.stdout, offset)
+        else:
+            f.stderr = min(f.stderr, offset)
+        # The ask in flight names the old offsets: its answer is ignored when it comes.
+        f.inflight = False
+        f.failures += 1
+        f.next_at = now + RETRY_MAX
+        self.out.count("job_output_unwritten")
 
     # --- owners that leave, come back or die --------------------------------------------
 

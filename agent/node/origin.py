@@ -60,13 +60,20 @@ class Origin:
         self._waiting: dict[str, _Waiting] = {}
         self._cancel_retry: dict[str, float] = {}  # job -> when to tell its owner again
 
-    def forget(self, job_id: str) -> None:
-        """An ended job past its retention."""
+    def forget(self, job_id: str) -> list[str]:
+        """An ended job past its retention: the ids forgotten (a gang's members go
+        together, and only once every one has ended)."""
         job = self.jobs.get(job_id)
-        if job is not None and job.terminal:
-            del self.jobs[job_id]
-            self._waiting.pop(job_id, None)
-            self._cancel_retry.pop(job_id, None)
+        if job is None or not job.terminal:
+            return []
+        members = gang_members(self, job) if job.gang else [job]
+        if not all(m.terminal for m in members):
+            return []
+        for m in members:
+            del self.jobs[m.id]
+            self._waiting.pop(m.id, None)
+            self._cancel_retry.pop(m.id, None)
+        return [m.id for m in members]
 
     def waits(self) -> bool:
         """Whether a job here waits on a timer (a submit, a start, a cancel, a follow-up)."""

@@ -34,6 +34,8 @@ from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, Refusal
 if TYPE_CHECKING:
     from flexmesh.agent.node.core import Node
 
+MAX_OFFSET = 2**62  # an output offset beyond any file (and within what a seek takes)
+
 
 class Owner:
     def __init__(self, node: Node) -> None:
@@ -46,6 +48,9 @@ class Owner:
         # Processes started (RunJob given) and not yet seen to exit, by job -> lease: one
         # job never has two, even when a run stopped while starting is placed here again.
         self._live: dict[str, str] = {}
+        # Ended runs whose origin has been told of their end (a complete JobSync answer):
+        # only these may be forgotten before their age runs out.
+        self._collected: set[str] = set()
 
     # --- devices ------------------------------------------------------------------------
 
@@ -305,12 +310,28 @@ class Owner:
     def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes,
                    chunk: int) -> wire.Message:
         """Answer an origin that follows a job run here: its state and the output from
-        the offsets it asked for (read by the caller, at most ``chunk`` bytes a stream)."""
+        the offsets it asked for (read by the caller, at most ``chunk`` bytes a stream).
+        A job this node neither runs nor holds a lease for (never started here, or
+        forgotten) is lost as far as this node can tell."""
+        if not (0 <= msg.stdout_offset < MAX_OFFSET and 0 <= msg.stderr_offset < MAX_OFFSET):
+            return wire.Error(f"output offsets must lie in [0, {MAX_OFFSET})")
         job = self.runs.get(msg.job_id)
+        if job is None and any(x.job_id == msg.job_id for x in self.leases.active()):
+            return wire.JobSyncReply(PLACED, "", None, b"", b"", False)  # not started yet
         if job is None:
-            return wire.Error(f"no job {msg.job_id} runs here")
+            return wire.JobSyncReply(LOST, f"{self.node.name} has no record of job "
+                                     f"{msg.job_id}", None, b"", b"", True)
         complete = job.terminal and len(stdout) < chunk and len(stderr) < chunk
+        if complete:
+            self._collected.add(job.id)
         return wire.JobSyncReply(job.state, job.reason, job.exit_code, stdout, stderr, complete)
+
+    def uncollected(self, job_id: str) -> bool:
+        """Whether ``job_id`` is a run that ended here and whose origin, another node,
+        has not heard so yet: kept until its age runs out, whatever the count."""
+        job = self.runs.get(job_id)
+        return (job is not None and job.terminal and job_id not in self._collected
+                and job_id not in self.node.origin.jobs)
 
     def forget(self, job_id: str) -> None:
         """An ended run past its retention."""
@@ -318,6 +339,7 @@ class Owner:
         if job is not None and job.terminal:
             del self.runs[job_id]
             self._stopping.pop(job_id, None)
+            self._collected.discard(job_id)
 
     def drop_run(self, job_id: str) -> None:
         """A job submitted here and run here goes back to the queue: not ours to run now."""

@@ -48,6 +48,10 @@ class Records:
             self.out.count("job_state_invalid")
             self.out.log("job_state_invalid", job=job.id, before=before[0], after=job.state)
 
+    def _forgotten(self, job_id: str) -> None:
+        if self._journaled.pop(job_id, None) is not None:
+            self.out.emit(ForgetJob(job_id))
+
     def read_back(self, jobs: list[JobRecord], now: float) -> None:
         """The journal's jobs after a restart; those that ended are kept from now on for
         as long as a job that just ended."""
@@ -57,14 +61,19 @@ class Records:
                 self.kept_jobs.ended(job.id, now)
 
     def forget_finished(self, now: float) -> None:
-        """Drop ended jobs and finished leases past their retention, here and on disk."""
+        """Drop ended jobs and finished leases past their retention, here and on disk. A
+        run whose origin has not heard of its end yet is kept until its age runs out; a
+        gang's members go together, once all have ended."""
         node = self.node
-        for job_id in self.kept_jobs.due(now):
-            node.origin.forget(job_id)
+        for job_id in self.kept_jobs.due(now, held=node.owner.uncollected):
+            for gone in node.origin.forget(job_id):
+                self.kept_jobs.revived(gone)  # (a sibling: not counted any more)
+                node.owner.forget(gone)
+                if gone not in node.owner.runs:
+                    self._forgotten(gone)
             node.owner.forget(job_id)
             if job_id not in node.origin.jobs and job_id not in node.owner.runs:
-                self._journaled.pop(job_id, None)
-                self.out.emit(ForgetJob(job_id))
+                self._forgotten(job_id)
         leases = node.leases.leases
         for held in leases.values():
             if held.state not in ACTIVE:

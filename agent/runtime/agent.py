@@ -240,7 +240,10 @@ class Agent:
                 break
             await self._persist([e for e in effects if isinstance(e, Persist)])
             for eff in effects:
-                await self._effect(eff)
+                try:
+                    await self._effect(eff)
+                except (OSError, ValueError) as exc:  # a full disk, a vanished directory
+                    self._effect_failed(eff, exc)
         if self.node.next_deadline() < self._sleep_until:
             _resolve(self._wake, True)  # something is due before the timer loop would wake
 
@@ -312,7 +315,7 @@ class Agent:
                 await self.processes.write_output(eff)
             case LogEvent():
                 log.info("%s %s", eff.event,
-                         " ".join(f"{k}={v}" for k, v in eff.fields.items()))
+                         " ".join(f"{k}={_field(v)}" for k, v in eff.fields.items()))
             case MemberEvent():
                 log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state,
                          eff.prev, eff.addr)
@@ -322,6 +325,13 @@ class Agent:
                 pass  # facts are read from the membership; journal writes came first
             case _:
                 assert_never(eff)
+
+    def _effect_failed(self, eff: Effect, exc: Exception) -> None:
+        """One effect failed: the others of its batch still run, and the node hears of
+        what it must do again."""
+        log.error("%s failed: %s", type(eff).__name__, exc)
+        if isinstance(eff, JobOutput):
+            self.node.output_failed(eff.job_id, eff.stream, eff.offset, self.loop.time())
 
     async def _call(self, eff: Call) -> None:
         reply, error = await self.transport.call(eff.addr, eff.msg, eff.timeout)
@@ -372,6 +382,13 @@ class Agent:
 
     def job_event(self, job_id: str) -> asyncio.Event:
         return self._job_events.setdefault(job_id, asyncio.Event())
+
+
+def _field(value: object) -> str:
+    """A log field as text: one that is not plainly printable (a newline, an escape sent
+    by a peer) is written quoted and escaped, so no field can forge a log line."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
 
 
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:

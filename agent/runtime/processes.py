@@ -18,6 +18,7 @@ from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
 from flexmesh.agent.node.follow import SYNC_CHUNK
+from flexmesh.agent.node.owner import MAX_OFFSET
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -117,8 +118,9 @@ class Processes:
         ``wait_ms``, at most 10 s) until there is output past its offsets or the job ends."""
         loop, node = self.agent.loop, self.agent.node
         job = node.owner.runs.get(msg.job_id)
-        if job is None:
-            return wire.Error(f"no job {msg.job_id} runs here")
+        if job is None or not (0 <= msg.stdout_offset < MAX_OFFSET
+                               and 0 <= msg.stderr_offset < MAX_OFFSET):
+            return node.sync_reply(msg, b"", b"", SYNC_CHUNK)
         deadline = loop.time() + min(max(msg.wait_ms, 0), 10_000) / 1000
         while True:
             state = job.state  # read before the output: output written before it counts
