@@ -20,6 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 _LIVE = ("alive", "suspect")
+# How far past the highest term a node has seen another may claim or report: terms rise
+# by one per election, so a bigger jump is a forgery or a bug, and taken it would raise
+# every term in the mesh for good.
+TERM_STEP = 1024
+
+
+def plausible_term(term: int, seen: int) -> bool:
+    """Whether ``term`` may follow ``seen`` (a node that has seen none takes any)."""
+    return seen == 0 or term <= seen + TERM_STEP
 
 
 @dataclass(frozen=True, slots=True)

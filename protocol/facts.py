@@ -86,8 +86,15 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(v: Any) -> int:
-    return v if _is_int(v) else 0
+def _int(v: Any, high: int = 2**31 - 1, low: int = 0) -> int:
+    """An integer within [low, high]; anything else reads as 0 (none)."""
+    return v if _is_int(v) and low <= v <= high else 0
+
+
+MAX_TERM = 2**53  # as wire.MAX_COUNTER: a term beyond it is no term
+MAX_MIB = 2**32  # of one device
+MAX_MILLI = 10**6  # compute of one device, in thousandths
+_DEVICE_LIMITS = (MAX_MIB, MAX_MILLI, MAX_MILLI, MAX_MIB, MAX_MILLI, MAX_MIB)  # row[3:9]
 
 
 _DEVICE_TYPES: tuple[type, ...] = (str, str, str, int, int, int, int, int, int, str, bool)
@@ -101,6 +108,8 @@ def _device(row: Any) -> DeviceFact | None:
             return None
     if row[3] < 0 or row[4] <= 0:  # no capacity claimed: not a device
         return None
+    if not all(0 <= v <= high for v, high in zip(row[3:9], _DEVICE_LIMITS, strict=True)):
+        return None  # beyond any device: a ghost
     enforcement = row[11] if len(row) > 11 and isinstance(row[11], str) else UNKNOWN_ENFORCEMENT
     return DeviceFact(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
                       row[9], row[10], enforcement)
@@ -109,15 +118,16 @@ def _device(row: Any) -> DeviceFact | None:
 def _preemptible(row: Any) -> PreemptibleFact | None:
     if not (isinstance(row, list) and len(row) >= 5 and isinstance(row[0], str)
             and isinstance(row[1], list) and row[1] and all(isinstance(d, str) for d in row[1])
-            and all(_is_int(v) for v in row[2:5]) and row[2] > 0 and row[3] >= 0):
+            and all(_is_int(v) for v in row[2:5]) and 0 < row[2] <= MAX_MILLI
+            and 0 <= row[3] <= MAX_MIB and abs(row[4]) < 2**31):
         return None
     return PreemptibleFact(row[0], tuple(row[1]), row[2], row[3], row[4])
 
 
 def decode(data: Any) -> NodeFacts:
     """A peer's facts as far as they make sense; never raises. Device rows that have the
-    wrong shape, name a device twice or claim no capacity are left out, as are malformed
-    preemptible rows."""
+    wrong shape, name a device twice, claim no capacity or more than any device has are
+    left out, as are malformed preemptible rows; a term out of range reads as none."""
     if not isinstance(data, dict):
         return NodeFacts()
     devices: list[DeviceFact] = []
@@ -131,8 +141,9 @@ def decode(data: Any) -> NodeFacts:
     pre = data.get("pre")
     jobs = [p for p in (_preemptible(r) for r in (pre if isinstance(pre, list) else ()))
             if p is not None]
-    return NodeFacts(tuple(devices), _int(data.get("prio")), bool(data.get("elig", True)),
-                     _int(data.get("claim")), _int(data.get("mt")), tuple(jobs))
+    return NodeFacts(tuple(devices), _int(data.get("prio"), low=-(2**31)),
+                     bool(data.get("elig", True)), _int(data.get("claim"), MAX_TERM),
+                     _int(data.get("mt"), MAX_TERM), tuple(jobs))
 
 
 def fit(facts: NodeFacts, name: str, incarnation: int, version: int) -> NodeFacts:

@@ -36,6 +36,12 @@ DEAD = "dead"
 LEFT = "left"
 STATES = (ALIVE, SUSPECT, DEAD, LEFT)
 _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
+# How far a member's incarnation may rise past what this node knows in one message (it
+# rises by one per refutation or restart), and a facts version at one incarnation (one
+# per publish). A bigger jump is a forgery or a bug: taken, it could never be superseded
+# by the member itself. Dropped and counted.
+INCARNATION_STEP = 1 << 16
+VERSION_STEP = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +337,17 @@ class Membership:
         self._relays[seq] = _Relay(msg.source_addr, msg.seq, deadline, msg.nack)
         self._send(msg.target_addr, [wire.Ping(seq, msg.target, self.name, self.addr)])
 
+    def _implausible(self, name: str, incarnation: int) -> bool:
+        """Whether ``incarnation`` jumps too far past what this node knows of ``name``."""
+        m = self.me if name == self.name else self.members.get(name)
+        if m is None or incarnation <= m.incarnation + INCARNATION_STEP:
+            return False
+        self._count("implausible_incarnation")
+        return True
+
     def handle_alive(self, msg: wire.Alive, now: float) -> None:
+        if self._implausible(msg.node, msg.incarnation):
+            return
         if msg.node == self.name:
             # Someone thinks we are at a newer incarnation than we know (we restarted):
             # jump past it so our own word wins.
@@ -366,6 +382,8 @@ class Membership:
         self._send(src, [wire.Alive(m.name, m.addr, m.incarnation)], piggyback=False)
 
     def handle_suspect(self, msg: wire.Suspect, now: float, src: str | None = None) -> None:
+        if self._implausible(msg.node, msg.incarnation):
+            return
         if msg.node == self.name:
             if msg.incarnation >= self.me.incarnation:
                 self._refute(msg.incarnation, now)
@@ -385,6 +403,8 @@ class Membership:
         self._start_suspicion(m, msg.source, now)
 
     def handle_dead(self, msg: wire.Dead, now: float, src: str | None = None) -> None:
+        if self._implausible(msg.node, msg.incarnation):
+            return
         if msg.node == self.name:
             if msg.source != self.name and msg.incarnation >= self.me.incarnation:
                 self._refute(msg.incarnation, now)
@@ -405,6 +425,11 @@ class Membership:
             return
         m = self.members.get(msg.node)
         if m is None or (msg.incarnation, msg.version) <= (m.facts_inc, m.facts_version):
+            return
+        if (msg.incarnation > max(m.incarnation, m.facts_inc) + INCARNATION_STEP
+                or (msg.incarnation == m.facts_inc and m.facts_version >= 0
+                    and msg.version > m.facts_version + VERSION_STEP)):
+            self._count("implausible_facts")
             return
         m.facts_inc, m.facts_version, m.facts = msg.incarnation, msg.version, msg.data
         self._queue.push(("f", m.name), wire.encode_message(msg))
@@ -449,6 +474,8 @@ class Membership:
         if name == self.name:
             # Whatever a peer believes about us, only we say we are alive: refute anything
             # else, including a "left" from before a restart.
+            if self._implausible(name, inc):
+                return
             if (state != ALIVE and inc >= self.me.incarnation) or inc > self.me.incarnation:
                 self._refute(inc, now)
             return

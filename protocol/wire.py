@@ -95,6 +95,34 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "dict[str, str]": _is_str_dict,
 }
 
+# The range of every integer field, by name: a value outside is a malformed message,
+# never a number the receiver must carry (an incarnation or a term near 2**64 would
+# overflow the encoder when raised, and could never be superseded). Counters get room
+# for any real history; sizes, counts and ranks for any real machine.
+MAX_COUNTER = 2**53  # incarnations, versions, terms, tokens, attempts, sequence numbers
+MAX_OFFSET = 2**62  # bytes of a job's output
+INT_RANGES: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("seq", "orig_seq", "incarnation", "version", "facts_version", "term",
+                     "token", "attempt"), (0, MAX_COUNTER)),
+    "compute_milli": (0, 1000),
+    "memory_mib": (0, 2**32),  # 4 PiB of device memory
+    "priority": (-(2**31), 2**31 - 1),
+    **dict.fromkeys(("count", "gang_size", "rank"), (0, 4096)),
+    **dict.fromkeys(("stdout_offset", "stderr_offset"), (0, MAX_OFFSET)),
+    "wait_ms": (0, 3_600_000),
+    "exit_code": (-(2**31), 2**31 - 1),
+}
+INT64 = (-(2**63), 2**63 - 1)  # any other integer field
+
+
+def _check(name: str, kind: str) -> Callable[[Any], bool]:
+    typed = _CHECKS[kind]
+    if kind not in ("int", "int | None"):
+        return typed
+    low, high = INT_RANGES.get(name, INT64)
+    return lambda v: typed(v) and (v is None or low <= v <= high)
+
+
 REGISTRY: dict[int, type[Message]] = {}
 
 
@@ -109,7 +137,7 @@ def message(type_id: int) -> Callable[[M], M]:
             raise RuntimeError(f"type id {type_id} used twice")
         cls.TYPE_ID = type_id
         declared = fields(cls)  # type: ignore[arg-type]
-        cls._checks = tuple(_CHECKS[str(f.type)] for f in declared)
+        cls._checks = tuple(_check(f.name, str(f.type)) for f in declared)
         # Fields appended later carry defaults: a peer one version behind may omit them.
         cls._required = sum(
             1 for f in declared if f.default is MISSING and f.default_factory is MISSING
@@ -437,7 +465,7 @@ def decode_message(item: Any) -> Message:
     body = body[: len(checks)]
     for i, value in enumerate(body):
         if not checks[i](value):
-            raise DecodeError(f"{cls.__name__}: field {i} has the wrong type")
+            raise DecodeError(f"{cls.__name__}: field {i} has the wrong type or range")
     return cls(*body)
 
 

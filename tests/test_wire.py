@@ -64,8 +64,43 @@ def field_types(cls: type[wire.Message]) -> list[str]:
     return [str(f.type) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
 
+def _field_strategy(f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
+    kind = str(f.type)
+    if kind in ("int", "int | None"):  # within the range the field's name allows
+        low, high = wire.INT_RANGES.get(f.name, wire.INT64)
+        ints = st.integers(min_value=low, max_value=high)
+        return ints if kind == "int" else st.none() | ints
+    return FIELD_STRATEGIES[kind]
+
+
 def message_strategy(cls: type[wire.Message]) -> st.SearchStrategy[wire.Message]:
-    return st.builds(cls, *[FIELD_STRATEGIES[t] for t in field_types(cls)])
+    return st.builds(cls, *[_field_strategy(f)
+                            for f in dataclasses.fields(cls)])  # type: ignore[arg-type]
+
+
+RANGED = [(cls, i, f.name) for cls in MESSAGE_TYPES
+          for i, f in enumerate(dataclasses.fields(cls))  # type: ignore[arg-type]
+          if str(f.type) in ("int", "int | None")]
+
+
+@pytest.mark.parametrize(("cls", "index", "name"), RANGED,
+                         ids=[f"{c.__name__}.{n}" for c, _, n in RANGED])
+def test_an_integer_out_of_its_range_is_a_malformed_message(
+        cls: type[wire.Message], index: int, name: str) -> None:
+    """A term, incarnation, version, size or offset near 2**64 is never taken in."""
+    low, high = wire.INT_RANGES.get(name, wire.INT64)
+    plain = {"str": "", "bool": False, "bytes": b"", "dict[str, Any]": {}, "list[Any]": [],
+             "list[str]": [], "dict[str, str]": {}}
+    row = [cls.TYPE_ID, [wire.INT_RANGES.get(f.name, (0, 0))[0] if "int" in str(f.type)
+                         else plain[str(f.type)]
+                         for f in dataclasses.fields(cls)]]  # type: ignore[arg-type]
+    assert isinstance(wire.decode_message(row), cls)
+    for bad in (high + 1, low - 1, 2**64 - 1, -(2**63)):
+        if low <= bad <= high or not -(2**63) <= bad <= 2**64 - 1:
+            continue  # in range, or more than msgpack can carry at all
+        row[1][index] = bad
+        with pytest.raises(wire.DecodeError, match="range"):
+            wire.decode_message(row)
 
 
 ANY_MESSAGE = st.one_of([message_strategy(cls) for cls in MESSAGE_TYPES])

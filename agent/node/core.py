@@ -54,7 +54,7 @@ from flexmesh.agent.node.views import NodeStatus, Views
 from flexmesh.agent.scheduler import Scheduler
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import facts, wire
-from flexmesh.protocol.election import Belief, decide
+from flexmesh.protocol.election import Belief, decide, plausible_term
 from flexmesh.protocol.lease import Lease, LeaseTable
 from flexmesh.protocol.membership import (
     ALIVE,
@@ -372,6 +372,10 @@ class Node:
         if self._joining_until > now and self.membership.live_count() == 1:
             return  # tick() or the first push-pull reply elects
         voters = self.electorate.voters()
+        if any(not plausible_term(max(v.claim, v.max_term), self.max_term) for v in voters):
+            self.out.count("implausible_term")  # such a voter is not heard
+            voters = [v for v in voters
+                      if plausible_term(max(v.claim, v.max_term), self.max_term)]
         before = self.belief
         self.belief, claim = decide(voters, self.name, self.belief, self.claim)
         term_seen = max(self.max_term, self.belief.term,

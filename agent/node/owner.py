@@ -29,6 +29,7 @@ from flexmesh.agent.models import (
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
 from flexmesh.protocol import facts, wire
+from flexmesh.protocol.election import TERM_STEP, plausible_term
 from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, Refusal
 
 if TYPE_CHECKING:
@@ -151,6 +152,9 @@ class Owner:
         problem = job_id_problem(msg.job_id)
         if problem is not None:
             return wire.LeaseReply(False, "", 0, self.node.membership.me.facts_version, problem)
+        problem = self._implausible_term(msg.term)
+        if problem is not None:
+            return wire.LeaseReply(False, "", 0, self.node.membership.me.facts_version, problem)
         result = self.lease(msg.job_id, (msg.device, *msg.more), msg.compute_milli,
                             msg.memory_mib, msg.term, msg.coordinator, msg.origin,
                             msg.priority, msg.preemptible, now)
@@ -158,6 +162,15 @@ class Owner:
         if isinstance(result, Refusal):
             return wire.LeaseReply(False, "", 0, version, result.reason)
         return wire.LeaseReply(True, result.id, result.token, version, "", list(result.devices))
+
+    def _implausible_term(self, term: int) -> str | None:
+        """Why a coordinator's ``term`` is not believed here, or None."""
+        seen = max(self.node.max_term, self.leases.max_term)
+        if plausible_term(term, seen):
+            return None
+        self.out.count("implausible_term")
+        return (f"coordinator term {term} jumps more than {TERM_STEP} past the highest this "
+                f"owner has seen ({seen})")
 
     def handle_release(self, msg: wire.Release, now: float) -> wire.Message:
         lease = self.leases.leases.get(msg.lease_id)
@@ -176,6 +189,9 @@ class Owner:
         if msg.term < self.leases.max_term:
             return wire.Error(f"stale coordinator term {msg.term} (this owner has seen "
                               f"{self.leases.max_term})")
+        problem = self._implausible_term(msg.term)
+        if problem is not None:
+            return wire.Error(problem)
         held = {x.job_id: x for x in self.leases.active()}
         stopped, refused = [], []
         for job_id in msg.job_ids:
