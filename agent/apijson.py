@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flexmesh.agent.jobenv import reserved_problem
 from flexmesh.agent.models import (
     MAX_DEVICES,
     MAX_GANG,
@@ -91,6 +92,9 @@ def _env(body: dict[str, Any]) -> dict[str, str]:
             isinstance(k, str) and isinstance(v, str) and k and "=" not in k
             for k, v in env.items()):
         raise BadRequest("env must be an object of string names to string values")
+    problem = reserved_problem(env)
+    if problem:
+        raise BadRequest(problem)
     return env
 
 

@@ -54,6 +54,7 @@ class Settings:
     allow_root: bool = False  # run root's submissions as root (else as borrowed_user)
     borrowed_user: str = "nobody"  # runs jobs borrowed from other nodes; never root
     operator_group: str = "flexmesh-admin"  # may cancel and read every job here
+    job_locale: str = "C.UTF-8"  # LANG of every job; "" = none
     enforcement: str = "auto"
     hami_lib: str = ""
     log_format: str = "text"
@@ -87,7 +88,8 @@ _TABLES: dict[str, dict[str, str]] = {
     "jobs": {"stop_grace": "stop_grace", "owner_away_limit": "owner_away_limit",
              "keep_finished": "keep_finished", "keep_finished_for": "keep_finished_for",
              "allow_root": "allow_root",
-             "borrowed_user": "borrowed_user", "operator_group": "operator_group"},
+             "borrowed_user": "borrowed_user", "operator_group": "operator_group",
+             "locale": "job_locale"},
     "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
                 "fault_delay_ms": "fault_delay_ms"},
@@ -309,3 +311,6 @@ def _validate_jobs(s: Settings, at: Any) -> None:
     if not (math.isfinite(s.keep_finished_for) and s.keep_finished_for >= 0):
         raise ConfigError(f"{at('keep_finished_for')}: keep_finished_for must be a number of "
                           "seconds, 0 or more")
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]*", s.job_locale):
+        raise ConfigError(f"{at('job_locale')}: locale {s.job_locale!r} is not a locale name "
+                          "(such as C.UTF-8 or en_US.UTF-8)")

@@ -146,7 +146,7 @@ class JobRunner:
         cwd: str | None = None,
         user: tuple[int, int] | None = None,
     ) -> tuple[int, int]:
-        """Spawn ``command`` with the agent's environment plus ``env``.
+        """Spawn ``command`` with exactly the environment ``env`` (none of the agent's).
 
         Returns ``(pid, pid_start)``. Raises ``JobStartError`` when the command cannot be
         started, ``ValueError`` for a bad or already running job id. If the call is
@@ -168,8 +168,7 @@ class JobRunner:
             )
         pending = _Pending(loop.create_future())
         self._starting[job_id] = pending
-        merged_env = {**os.environ, **env}
-        spawn = loop.run_in_executor(self._executor, self._spawn, job_id, argv, merged_env, cwd,
+        spawn = loop.run_in_executor(self._executor, self._spawn, job_id, argv, dict(env), cwd,
                                      user)
         spawn.add_done_callback(functools.partial(self._on_spawned, job_id, pending))
         try:

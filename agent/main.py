@@ -20,7 +20,7 @@ from aiohttp import web
 
 from flexmesh.agent import api, metrics, ui
 from flexmesh.agent.config import ConfigError, Settings, split_hostport
-from flexmesh.agent.runtime import Agent, StartError, install_signal_handlers
+from flexmesh.agent.runtime import Agent, StartError
 from flexmesh.agent.sdnotify import Notifier, watchdog_loop
 
 log = logging.getLogger("flexmesh.agent")
@@ -124,3 +124,15 @@ async def _shutdown(agent: Agent, http: object, sock: str) -> None:
         await http.cleanup()  # type: ignore[attr-defined]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
+
+
+def install_signal_handlers(stop: asyncio.Event, force: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()  # a second Ctrl-C: exit now
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)

@@ -141,7 +141,7 @@ def test_read_at(tmp_path: Path) -> None:
 def test_env_logs_and_exit_codes(
     run: Run[None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FLEXMESH_TEST_INHERITED", "from-agent")
+    monkeypatch.setenv("FLEXMESH_TEST_INHERITED", "from-agent")  # the job must not see it
 
     async def scenario() -> None:
         exits = Exits()
@@ -149,17 +149,17 @@ def test_env_logs_and_exit_codes(
         try:
             pid, pid_start = await runner.start(
                 "j1",
-                sh('echo "$FOO $FLEXMESH_TEST_INHERITED"; echo oops >&2; pwd; exit 3'),
+                sh('echo "$FOO-$FLEXMESH_TEST_INHERITED."; echo oops >&2; pwd; exit 3'),
                 {"FOO": "bar"},
                 cwd=str(tmp_path),
             )
             assert pid > 0 and pid_start > 0
             assert await exits.wait("j1") == (3, "exited with code 3")
             assert runner.running() == {}
-            expected = f"bar from-agent\n{tmp_path}\n".encode()
+            expected = f"bar-.\n{tmp_path}\n".encode()  # exactly the env it was given
             assert runner.read_log("j1", "stdout") == expected
             assert runner.read_log("j1", "stderr") == b"oops\n"
-            assert runner.read_log("j1", "stdout", offset=4, limit=4) == b"from"
+            assert runner.read_log("j1", "stdout", offset=1, limit=3) == b"ar-"
             assert runner.read_log("j1", "stdout", offset=10_000) == b""
             assert runner.read_log("never-ran", "stdout") == b""
             assert runner.log_path("j1", "stderr") == tmp_path / "jobs" / "j1" / "stderr"

@@ -39,12 +39,7 @@ from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import JobRecord
 from flexmesh.agent.node.config import NodeConfig
 from flexmesh.agent.node.coordinator import Coordinator
-from flexmesh.agent.node.effects import (
-    Call,
-    Effect,
-    Outbox,
-    PendingCall,
-)
+from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall
 from flexmesh.agent.node.electorate import Electorate
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner

@@ -1,5 +1,5 @@
 """The asyncio runtime around a node; see ``agent`` for how the pieces fit."""
 
-from flexmesh.agent.runtime.agent import Agent, StartError, install_signal_handlers
+from flexmesh.agent.runtime.agent import Agent, StartError
 
-__all__ = ["Agent", "StartError", "install_signal_handlers"]
+__all__ = ["Agent", "StartError"]

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -49,13 +48,7 @@ from flexmesh.agent.store import AsyncJournal
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import Lease
-from flexmesh.protocol.membership import (
-    PRESETS,
-    FactsEvent,
-    MemberEvent,
-    SendPacket,
-    StartPushPull,
-)
+from flexmesh.protocol.membership import PRESETS, FactsEvent, MemberEvent, SendPacket, StartPushPull
 
 log = logging.getLogger("flexmesh.agent")
 
@@ -395,14 +388,3 @@ def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
     if not fut.done():
         fut.set_result(value)
 
-
-def install_signal_handlers(stop: asyncio.Event, force: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            force.set()  # a second Ctrl-C: exit now
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
+from flexmesh.agent.jobenv import base_env, job_environment
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
@@ -36,8 +37,8 @@ class Processes:
 
     # --- owner: runs --------------------------------------------------------------------
 
-    def env(self, eff: RunJob) -> dict[str, str]:
-        """The owner's variables (identity, devices, limits), then the submitter's."""
+    def owner_env(self, eff: RunJob) -> dict[str, str]:
+        """The owner's layer (see ``jobenv``): identity, devices, their limits."""
         job, devices = eff.job, eff.devices
         env = {
             "FLEXMESH_JOB_ID": job.id, "FLEXMESH_DEVICE": ",".join(d.id for d in devices),
@@ -51,11 +52,13 @@ class Processes:
         except ValueError as exc:
             log.warning("job %s: no limits applied: %s", job.id, exc)
             env.update(visible_env(devices))
-        # The submitter's own variables; of flexmesh's names only the gang's, which the
-        # origin sets (and never takes from the user): the rest are this owner's to set.
-        env.update({k: v for k, v in job.env.items()
-                    if not k.startswith("FLEXMESH_") or k.startswith("FLEXMESH_GANG")})
         return env
+
+    def _identity(self, job: JobRecord) -> tuple[tuple[int, int] | None, dict[str, str]]:
+        """(the user a job runs as, its base environment); NSS lookups may block."""
+        user = self.job_user(job)
+        uid = os.geteuid() if user is None else user[0]
+        return user, base_env(uid, self.agent.settings.job_locale)
 
     async def run(self, eff: RunJob) -> None:
         job, node, loop = eff.job, self.agent.node, self.agent.loop
@@ -63,10 +66,10 @@ class Processes:
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(archive_output, self.runner.job_dir(job.id))
         self._runs[job.id] = job.lease_id
-        user = await asyncio.to_thread(self.job_user, job)  # NSS lookups may block
+        user, base = await asyncio.to_thread(self._identity, job)
+        env = job_environment(base, job.env, self.owner_env(eff))
         try:
-            pid, pid_start = await self.runner.start(job.id, job.command, self.env(eff),
-                                                     user=user)
+            pid, pid_start = await self.runner.start(job.id, job.command, env, user=user)
         except (JobStartError, ValueError, OSError) as exc:
             node.job_exited(job.id, None, f"could not start: {exc}", loop.time(), state=FAILED)
         else:
