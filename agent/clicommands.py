@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
+import os
+import stat
 import sys
 import time
 from typing import Any
@@ -208,9 +211,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new key on stdout, or into FILE (created 0600, never over an existing file). When
+    stdout is a file others could read (``keygen > FILE``), it is made private first."""
     from flexmesh.protocol.crypto import generate_key
 
-    print(generate_key())
+    key = generate_key() + "\n"
+    if args.file:
+        try:
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise CliError(f"{args.file} exists: remove it first, or add the key to it with "
+                           "`flexmesh keygen >> FILE`", 1) from None
+        except OSError as exc:
+            raise CliError(f"cannot create {args.file}: {exc.strerror or exc}", 1) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        return 0
+    with contextlib.suppress(OSError):
+        st = os.fstat(sys.stdout.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            os.fchmod(sys.stdout.fileno(), st.st_mode & 0o700)
+    sys.stdout.write(key)
     return 0
 
 

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-w", "--watch", action="store_true", help="redraw until interrupted")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between redraws")
     _client(sub, "ui", "print the address of the agent's web page")
-    sub.add_parser("keygen", help="print a new cluster key")
+    kg = sub.add_parser("keygen", help="print a new cluster key (or write it to FILE, 0600)")
+    kg.add_argument("file", nargs="?", help="create this file (mode 0600) with the key")
     k = _client(sub, "keys", "list or change the keyring of the running agent")
     k.add_argument("op", choices=["list", "add", "promote", "remove"], nargs="?",
                    default="list")

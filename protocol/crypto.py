@@ -94,6 +94,7 @@ class CryptoError(Exception):
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 class KeyringError(ValueError):

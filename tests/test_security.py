@@ -41,6 +41,8 @@ def test_a_wrong_key_cannot_join_and_its_packets_are_counted(mesh: LocalMesh) ->
         return c if c.get("frames_dropped_unknown_key", 0) >= 1 else None
 
     mesh.wait_for("a to count x's join attempt", rejected)
+    mesh.wait_for("a to log the unknown key", lambda: "sealed under a key this agent does "
+                  "not have" in mesh.agents["a"].log.read_text())
     assert {r["name"] for r in mesh.json("a", "nodes")} == {"a", "b"}
     assert {r["name"] for r in mesh.json("x", "nodes")} == {"x"}
     assert mesh.json("a", "keys")["encrypted"] is True

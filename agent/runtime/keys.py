@@ -16,6 +16,8 @@ from flexmesh.protocol.crypto import Keyring, KeyringError, Sealer
 
 log = logging.getLogger("flexmesh.agent")
 
+UNKNOWN_KEY_LOG_EVERY = 60.0  # seconds between log lines about packets under unknown keys
+
 
 class KeysError(Exception):
     """The keys cannot be loaded; the message says why, in one line."""
@@ -29,21 +31,20 @@ class Keys:
         self.sealer: Sealer | None = None
         self.codec = rpc.Codec()
         self._warned_plaintext = False
+        self._unknown_logged_at = -UNKNOWN_KEY_LOG_EVERY
 
     def load(self) -> None:
         """The keyring kept by ``flexmesh keys`` wins; else the configured key(s)."""
         s = self.settings
         try:
+            configured = self._configured()
             if self.path.exists():
                 self.keyring = Keyring.from_list(json.loads(self.path.read_text()))
+                if len(configured) and set(configured.keys) != set(self.keyring.keys):
+                    log.warning("keyring: using %s (kept by `flexmesh keys`); the configured "
+                                "key(s) differ and are not used", self.path)
             else:
-                keys = []
-                if s.key_file:
-                    keys += [line.strip() for line in Path(s.key_file).read_text().splitlines()
-                             if line.strip() and not line.lstrip().startswith("#")]
-                if s.key:
-                    keys.append(s.key)
-                self.keyring = Keyring(keys)
+                self.keyring = configured
         except (OSError, ValueError) as exc:
             raise KeysError(f"cannot load the keyring: {exc}") from None
         if not len(self.keyring):
@@ -56,6 +57,33 @@ class Keys:
                 log.warning("no cluster key: gossip and calls run in plaintext (allowed on "
                             "loopback only)")
         self._apply()
+
+    def _configured(self) -> Keyring:
+        """The keys of ``[security] key_file`` and ``key``; a key file that others may
+        read is refused, as ssh refuses a private key."""
+        s = self.settings
+        keys = []
+        if s.key_file:
+            path = Path(s.key_file)
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise KeysError(f"key file {path} is readable by group or others (mode "
+                                f"{mode:04o}): run `chmod 600 {path}`")
+            keys += [line.strip() for line in path.read_text().splitlines()
+                     if line.strip() and not line.lstrip().startswith("#")]
+        if s.key:
+            keys.append(s.key)
+        return Keyring(keys)
+
+    def unknown_key(self, source: str, detail: str, now: float) -> None:
+        """A packet sealed under a key not in the ring: logged at most once a minute, so
+        a rotation left half done shows in the log, not only in the counters."""
+        if now - self._unknown_logged_at < UNKNOWN_KEY_LOG_EVERY:
+            return
+        self._unknown_logged_at = now
+        log.warning("dropping packets from %s sealed under a key this agent does not have "
+                    "(fingerprint %s): is a key rotation half done? `flexmesh keys` on each node "
+                    "shows its keys", source, detail or "unknown")
 
     def reload(self, settings: Settings) -> None:
         self.settings = settings

@@ -114,6 +114,8 @@ class Transport:
                 data = sealer.open(data, agent.keys.codec.cluster, time.time())
             except CryptoError as exc:
                 agent.count(f"packets_dropped_{exc.reason}")
+                if exc.reason == "unknown_key":
+                    agent.keys.unknown_key(f"{addr[0]}:{addr[1]}", exc.detail, self.loop.time())
                 return
         elif data[:1] == bytes([SEAL_VERSION]):
             agent.count("packets_dropped_sealed_without_key")
@@ -159,4 +161,7 @@ class Transport:
         except rpc.RemoteError as exc:
             self.agent.count("peers_disconnected_garbage")
             self.agent.count(f"frames_dropped_{exc.reason}")
+            if exc.reason == "unknown_key":
+                peer = writer.get_extra_info("peername") or ("?", 0)
+                self.agent.keys.unknown_key(f"{peer[0]}:{peer[1]}", "", self.loop.time())
             log.info("dropped a peer connection: %s", exc)
