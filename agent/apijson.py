@@ -41,8 +41,10 @@ def parse_submit(body: Any) -> dict[str, Any]:
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
     command = _command(body)
-    compute = _compute(body)
     memory = _integer(body, "memory_mib", 0, "memory_mib must be an integer")
+    count = _integer(body, "devices", 1, f"devices must be an integer from 1 to {MAX_DEVICES}")
+    # Unnamed compute: in proportion to the memory named for one device; else whole ones.
+    compute = _compute(body, 0 if memory > 0 and count == 1 else 1000)
     kind = body.get("kind", "any")
     if kind not in ("gpu", "npu", "any"):
         raise BadRequest(f"kind {kind!r} must be gpu, npu or any")
@@ -51,7 +53,6 @@ def parse_submit(body: Any) -> dict[str, Any]:
         raise BadRequest("priority must be an integer between -1000 and 1000")
     env = _env(body)
     requeue = _boolean(body, "requeue", True, "requeue must be true or false")
-    count = _integer(body, "devices", 1, f"devices must be an integer from 1 to {MAX_DEVICES}")
     preemptible = _boolean(body, "preemptible", False, "preemptible must be true or false")
     gang = _integer(body, "gang", 1, f"gang must be an integer from 1 to {MAX_GANG} (nodes, "
                     "one member each)")
@@ -71,12 +72,13 @@ def _command(body: dict[str, Any]) -> list[str]:
     return command
 
 
-def _compute(body: dict[str, Any]) -> int:
-    """Milli-devices from ``gpu`` (a fraction) or ``compute_milli``, 1000 if neither."""
+def _compute(body: dict[str, Any], default: int) -> int:
+    """Milli-devices from ``gpu`` (a fraction) or ``compute_milli``; ``default`` if neither
+    (0, in proportion to memory, when memory is named; else a whole device)."""
     if "gpu" in body and "compute_milli" in body:
         raise BadRequest("give either gpu (a fraction) or compute_milli, not both")
     if "gpu" not in body:
-        return _integer(body, "compute_milli", 1000, "compute_milli must be an integer")
+        return _integer(body, "compute_milli", default, "compute_milli must be an integer")
     frac = body["gpu"]
     if isinstance(frac, bool) or not isinstance(frac, (int, float)):
         raise BadRequest("gpu must be a number between 0 and 1")

@@ -40,10 +40,12 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def _job_line(j: dict[str, Any]) -> dict[str, Any]:
     where = f"{j['node']}/{','.join(j.get('devices') or [j['device']])}" if j.get("node") else "-"
-    gpu = _frac(j["compute_milli"])
+    # 0 of one dimension: in proportion to the other, on the device the job lands on.
+    gpu = _frac(j["compute_milli"]) if j["compute_milli"] else "~"
     if j.get("count", 1) > 1:
         gpu = f"{j['count']}x{gpu}"
-    return {**j, "where": where, "gpu": gpu, "mem": format_mib(j["memory_mib"], "table"),
+    mem = format_mib(j["memory_mib"], "table") if j["memory_mib"] else "~"
+    return {**j, "where": where, "gpu": gpu, "mem": mem,
             "cmd": " ".join(j.get("command", []))[:40]}
 
 
@@ -69,7 +71,7 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     if not command:
         raise CliError("submit needs a command after --", 2)
     try:
-        compute = 1000
+        compute = None  # the agent's default: in proportion to --memory, or a whole device
         if args.gpu is not None and args.compute is not None:
             raise ValueError("give --gpu or --compute, not both")
         if args.gpu is not None:
@@ -86,8 +88,10 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"--env {item!r} is not NAME=VALUE", 2)
         env[name] = value
     # What the request may ask for is the agent's to check: its 400 says what is wrong.
-    body = {"command": command, "compute_milli": compute, "memory_mib": memory,
-            "kind": args.kind, "priority": args.priority, "env": env}
+    body: dict[str, Any] = {"command": command, "memory_mib": memory, "kind": args.kind,
+                            "priority": args.priority, "env": env}
+    if compute is not None:
+        body["compute_milli"] = compute
     if args.devices != 1:
         body["devices"] = args.devices
     if args.preemptible:

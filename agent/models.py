@@ -59,8 +59,9 @@ def request_problem(compute_milli: int, memory_mib: int, count: int, gang_size: 
     ``count`` is the devices wanted on one node, ``gang_size`` the nodes (1: not a gang).
     The sentences name the fields of the API's submit body.
     """
-    if not 0 < compute_milli <= 1000:
-        return f"compute_milli {compute_milli} must be 1..1000 (1000 = one device)"
+    if not 0 <= compute_milli <= 1000 or compute_milli == memory_mib == 0:
+        return (f"compute_milli {compute_milli} must be 1..1000 (1000 = one device), or 0 "
+                "with memory_mib (compute in proportion to memory)")
     if memory_mib < 0:
         return f"memory_mib {memory_mib} is negative"
     if memory_mib > MAX_MEMORY_MIB:

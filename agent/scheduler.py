@@ -12,7 +12,7 @@ import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from flexmesh.agent.shadows import Shadow, Shadows, minus
+from flexmesh.agent.shadows import Holds, Shadow, Shadows, minus
 from flexmesh.policies import (
     DEFAULT_POLICY,
     Candidate,
@@ -33,7 +33,10 @@ from flexmesh.policies.cluster import group_candidates, node_spec
 from flexmesh.policies.engine import Placer
 from flexmesh.policies.gang import place_gang
 from flexmesh.policies.preempt import may_preempt
+from flexmesh.policies.proportional import Sizes
 from flexmesh.protocol import wire
+
+Decision = Placement | MultiPlacement | NoFit
 
 
 @dataclass(slots=True)
@@ -46,8 +49,7 @@ class Queued:
     reason: str = "waiting for a device"
     attempts: int = 0
     preempting_until: float = 0.0  # victims were told to stop; no new ones before this
-    # Where the index has it booked while the owner is asked (taken back on the answer).
-    booked: tuple[Request, Placement | MultiPlacement] | None = None
+    booked: tuple[Request, Placement | MultiPlacement] | None = None  # until owner answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class Proposal:
     job_id: str
     placement: Placement | MultiPlacement
     submit: wire.Submit
+    request: Request  # what to lease: the submit's, any zero filled in (``proportional``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +73,9 @@ class PreemptOrder:
 @dataclass
 class Scheduler:
     policy: Policy
-    # Scores for choosing preemption victims (None: this scheduler never preempts).
-    spec: PolicySpec | None = None
+    spec: PolicySpec | None = None  # scores for choosing victims (None: never preempts)
     retry_after: float = 1.0
-    # How long victims get to stop (grace period and the owner's gossip) before the same
-    # request may choose victims again.
+    # How long victims get to stop before the same request may choose victims again.
     preempt_hold: float = 30.0
     # Preemptible jobs running in the mesh, as the owners gossip them (set by the node).
     running: list[RunningJob] = field(default_factory=list)
@@ -82,12 +83,12 @@ class Scheduler:
     # a node is re-indexed only when what the coordinator sees of it changed.
     _cluster: Cluster = field(default_factory=Cluster)
     _placer: Placer | None = None
-    # What is booked per node and device (compute, memory) while owners are asked.
-    _held: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    _held: Holds = field(default_factory=Holds)
     _seen: dict[str, Sequence[Candidate]] = field(default_factory=dict)
     _waiting: list[tuple[float, int, int, str]] = field(default_factory=list)
     _ready: list[tuple[int, int, str]] = field(default_factory=list)
     _doomed: dict[str, float] = field(default_factory=dict)  # victim -> chosen until
+    _sizes: Sizes = field(default_factory=Sizes)  # of devices, for requests in proportion
     queue: dict[str, Queued] = field(default_factory=dict)
     # Gang members queued here, by gang id and job id (placed only all together).
     gangs: dict[str, dict[str, Queued]] = field(default_factory=dict)
@@ -166,9 +167,8 @@ class Scheduler:
                      now: float) -> Proposal | PreemptOrder | None:
         """A placement for one request, or the victims to stop for it; None: it waits."""
         s = q.submit
-        req = _request(s)
         t0 = self.timer() if self.timer else 0.0
-        result = placer.decide(req, explain=True)
+        req, result = self._decide(_request(s), placer)
         if self.timer and self.on_decision:
             self.on_decision(self.timer() - t0)
         q.attempts += 1
@@ -187,7 +187,18 @@ class Scheduler:
         self._book(q, req, result)
         q.preempting_until = 0.0
         q.inflight = True
-        return Proposal(s.job_id, result, s)
+        return Proposal(s.job_id, result, s, req)
+
+    def _decide(self, asked: Request, placer: Placer) -> tuple[Request, Decision]:
+        """(the request made concrete, the placer's answer): one in proportion is tried on
+        each size of device in the view, smallest first (no fit: the largest's)."""
+        result: Decision = NoFit(f"no {asked.kind} device in view")
+        req = asked
+        for req in self._sizes.sized(asked):
+            result = placer.decide(req, explain=True)
+            if not isinstance(result, NoFit) and result.devices:
+                break
+        return req, result
 
     def _no_fit(self, q: Queued, req: Request, why: str, placer: Placer,
                 doomed: dict[str, float], now: float) -> PreemptOrder | None:
@@ -221,9 +232,14 @@ class Scheduler:
             q.not_before = now + self.retry_after
             self._wait(q)
             return None
-        reqs = [_request(m.submit) for m in members]
         t0 = self.timer() if self.timer else 0.0
-        result = place_gang(placer, reqs, distinct_nodes=True)  # booked in the index if placed
+        asked = [_request(m.submit) for m in members]
+        result: GangPlacement | NoFit = NoFit("no device of the gang's kind in view")
+        for model in self._sizes.gang(asked):  # booked in the index if placed
+            reqs = [model.get(id(r), r) for r in asked]
+            result = place_gang(placer, reqs, distinct_nodes=True)
+            if isinstance(result, GangPlacement):
+                break
         if self.timer and self.on_decision:
             self.on_decision(self.timer() - t0)
         out: list[Proposal] = []
@@ -237,7 +253,7 @@ class Scheduler:
             self._book(m, reqs[i], result.parts[i])
             m.preempting_until = 0.0
             m.inflight = True
-            out.append(Proposal(m.submit.job_id, result.parts[i], m.submit))
+            out.append(Proposal(m.submit.job_id, result.parts[i], m.submit, reqs[i]))
         return out
 
     # The queue's order without sorting it: requests wait in a heap by the time they may
@@ -276,6 +292,7 @@ class Scheduler:
                 q.booked = None
             self._held.clear()
             self._placer = Placer(self._cluster, spec)
+            self._sizes = Sizes()
             for q in self.queue.values():
                 self._placer.observe(_request(q.submit))
         nodes = self._cluster.nodes
@@ -283,11 +300,13 @@ class Scheduler:
             for name in [n for n in nodes if n not in grouped]:
                 self._seen.pop(name, None)  # (its holds stay until their owners answer)
                 self._cluster.remove(name)
-        seen, cluster, held = self._seen, self._cluster, self._held
+                self._sizes.set(name, ())
+        seen, cluster, held = self._seen, self._cluster, self._held.by_node
         for name, cands in grouped.items():
             if seen.get(name) is cands or not cands:
                 continue
             seen[name] = cands
+            self._sizes.set(name, cands)
             try:
                 # in place where the node's devices are the same (the usual gossip update):
                 # a node whose state did not change keeps its class and cached scores.
@@ -315,18 +334,14 @@ class Scheduler:
         self._placer = None  # rebuilt from the view next time
 
     def preempt_failed(self, job_id: str, retry_at: float = 0.0) -> None:
-        """The owner stopped none of the victims: the request may choose again at
-        ``retry_at`` (victims it named stay unchosen while their hold lasts)."""
+        """No victim was stopped: choose again at ``retry_at`` (not the same victims)."""
         q = self.queue.get(job_id)
         if q is not None:
             q.preempting_until = min(q.preempting_until, retry_at)
 
     def _book(self, q: Queued, req: Request, where: Placement | MultiPlacement) -> None:
         q.booked = (req, where)
-        held = self._held.setdefault(where.node, {})
-        for dev in where.devices:
-            c, m = held.get(dev, (0, 0))
-            held[dev] = (c + req.compute_milli, m + req.memory_mib)
+        self._held.add(where.node, where.devices, req.compute_milli, req.memory_mib)
 
     def _unbook(self, q: Queued | None) -> None:
         """The owner answered: forget the booking and read the node afresh next time."""
@@ -335,16 +350,7 @@ class Scheduler:
         req, where = q.booked
         q.booked = None
         self._seen.pop(where.node, None)  # re-read (with the grant, from gossip) next round
-        held = self._held.get(where.node)
-        if held is None:
-            return
-        for dev in where.devices:
-            c, m = held.pop(dev, (0, 0))
-            c, m = c - req.compute_milli, m - req.memory_mib
-            if c > 0 or m > 0:
-                held[dev] = (max(c, 0), max(m, 0))
-        if not held:
-            del self._held[where.node]
+        self._held.remove(where.node, where.devices, req.compute_milli, req.memory_mib)
 
     def _preempt_for(self, req: Request, q: Queued, placer: Placer,
                      doomed: Mapping[str, float]) -> PreemptOrder | None:

@@ -7,6 +7,7 @@ granted there (a *shadow*), so the next request is not proposed onto the same ro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from flexmesh.policies import Candidate
@@ -53,3 +54,32 @@ class Shadows(list[Shadow]):
 def minus(c: Candidate, compute: int, memory: int) -> Candidate:
     return replace(c, free_compute_milli=max(c.free_compute_milli - compute, 0),
                    free_memory_mib=max(c.free_memory_mib - memory, 0))
+
+
+class Holds:
+    """What the coordinator has booked per node and device (compute, memory) while the
+    owners are asked."""
+
+    def __init__(self) -> None:
+        self.by_node: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def add(self, node: str, devices: Iterable[str], compute: int, memory: int) -> None:
+        held = self.by_node.setdefault(node, {})
+        for dev in devices:
+            c, m = held.get(dev, (0, 0))
+            held[dev] = (c + compute, m + memory)
+
+    def remove(self, node: str, devices: Iterable[str], compute: int, memory: int) -> None:
+        held = self.by_node.get(node)
+        if held is None:
+            return
+        for dev in devices:
+            c, m = held.pop(dev, (0, 0))
+            c, m = c - compute, m - memory
+            if c > 0 or m > 0:
+                held[dev] = (max(c, 0), max(m, 0))
+        if not held:
+            del self.by_node[node]
+
+    def clear(self) -> None:
+        self.by_node.clear()

@@ -22,7 +22,7 @@ def test_spec_numbers_devices_per_kind() -> None:
         ("gpu1", "gpu", 16384),
         ("npu0", "npu", 32768),
     ]
-    assert {d.model for d in devices} == {"sim-gpu", "sim-npu"}
+    assert {d.model for d in devices} == {"sim-gpu-16GiB", "sim-npu-32GiB"}  # one per size
     assert all(d.backend == "sim" and d.compute_milli == 1000 and d.healthy for d in devices)
     assert all(d.visible_env == {} for d in devices)
 

@@ -99,6 +99,7 @@ def test_a_borrowed_job_sees_a_clean_environment(mesh: LocalMesh,
     if os.geteuid() == 0:
         assert seen["USER"] == "nobody"  # borrowed: the owner's borrowed_user
     assert seen["FLEXMESH_JOB_ID"] == job_id and seen["FLEXMESH_ORIGIN"] == "d"
+    assert seen["FLEXMESH_MEMORY_MIB"] == "8192"  # half of 16 GiB: in proportion, not 0
     assert {k for k in seen if k.startswith("FLEXMESH_")} <= {
         "FLEXMESH_JOB_ID", "FLEXMESH_DEVICE", "FLEXMESH_COMPUTE_MILLI",
         "FLEXMESH_MEMORY_MIB", "FLEXMESH_ORIGIN"}

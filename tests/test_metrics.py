@@ -157,7 +157,7 @@ def test_devices(agent: StandIn) -> None:
     assert value(s, "flexmesh_device_lendable_memory_bytes", node="alpha",
                  device=placed) == (lend_m - 4096) * MIB
     assert value(s, "flexmesh_device_healthy", **g0) == 1
-    assert value(s, "flexmesh_device_info", **g0, kind="gpu", model="sim-gpu",
+    assert value(s, "flexmesh_device_info", **g0, kind="gpu", model="sim-gpu-16GiB",
                  backend="sim") == 1
     assert value(s, "flexmesh_device_utilization_ratio", node="alpha", device="gpu1") == 0.4
     assert ("flexmesh_device_utilization_ratio", frozenset(g0.items())) not in s

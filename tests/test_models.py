@@ -50,5 +50,8 @@ def test_each_rule_says_what_is_wrong(compute: int, memory: int, count: int, gan
 
 
 def test_the_first_problem_is_the_one_told() -> None:
-    assert request_problem(0, -1, 0, 0, True) == (
-        "compute_milli 0 must be 1..1000 (1000 = one device)")
+    assert request_problem(-1, -1, 0, 0, True) == (
+        "compute_milli -1 must be 1..1000 (1000 = one device), or 0 with memory_mib "
+        "(compute in proportion to memory)")
+    assert request_problem(0, 0, 1, 1, False) is not None  # nothing named at all
+    assert request_problem(0, 4096, 1, 1, False) is None  # compute in proportion

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flexmesh.agent.devices.base import Device, DeviceSample
-from flexmesh.agent.units import MILLI, parse_size
+from flexmesh.agent.units import MILLI, format_mib, parse_size
 
 KINDS = ("gpu", "npu")
 MAX_SIM_DEVICES = 1024
@@ -59,7 +59,7 @@ def parse_sim_devices(spec: str) -> list[Device]:
                 Device(
                     id=f"{kind}{index}",
                     kind=kind,
-                    model=f"sim-{kind}",
+                    model=f"sim-{kind}-{format_mib(memory, 'table')}",  # one model per size
                     memory_mib=memory,
                     backend="sim",
                     compute_milli=MILLI,

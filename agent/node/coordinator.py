@@ -106,9 +106,9 @@ class Coordinator:
                 self._ask_owner(prop, now)
 
     def _ask_owner(self, prop: Proposal, now: float) -> None:
-        s = prop.submit
+        s, asked = prop.submit, prop.request
         first, *more = prop.placement.devices
-        req = wire.LeaseRequest(s.job_id, s.origin, first, s.compute_milli, s.memory_mib,
+        req = wire.LeaseRequest(s.job_id, s.origin, first, asked.compute_milli, asked.memory_mib,
                                 self.node.belief.term, self.node.name, more, s.priority,
                                 s.preemptible)
         owner = prop.placement.node

@@ -31,6 +31,7 @@ from flexmesh.agent.node.effects import ArchiveOutput, PendingCall
 from flexmesh.agent.node.follow import Follow
 from flexmesh.agent.node.gang import gang_ended, gang_env, gang_members, gang_ready
 from flexmesh.policies import NoFit, Request
+from flexmesh.policies.proportional import sized
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import Refusal
 
@@ -175,13 +176,18 @@ class Origin:
     def _place_locally(self, job: JobRecord, now: float) -> bool:
         """No coordinator answers: place on this node's own devices if the job fits."""
         me = self.node.membership.me
-        req = Request(job.compute_milli, job.memory_mib, job.kind, self.node.name,
-                      job.priority, count=job.count)
-        result = self.node.scheduler.policy(req, device_candidates(me, self.node.facts_of(me)))
-        if isinstance(result, NoFit) or not result.devices:
+        cands = device_candidates(me, self.node.facts_of(me))
+        asked = Request(job.compute_milli, job.memory_mib, job.kind, self.node.name,
+                        job.priority, count=job.count)
+        sizes = [(c.kind, c.model, c.compute_milli, c.memory_mib) for c in cands]
+        for req in sized(asked, sizes):  # (one in proportion: per size of device here)
+            result = self.node.scheduler.policy(req, cands)
+            if not isinstance(result, NoFit) and result.devices:
+                break
+        else:
             return False
-        lease = self.node.owner.lease(job.id, tuple(result.devices), job.compute_milli,
-                                      job.memory_mib, self.node.leases.max_term, self.node.name,
+        lease = self.node.owner.lease(job.id, tuple(result.devices), req.compute_milli,
+                                      req.memory_mib, self.node.leases.max_term, self.node.name,
                                       self.node.name, job.priority, job.preemptible, now)
         if isinstance(lease, Refusal):
             return False

@@ -28,6 +28,7 @@ from flexmesh.agent.models import (
     job_id_problem,
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
+from flexmesh.policies.proportional import fill
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import TERM_STEP, plausible_term
 from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, Refusal
@@ -133,7 +134,13 @@ class Owner:
               memory_mib: int, term: int, coordinator: str, origin: str, priority: int,
               preemptible: bool, now: float) -> Lease | Refusal:
         """Reserve a fraction of ``devices`` on this node's books (journaled and gossiped
-        when granted)."""
+        when granted). A zero compute or memory (a request in proportion, from an older
+        coordinator) is filled in from the device: nothing is leased at zero."""
+        device = self.devices.get(devices[0])
+        filled = device and fill(compute_milli, memory_mib, device.compute_milli,
+                                 device.memory_mib)
+        if filled:  # (None: more memory than the device has, which the books refuse)
+            compute_milli, memory_mib = filled
         result = self.leases.request(
             job_id=job_id, device=devices[0], compute_milli=compute_milli,
             memory_mib=memory_mib, term=term, coordinator=coordinator, origin=origin, now=now,
@@ -236,7 +243,9 @@ class Owner:
         job.attempts += 1
         self.out.emit(PersistLease(result))
         self.node.persist(job)
-        self.out.emit(RunJob(replace(job), tuple(d for d in held if d is not None)))
+        # What it runs with is the lease's (a request in proportion: with the zero filled).
+        run = replace(job, compute_milli=result.compute_milli, memory_mib=result.memory_mib)
+        self.out.emit(RunJob(run, tuple(d for d in held if d is not None)))
         self._live[job.id] = result.id
         self.out.log("job_start", job=job.id, device=",".join(result.devices), origin=job.origin)
         return wire.Ok("starting")

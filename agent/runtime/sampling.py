@@ -38,6 +38,7 @@ class Sampler:
         self.last_samples: dict[str, DeviceSample] = {}
         self._estimators: dict[str, IdleEstimator] = {}
         self._applied: tuple[list[Device], dict[str, tuple[int, int]]] | None = None
+        self._measured: set[str] = set()  # devices read at least once (others lend nothing)
 
     async def discover(self) -> None:
         s = self.agent.settings
@@ -57,7 +58,8 @@ class Sampler:
             log.warning("enforcement: %s; falling back to none", exc)
             self.enforcement = "none"
         self.agent.node.enforcement = self.enforcement
-        self.apply({})
+        self.last_samples = await self.sample()  # nothing is offered before it is measured
+        self.apply(self.last_samples)
 
     def apply(self, samples: dict[str, DeviceSample]) -> bool:
         """Tell the node its devices and what of each it may lend, from these readings;
@@ -75,10 +77,12 @@ class Sampler:
             est = self._estimators.setdefault(d.id, IdleEstimator())
             fc, fm = (sample.foreign_compute_milli, sample.foreign_memory_mib) if sample else (0, 0)
             foreign = est.observe(now, fc, fm)
+            if sample is not None:
+                self._measured.add(d.id)
             lend[d.id] = (
                 lendable(d.compute_milli, 0, foreign.compute_milli, s.reserve_compute_milli),
                 lendable(d.memory_mib, 0, foreign.memory_mib, s.reserve_memory_mib),
-            )
+            ) if d.id in self._measured else (0, 0)
             healthy = d.healthy and (sample.healthy if sample else True)
             devices.append(d if healthy == d.healthy else replace(d, healthy=healthy))
         if self._applied == (devices, lend):
@@ -90,20 +94,24 @@ class Sampler:
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
-            pids = frozenset(self.agent.processes.runner.running().values())
-            samples: dict[str, DeviceSample] = {}
-            for backend in self.backends:
-                try:
-                    for sm in await asyncio.to_thread(backend.sample, pids):
-                        samples[sm.id] = sm
-                except Exception as exc:
-                    log.warning("sampling %s failed: %s", backend.name, exc)
-            self.last_samples = samples
+            samples = self.last_samples = await self.sample()
             changed = self.apply(samples)
             if self.enforcement == "watchdog":
                 changed = self.watchdog(list(samples.values())) or changed
             if changed:
                 await self.agent.flush()
+
+    async def sample(self) -> dict[str, DeviceSample]:
+        """One reading of every backend (one that fails is logged and left out)."""
+        pids = frozenset(self.agent.processes.runner.running().values())
+        samples: dict[str, DeviceSample] = {}
+        for backend in self.backends:
+            try:
+                for sm in await asyncio.to_thread(backend.sample, pids):
+                    samples[sm.id] = sm
+            except Exception as exc:
+                log.warning("sampling %s failed: %s", backend.name, exc)
+        return samples
 
     def watchdog(self, samples: list[DeviceSample]) -> bool:
         """No interception: stop a job whose measured device memory exceeds its lease;
@@ -115,12 +123,15 @@ class Sampler:
             pid = running.get(job.id)
             if pid is None or job.terminal:
                 continue
+            lease = node.leases.leases.get(job.lease_id)
+            if lease is None:
+                continue
             for device in job.devices:  # the lease's memory is per device
                 used = job_memory_used(samples, device, [pid])
-                verdict = watchdog_verdict(used, job.memory_mib)
+                verdict = watchdog_verdict(used, lease.memory_mib)
                 if verdict:
                     log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
-                             device, used, job.memory_mib)
+                             device, used, lease.memory_mib)
                     node.stop_job(job.id, verdict, FAILED, self.agent.loop.time())
                     stopped = True
                     break
