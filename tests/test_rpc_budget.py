@@ -83,7 +83,7 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
 
         server_codec = CODECS[codec]()
         server = rpc.Server(handler, lambda: server_codec,
-                            lambda: rpc.Limits(**limits),  # type: ignore[arg-type]
+                            lambda: rpc.Limits(**limits),
                             lambda name: h.counts.update([name]))
         tcp = await asyncio.start_server(server.serve, "127.0.0.1", 0)
         port = tcp.sockets[0].getsockname()[1]
