@@ -62,6 +62,14 @@ class Settings:
     key: str = ""  # base64 cluster key (`flexmesh keygen`); prefer key_file
     key_file: str = ""  # file with one base64 key per line, the sealing key first
     cluster: str = "flexmesh"  # bound into every sealed packet: meshes never mix
+    # What inbound TCP connections may make the agent hold ([limits], see rpc.Limits).
+    tcp_frame_budget_mib: int = 64  # frame bodies being read, all connections together
+    tcp_max_connections: int = 512  # inbound connections open at once
+    tcp_max_connections_per_ip: int = 128  # ... from one address (an origin keeps one
+    # JobSync open per job it follows here; a loopback mesh shares 127.0.0.1)
+    tcp_header_timeout: float = 10.0  # seconds from accept to the first frame's header
+    tcp_body_timeout: float = 10.0  # seconds for a frame body, plus its size at ...
+    tcp_slow_link_kib_s: int = 64  # ... this rate (KiB/s): a slow but honest link
     fault_drop: float = 0.0  # share of own outgoing datagrams dropped (loopback only)
     fault_duplicate: float = 0.0  # share sent twice (loopback only)
     fault_delay_ms: int = 0  # extra delay of every outgoing datagram (loopback only)
@@ -91,6 +99,11 @@ _TABLES: dict[str, dict[str, str]] = {
              "borrowed_user": "borrowed_user", "operator_group": "operator_group",
              "locale": "job_locale"},
     "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
+    "limits": {"frame_budget_mib": "tcp_frame_budget_mib",
+               "max_connections": "tcp_max_connections",
+               "max_connections_per_ip": "tcp_max_connections_per_ip",
+               "header_timeout": "tcp_header_timeout", "body_timeout": "tcp_body_timeout",
+               "slow_link_kib_s": "tcp_slow_link_kib_s"},
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
                 "fault_delay_ms": "fault_delay_ms"},
     "log": {"format": "log_format", "level": "log_level"},
@@ -212,7 +225,7 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
 
     # The first problem found is the one reported, so the order of the checks is kept.
     for check in (_validate_addresses, _validate_scheduling, _validate_logs_and_devices,
-                  _validate_security, _validate_testing, _validate_jobs):
+                  _validate_security, _validate_testing, _validate_jobs, _validate_limits):
         check(s, at)
 
 
@@ -314,3 +327,20 @@ def _validate_jobs(s: Settings, at: Any) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.@-]*", s.job_locale):
         raise ConfigError(f"{at('job_locale')}: locale {s.job_locale!r} is not a locale name "
                           "(such as C.UTF-8 or en_US.UTF-8)")
+
+
+def _validate_limits(s: Settings, at: Any) -> None:
+    from flexmesh.protocol.wire import MAX_FRAME
+    least = MAX_FRAME // (1024 * 1024)
+    if s.tcp_frame_budget_mib < least:
+        raise ConfigError(f"{at('tcp_frame_budget_mib')}: [limits] frame_budget_mib must be "
+                          f"at least {least}, the largest frame, or no large frame gets in")
+    for key in ("tcp_max_connections", "tcp_max_connections_per_ip", "tcp_slow_link_kib_s"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{at(key)}: [limits] {key.removeprefix('tcp_')} must be at "
+                              "least 1")
+    for key in ("tcp_header_timeout", "tcp_body_timeout"):
+        value = getattr(s, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{at(key)}: [limits] {key.removeprefix('tcp_')} must be a "
+                              "positive number of seconds")

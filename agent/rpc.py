@@ -3,19 +3,35 @@
 A call opens a connection, writes one request frame and reads one reply frame, all under
 one deadline. A peer that sends something that is not a frame of this protocol is
 disconnected (``RemoteError``); it cannot crash or stall the agent.
+
+What a peer can make this agent hold before it has proven anything is bounded by
+``Limits``. The first frame on a connection may announce at most ``wire.FIRST_FRAME``
+bytes; a caller with a larger request sends a small ``Hello`` first (unanswered), and
+only a first frame that decoded (and opened, with a key) lets frames up to
+``wire.MAX_FRAME`` follow. Every frame body is read into one buffer of its announced size,
+reserved beforehand from a ``Budget`` that all inbound connections share. Connections are
+capped in all and per peer address, and a first header, a body and the wait between frames
+each have a deadline. A connection over a limit is closed at once and counted
+(``LimitError``), never left waiting for room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import CryptoError, Sealer
 
+log = logging.getLogger("flexmesh.agent")
+
 READ_TIMEOUT = 30.0  # an idle inbound connection is closed after this long
+CHUNK = 64 * 1024  # bytes taken from the stream at a time while a body is read
+TRIM_AFTER = 1024 * 1024  # bytes of bodies read before memory is handed back (Server)
 
 
 class Codec:
@@ -33,7 +49,7 @@ class Codec:
             body = self.sealer.seal(body, self.cluster, self.now())
         return wire.FRAME_HEADER.pack(len(body)) + body
 
-    def decode(self, body: bytes) -> wire.Message:
+    def decode(self, body: bytes | bytearray) -> wire.Message:
         if self.sealer is not None:
             try:
                 body = self.sealer.open(body, self.cluster, self.now())
@@ -50,6 +66,46 @@ class Codec:
 PLAIN = Codec()
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What inbound connections may make this agent hold, and for how long."""
+
+    first_frame: int = wire.FIRST_FRAME  # bytes a connection's first frame may announce
+    budget: int = 64 * 1024 * 1024  # bytes of bodies being read, all connections together
+    max_connections: int = 512  # inbound connections open at once
+    max_per_ip: int = 128  # ... from one peer address
+    header_timeout: float = 10.0  # seconds from accept to the first frame's header
+    body_timeout: float = 10.0  # seconds for a body, plus its size at body_rate
+    body_rate: int = 64 * 1024  # bytes/s: the slowest link an honest peer may be on
+    idle_timeout: float = READ_TIMEOUT  # seconds between frames
+
+    def body_deadline(self, n: int) -> float:
+        return self.body_timeout + n / self.body_rate
+
+
+DEFAULT_LIMITS = Limits()
+
+class Budget:
+    """Bytes reserved for frame bodies being read, across connections: at most ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0  # the most ever reserved at once
+        self.total = 0  # bytes ever reserved
+
+    def reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        self.total += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
 class CallError(Exception):
     """A call failed: unreachable, timed out, or the reply was not understood."""
 
@@ -62,21 +118,92 @@ class RemoteError(Exception):
         self.reason = reason
 
 
-async def read_frame(reader: asyncio.StreamReader, codec: Codec = PLAIN) -> wire.Message:
+class LimitError(Exception):
+    """An inbound connection went over a limit and is closed; ``counter`` is its count."""
+
+    def __init__(self, counter: str, message: str) -> None:
+        super().__init__(message)
+        self.counter = counter
+
+
+# --- reading frames ------------------------------------------------------------------------
+
+
+async def _read_header(reader: asyncio.StreamReader) -> int | None:
+    """The body length a frame header announces; None if the peer closed before one."""
     try:
         header = await reader.readexactly(wire.FRAME_HEADER.size)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
-            raise EOFError from None
+            return None
         raise RemoteError("connection closed inside a frame header") from None
     try:
-        n = wire.frame_length(header)
-        body = await reader.readexactly(n)
-    except asyncio.IncompleteReadError:
-        raise RemoteError("connection closed inside a frame") from None
+        return wire.frame_length(header)
     except wire.DecodeError as exc:
         raise RemoteError(str(exc)) from None
-    return codec.decode(body)
+
+
+async def _read_into(reader: asyncio.StreamReader, buf: bytearray) -> None:
+    """Fill ``buf`` from the stream, a chunk at a time: nothing else grows with the frame."""
+    view = memoryview(buf)
+    pos = 0
+    while pos < len(buf):
+        chunk = await reader.read(min(len(buf) - pos, CHUNK))
+        if not chunk:
+            raise RemoteError("connection closed inside a frame")
+        view[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+
+
+async def read_frame(reader: asyncio.StreamReader, codec: Codec = PLAIN) -> wire.Message:
+    """One frame, as a caller reads its reply (under the call's own deadline)."""
+    n = await _read_header(reader)
+    if n is None:
+        raise EOFError
+    buf = bytearray(n)
+    await _read_into(reader, buf)
+    return codec.decode(buf)
+
+
+async def _next_header(reader: asyncio.StreamReader, limits: Limits, first: bool) -> int | None:
+    timeout = limits.header_timeout if first else limits.idle_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            n = await _read_header(reader)
+    except TimeoutError:
+        if first:
+            raise LimitError("tcp_header_timeouts",
+                             f"no frame header within {timeout:g}s of connecting") from None
+        return None  # idle: the peer is done with this connection
+    if first and n is not None and n > limits.first_frame:
+        raise LimitError("frames_dropped_first_too_large",
+                         f"a first frame of {n} bytes (at most {limits.first_frame} "
+                         "without a Hello before it)")
+    return n
+
+
+async def _read_body(reader: asyncio.StreamReader, n: int, codec: Codec, limits: Limits,
+                     budget: Budget) -> wire.Message:
+    """Read and decode a body of ``n`` bytes into a buffer reserved from ``budget``."""
+    if not budget.reserve(n):
+        raise LimitError("frames_dropped_budget",
+                         f"a frame of {n} bytes while {budget.used} of {budget.limit} "
+                         "bytes are being read")
+    try:
+        buf = bytearray(n)
+        deadline = limits.body_deadline(n)
+        try:
+            async with asyncio.timeout(deadline):
+                await _read_into(reader, buf)
+        except TimeoutError:
+            raise LimitError("tcp_body_timeouts",
+                             f"a frame of {n} bytes not in within {deadline:g}s") from None
+        return codec.decode(buf)
+    finally:
+        budget.release(n)
+
+
+# --- calling --------------------------------------------------------------------------------
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -85,12 +212,17 @@ def _split(addr: str) -> tuple[str, int]:
 
 
 async def call(addr: str, msg: wire.Message, timeout: float,
-               codec: Codec = PLAIN) -> wire.Message:
+               codec: Codec = PLAIN, source: str = "") -> wire.Message:
+    """Send ``msg`` to the agent at ``addr`` and return its reply; ``source`` names the
+    caller in the ``Hello`` that goes before a request over ``wire.FIRST_FRAME``."""
     async def run() -> wire.Message:
         host, port = _split(addr)
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(codec.encode(msg))
+            frame = codec.encode(msg)
+            if len(frame) - wire.FRAME_HEADER.size > wire.FIRST_FRAME:
+                writer.write(codec.encode(wire.Hello(source)))  # unanswered: no round trip
+            writer.write(frame)
             await writer.drain()
             return await read_frame(reader, codec)
         finally:
@@ -111,22 +243,104 @@ async def call(addr: str, msg: wire.Message, timeout: float,
         raise CallError(f"bad reply from {addr}: {exc}") from None
 
 
+# --- answering ------------------------------------------------------------------------------
+
 Handler = Callable[[wire.Message], Awaitable[wire.Message]]
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           handler: Handler, codec: Codec = PLAIN) -> None:
-    """Answer requests on one inbound connection until the peer closes it."""
+                           handler: Handler, codec: Codec = PLAIN,
+                           limits: Limits = DEFAULT_LIMITS, budget: Budget | None = None) -> None:
+    """Answer requests on one inbound connection until the peer closes it or goes idle.
+
+    Raises ``RemoteError`` for bytes that are not frames of this protocol and
+    ``LimitError`` for a connection over a limit; the caller closes nothing."""
+    budget = Budget(limits.budget) if budget is None else budget
+    first = True
     try:
-        while True:
-            try:
-                msg = await asyncio.wait_for(read_frame(reader, codec), READ_TIMEOUT)
-            except (EOFError, TimeoutError, ConnectionError):
-                return
-            reply = await handler(msg)
-            writer.write(codec.encode(reply))
-            await writer.drain()
+        while (n := await _next_header(reader, limits, first)) is not None:
+            msg = await _read_body(reader, n, codec, limits, budget)
+            if isinstance(msg, wire.Hello):
+                if not first:
+                    raise RemoteError("a Hello after the first frame")
+            else:
+                reply = await handler(msg)
+                writer.write(codec.encode(reply))
+                await writer.drain()
+            first = False
+    except ConnectionError:
+        return
     finally:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+class Server:
+    """Inbound connections under ``limits()``: caps on how many, one budget for the bodies
+    being read, every refusal counted by name through ``count``.
+
+    ``codec`` and ``limits`` are read at each connection, so a reload applies to the next
+    one. ``trim`` is called when no body is being read and more than ``TRIM_AFTER`` bytes
+    were read since it was last called (the runtime hands freed memory back there)."""
+
+    def __init__(self, handler: Handler, codec: Callable[[], Codec],
+                 limits: Callable[[], Limits], count: Callable[[str], None],
+                 trim: Callable[[], None] = lambda: None,
+                 dropped: Callable[[RemoteError, str], None] = lambda exc, ip: None) -> None:
+        self.handler = handler
+        self.dropped = dropped  # told of every connection dropped for garbage (and from where)
+        self.codec = codec
+        self.limits = limits
+        self.count = count
+        self.trim = trim
+        self.budget = Budget(limits().budget)
+        self.connections = 0
+        self.by_ip: dict[str, int] = {}
+        self._trimmed_at = 0  # budget.total when trim was last called
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The ``asyncio.start_server`` callback: one inbound connection, start to end."""
+        limits = self.limits()
+        self.budget.limit = limits.budget
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        refused = self._admit(ip, limits)
+        if refused is not None:
+            self.count(refused)
+            writer.close()
+            return
+        try:
+            await serve_connection(reader, writer, self.handler, self.codec(), limits,
+                                   self.budget)
+        except LimitError as exc:
+            self.count(exc.counter)
+            log.debug("closed a connection from %s: %s", ip, exc)
+        except RemoteError as exc:
+            self.count("peers_disconnected_garbage")
+            self.count(f"frames_dropped_{exc.reason}")
+            self.dropped(exc, ip)
+            log.info("dropped a peer connection from %s: %s", ip, exc)
+        finally:
+            self._leave(ip)
+
+    def _admit(self, ip: str, limits: Limits) -> str | None:
+        """None if the connection may go on, else the name of the count it adds to."""
+        if self.connections >= limits.max_connections:
+            return "tcp_refused_busy"
+        if self.by_ip.get(ip, 0) >= limits.max_per_ip:
+            return "tcp_refused_per_ip"
+        self.connections += 1
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        return None
+
+    def _leave(self, ip: str) -> None:
+        self.connections -= 1
+        left = self.by_ip[ip] - 1
+        if left:
+            self.by_ip[ip] = left
+        else:
+            del self.by_ip[ip]
+        if self.budget.used == 0 and self.budget.total - self._trimmed_at > TRIM_AFTER:
+            self._trimmed_at = self.budget.total
+            self.trim()

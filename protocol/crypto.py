@@ -356,20 +356,24 @@ class Sealer:
         header = bytes([SEAL_VERSION]) + entry.key_id + nonce
         return header + entry.aead.encrypt(nonce, plaintext, header + aad)
 
-    def open(self, packet: bytes, aad: bytes, now: float, *, limit: int | None = None) -> bytes:
-        """The plaintext of a sealed ``packet``, or ``CryptoError`` saying why it was dropped."""
+    def open(self, packet: bytes | bytearray, aad: bytes, now: float, *,
+             limit: int | None = None) -> bytes:
+        """The plaintext of a sealed ``packet``, or ``CryptoError`` saying why it was dropped.
+
+        A large frame may come in a ``bytearray``; its ciphertext is read in place."""
         if len(packet) > (self.max_packet if limit is None else limit):
             raise CryptoError("oversized", f"{len(packet)} bytes")
         if len(packet) < OVERHEAD:
             raise CryptoError("truncated", f"{len(packet)} bytes")
         if packet[0] != SEAL_VERSION:
             raise CryptoError("version", f"first byte {packet[0]:#04x}")
-        entry = self.keyring._lookup(packet[1:5])
+        header = bytes(packet[:HEADER_SIZE])
+        entry = self.keyring._lookup(header[1:5])
         if entry is None:
-            raise CryptoError("unknown_key", packet[1:5].hex())
-        header, nonce = packet[:HEADER_SIZE], packet[5:HEADER_SIZE]
+            raise CryptoError("unknown_key", header[1:5].hex())
+        nonce = header[5:]
         try:
-            plaintext = entry.aead.decrypt(nonce, packet[HEADER_SIZE:], header + aad)
+            plaintext = entry.aead.decrypt(nonce, memoryview(packet)[HEADER_SIZE:], header + aad)
         except InvalidTag:
             raise CryptoError("tampered") from None
         reason = self.window.admit(nonce, int.from_bytes(nonce[:6], "big"), now)

@@ -27,6 +27,7 @@ import msgpack
 PROTOCOL_VERSION = 1
 UDP_BUDGET = 1400  # bytes: fits a 1500-byte Ethernet MTU with IP/UDP headers and sealing
 MAX_FRAME = 8 * 1024 * 1024  # bytes: the largest TCP frame a peer may send
+FIRST_FRAME = 64 * 1024  # bytes: the largest first frame on a connection (see above)
 FRAME_HEADER = struct.Struct(">I")
 
 
@@ -390,6 +391,16 @@ class Release(Message):
     token: int
 
 
+@message(46)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Caller -> callee, first on a connection whose request is over ``FIRST_FRAME``: once
+    it has decoded (and opened, with a key), frames up to ``MAX_FRAME`` are read on that
+    connection. Accepted only as a first frame, and never answered."""
+
+    source: str  # the caller's node name, for the callee's logs
+
+
 # --- encoding ---------------------------------------------------------------------------
 
 
@@ -429,7 +440,7 @@ def encode_frame(msg: Message) -> bytes:
 # --- decoding ---------------------------------------------------------------------------
 
 
-def _unpack(data: bytes) -> Any:
+def _unpack(data: bytes | memoryview) -> Any:
     try:
         return msgpack.unpackb(
             data,
@@ -441,7 +452,7 @@ def _unpack(data: bytes) -> Any:
         raise DecodeError(f"not msgpack: {exc.__class__.__name__}") from None
 
 
-def _check_version(data: bytes) -> None:
+def _check_version(data: bytes | bytearray) -> None:
     if not data:
         raise DecodeError("empty packet")
     if data[0] != PROTOCOL_VERSION:
@@ -478,10 +489,10 @@ def decode_packet(data: bytes) -> list[Message]:
     return [decode_message(item) for item in items]
 
 
-def decode_frame_body(data: bytes) -> Message:
+def decode_frame_body(data: bytes | bytearray) -> Message:
     """Decode a TCP frame's body (after the length prefix), or raise DecodeError."""
     _check_version(data)
-    return decode_message(_unpack(data[1:]))
+    return decode_message(_unpack(memoryview(data)[1:]))  # a view: no copy of a large body
 
 
 def frame_length(header: bytes) -> int:

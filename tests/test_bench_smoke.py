@@ -96,3 +96,16 @@ def test_bench_invariants_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     (summary,) = lines(capsys.readouterr().out)
     assert summary["bench"] == "invariants" and summary["seeds"] == 4
     assert summary["failed"] == 0 and summary["jobs"] > 0, summary
+
+
+@pytest.mark.integration
+def test_bench_tcp_flood_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_tcp_flood")
+    rc = bench.main(["--connections", "5", "--send", "131072", "--hold", "5", "--settle",
+                     "0.2"])
+    assert rc == 0
+    (out,) = lines(capsys.readouterr().out)
+    assert out["bench"] == "tcp-flood" and out["connections"] == 5
+    assert out["refused"] == 5, out  # each announced 8 MiB without a Hello: closed unread
+    assert out["counters"]["frames_dropped_first_too_large"] == 5, out
+    assert 0 < out["rss_before_mib"] <= out["rss_peak_mib"]

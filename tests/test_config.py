@@ -100,6 +100,26 @@ def test_impossible_duration(cfg, text: str, named: str) -> None:
     assert named in refused(cfg(text))
 
 
+@pytest.mark.parametrize(("text", "problem"), [
+    ("frame_budget_mib = 7", "[limits] frame_budget_mib must be at least 8"),
+    ("max_connections = 0", "[limits] max_connections must be at least 1"),
+    ("max_connections_per_ip = -1", "[limits] max_connections_per_ip must be at least 1"),
+    ("slow_link_kib_s = 0", "[limits] slow_link_kib_s must be at least 1"),
+    ("header_timeout = 0", "[limits] header_timeout must be a positive number of seconds"),
+    ("body_timeout = nan", "[limits] body_timeout must be a positive number of seconds"),
+    ("max_connections = 1.5", "[limits] max_connections must be a int"),
+])
+def test_impossible_limits(cfg, text: str, problem: str) -> None:
+    assert problem in refused(cfg(f"[limits]\n{text}\n"))
+
+
+def test_limits_are_read_from_their_table(cfg) -> None:
+    s = load(cfg("[limits]\nframe_budget_mib = 16\nmax_connections_per_ip = 30\n"
+                 "body_timeout = 2.5\n"), {}, env={"FLEXMESH_TCP_MAX_CONNECTIONS": "40"})
+    assert (s.tcp_frame_budget_mib, s.tcp_max_connections_per_ip, s.tcp_body_timeout,
+            s.tcp_max_connections) == (16, 30, 2.5, 40)
+
+
 @pytest.mark.parametrize(("text", "named", "problem"), [
     ('bind = "0.0.0.0:70000"\n', "bind", "port 70000 is out of range 0..65535"),
     ('bind = "0.0.0.0:-1"\n', "bind", "port -1 is out of range"),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexmesh.agent import rpc
 from flexmesh.agent.config import Settings
+from flexmesh.agent.runtime import memory
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import OVERHEAD, SEAL_VERSION, CryptoError
 from flexmesh.protocol.membership import SendPacket
@@ -67,13 +68,16 @@ class Transport:
         self.faults = Faults(agent.settings, agent.count)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._handler: Handler | None = None
+        self.calls: rpc.Server | None = None
 
     async def bind(self, host: str, port: int, handler: Handler) -> int:
         """Bind UDP and TCP on the same port; with port 0, one that is free for both."""
-        self._handler = handler
+        memory.fix_mmap_threshold()  # before the first large frame comes in
+        self.calls = rpc.Server(handler, lambda: self.agent.keys.codec,
+                                lambda: tcp_limits(self.agent.settings), self.agent.count,
+                                memory.trim, self._dropped)
         self._udp, port = await self._bind_udp(host, port)
-        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        self._tcp = await asyncio.start_server(self.calls.serve, host, port)
         return port
 
     async def _bind_udp(self, host: str, port: int) -> tuple[asyncio.DatagramTransport, int]:
@@ -100,6 +104,10 @@ class Transport:
                 await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
         if self._udp is not None:
             self._udp.close()
+
+    def _dropped(self, exc: rpc.RemoteError, ip: str) -> None:
+        if exc.reason == "unknown_key":
+            self.agent.keys.unknown_key(ip, "", self.loop.time())
 
     # --- UDP ----------------------------------------------------------------------------
 
@@ -149,19 +157,16 @@ class Transport:
                    timeout: float) -> tuple[wire.Message | None, str]:
         """Call another agent: (its reply, "") or (None, why there is none)."""
         try:
-            return await rpc.call(addr, msg, timeout, self.agent.keys.codec), ""
+            return await rpc.call(addr, msg, timeout, self.agent.keys.codec,
+                                  self.agent.settings.name), ""
         except rpc.CallError as exc:
             return None, str(exc)
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
-        assert self._handler is not None
-        try:
-            await rpc.serve_connection(reader, writer, self._handler, self.agent.keys.codec)
-        except rpc.RemoteError as exc:
-            self.agent.count("peers_disconnected_garbage")
-            self.agent.count(f"frames_dropped_{exc.reason}")
-            if exc.reason == "unknown_key":
-                peer = writer.get_extra_info("peername") or ("?", 0)
-                self.agent.keys.unknown_key(f"{peer[0]}:{peer[1]}", "", self.loop.time())
-            log.info("dropped a peer connection: %s", exc)
+
+def tcp_limits(s: Settings) -> rpc.Limits:
+    """The ``[limits]`` settings as the TCP server takes them."""
+    return rpc.Limits(budget=s.tcp_frame_budget_mib * 1024 * 1024,
+                      max_connections=s.tcp_max_connections,
+                      max_per_ip=s.tcp_max_connections_per_ip,
+                      header_timeout=s.tcp_header_timeout, body_timeout=s.tcp_body_timeout,
+                      body_rate=s.tcp_slow_link_kib_s * 1024)
