@@ -135,6 +135,12 @@ def make_app(agent: Agent) -> web.Application:
 async def serve(agent: Agent, path: str) -> web.AppRunner:
     runner = web.AppRunner(make_app(agent), access_log=None)
     await runner.setup()
+    await listen(runner, agent, path)
+    return runner
+
+
+async def listen(runner: web.AppRunner, agent: Agent, path: str) -> None:
+    """Bind the socket at ``path`` (again, when it was deleted: on SIGHUP)."""
     sock_path = Path(path)
     sock_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -143,7 +149,6 @@ async def serve(agent: Agent, path: str) -> web.AppRunner:
     await site.start()
     os.chmod(sock_path, 0o660)
     _chgrp(sock_path, agent.settings.socket_group)
-    return runner
 
 
 def _chgrp(path: Path, group: str) -> None:

@@ -22,6 +22,7 @@ from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refus
 from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
 from flexmesh.agent.joblogs import read_at
 from flexmesh.agent.models import TERMINAL, JobRecord, gang_members, member_id
+from flexmesh.agent.runtime.commit import JournalWriteError
 
 if TYPE_CHECKING:
     from flexmesh.agent.runtime import Agent
@@ -54,17 +55,29 @@ async def submit(request: web.Request) -> web.Response:
         fields.pop("gang_size")
         members = gang_members(job_id, size, origin=agent.node.name, role="origin",
                                uid=peer_uid(request), **fields)
-        await agent.submit_many(members)
+        try:
+            await agent.submit_many(members)
+        except JournalWriteError as exc:
+            return _not_journaled(exc)
         log.info("gang accepted gang=%s members=%d uid=%s compute_milli=%d memory_mib=%d",
                  job_id, size, members[0].uid, members[0].compute_milli,
                  members[0].memory_mib)
         return web.json_response(gang_view(job_id, members), status=201)
     job = JobRecord(id=job_id, origin=agent.node.name, role="origin",
                     uid=peer_uid(request), **fields)
-    await agent.submit(job)
+    try:
+        await agent.submit(job)
+    except JournalWriteError as exc:
+        return _not_journaled(exc)
     log.info("job accepted job=%s uid=%s compute_milli=%d memory_mib=%d", job.id, job.uid,
              job.compute_milli, job.memory_mib)
     return web.json_response(job_view(job), status=201)
+
+
+def _not_journaled(exc: JournalWriteError) -> web.Response:
+    log.error("submit failed: the journal cannot be written: %s", exc)
+    status = 507 if str(exc).startswith("disk full") else 503
+    return error(status, f"not accepted: the journal cannot be written ({exc})")
 
 
 def _job(request: web.Request) -> JobRecord:

@@ -44,7 +44,7 @@ async def run_agent(settings: Settings,
     watchdog = asyncio.ensure_future(watchdog_loop(notifier, agent.healthy))
     if reload is not None:
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: _reload(agent, reload, notifier))
+            signal.SIGHUP, lambda: _reload(agent, reload, notifier, http))
     await stop.wait()
     log.info("shutting down")
     notifier.stopping()
@@ -107,15 +107,29 @@ async def _stop_in_time(agent: Agent, http: web.AppRunner, extras: list[web.AppR
         os._exit(1)
 
 
-def _reload(agent: Agent, reload: Callable[[], Settings], notifier: Notifier) -> None:
-    """SIGHUP: read the configuration again and apply what can change while running."""
+def _reload(agent: Agent, reload: Callable[[], Settings], notifier: Notifier,
+            http: web.AppRunner) -> None:
+    """SIGHUP: read the configuration again and apply what can change while running; a
+    socket file that was deleted is made again."""
     notifier.reloading()
     try:
         new = reload()
         agent.reconfigure(new)
     except (ConfigError, StartError) as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
+    sock = agent.settings.socket
+    if not os.path.exists(sock):
+        task = asyncio.ensure_future(api.listen(http, agent, sock))
+        task.add_done_callback(lambda t: _relistened(t, sock))
     notifier.ready()
+
+
+def _relistened(task: asyncio.Future[None], sock: str) -> None:
+    exc = task.exception()
+    if exc is None:
+        log.warning("the socket %s was gone: made it again", sock)
+    else:
+        log.error("the socket %s is gone and cannot be made again: %s", sock, exc)
 
 
 async def _shutdown(agent: Agent, http: object, sock: str) -> None:

@@ -202,6 +202,10 @@ def test_sighup_reloads_and_sigterm_leaves(mesh: LocalMesh) -> None:
     proc.send_signal(signal.SIGHUP)
     mesh.wait_for("the reload", lambda: "reloaded policy=best-fit" in log.read_text())
     assert mesh.converged(["a", "b"])  # still in the mesh
+    os.unlink(mesh.agents["a"].socket)  # a socket deleted by mistake comes back on SIGHUP
+    proc.send_signal(signal.SIGHUP)
+    mesh.wait_for("the socket again", lambda: "made it again" in log.read_text())
+    assert mesh.json("a", "status")["status"]["name"] == "a"
     mesh.kill("b", signal.SIGTERM)
     mesh.wait_for("b to be seen as left", lambda: {r["name"]: r["state"] for r in
                   mesh.json("a", "nodes")}.get("b") == "left")

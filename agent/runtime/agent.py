@@ -4,9 +4,9 @@ The runtime owns every piece of I/O. It feeds the node what arrives (datagrams, 
 call results, process exits, device readings, time) and carries out the effects the node
 returns, in order: journal writes are awaited before anything that depends on them is
 sent, so a job is on disk before its submitter hears it was accepted. The pieces live
-beside this file: ``transport`` (UDP and TCP, sealed), ``keys``, ``sampling`` (devices
-and the watchdog), ``processes`` (a job's environment, user, process and output) and
-``commit`` (journal writes grouped into one transaction).
+beside this file: ``transport`` (UDP and TCP, sealed), ``keys``, ``sampling`` (devices,
+watchdog), ``processes`` (a job's environment, user, process and output), ``commit``
+(grouped journal writes, retried) and ``statedir`` (its lock, the journal's marker).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -39,7 +40,8 @@ from flexmesh.agent.node import (
     RunJob,
     StopJob,
 )
-from flexmesh.agent.runtime.commit import GroupCommit
+from flexmesh.agent.runtime import statedir
+from flexmesh.agent.runtime.commit import GroupCommit, describe
 from flexmesh.agent.runtime.keys import Keys, KeysError
 from flexmesh.agent.runtime.processes import Processes
 from flexmesh.agent.runtime.sampling import Sampler
@@ -82,6 +84,7 @@ class Agent:
         self._kicked = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._job_events: dict[str, asyncio.Event] = {}
+        self._lock: int | None = None  # the state dir's lock, held while running
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -127,12 +130,16 @@ class Agent:
         s = self.settings
         (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
         try:
+            self._lock = statedir.lock(self.state_dir)
             self.keys.load()
-        except KeysError as exc:
+            self.journal = await statedir.open_journal(self.state_dir / "journal.sqlite3")
+        except (KeysError, statedir.StateDirError) as exc:
             raise StartError(str(exc)) from None
-        self.journal = await AsyncJournal.open(self.state_dir / "journal.sqlite3")
         self.commits = GroupCommit(self.journal)
-        incarnation = await self.journal.bump_meta("incarnation")
+        try:
+            incarnation = await self.journal.bump_meta("incarnation")
+        except sqlite3.Error as exc:  # a full disk, most likely: say so, no traceback
+            raise StartError(f"cannot write the journal: {describe(exc)}") from None
         host, port = s.bind_host_port()
         port = await self.transport.bind(host, port, self._handle_call)
         self.addr = s.advertise or f"{host}:{port}"
@@ -182,6 +189,8 @@ class Agent:
         await self.sampler.close()
         if self.journal is not None:
             await self.journal.close()
+        if self._lock is not None:
+            statedir.unlock(self._lock)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -362,7 +371,8 @@ class Agent:
         stamp = time.time()
         for job in jobs:
             job.created_at = job.updated_at = stamp
-        await self.commits.write(jobs)  # on disk before the submitter hears "accepted"
+        # On disk before "accepted"; if it cannot be, the submitter hears why at once.
+        await self.commits.write(jobs, retry=False)  # (JournalWriteError)
         now = self.loop.time()
         for job in jobs:
             self.node.submit(job, now)
