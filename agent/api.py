@@ -88,7 +88,7 @@ async def keys_post(request: web.Request) -> web.Response:
         return error(403, "only root or the agent's own user may change the keyring")
     try:
         body = json.loads(await request.read() or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):
         return error(400, "the body is not JSON")
     if (not isinstance(body, dict) or set(body) != {"op", "key"}
             or not isinstance(body["op"], str) or not isinstance(body["key"], str)):

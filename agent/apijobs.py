@@ -42,8 +42,8 @@ async def submit(request: web.Request) -> web.Response:
             raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
         try:
             body = json.loads(raw or b"null")
-        except ValueError as exc:
-            raise BadRequest(f"the body is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # (nested too deep for the parser)
+            raise BadRequest(f"the body is not JSON: {str(exc)[:200]}") from None
         fields = parse_submit(body)
     except BadRequest as exc:
         log.info("submit refused uid=%s reason=%r", peer_uid(request), str(exc))

@@ -56,12 +56,19 @@ def parse_submit(body: Any) -> dict[str, Any]:
     preemptible = _boolean(body, "preemptible", False, "preemptible must be true or false")
     gang = _integer(body, "gang", 1, f"gang must be an integer from 1 to {MAX_GANG} (nodes, "
                     "one member each)")
-    problem = request_problem(compute, memory, count, gang, preemptible)
+    problem = (request_problem(compute, memory, count, gang, preemptible)
+               or exec_problem(command, env))
     if problem is not None:
         raise BadRequest(problem)
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
             "priority": priority, "env": env, "requeue": requeue, "count": count,
             "preemptible": preemptible, "gang_size": gang if gang > 1 else 0}
+
+
+# What exec takes: one argument or variable at most 128 KiB (Linux's MAX_ARG_STRLEN), and
+# all of them together well under the usual 2 MiB ARG_MAX.
+MAX_ARG_BYTES = 128 * 1024 - 1
+MAX_EXEC_BYTES = 1024 * 1024
 
 
 def _command(body: dict[str, Any]) -> list[str]:
@@ -70,6 +77,27 @@ def _command(body: dict[str, Any]) -> list[str]:
             or not all(isinstance(a, str) for a in command) or not command[0]):
         raise BadRequest("command must be a non-empty list of strings")
     return command
+
+
+def exec_problem(command: list[str], env: dict[str, str]) -> str | None:
+    """Why exec could never take this command and environment, or None: text that is
+    not UTF-8 (a lone surrogate), a NUL byte, or more than the kernel takes."""
+    total = 0
+    for what, text in [*(("command", a) for a in command),
+                       *(("env", f"{k}={v}") for k, v in env.items())]:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            return f"{what} is not valid UTF-8 text: {text[:40]!r}"
+        if "\0" in text:
+            return f"{what} holds a NUL byte: {text[:40]!r}"
+        if size > MAX_ARG_BYTES:
+            return f"{what} has a string of {size} bytes; exec takes at most {MAX_ARG_BYTES}"
+        total += size + 1
+    if total > MAX_EXEC_BYTES:
+        return (f"command and env are {total} bytes together; at most {MAX_EXEC_BYTES} "
+                "are accepted")
+    return None
 
 
 def _compute(body: dict[str, Any], default: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -58,3 +59,36 @@ def test_bad_bodies(body: Any, says: str) -> None:
     with pytest.raises(BadRequest, match=None) as info:
         parse_submit(body)
     assert says in str(info.value)
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"command": ["echo", "\udc80"]}, "not valid UTF-8"),
+    ({"command": ["a\x00b"]}, "NUL byte"),
+    ({**CMD, "env": {"A": "x" * 250_000}}, "exec takes at most"),
+    ({**CMD, "env": {f"V{i}": "x" * 100_000 for i in range(12)}}, "bytes together"),
+])
+def test_what_exec_could_never_take_is_refused(body: dict[str, Any], says: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_submit(body)
+    assert says in str(info.value)
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500(tmp_path: Any) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from flexmesh.agent import api
+
+    agent = SimpleNamespace(stopping=False, node=SimpleNamespace(name="n"))
+    runner = web.AppRunner(api.make_app(agent))  # type: ignore[arg-type]
+    await runner.setup()
+    path = str(tmp_path / "agent.sock")
+    await web.UnixSite(runner, path).start()
+    nested = "[" * 100_000 + "]" * 100_000
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as s, \
+                s.post("http://localhost/v1/jobs", data=nested) as resp:
+            status, body = resp.status, await resp.json()
+    finally:
+        await runner.cleanup()
+    assert status == 400 and "not JSON" in body["error"]
