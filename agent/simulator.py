@@ -53,6 +53,7 @@ from flexmesh.protocol.membership import (
     Config,
     FactsEvent,
     MemberEvent,
+    NameConflict,
     SendPacket,
     StartPushPull,
 )
@@ -337,7 +338,7 @@ class Simulator(SimNetwork, SimViews):
             case ArchiveOutput():
                 if eff.job_id in sim.received:
                     sim.archived.setdefault(eff.job_id, []).append(sim.received.pop(eff.job_id))
-            case LogEvent() | MemberEvent() | FactsEvent():
+            case LogEvent() | MemberEvent() | FactsEvent() | NameConflict():
                 pass
             case _:
                 assert_never(eff)

@@ -144,7 +144,17 @@ class FactsEvent:
     name: str
 
 
-Effect = SendPacket | StartPushPull | MemberEvent | FactsEvent
+@dataclass(frozen=True, slots=True)
+class NameConflict:
+    """Two live nodes claim one name: the one known at ``known`` (this node itself, when
+    ``name`` is ours) and another at ``other``. The other is refused, once per address."""
+
+    name: str
+    known: str
+    other: str
+
+
+Effect = SendPacket | StartPushPull | MemberEvent | FactsEvent | NameConflict
 
 
 @dataclass(slots=True)
@@ -208,6 +218,7 @@ class Membership:
         self._left = False
         self._seeds: list[str] = []
         self.counters: dict[str, int] = {}
+        self._conflicts: set[tuple[str, str]] = set()  # (name, address) refused and told
         self._enqueue_alive(self.me)
         self._enqueue_facts(self.me)
 
@@ -349,9 +360,11 @@ class Membership:
         if self._implausible(msg.node, msg.incarnation):
             return
         if msg.node == self.name:
-            # Someone thinks we are at a newer incarnation than we know (we restarted):
-            # jump past it so our own word wins.
-            if msg.incarnation > self.me.incarnation:
+            if msg.addr != self.addr:
+                self._conflict(self.name, self.addr, msg.addr)  # another node took our name
+            elif msg.incarnation > self.me.incarnation:
+                # Someone thinks we are at a newer incarnation than we know (we restarted):
+                # jump past it so our own word wins.
                 self._refute(msg.incarnation, now)
             return
         m = self.members.get(msg.node)
@@ -361,9 +374,12 @@ class Membership:
             self._out.append(MemberEvent(m.name, ALIVE, None, m.addr))
             self._enqueue_alive(m)
             return
-        if msg.incarnation <= m.incarnation and not (
-            m.state == ALIVE and msg.addr != m.addr and msg.incarnation == m.incarnation
-        ):
+        if msg.addr != m.addr and m.state in (ALIVE, SUSPECT):
+            # A live member's name claimed at another address: a second node with the
+            # same name, refused (a node that moved is taken once it was declared dead).
+            self._conflict(m.name, m.addr, msg.addr)
+            return
+        if msg.incarnation <= m.incarnation:
             return
         m.incarnation = msg.incarnation
         m.addr = msg.addr
@@ -444,7 +460,11 @@ class Membership:
         ]
 
     def merge_remote_state(self, rows: list[Any], now: float) -> int:
-        """Merge a peer's full state; returns how many rows were malformed and skipped."""
+        """Merge a peer's full state; returns how many rows were malformed and skipped.
+        A state in which another live node has this node's name is not merged at all:
+        this node does not join a mesh that already has a member of its name."""
+        if any(self._claims_my_name(row) for row in rows):
+            return 0
         bad = 0
         for row in rows:
             try:
@@ -469,6 +489,23 @@ class Membership:
         if bad:
             self.counters["bad_pushpull_rows"] = self.counters.get("bad_pushpull_rows", 0) + bad
         return bad
+
+    def _claims_my_name(self, row: Any) -> bool:
+        """Whether a push-pull row is a live node of this node's name at another address
+        (a seed's answer when a second node joins with a name already taken)."""
+        if not (isinstance(row, list | tuple) and len(row) == 7 and row[0] == self.name):
+            return False
+        addr, state = row[1], row[3]
+        if isinstance(addr, str) and addr != self.addr and state in (ALIVE, SUSPECT):
+            self._conflict(self.name, self.addr, addr)
+            return True
+        return False
+
+    def _conflict(self, name: str, known: str, other: str) -> None:
+        self._count("name_conflicts")
+        if (name, other) not in self._conflicts:
+            self._conflicts.add((name, other))
+            self._out.append(NameConflict(name, known, other))
 
     def _merge_row(self, name: str, addr: str, inc: int, state: str, now: float) -> None:
         if name == self.name:

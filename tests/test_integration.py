@@ -285,3 +285,19 @@ def test_a_frozen_loop_counts_as_loop_lag(mesh: LocalMesh) -> None:
         a.proc.send_signal(signal.SIGCONT)
     mesh.wait_for("the lag to be counted", lambda: mesh.json("a", "status")["status"]
                   ["counters"].get("loop_lag_events", 0) > before)
+
+
+def test_a_second_agent_with_a_taken_name_is_refused_on_both_sides(mesh: LocalMesh) -> None:
+    a = mesh.start("a", sim="gpu:1x8GiB")
+    mesh.start("b", join=["a"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "b"]))
+    impostor = mesh.start("imp", join=["a"], extra=["--name", "a"])
+    for who in (a, impostor):
+        mesh.wait_for(f"{who.name} to log the conflict",
+                      lambda who=who: "name conflict: a is at" in who.log.read_text())
+    assert a.addr in impostor.log.read_text() and impostor.addr in a.log.read_text()
+    rows = {r["name"]: r for r in mesh.json("b", "nodes")}
+    assert rows["a"]["address"] == a.addr and rows["a"]["state"] == "alive"
+    assert mesh.coordinator("b") == mesh.coordinator("a")
+    assert [r["name"] for r in mesh.json("imp", "nodes")] == ["a"]  # it joined nothing
+    assert len(mesh.json("b", "devices")) == 1  # a's GPU is still seen

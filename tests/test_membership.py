@@ -28,6 +28,7 @@ from flexmesh.protocol.membership import (
     FactsEvent,
     MemberEvent,
     Membership,
+    NameConflict,
     SendPacket,
     StartPushPull,
     with_overrides,
@@ -115,6 +116,8 @@ class Net:
             self.nodes[dst].step(addr(src), msgs, self.now)
         elif isinstance(eff, StartPushPull):
             self._pushpull(src, eff)
+        elif isinstance(eff, NameConflict):
+            raise AssertionError(f"a name conflict in a mesh of distinct names: {eff!r}")
         else:
             raise AssertionError(f"unknown effect {eff!r}")
 
@@ -771,6 +774,11 @@ def test_arbitrary_push_pull_rows_never_raise(rows: list[list[object]]) -> None:
     assert 0 <= bad <= len(rows)
     # whatever a peer says, we are alive, at an incarnation above any verdict on us
     assert a.me.state == ALIVE
+    if any(len(r) == 7 and r[0] == "a" and r[1] != addr("a") and r[3] in (ALIVE, SUSPECT)
+           for r in rows):  # another live node has our name: nothing is merged
+        assert set(a.members) == {"a"} and a.me.incarnation == 2
+        assert any(isinstance(e, NameConflict) for e in a.drain())
+        return
     verdicts = [r[2] for r in rows if len(r) == 7 and r[0] == "a" and r[3] != ALIVE]
     assert all(a.me.incarnation > v for v in verdicts if isinstance(v, int))
     for name, m in a.members.items():
@@ -1143,3 +1151,43 @@ def test_broadcast_queue_properties(
             sent[p] = sent.get(p, 0) + 1
     assert all(count <= limit for count in sent.values())
     assert len(q) == 0 or any(len(p) + overhead > budget for p in latest.values())
+
+
+def _conflicts(m: Membership) -> list[NameConflict]:
+    return [e for e in m.drain() if isinstance(e, NameConflict)]
+
+
+def test_a_second_node_with_a_live_members_name_is_refused_by_the_mesh() -> None:
+    a = Membership("a", "10.0.0.1:7946", LAN, random.Random(1), 0.0)
+    a.handle_alive(wire.Alive("x", "10.0.0.2:7946", 3), 0.0)
+    a.drain()
+    # The impostor joins with a newer incarnation at another address: refused, told once.
+    impostor = [["x", "10.0.0.9:7946", 7, ALIVE, 7, 0, {}]]
+    a.merge_remote_state(impostor, 1.0)
+    a.merge_remote_state(impostor, 2.0)
+    a.handle_alive(wire.Alive("x", "10.0.0.9:7946", 8), 3.0)
+    assert a.members["x"].addr == "10.0.0.2:7946" and a.members["x"].incarnation == 3
+    assert _conflicts(a) == [NameConflict("x", "10.0.0.2:7946", "10.0.0.9:7946")]
+    assert a.counters["name_conflicts"] == 3
+    # Once the first x was declared dead, x may come back at a new address (it moved).
+    a.handle_dead(wire.Dead("x", 3, "a"), 4.0)
+    a.handle_alive(wire.Alive("x", "10.0.0.9:7946", 9), 5.0)
+    assert (a.members["x"].addr, a.members["x"].state) == ("10.0.0.9:7946", ALIVE)
+
+
+def test_a_node_does_not_join_a_mesh_that_has_a_live_member_of_its_name() -> None:
+    x = Membership("x", "10.0.0.9:7946", LAN, random.Random(1), 0.0, incarnation=1)
+    x.drain()
+    state = [["a", "10.0.0.1:7946", 1, ALIVE, 1, 0, {}],
+             ["x", "10.0.0.2:7946", 5, ALIVE, 5, 0, {}]]
+    x.merge_remote_state(state, 1.0)
+    assert set(x.members) == {"x"} and x.me.addr == "10.0.0.9:7946"
+    assert x.me.incarnation == 1  # no refutation war with the real x
+    assert _conflicts(x) == [NameConflict("x", "10.0.0.9:7946", "10.0.0.2:7946")]
+    # A gossiped Alive of the other x is not refuted either.
+    x.handle_alive(wire.Alive("x", "10.0.0.2:7946", 6), 2.0)
+    assert x.me.incarnation == 1 and x.me.addr == "10.0.0.9:7946"
+    # Restarted at a new address after the mesh declared the old one dead: it joins.
+    state[1][3] = DEAD
+    x.merge_remote_state(state, 3.0)
+    assert "a" in x.members and x.me.incarnation > 5

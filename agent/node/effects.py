@@ -15,7 +15,13 @@ from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import JobRecord
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import Lease
-from flexmesh.protocol.membership import FactsEvent, MemberEvent, SendPacket, StartPushPull
+from flexmesh.protocol.membership import (
+    FactsEvent,
+    MemberEvent,
+    NameConflict,
+    SendPacket,
+    StartPushPull,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +101,7 @@ class LogEvent:
     fields: dict[str, Any]
 
 
-Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | Call | PersistJob
+Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | NameConflict | Call | PersistJob
           | PersistLease | ForgetJob | ForgetLease | RunJob | StopJob | ArchiveOutput
           | JobOutput | LogEvent)
 

@@ -42,6 +42,7 @@ from flexmesh.agent.node import (
 )
 from flexmesh.agent.runtime import statedir
 from flexmesh.agent.runtime.commit import GroupCommit, describe
+from flexmesh.agent.runtime.eventlog import log_event
 from flexmesh.agent.runtime.keys import Keys, KeysError
 from flexmesh.agent.runtime.processes import Processes
 from flexmesh.agent.runtime.sampling import Sampler
@@ -50,7 +51,14 @@ from flexmesh.agent.store import AsyncJournal
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import Lease
-from flexmesh.protocol.membership import PRESETS, FactsEvent, MemberEvent, SendPacket, StartPushPull
+from flexmesh.protocol.membership import (
+    PRESETS,
+    FactsEvent,
+    MemberEvent,
+    NameConflict,
+    SendPacket,
+    StartPushPull,
+)
 
 log = logging.getLogger("flexmesh.agent")
 
@@ -315,12 +323,8 @@ class Agent:
                 # Written before anything after it runs: the job's end is journaled only
                 # once its output is here (see node/follow.py).
                 await self.processes.write_output(eff)
-            case LogEvent():
-                log.info("%s %s", eff.event,
-                         " ".join(f"{k}={_field(v)}" for k, v in eff.fields.items()))
-            case MemberEvent():
-                log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state,
-                         eff.prev, eff.addr)
+            case LogEvent() | MemberEvent() | NameConflict():
+                log_event(eff)
             case ForgetJob():  # its journal row is gone: its output goes too
                 await self.processes.forget(eff.job_id)
             case FactsEvent() | PersistJob() | PersistLease() | ForgetLease():
@@ -385,13 +389,6 @@ class Agent:
 
     def job_event(self, job_id: str) -> asyncio.Event:
         return self._job_events.setdefault(job_id, asyncio.Event())
-
-
-def _field(value: object) -> str:
-    """A log field as text: one that is not plainly printable (a newline, an escape sent
-    by a peer) is written quoted and escaped, so no field can forge a log line."""
-    text = str(value)
-    return text if text.isprintable() else repr(text)
 
 
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
