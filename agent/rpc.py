@@ -321,6 +321,11 @@ class Server:
             self.count(f"frames_dropped_{exc.reason}")
             self.dropped(exc, ip)
             log.info("dropped a peer connection from %s: %s", ip, exc)
+        except asyncio.CancelledError:
+            # The agent stops while a call waits (a JobSync long poll): the connection ends
+            # here. Not re-raised: Python 3.11's stream callback would log a cancelled
+            # handler as an error ("Exception in callback ... connection_made").
+            writer.close()
         finally:
             self._leave(ip)
 

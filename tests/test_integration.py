@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -301,3 +303,32 @@ def test_a_second_agent_with_a_taken_name_is_refused_on_both_sides(mesh: LocalMe
     assert mesh.coordinator("b") == mesh.coordinator("a")
     assert [r["name"] for r in mesh.json("imp", "nodes")] == ["a"]  # it joined nothing
     assert len(mesh.json("b", "devices")) == 1  # a's GPU is still seen
+
+
+def test_ordinary_events_log_no_errors(mesh: LocalMesh) -> None:
+    """A job that exits at once, a reader that stops following, an owner that stops during
+    a long poll: none of these is an error in either agent's log."""
+    mesh.start("a", sim="gpu:1x8GiB")
+    mesh.start("d", join=["a"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
+    quick = json.loads(mesh.cli("d", "submit", "-o", "json", "--", "true").stdout)["id"]
+    slow = json.loads(mesh.cli("d", "submit", "-o", "json", "--", "sh", "-c",
+                               "echo one; exec sleep 60").stdout)["id"]
+    env = {**os.environ, "FLEXMESH_SOCKET": mesh.agents["d"].socket}
+    reader = subprocess.Popen([sys.executable, "-m", "flexmesh.agent.cli", "logs", "--follow",
+                               slow], env=env, stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"one\n"
+    finally:
+        reader.kill()
+        reader.wait()
+        if reader.stdout is not None:
+            reader.stdout.close()
+    mesh.wait_for("the quick job", lambda: finished(mesh, "d", quick))
+    mesh.kill("a", signal.SIGTERM)  # the owner stops while d long-polls the slow job
+    mesh.wait_for("a to be seen as left", lambda: {r["name"]: r["state"] for r in
+                  mesh.json("d", "nodes")}.get("a") == "left")
+    for name in ("a", "d"):
+        text = mesh.agents[name].log.read_text()
+        assert not [line for line in text.splitlines()
+                    if "level=error" in line or "Traceback" in line], (name, text[-2000:])
