@@ -11,6 +11,8 @@ import base64
 import contextlib
 import json
 import logging
+import os
+import pwd
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -91,10 +93,33 @@ def _job(request: web.Request) -> JobRecord:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
+    """Jobs submitted here; with ``?here=1``, the runs on this node's devices instead,
+    whoever submitted them, with the origin, the user each runs as, and its lease."""
     agent = request.app[AGENT_KEY]
+    if request.query.get("here") not in (None, "", "0"):
+        runs = sorted(agent.node.owner.runs.values(), key=lambda j: j.created_at)
+        return web.json_response(await asyncio.to_thread(_runs_view, agent, runs))
     jobs = list(agent.node.origin.jobs.values())
     jobs.sort(key=lambda j: j.created_at)
     return web.json_response([job_view(j) for j in jobs])
+
+
+def _runs_view(agent: Agent, runs: list[JobRecord]) -> list[dict[str, object]]:
+    """(On a thread: the user names are NSS lookups.)"""
+    out: list[dict[str, object]] = []
+    for job in runs:
+        view = job_view(job)
+        lease = agent.node.leases.leases.get(job.lease_id)
+        if lease is not None:  # what it holds, a request in proportion made concrete
+            view["compute_milli"], view["memory_mib"] = lease.compute_milli, lease.memory_mib
+        ids = agent.processes.job_user(job)
+        uid = os.geteuid() if ids is None else ids[0]
+        try:
+            view["user"] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            view["user"] = str(uid)
+        out.append(view)
+    return out
 
 
 def _gang(request: web.Request) -> list[JobRecord] | None:

@@ -122,9 +122,13 @@ def _ended_text(job: dict[str, Any]) -> str:
     return f"{job['id']} {job['state']} on {job['node'] or '-'}/{where}: {job['reason']}"
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = request(args, "GET", "/v1/jobs")
-    _emit(args, jobs, _table([_job_line(j) for j in jobs],
-                             ["id", "state", "where", "gpu", "mem", "exit_code", "cmd"]))
+    if args.here:  # the runs on this node's devices, whoever submitted them
+        jobs = request(args, "GET", "/v1/jobs?here=1")
+        columns = ["id", "state", "origin", "user", "where", "gpu", "mem", "cmd"]
+    else:
+        jobs = request(args, "GET", "/v1/jobs")
+        columns = ["id", "state", "where", "gpu", "mem", "exit_code", "cmd"]
+    _emit(args, jobs, _table([_job_line(j) for j in jobs], columns))
     return 0
 
 
@@ -175,8 +179,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
                        f"{format_mib(r['leased_memory_mib'], 'table')}",
              "lendable": f"{_frac(r['lendable_compute_milli'])} / "
                          f"{format_mib(r['lendable_memory_mib'], 'table')}"} for r in rows]
+    for r in view:  # this node's devices name the jobs that lease them
+        r["jobs"] = "-" if r.get("jobs") is None else ",".join(r["jobs"]) or "-"
     _emit(args, rows, _table(view, ["node", "id", "kind", "model", "memory", "leased",
-                                    "lendable", "backend", "enforcement"]))
+                                    "lendable", "backend", "enforcement", "jobs"]))
     return 0
 
 

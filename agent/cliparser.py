@@ -13,7 +13,10 @@ def build_parser() -> argparse.ArgumentParser:
     # The order of add_parser calls is the order --help lists the commands in.
     _add_agent(sub)
     _add_submit(_client(sub, "submit", "submit a job"))
-    _client(sub, "jobs", "list jobs submitted here")
+    jb = _client(sub, "jobs", "list jobs submitted here")
+    jb.add_argument("--here", action="store_true",
+                    help="list the jobs running on this node's devices instead, whoever "
+                         "submitted them (with their origin and user)")
     for name, help in (("show", "show one job"), ("cancel", "cancel a job")):
         _client(sub, name, help).add_argument("job")
     lg = _client(sub, "logs", "print a job's output")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -332,3 +333,27 @@ def test_ordinary_events_log_no_errors(mesh: LocalMesh) -> None:
         text = mesh.agents[name].log.read_text()
         assert not [line for line in text.splitlines()
                     if "level=error" in line or "Traceback" in line], (name, text[-2000:])
+
+
+def test_an_operator_sees_the_jobs_running_here_for_others(mesh: LocalMesh) -> None:
+    mesh.start("a", sim="gpu:1x16GiB")
+    mesh.start("d", join=["a"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
+    res = mesh.cli("d", "submit", "--gpu", "0.25", "-o", "json", "--", "sleep", "60")
+    job_id = json.loads(res.stdout)["id"]
+    mesh.wait_for("the job to run",
+                  lambda: mesh.json("d", "show", job_id)["state"] == "running")
+    assert mesh.json("a", "jobs") == []  # nothing was submitted on a
+    (run,) = mesh.json("a", "jobs", "--here")
+    assert (run["id"], run["origin"], run["state"]) == (job_id, "d", "running")
+    assert run["memory_mib"] == 4096 and run["compute_milli"] == 250  # what it holds
+    assert run["user"] == ("nobody" if os.geteuid() == 0 else
+                           pwd.getpwuid(os.geteuid()).pw_name)
+    text = mesh.cli("a", "jobs", "--here").stdout
+    assert "ORIGIN" in text and job_id in text and " d " in text
+    devices = {(r["node"], r["id"]): r for r in mesh.json("d", "devices")}
+    assert devices[("a", "gpu0")]["jobs"] is None  # another node's: d cannot tell
+    mine = {r["id"]: r for r in mesh.json("a", "devices")}
+    assert mine["gpu0"]["jobs"] == [job_id]
+    assert job_id in mesh.cli("a", "devices").stdout
+    mesh.cli("d", "cancel", job_id)

@@ -94,12 +94,19 @@ class Views:
         ]
 
     def devices(self) -> list[dict[str, Any]]:
+        """Every live member's devices as gossiped; this node's own also name the jobs
+        that hold a lease on each (``jobs``)."""
         n = self.node
+        holders: dict[str, list[str]] = {}
+        for lease in n.leases.active():
+            for device in lease.devices:
+                holders.setdefault(device, []).append(lease.job_id)
         out = []
         for m in sorted(n.membership.members.values(), key=lambda m: m.name):
             if m.state != ALIVE:
                 continue
             for d in n.facts_of(m).devices:
+                mine = sorted(holders.get(d.id, [])) if m.name == n.name else None
                 out.append({
                     "node": m.name, "id": d.id, "kind": d.kind, "model": d.model,
                     "memory_mib": d.memory_mib, "compute_milli": d.compute_milli,
@@ -108,5 +115,6 @@ class Views:
                     "lendable_compute_milli": d.lendable_compute_milli,
                     "lendable_memory_mib": d.lendable_memory_mib,
                     "backend": d.backend, "healthy": d.healthy, "enforcement": d.enforcement,
+                    "jobs": mine,  # None: another node's device (its jobs are its own)
                 })
         return out
