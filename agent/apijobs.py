@@ -82,9 +82,26 @@ def _not_journaled(exc: JournalWriteError) -> web.Response:
     return error(status, f"not accepted: the journal cannot be written ({exc})")
 
 
+def _full_id(request: web.Request) -> str:
+    """The job or gang id the request names: as given, or the one id it is a prefix of
+    (as git and docker take them); a prefix of several is a 400 naming them."""
+    jobs = request.app[AGENT_KEY].node.origin.jobs
+    given = request.match_info["id"]
+    if not given or given in jobs or member_id(given, 0) in jobs:
+        return given
+    found = sorted({j.gang or j.id for j in jobs.values() if (j.gang or j.id).startswith(given)})
+    if len(found) > 1:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"{given} is the start of {len(found)} job ids: "
+                                      f"{shown}; give more of it"}),
+            content_type="application/json")
+    return found[0] if found else given
+
+
 def _job(request: web.Request) -> JobRecord:
     agent = request.app[AGENT_KEY]
-    job_id = request.match_info["id"]
+    job_id = _full_id(request)
     job = agent.node.origin.jobs.get(job_id)
     if job is None:
         raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id} was submitted here"}),
@@ -125,7 +142,7 @@ def _runs_view(agent: Agent, runs: list[JobRecord]) -> list[dict[str, object]]:
 def _gang(request: web.Request) -> list[JobRecord] | None:
     """The members of the gang the request names, if it names one submitted here."""
     agent = request.app[AGENT_KEY]
-    gang = request.match_info["id"]
+    gang = _full_id(request)
     mine = agent.node.origin.jobs
     first = mine.get(member_id(gang, 0))
     if gang in mine or first is None or first.gang != gang:

@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -134,14 +135,33 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     job = request(args, "GET", f"/v1/jobs/{args.job}")
-    text = "\n".join(f"{k:>14}: {v}" for k, v in job.items())
+    text = "\n".join(f"{k:>14}: {_human(k, v)}" for k, v in job.items())
     _emit(args, job, text)
     return 0
 
 
+def _human(key: str, value: Any) -> str:
+    """A value for people: no Python reprs (lists, None, dicts, epoch seconds)."""
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("_at") and isinstance(value, int | float):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if key == "command" and isinstance(value, list):
+        return shlex.join(str(a) for a in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_human(k, v)}" for k, v in value.items())
+    if isinstance(value, list):
+        if all(isinstance(v, dict) for v in value):  # a gang's members: one line each
+            return "".join(f"\n{'':>16}{_human('', v)}" for v in value)
+        return ", ".join(_human(key, v) for v in value)
+    return str(value)
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     result = request(args, "DELETE", f"/v1/jobs/{args.job}")
-    _emit(args, result, f"{args.job}: {result['result']}")
+    _emit(args, result, f"{result.get('id', args.job)}: {result['result']}")
     return 0
 
 

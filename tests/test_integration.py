@@ -239,6 +239,9 @@ def test_a_job_on_two_whole_devices_of_one_node(mesh: LocalMesh) -> None:
     assert job["node"] == "b" and sorted(job["devices"]) == ["gpu0", "gpu1"]
     assert job["count"] == 2 and job["compute_milli"] == 1000
     assert mesh.cli("d", "logs", job_id).stdout == f"on {','.join(job['devices'])}\n"
+    shown = mesh.cli("d", "show", job_id[:5]).stdout  # a unique prefix names the job
+    assert job_id in shown and ", ".join(job["devices"]) in shown  # type: ignore[arg-type]
+    assert "[" not in shown and "None" not in shown and "{" not in shown
     bad = mesh.cli("d", "submit", "--devices", "2", "--gpu", "0.5", "--", "true", check=False)
     assert bad.returncode == 2 and "whole devices" in bad.stderr
 
