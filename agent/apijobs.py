@@ -129,6 +129,7 @@ def _runs_view(agent: Agent, runs: list[JobRecord]) -> list[dict[str, object]]:
         lease = agent.node.leases.leases.get(job.lease_id)
         if lease is not None:  # what it holds, a request in proportion made concrete
             view["compute_milli"], view["memory_mib"] = lease.compute_milli, lease.memory_mib
+        view["device_use"] = _use(agent, job.id)
         ids = agent.processes.job_user(job)
         uid = os.geteuid() if ids is None else ids[0]
         try:
@@ -175,7 +176,18 @@ async def show_job(request: web.Request) -> web.Response:
         return error(404, f"no job {request.match_info['id']}")
     if members is not None:
         return web.json_response(gang_view(jobs[0].gang, jobs))
-    return web.json_response(job_view(jobs[0]))
+    view = job_view(jobs[0])
+    if jobs[0].id in agent.node.owner.runs:  # it runs here: what it holds, as measured
+        view["device_use"] = _use(agent, jobs[0].id)
+    return web.json_response(view)
+
+
+def _use(agent: Agent, job_id: str) -> dict[str, int | None] | None:
+    """A job's measured device memory and utilization (None: not measured here)."""
+    use = agent.sampler.job_use.get(job_id)
+    if use is None:
+        return None
+    return {"memory_mib": use.memory_mib, "utilization_pct": use.utilization_pct}
 
 
 def _state(agent: Agent, job_id: str) -> str:

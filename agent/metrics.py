@@ -274,6 +274,35 @@ class AgentCollector:
         for (state, role), n in counts.items():
             fam.add_metric([state, role], n)
         yield fam
+        yield from self._job_use()
+
+    def _job_use(self) -> Iterator[Metric]:
+        """What each job running here was measured holding, beside its lease; at most
+        ``MAX_JOB_SERIES`` jobs (the oldest), so a busy node cannot flood the scrape."""
+        use = getattr(getattr(self.agent, "sampler", None), "job_use", None) or {}
+        node = self.agent.node
+        memory = _gauge("job_device_memory_mib", "Device memory held by a job running here "
+                        "(its process tree), as measured.", ["job", "origin"])
+        util = _gauge("job_device_utilization_percent", "Compute utilization of a job "
+                      "running here, as measured per process.", ["job", "origin"])
+        leased = _gauge("job_lease_memory_mib", "Device memory a job running here leased.",
+                        ["job", "origin"])
+        runs = sorted((j for j in node.owner.runs.values() if j.id in use and not j.terminal),
+                      key=lambda j: j.created_at)[:MAX_JOB_SERIES]
+        for job in runs:
+            labels = [job.id, job.origin]
+            measured = use[job.id]
+            if measured.memory_mib is not None:
+                memory.add_metric(labels, measured.memory_mib)
+            if measured.utilization_pct is not None:
+                util.add_metric(labels, measured.utilization_pct)
+            lease = node.leases.leases.get(job.lease_id)
+            if lease is not None:
+                leased.add_metric(labels, lease.memory_mib * len(lease.devices))
+        yield from (memory, util, leased)
+
+
+MAX_JOB_SERIES = 64  # jobs with per-job gauges at most
 
 
 def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:

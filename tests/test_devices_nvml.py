@@ -64,6 +64,7 @@ def test_samples_readings_and_foreign_usage() -> None:
     assert a.foreign_memory_mib == 2000
     # Per-process SM samples: only pid 77 is foreign.
     assert a.foreign_compute_milli == 200
+    assert set(a.job_util_pct) <= {JOB}  # the job's own utilization, where NVML gave it
 
 
 def test_sample_discovers_lazily_and_strings_may_be_bytes() -> None:

@@ -52,6 +52,8 @@ class DeviceSample:
     # Device memory held by each flexmesh job process seen on this device (pid -> MiB),
     # for the memory watchdog. Empty where the backend cannot see processes.
     job_memory_mib: dict[int, int] = field(default_factory=dict)
+    # SM (compute) utilization of each flexmesh job process, in percent, where measured.
+    job_util_pct: dict[int, int] = field(default_factory=dict)
     lost: bool = False  # the device has fallen off the bus: end its leases
 
 

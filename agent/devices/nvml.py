@@ -239,6 +239,7 @@ class NvmlBackend:
             temperature_c=None if temp is None else int(temp),
             power_mw=None if power is None else int(power),
             job_memory_mib=job_memory,
+            job_util_pct={pid: pct for pid, pct in (sm or {}).items() if pid in job_pids},
         )
 
     def _processes(self, handle: Any) -> dict[int, int | None]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from flexmesh.agent.devices.enforcement import (
 )
 from flexmesh.agent.devices.idle import IdleEstimator, lendable
 from flexmesh.agent.models import FAILED
+from flexmesh.agent.runtime import proctree
 
 if TYPE_CHECKING:
     from flexmesh.agent.runtime.agent import Agent
@@ -27,6 +29,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("flexmesh.agent")
 
 SAMPLE_INTERVAL = 1.0  # seconds between device readings (the watchdog checks this often)
+
+
+@dataclass(frozen=True, slots=True)
+class JobUse:
+    """What a running job's processes were measured holding, over all its devices; None
+    where the backend cannot see processes (or, for utilization, per-process load)."""
+
+    memory_mib: int | None
+    utilization_pct: int | None
+
+
+def measured_use(samples: Iterable[DeviceSample], pids: set[int]) -> JobUse:
+    memory: int | None = None
+    util: int | None = None
+    for s in samples:
+        held = [mib for pid, mib in s.job_memory_mib.items() if pid in pids]
+        if held:
+            memory = (memory or 0) + sum(held)
+        busy = [pct for pid, pct in s.job_util_pct.items() if pid in pids]
+        if busy:
+            util = max(util or 0, *busy)
+    return JobUse(memory, util)
 
 
 class Sampler:
@@ -39,6 +63,8 @@ class Sampler:
         self._estimators: dict[str, IdleEstimator] = {}
         self._applied: tuple[list[Device], dict[str, tuple[int, int]]] | None = None
         self._measured: set[str] = set()  # devices read at least once (others lend nothing)
+        self._trees: dict[str, set[int]] = {}  # job -> its processes, at the last reading
+        self.job_use: dict[str, JobUse] = {}  # job -> what it was measured holding
 
     async def discover(self) -> None:
         s = self.agent.settings
@@ -102,8 +128,12 @@ class Sampler:
                 await self.agent.flush()
 
     async def sample(self) -> dict[str, DeviceSample]:
-        """One reading of every backend (one that fails is logged and left out)."""
-        pids = frozenset(self.agent.processes.runner.running().values())
+        """One reading of every backend (one that fails is logged and left out), and of
+        what each job's process tree holds of its devices (``job_use``)."""
+        running = self.agent.processes.runner.running()
+        self._trees = await asyncio.to_thread(
+            lambda: {job: proctree.tree(pid) for job, pid in running.items()})
+        pids = frozenset(p for tree in self._trees.values() for p in tree)
         samples: dict[str, DeviceSample] = {}
         for backend in self.backends:
             try:
@@ -111,6 +141,8 @@ class Sampler:
                     samples[sm.id] = sm
             except Exception as exc:
                 log.warning("sampling %s failed: %s", backend.name, exc)
+        self.job_use = {job: measured_use(samples.values(), tree)
+                        for job, tree in self._trees.items()}
         return samples
 
     def watchdog(self, samples: list[DeviceSample]) -> bool:
@@ -118,16 +150,15 @@ class Sampler:
         True if one was stopped."""
         stopped = False
         node = self.agent.node
-        running = self.agent.processes.runner.running()
         for job in list(node.owner.runs.values()):
-            pid = running.get(job.id)
-            if pid is None or job.terminal:
+            pids = self._trees.get(job.id)
+            if pids is None or job.terminal:
                 continue
             lease = node.leases.leases.get(job.lease_id)
             if lease is None:
                 continue
             for device in job.devices:  # the lease's memory is per device
-                used = job_memory_used(samples, device, [pid])
+                used = job_memory_used(samples, device, pids)
                 verdict = watchdog_verdict(used, lease.memory_mib)
                 if verdict:
                     log.info("watchdog job=%s device=%s used_mib=%d lease_mib=%d", job.id,
