@@ -24,6 +24,7 @@ from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
 from flexmesh.agent.config import is_loopback_host
+from flexmesh.agent.models import PLACED, QUEUED, RUNNING
 
 if TYPE_CHECKING:  # imported by api; the key is looked up when a request comes
     from flexmesh.agent.runtime import Agent
@@ -57,6 +58,14 @@ h1 { font-size: 1.3em; margin: 0 0 .2em; }
 .leased { background: #8e24aa; } .local { background: #f9a825; }
 .lendable { background: #66bb6a; }
 .empty { color: #777; margin-left: 1em; font-style: italic; }
+.jobs { font-size: .85em; color: #4a148c; margin-left: 5.6em; font-family: ui-monospace,
+  monospace; }
+#work { display: flex; flex-wrap: wrap; gap: 1em; margin: .8em 0; }
+#work section { background: #fff; border: 1px solid #ddd; border-radius: 6px;
+  padding: .5em 1em; min-width: 16em; }
+#work h2 { font-size: 1em; margin: 0 0 .3em; }
+#work li { font-size: .85em; font-family: ui-monospace, monospace; }
+#work ul { margin: 0; padding-left: 1.2em; }
 """
 
 _SCRIPT = r"""
@@ -105,7 +114,47 @@ function deviceBox(d) {
                                            d.lendable_compute_milli), pct));
   box.appendChild(barRow("memory", shares(d.memory_mib, d.leased_memory_mib,
                                           d.lendable_memory_mib), mib));
+  if (Array.isArray(d.jobs) && d.jobs.length) {
+    const jobs = el("div", "jobs", "jobs: " + d.jobs.join(", "));
+    jobs.dataset.jobs = d.jobs.join(",");
+    box.appendChild(jobs);
+  }
   return box;
+}
+function listBox(kind, title, items, line) {
+  const box = el("section");
+  box.dataset.work = kind;
+  box.appendChild(el("h2", "", title + " (" + items.length + ")"));
+  const ul = el("ul");
+  items.forEach(function (it) {
+    const li = el("li", "", line(it));
+    if (it.id) li.dataset.job = it.id;
+    ul.appendChild(li);
+  });
+  if (!items.length) box.appendChild(el("div", "empty", "none"));
+  else box.appendChild(ul);
+  return box;
+}
+function drawWork(s) {
+  const w = s.work || {queued: [], running: [], ended: []};
+  const work = el("div");
+  work.id = "work";
+  work.appendChild(listBox("queued", "Waiting", w.queued, function (j) {
+    return j.id + "  " + j.state + (j.reason ? "  " + j.reason : "");
+  }));
+  work.appendChild(listBox("running", "Running here", w.running, function (j) {
+    return j.id + "  from " + j.origin + "  on " + j.devices.join(",");
+  }));
+  work.appendChild(listBox("ended", "Recently ended", w.ended, function (j) {
+    return j.id + "  " + j.state + (j.reason ? "  " + j.reason : "");
+  }));
+  const dropped = Object.keys(s.dropped || {}).sort().map(function (k) {
+    return {id: "", reason: k, n: s.dropped[k]};
+  });
+  work.appendChild(listBox("dropped", "Dropped packets", dropped, function (d) {
+    return d.reason + ": " + d.n;
+  }));
+  document.getElementById("work").replaceWith(work);
 }
 function nodeBox(n, devices) {
   const box = el("section", "node");
@@ -139,6 +188,7 @@ function draw(s) {
     mesh.appendChild(nodeBox(n, devs));
   });
   document.getElementById("mesh").replaceWith(mesh);
+  drawWork(s);
 }
 function showError(text) {
   const e = document.getElementById("error");
@@ -175,6 +225,7 @@ PAGE = f"""<!doctype html>
 <span class="leased"></span>leased<span class="local"></span>local<span
 class="lendable"></span>lendable</div>
 <div id="error"></div>
+<div id="work"></div>
 <div id="mesh"></div>
 <script>{_SCRIPT}</script>
 </body>
@@ -211,7 +262,30 @@ def state_view(agent: Agent) -> dict[str, Any]:
                    "is_coordinator": st.is_coordinator, "queue": st.queue,
                    "enforcement": agent.enforcement},
         "nodes": node.views.nodes(), "devices": rows, "jobs": jobs,
+        "work": work_view(agent), "dropped": {
+            k.removeprefix("packets_dropped_").removeprefix("frames_dropped_") + (
+                " (tcp)" if k.startswith("frames") else ""): n
+            for k, n in {**st.counters, **agent.counters}.items()
+            if k.startswith(("packets_dropped_", "frames_dropped_")) and n},
     }
+
+
+def work_view(agent: Agent, shown: int = 20) -> dict[str, list[dict[str, Any]]]:
+    """The work, not only the capacity: jobs submitted here still waiting, jobs running
+    on this node's devices, and the latest that ended, with their reasons (never their
+    commands or environments: the page may be open to every local user)."""
+    node = agent.node
+    mine = sorted(node.origin.jobs.values(), key=lambda j: j.created_at)
+    queued = [{"id": j.id, "state": j.state, "reason": j.reason[:120]}
+              for j in mine if j.state in (QUEUED, PLACED)][:shown]
+    running = [{"id": j.id, "origin": j.origin, "devices": j.devices}
+               for j in sorted(node.owner.runs.values(), key=lambda j: j.created_at)
+               if j.state == RUNNING][:shown]
+    ended = sorted((j for j in mine if j.terminal), key=lambda j: j.updated_at,
+                   reverse=True)[:shown // 2]
+    return {"queued": queued, "running": running,
+            "ended": [{"id": j.id, "state": j.state, "reason": j.reason[:120]}
+                      for j in ended]}
 
 
 async def page(request: web.Request) -> web.Response:

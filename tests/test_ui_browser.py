@@ -15,6 +15,7 @@ import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,6 +24,7 @@ from aiohttp import web
 from flexmesh.agent import api
 from flexmesh.agent.config import Settings
 from flexmesh.agent.localmesh import LocalMesh
+from flexmesh.agent.models import JobRecord
 from flexmesh.agent.runtime import Agent
 from flexmesh.agent.ui import start_ui
 
@@ -89,18 +91,44 @@ async def dump_dom(url: str, profile: Path) -> str:
     return out.decode()
 
 
+async def _submit(agent: Agent, job_id: str, command: list[str], **fields: Any) -> JobRecord:
+    job = JobRecord(id=job_id, origin=agent.node.name, command=command, compute_milli=250,
+                    memory_mib=fields.pop("memory_mib", 1024), **fields)
+    await agent.submit(job)
+    return job
+
+
 def data_values(dom: str, attr: str) -> set[str]:
     return {html.unescape(v) for v in re.findall(rf'data-{attr}="([^"]*)"', dom)}
 
 
 async def test_the_page_shows_the_nodes_and_devices_of_a_running_mesh(
         mesh_agent: Agent, tmp_path: Path) -> None:
+    # Work to show: a job running on bravo's NPU, one that ended, one that can never fit.
+    running = await _submit(mesh_agent, "run1", ["sleep", "30"], kind="npu")
+    ended = await _submit(mesh_agent, "end1", ["false"], kind="npu")
+    waiting = await _submit(mesh_agent, "wait1", ["true"], kind="npu", memory_mib=1 << 30)
+    jobs = mesh_agent.node.origin.jobs
+    await until("the jobs to run and end", lambda: (
+        jobs[running.id].state == "running" and jobs[ended.id].terminal
+        and jobs[waiting.id].reason != ""))
+    mesh_agent.count("packets_dropped_unknown_key", 3)
     runner, url = await start_ui(mesh_agent)
     try:
         assert url.startswith("http://127.0.0.1:") and url.endswith("/ui")
         dom = await dump_dom(url, tmp_path / "chromium")
     finally:
         await runner.cleanup()
+        await mesh_agent.cancel(running.id)
+    work = {k: re.search(rf'<section data-work="{k}">.*?</section>', dom, re.S)
+            for k in ("queued", "running", "ended", "dropped")}
+    assert all(work.values()), work
+    assert 'data-job="wait1"' in work["queued"].group(0)  # type: ignore[union-attr]
+    assert 'data-job="run1"' in work["running"].group(0)  # type: ignore[union-attr]
+    assert 'data-job="end1"' in work["ended"].group(0)  # type: ignore[union-attr]
+    assert "unknown_key: 3" in work["dropped"].group(0)  # type: ignore[union-attr]
+    assert data_values(dom, "jobs") == {"run1"}  # on bravo-node/npu0
+    assert "sleep 30" not in dom  # never a command
     assert data_values(dom, "node") == {"alpha-node", "bravo-node"}
     assert data_values(dom, "device") == {"alpha-node/gpu0", "alpha-node/gpu1",
                                           "bravo-node/npu0"}
