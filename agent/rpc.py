@@ -34,33 +34,68 @@ CHUNK = 64 * 1024  # bytes taken from the stream at a time while a body is read
 TRIM_AFTER = 1024 * 1024  # bytes of bodies read before memory is handed back (Server)
 
 
+# Requests that may come sealed for no node in particular: a push-pull goes to a seed's
+# address before its name is known (and its Hello with it).
+UNBOUND_OK = (wire.PushPull, wire.Hello)
+
+
 class Codec:
-    """Frames on the wire, sealed under the cluster keyring when there is one."""
+    """Frames on the wire, sealed under the cluster keyring when there is one.
+
+    A request is sealed for the node it is sent to: its name is bound into the seal with
+    the cluster's, so a request captured on its way to one node does not open on another
+    (``misdirected``). ``me`` is this node's name, which requests to it must be sealed for;
+    a push-pull (to a seed, whose name is not known yet) and replies are sealed for no
+    node."""
 
     def __init__(self, sealer: Sealer | None = None, cluster: bytes = b"",
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, me: str = "") -> None:
         self.sealer = sealer
         self.cluster = cluster
         self.now = now
+        self.me = me
 
-    def encode(self, msg: wire.Message) -> bytes:
+    def _aad(self, node: str) -> bytes:
+        return self.cluster + b"\0" + node.encode() if node else self.cluster
+
+    def encode(self, msg: wire.Message, to: str = "") -> bytes:
         body = wire.encode_frame(msg)[wire.FRAME_HEADER.size:]
         if self.sealer is not None:
-            body = self.sealer.seal(body, self.cluster, self.now())
+            body = self.sealer.seal(body, self._aad(to), self.now())
         return wire.FRAME_HEADER.pack(len(body)) + body
 
-    def decode(self, body: bytes | bytearray) -> wire.Message:
+    def decode(self, body: bytes | bytearray, request: bool = True) -> wire.Message:
+        """A frame's message; a request must be sealed for this node (or be one of
+        ``UNBOUND_OK``), a reply is sealed for none."""
+        unbound = not (request and self.me)
         if self.sealer is not None:
             try:
-                body = self.sealer.open(body, self.cluster, self.now())
+                body, unbound = self._open(body, unbound)
             except CryptoError as exc:
                 raise RemoteError(f"frame dropped: {exc.reason}", exc.reason) from None
         elif body[:1] != bytes([wire.PROTOCOL_VERSION]):
             raise RemoteError("a sealed frame, and this agent has no key", "no_key")
         try:
-            return wire.decode_frame_body(body)
+            msg = wire.decode_frame_body(body)
         except wire.DecodeError as exc:
             raise RemoteError(str(exc), "malformed") from None
+        if request and self.sealer is not None and self.me and unbound \
+                and not isinstance(msg, UNBOUND_OK):
+            raise RemoteError(f"a {type(msg).__name__} sealed for another node (replayed "
+                              "or misdirected)", "misdirected")
+        return msg
+
+    def _open(self, body: bytes | bytearray, unbound: bool) -> tuple[bytes, bool]:
+        """(the plaintext, whether it was sealed for no node in particular)."""
+        assert self.sealer is not None
+        if not unbound:
+            try:
+                return self.sealer.open(body, self._aad(self.me), self.now()), False
+            except CryptoError as exc:
+                if exc.reason != "tampered":
+                    raise
+                # Sealed for no node, or for another one (then this fails "tampered" too).
+        return self.sealer.open(body, self._aad(""), self.now()), True
 
 
 PLAIN = Codec()
@@ -162,7 +197,7 @@ async def read_frame(reader: asyncio.StreamReader, codec: Codec = PLAIN) -> wire
         raise EOFError
     buf = bytearray(n)
     await _read_into(reader, buf)
-    return codec.decode(buf)
+    return codec.decode(buf, request=False)
 
 
 async def _next_header(reader: asyncio.StreamReader, limits: Limits, first: bool) -> int | None:
@@ -212,16 +247,17 @@ def _split(addr: str) -> tuple[str, int]:
 
 
 async def call(addr: str, msg: wire.Message, timeout: float,
-               codec: Codec = PLAIN, source: str = "") -> wire.Message:
-    """Send ``msg`` to the agent at ``addr`` and return its reply; ``source`` names the
-    caller in the ``Hello`` that goes before a request over ``wire.FIRST_FRAME``."""
+               codec: Codec = PLAIN, source: str = "", to: str = "") -> wire.Message:
+    """Send ``msg`` to the agent at ``addr`` (named ``to``, where known: the request is
+    sealed for it) and return its reply; ``source`` names the caller in the ``Hello`` that
+    goes before a request over ``wire.FIRST_FRAME``."""
     async def run() -> wire.Message:
         host, port = _split(addr)
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            frame = codec.encode(msg)
+            frame = codec.encode(msg, to)
             if len(frame) - wire.FRAME_HEADER.size > wire.FIRST_FRAME:
-                writer.write(codec.encode(wire.Hello(source)))  # unanswered: no round trip
+                writer.write(codec.encode(wire.Hello(source), to))  # unanswered
             writer.write(frame)
             await writer.drain()
             return await read_frame(reader, codec)

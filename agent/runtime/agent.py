@@ -340,7 +340,7 @@ class Agent:
             self.node.output_failed(eff.job_id, eff.stream, eff.offset, self.loop.time())
 
     async def _call(self, eff: Call) -> None:
-        reply, error = await self.transport.call(eff.addr, eff.msg, eff.timeout)
+        reply, error = await self.transport.call(eff.addr, eff.msg, eff.timeout, eff.node)
         self.node.call_result(eff.call_id, reply, error, self.loop.time())
         await self.flush()
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,13 @@ class Keys:
             self.sealer.keyring = self.keyring  # keep its nonce sequence and replay window
         else:
             self.sealer = Sealer(self.keyring) if len(self.keyring) else None
-        self.codec = rpc.Codec(self.sealer, self.settings.cluster.encode())
+            if self.sealer is not None:
+                # Nothing sealed before this agent started opens here: a capture of an
+                # earlier run's traffic cannot be replayed to this one (its replay window
+                # starts empty). Peers' clocks must be in step (as for "stale").
+                self.sealer.window.floor_ms = int(time.time() * 1000)
+        self.codec = rpc.Codec(self.sealer, self.settings.cluster.encode(),
+                               me=self.settings.name)
 
     def view(self) -> dict[str, Any]:
         return {"primary": self.keyring.primary, "keys": list(self.keyring.keys),

@@ -153,12 +153,13 @@ class Transport:
 
     # --- TCP ----------------------------------------------------------------------------
 
-    async def call(self, addr: str, msg: wire.Message,
-                   timeout: float) -> tuple[wire.Message | None, str]:
-        """Call another agent: (its reply, "") or (None, why there is none)."""
+    async def call(self, addr: str, msg: wire.Message, timeout: float,
+                   to: str = "") -> tuple[wire.Message | None, str]:
+        """Call another agent (named ``to``: the request is sealed for it, where known):
+        (its reply, "") or (None, why there is none)."""
         try:
             return await rpc.call(addr, msg, timeout, self.agent.keys.codec,
-                                  self.agent.settings.name), ""
+                                  self.agent.settings.name, to), ""
         except rpc.CallError as exc:
             return None, str(exc)
 
