@@ -109,3 +109,11 @@ def test_bench_tcp_flood_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["refused"] == 5, out  # each announced 8 MiB without a Hello: closed unread
     assert out["counters"]["frames_dropped_first_too_large"] == 5, out
     assert 0 < out["rss_before_mib"] <= out["rss_peak_mib"]
+
+
+def test_bench_fuzz_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_fuzz")
+    assert bench.main(["--examples", "5"]) == 0
+    (summary,) = lines(capsys.readouterr().out)
+    assert summary["bench"] == "fuzz" and summary["failed"] == 0, summary
+    assert summary["examples"] >= 1 and summary["inputs"] >= summary["examples"]
