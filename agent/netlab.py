@@ -159,6 +159,9 @@ class Netlab:
         self.subnet = ""
         self.hosts: dict[str, Host] = {}
         self.namespaces: list[str] = []
+        # Faults every new host gets before anything runs in it (loss on input, in %).
+        self.default_loss = 0
+        self.default_rate_mbit = 0.0
 
     def open(self) -> None:
         cleanup_leftovers()
@@ -185,7 +188,10 @@ class Netlab:
         ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", "eth0")
         ip("-n", h.ns, "link", "set", "eth0", "up")
         self.hosts[name] = h
+        h.loss_in = self.default_loss
         self._apply_rules(h)
+        if self.default_rate_mbit > 0:
+            self.set_rate(name, self.default_rate_mbit)
         return h
 
     # --- faults -------------------------------------------------------------------------

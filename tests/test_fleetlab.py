@@ -5,6 +5,7 @@ each side its own coordinator until it heals; nothing of the lab is left afterwa
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flexmesh.agent.fleetlab import FleetLab, available
-from flexmesh.agent.netlab import lab_namespaces
+from flexmesh.agent.netlab import PREFIX, in_ns, ip, lab_namespaces
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -55,6 +56,9 @@ def test_lossy_narrow_links_converge_and_lend_a_gpu(lab: FleetLab) -> None:
     for n in names:
         lab.net.set_loss(n, 10)
         lab.net.set_rate(n, 2)
+    h = lab.net.hosts["d"]
+    assert "numgen random mod 100 < 10 drop" in in_ns(h.ns, "nft", "list", "ruleset")
+    assert "tbf" in in_ns(h.ns, "tc", "qdisc", "show", "dev", "eth0")
     lab.wait_for("convergence", lambda: lab.converged(names), timeout=60, interval=0.5)
     assert coordinators(lab, names) == {"a"}
     res = lab.cli("d", "submit", "--gpu", "0.5", "--memory", "1GiB", "--kind", "gpu",
@@ -86,7 +90,13 @@ def test_nothing_is_left_after_close(tmp_path: Path) -> None:
     why = available()
     if why is not None:
         pytest.skip(why)
+    # What a lab killed before it could close leaves: namespaces named after a dead pid.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{PREFIX}{dead.pid}-0-sw"
+    ip("netns", "add", stale)
     with FleetLab(tmp_path, profile="local") as lab:
+        assert stale not in lab_namespaces()
         lab.start("a")
         lab.start("b", join=["a"])
         prefix = lab.net.prefix + "-"
