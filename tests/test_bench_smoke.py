@@ -117,3 +117,21 @@ def test_bench_fuzz_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     (summary,) = lines(capsys.readouterr().out)
     assert summary["bench"] == "fuzz" and summary["failed"] == 0, summary
     assert summary["examples"] >= 1 and summary["inputs"] >= summary["examples"]
+
+@pytest.mark.integration
+def test_bench_fleet_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    from flexmesh.agent.fleetlab import available
+
+    why = available()
+    if why is not None:
+        pytest.skip(why)
+    bench = load("bench_fleet")
+    rc = bench.main(["--agents", "3", "--loss", "10", "--rate", "2", "--profile", "local",
+                     "--duration", "4", "--job-every", "2", "--job-seconds", "0", "--poll",
+                     "0.5", "--drain", "60", "--converge-timeout", "60"])
+    assert rc == 0
+    (x,) = lines(capsys.readouterr().out)
+    assert x["bench"] == "fleet" and x["agents"] == 3 and x["loss_pct"] == 10
+    assert x["convergence_s"] > 0 and x["coordinators_seen"] == ["g0"]
+    assert x["false_dead"] >= 0 and x["jobs_submitted"] >= 1
+    assert x["jobs_completed"] == x["jobs_output_ok"] == x["jobs_submitted"], x
