@@ -135,3 +135,11 @@ def test_bench_fleet_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert x["convergence_s"] > 0 and x["coordinators_seen"] == ["g0"]
     assert x["false_dead"] >= 0 and x["jobs_submitted"] >= 1
     assert x["jobs_completed"] == x["jobs_output_ok"] == x["jobs_submitted"], x
+
+
+def test_bench_vivaldi_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_vivaldi")
+    assert bench.main(["--nodes", "20", "--clusters", "2", "--rounds", "50"]) == 0
+    (summary,) = lines(capsys.readouterr().out)
+    assert summary["bench"] == "vivaldi" and summary["nodes"] == 20
+    assert summary["median_relative_error"] >= 0 and 0 <= summary["nearest_in_own_cluster"] <= 1
