@@ -52,14 +52,15 @@ class Payload:
             asyncio.Lock)
 
     async def start(self) -> None:
-        """Read the store; remove the directories of runs that no longer run here."""
+        """Read the store; remove the directories of runs here that ended while the agent
+        was down (only those: ``work_dir`` may be a directory shared with others)."""
         await asyncio.to_thread(self.cache.load)
-        await asyncio.to_thread(self.work_root.mkdir, 0o711, True, True)
-        await asyncio.to_thread(os.chmod, self.work_root, 0o711)  # (the jobs' users enter)
-        live = {j for j, r in self.agent.node.owner.runs.items() if r.state in (PLACED, RUNNING)}
-        for path in await asyncio.to_thread(lambda: list(self.work_root.iterdir())):
-            if path.name not in live:
-                await asyncio.to_thread(remove_tree, path)
+        if not self.work_root.exists():
+            await asyncio.to_thread(self.work_root.mkdir, 0o711, True, True)
+            await asyncio.to_thread(os.chmod, self.work_root, 0o711)  # (jobs' users enter)
+        for run in list(self.agent.node.owner.runs.values()):
+            if run.bundle and run.state not in (PLACED, RUNNING):
+                await self.cleanup(self.job_dir(run))
 
     def _in_use(self) -> set[str]:
         node = self.agent.node
