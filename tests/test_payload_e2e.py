@@ -125,3 +125,25 @@ def test_a_job_placed_on_its_own_origin_uses_its_workdir(mesh: LocalMesh, tmp_pa
     assert mesh.cli("a", "logs", job_id).stdout == "local\nsame\n"
     counters = _counters(mesh, "a")
     assert counters.get("bundle_cache_hits") == 1 and not counters.get("bundle_fetches")
+
+
+def test_a_bundle_the_owner_will_not_take_fails_the_job_with_a_reason(
+        mesh: LocalMesh, tmp_path: Path, work_root: Path) -> None:
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "blob").write_bytes(os.urandom(2 * 1024 * 1024))
+    small = mesh.root / "a.toml"
+    small.write_text(f'[payload]\nmax_bundle = 1\nwork_dir = "{work_root / "a"}"\n')
+    mesh.start("a", sim="gpu:1x16GiB", extra=["--config", str(small)])
+    mesh.start("d", join=["a"], extra=["--priority", "10", *_config(mesh, "d", work_root)])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
+    res = mesh.cli("d", "submit", "--gpu", "0.5", "--workdir", str(src), "-o", "json", "--",
+                   "true")
+    job_id = json.loads(res.stdout)["id"]
+    job = mesh.wait_for("the job to end", lambda: _ended(mesh, "d", job_id))
+    assert job["state"] == "failed" and job["node"] == "a", job
+    assert job["reason"].startswith("workdir: ") and "max_bundle" in job["reason"]
+    assert not _counters(mesh, "a").get("bundle_fetches")
+    # The owner is unharmed: a job without a workdir runs there as before.
+    res = mesh.cli("d", "submit", "--gpu", "0.5", "--wait", "--", "echo", "fine")
+    assert res.returncode == 0
