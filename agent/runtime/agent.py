@@ -103,7 +103,8 @@ class Agent:
         dir, devices) is reported and left as it is."""
         old = self.settings
         fixed = [k for k in ("name", "bind", "advertise", "socket", "state_dir", "sim_devices",
-                             "npu_smi", "nvml") if getattr(new, k) != getattr(old, k)]
+                             "npu_smi", "nvml", "payload_work_dir")
+                 if getattr(new, k) != getattr(old, k)]
         if fixed:
             log.warning("reload: %s change only with a restart", ", ".join(fixed))
             for k in fixed:

@@ -68,6 +68,7 @@ class Payload:
         return {j.bundle for j in jobs if j.bundle and not j.terminal}
 
     def _evict(self) -> None:
+        self.cache.capacity = self.agent.settings.cache_bytes()  # (as reloaded)
         for sha in self.cache.evict(self._in_use()):
             self.agent.count("bundles_evicted")
             log.info("bundle_evicted bundle=%s", sha)
