@@ -16,12 +16,13 @@ import pwd
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refuse
 from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
+from flexmesh.agent.bundle import BundleError
 from flexmesh.agent.joblogs import read_at
 from flexmesh.agent.models import TERMINAL, JobRecord, gang_members, member_id
 from flexmesh.agent.runtime.commit import JournalWriteError
@@ -50,6 +51,24 @@ async def submit(request: web.Request) -> web.Response:
     except BadRequest as exc:
         log.info("submit refused uid=%s reason=%r", peer_uid(request), str(exc))
         return error(400, str(exc))
+    bundle = ""
+    if fields["workdir"]:
+        try:
+            packed = await agent.payload.pack(fields["workdir"], peer_uid(request))
+        except BundleError as exc:
+            log.info("submit refused uid=%s reason=%r", peer_uid(request), str(exc))
+            return error(400, str(exc))
+        bundle = fields["bundle"] = packed.sha256
+        fields["bundle_size"] = packed.size
+    try:
+        return await _accept(request, fields)
+    finally:
+        if bundle:  # the job holds it from now on (or was refused)
+            agent.payload.unpin(bundle)
+
+
+async def _accept(request: web.Request, fields: dict[str, Any]) -> web.Response:
+    agent = request.app[AGENT_KEY]
     job_id = uuid.uuid4().hex[:12]
     size = fields["gang_size"]
     if size:

@@ -22,7 +22,7 @@ from flexmesh.agent.models import (
 )
 
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
-                "requeue", "devices", "preemptible", "gang"}
+                "requeue", "devices", "preemptible", "gang", "workdir"}
 
 
 class BadRequest(Exception):
@@ -60,9 +60,13 @@ def parse_submit(body: Any) -> dict[str, Any]:
                or exec_problem(command, env))
     if problem is not None:
         raise BadRequest(problem)
+    workdir = body.get("workdir", "")
+    if not isinstance(workdir, str) or (workdir and not workdir.startswith("/")):
+        raise BadRequest("workdir must be an absolute path on this node")
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
             "priority": priority, "env": env, "requeue": requeue, "count": count,
-            "preemptible": preemptible, "gang_size": gang if gang > 1 else 0}
+            "preemptible": preemptible, "gang_size": gang if gang > 1 else 0,
+            "workdir": workdir}
 
 
 # What exec takes: one argument or variable at most 128 KiB (Linux's MAX_ARG_STRLEN), and
@@ -153,6 +157,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "priority": job.priority, "preemptible": job.preemptible, "command": job.command,
         "created_at": job.created_at, "updated_at": job.updated_at, "attempts": job.attempts,
         "gang": job.gang, "rank": job.rank, "gang_size": job.gang_size,
+        "workdir": job.workdir, "bundle": job.bundle, "bundle_size": job.bundle_size,
     }
 
 

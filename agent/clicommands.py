@@ -99,6 +99,8 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["preemptible"] = True
     if args.gang != 1:
         body["gang"] = args.gang
+    if args.workdir:
+        body["workdir"] = os.path.abspath(args.workdir)  # packed by the agent, as this user
     return body
 
 

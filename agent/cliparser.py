@@ -83,6 +83,8 @@ def _add_submit(s: argparse.ArgumentParser) -> None:
     s.add_argument("--preemptible", action="store_true",
                    help="a higher-priority job may stop this one (it is then requeued)")
     s.add_argument("--env", action="append", help="NAME=VALUE for the job (repeatable)")
+    s.add_argument("--workdir", help="carry this directory: the job runs in a copy of it "
+                   "($FLEXMESH_WORKDIR) wherever it is placed")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")
     s.add_argument("--timeout", type=float, default=0, help="with --wait: give up after S s")
     s.add_argument("command", nargs=argparse.REMAINDER)

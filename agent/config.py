@@ -70,9 +70,25 @@ class Settings:
     tcp_header_timeout: float = 10.0  # seconds from accept to the first frame's header
     tcp_body_timeout: float = 10.0  # seconds for a frame body, plus its size at ...
     tcp_slow_link_kib_s: int = 64  # ... this rate (KiB/s): a slow but honest link
+    # Working directories jobs carry ([payload]): sizes take MiB/GiB (a plain number: MiB).
+    payload_cache_size: str = "10GiB"  # bundles kept here (packed or fetched), LRU
+    payload_max_bundle: str = "1GiB"  # the largest archive a workdir may pack to
+    payload_max_files: int = 100_000  # entries in one workdir, at most
+    payload_work_dir: str = ""  # jobs' unpacked workdirs; "": STATE_DIR-work
     fault_drop: float = 0.0  # share of own outgoing datagrams dropped (loopback only)
     fault_duplicate: float = 0.0  # share sent twice (loopback only)
     fault_delay_ms: int = 0  # extra delay of every outgoing datagram (loopback only)
+
+    def cache_bytes(self) -> int:
+        return _size_bytes(self.payload_cache_size)
+
+    def max_bundle_bytes(self) -> int:
+        return _size_bytes(self.payload_max_bundle)
+
+    def work_dir(self) -> Path:
+        state = Path(self.state_dir)
+        return Path(self.payload_work_dir) if self.payload_work_dir else (
+            state.parent / f"{state.name}-work")
 
     def is_loopback(self) -> bool:
         host, _ = self.bind_host_port()
@@ -107,7 +123,15 @@ _TABLES: dict[str, dict[str, str]] = {
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
                 "fault_delay_ms": "fault_delay_ms"},
     "log": {"format": "log_format", "level": "log_level"},
+    "payload": {"cache_size": "payload_cache_size", "max_bundle": "payload_max_bundle",
+                "max_files": "payload_max_files", "work_dir": "payload_work_dir"},
 }
+_SIZES = ("payload_cache_size", "payload_max_bundle")  # a number (MiB) or "10GiB"
+
+
+def _size_bytes(text: str) -> int:
+    from flexmesh.agent.units import parse_size
+    return parse_size(text) * 1024 * 1024
 
 
 def is_loopback_host(host: str) -> bool:
@@ -204,6 +228,8 @@ def _apply_file(s: Settings, path: Path) -> list[str]:
                 attr = _TABLES[key].get(sub)
                 if attr is None:
                     raise ConfigError(f"{path}: unknown key [{key}] {sub}")
+                if attr in _SIZES and isinstance(v, int) and not isinstance(v, bool):
+                    v = str(v)
                 setattr(s, attr, _coerce(str(path), f"[{key}] {sub}", v, getattr(s, attr)))
                 applied.append(attr)
             continue
@@ -225,7 +251,8 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
 
     # The first problem found is the one reported, so the order of the checks is kept.
     for check in (_validate_addresses, _validate_scheduling, _validate_logs_and_devices,
-                  _validate_security, _validate_testing, _validate_jobs, _validate_limits):
+                  _validate_security, _validate_testing, _validate_jobs, _validate_limits,
+                  _validate_payload):
         check(s, at)
 
 
@@ -344,3 +371,24 @@ def _validate_limits(s: Settings, at: Any) -> None:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{at(key)}: [limits] {key.removeprefix('tcp_')} must be a "
                               "positive number of seconds")
+
+
+def _validate_payload(s: Settings, at: Any) -> None:
+    sizes = {}
+    for key in _SIZES:
+        try:
+            sizes[key] = _size_bytes(getattr(s, key))
+        except ValueError as exc:
+            raise ConfigError(f"{at(key)}: [payload] {key.removeprefix('payload_')}: "
+                              f"{exc}") from None
+        if sizes[key] < 1024 * 1024:
+            raise ConfigError(f"{at(key)}: [payload] {key.removeprefix('payload_')} must be "
+                              "at least 1 MiB")
+    if sizes["payload_cache_size"] < sizes["payload_max_bundle"]:
+        raise ConfigError(f"{at('payload_cache_size')}: [payload] cache_size must be at least "
+                          "max_bundle, or the largest bundle never stays cached")
+    if s.payload_max_files < 1:
+        raise ConfigError(f"{at('payload_max_files')}: [payload] max_files must be at least 1")
+    if s.payload_work_dir and not os.path.isabs(s.payload_work_dir):
+        raise ConfigError(f"{at('payload_work_dir')}: [payload] work_dir must be an absolute "
+                          "path")

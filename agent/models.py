@@ -120,6 +120,11 @@ class JobRecord:
     gang: str = ""
     gang_size: int = 0
     rank: int = 0
+    # The working directory the job carries: packed at the origin from ``workdir`` (a path
+    # there) into the bundle of this SHA-256 and size, unpacked where it runs ("": none).
+    workdir: str = ""
+    bundle: str = ""
+    bundle_size: int = 0
 
     @property
     def devices(self) -> list[str]:

@@ -111,6 +111,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     **dict.fromkeys(("count", "gang_size", "rank"), (0, 4096)),
     **dict.fromkeys(("stdout_offset", "stderr_offset"), (0, MAX_OFFSET)),
     "wait_ms": (0, 3_600_000),
+    **dict.fromkeys(("offset", "total", "bundle_size"), (0, MAX_OFFSET)),  # bytes of a bundle
+    "length": (0, MAX_FRAME),
     "exit_code": (-(2**31), 2**31 - 1),
 }
 INT64 = (-(2**63), 2**63 - 1)  # any other integer field
@@ -323,6 +325,9 @@ class StartJob(Message):
     env: dict[str, str]
     compute_milli: int
     memory_mib: int
+    # The job's working directory, packed at the origin (see FetchBundle); "": none.
+    bundle: str = ""  # its SHA-256, hex
+    bundle_size: int = 0  # bytes
 
 
 @message(39)
@@ -399,6 +404,33 @@ class Hello(Message):
     connection. Accepted only as a first frame, and never answered."""
 
     source: str  # the caller's node name, for the callee's logs
+
+
+# --- payloads: a job's working directory, fetched by the owner from the origin ---------------
+
+
+@message(47)
+@dataclass(frozen=True, slots=True)
+class FetchBundle(Message):
+    """Owner -> origin: up to ``length`` bytes of bundle ``bundle`` (a SHA-256, hex) from
+    ``offset``. Answered with a ``BundleChunk`` or an ``Error``."""
+
+    bundle: str
+    offset: int
+    length: int
+    job_id: str = ""  # the job it is for (the origin serves only its jobs' bundles)
+
+
+@message(48)
+@dataclass(frozen=True, slots=True)
+class BundleChunk(Message):
+    """Origin -> owner: ``data`` of ``bundle`` from ``offset`` (empty at the end), and the
+    bundle's ``total`` size."""
+
+    bundle: str
+    offset: int
+    data: bytes
+    total: int
 
 
 # --- encoding ---------------------------------------------------------------------------

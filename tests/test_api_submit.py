@@ -16,7 +16,7 @@ def test_defaults() -> None:
     assert parse_submit(CMD) == {
         "command": ["true"], "compute_milli": 1000, "memory_mib": 0, "kind": "any",
         "priority": 0, "env": {}, "requeue": True, "count": 1, "preemptible": False,
-        "gang_size": 0}
+        "gang_size": 0, "workdir": ""}
 
 
 def test_a_gang() -> None:

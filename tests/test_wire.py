@@ -170,6 +170,8 @@ def test_registered_type_ids_are_the_published_protocol() -> None:
         44: "Preempt",
         45: "Release",
         46: "Hello",
+        47: "FetchBundle",
+        48: "BundleChunk",
     }
     for type_id, name in published.items():
         assert wire.REGISTRY[type_id].__name__ == name
@@ -363,7 +365,7 @@ def test_packet_that_is_not_a_list_of_messages(items: Any) -> None:
         wire.decode_packet(raw_packet(items))
 
 
-@pytest.mark.parametrize("type_id", [0, 9, 31, 47, 127, 1000, -1, 2**40])
+@pytest.mark.parametrize("type_id", [0, 9, 31, 59, 127, 1000, -1, 2**40])
 def test_unknown_type_id(type_id: int) -> None:
     assert type_id not in wire.REGISTRY
     with pytest.raises(wire.DecodeError, match="unknown message type"):

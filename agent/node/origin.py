@@ -238,7 +238,7 @@ class Origin:
         if job.gang:
             env.update(gang_env(self, job))
         msg = wire.StartJob(job.id, job.lease_id, job.token, self.node.name, job.command, env,
-                            job.compute_milli, job.memory_mib)
+                            job.compute_milli, job.memory_mib, job.bundle, job.bundle_size)
         w = self._waiting.get(job.id)
         if w is not None:
             w.start_inflight = True

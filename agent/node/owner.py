@@ -258,7 +258,8 @@ class Owner:
             job = JobRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
                             compute_milli=lease.compute_milli, memory_mib=lease.memory_mib,
                             env=dict(msg.env), created_at=now, role="owner",
-                            attempts=earlier.attempts if earlier is not None else 0)
+                            attempts=earlier.attempts if earlier is not None else 0,
+                            bundle=msg.bundle, bundle_size=msg.bundle_size)
         else:
             job.env = dict(msg.env)  # as the origin sends it (a gang member: with the gang's)
         self.runs[job.id] = job

@@ -44,6 +44,7 @@ from flexmesh.agent.runtime import statedir
 from flexmesh.agent.runtime.commit import GroupCommit, describe
 from flexmesh.agent.runtime.eventlog import log_event
 from flexmesh.agent.runtime.keys import Keys, KeysError
+from flexmesh.agent.runtime.payload import Payload
 from flexmesh.agent.runtime.processes import Processes
 from flexmesh.agent.runtime.sampling import Sampler
 from flexmesh.agent.runtime.transport import Transport
@@ -81,6 +82,7 @@ class Agent:
         self.transport = Transport(self)
         self.sampler = Sampler(self)
         self.processes = Processes(self)
+        self.payload = Payload(self)
         self.addr = ""
         self.started_at = time.time()
         self.ui_url = ""
@@ -112,7 +114,8 @@ class Agent:
         dir, devices) is reported and left as it is."""
         old = self.settings
         fixed = [k for k in ("name", "bind", "advertise", "socket", "state_dir", "sim_devices",
-                             "npu_smi", "nvml") if getattr(new, k) != getattr(old, k)]
+                             "npu_smi", "nvml", "payload_work_dir")
+                 if getattr(new, k) != getattr(old, k)]
         if fixed:
             log.warning("reload: %s change only with a restart", ", ".join(fixed))
             for k in fixed:
@@ -160,9 +163,10 @@ class Agent:
         self.node.scheduler.on_decision = decision_times(self.node.scheduler).observe
         await self.sampler.discover()
         await self._recover(leases)
+        await self.payload.start()
         self.node.join(list(s.join), self.loop.time())
-        self._spawn(self._timer_loop())
-        self._spawn(self.sampler.loop())
+        self.spawn(self._timer_loop())
+        self.spawn(self.sampler.loop())
         await self.flush()
         log.info("agent started name=%s addr=%s incarnation=%d devices=%d enforcement=%s",
                  s.name, self.addr, incarnation, len(self.sampler.devices), self.enforcement)
@@ -200,7 +204,8 @@ class Agent:
         if self._lock is not None:
             statedir.unlock(self._lock)
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background (cancelled when the agent stops)."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -303,20 +308,20 @@ class Agent:
 
     def _kick_now(self) -> None:
         self._kicked = False
-        self._spawn(self.flush())
+        self.spawn(self.flush())
 
     async def _effect(self, eff: Effect) -> None:
         match eff:
             case SendPacket():
                 self.transport.send_packet(eff, leaving=self.node.membership.left)
             case Call():
-                self._spawn(self._call(eff))
+                self.spawn(self._call(eff))
             case StartPushPull():
-                self._spawn(self._pushpull(eff))
+                self.spawn(self._pushpull(eff))
             case RunJob():
-                self._spawn(self.processes.run(eff))
+                self.spawn(self.processes.run(eff))
             case StopJob():
-                self._spawn(self.processes.stop(eff))
+                self.spawn(self.processes.stop(eff))
             case ArchiveOutput():
                 await self.processes.archive(eff.job_id)
             case JobOutput():
@@ -358,6 +363,8 @@ class Agent:
     async def _handle_call(self, msg: wire.Message) -> wire.Message:
         if isinstance(msg, wire.JobSync):
             return await self.processes.job_sync(msg)
+        if isinstance(msg, wire.FetchBundle):
+            return await self.payload.serve(msg)
         if self.stopping and isinstance(msg, (wire.Submit, wire.StartJob, wire.LeaseRequest)):
             return wire.Error("agent is shutting down")
         reply = self.node.handle_request(msg, self.loop.time())

@@ -20,6 +20,7 @@ from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_prob
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
 from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.agent.node.owner import MAX_OFFSET
+from flexmesh.agent.runtime.payload import PayloadError
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class Processes:
         self.agent = agent
         self.runner = JobRunner(agent.state_dir, self._on_exit)
         self._runs: dict[str, str] = {}  # job -> lease of the process it has here
+        self._workdirs: dict[str, Path] = {}  # job -> the working directory of that process
 
     # --- owner: runs --------------------------------------------------------------------
 
@@ -68,13 +70,31 @@ class Processes:
         self._runs[job.id] = job.lease_id
         user, base = await asyncio.to_thread(self._identity, job)
         env = job_environment(base, job.env, self.owner_env(eff))
+        cwd = None
         try:
-            pid, pid_start = await self.runner.start(job.id, job.command, env, user=user)
-        except (JobStartError, ValueError, OSError) as exc:
-            node.job_exited(job.id, None, f"could not start: {exc}", loop.time(), state=FAILED)
+            if job.bundle:
+                cwd = await self._workdir(job, user)
+                env["FLEXMESH_WORKDIR"] = str(cwd)
+            pid, pid_start = await self.runner.start(job.id, job.command, env, user=user,
+                                                     cwd=None if cwd is None else str(cwd))
+        except (JobStartError, PayloadError, ValueError, OSError) as exc:
+            self._runs.pop(job.id, None)
+            if job.bundle:
+                self._workdirs.pop(job.id, None)
+                await self.agent.payload.cleanup(self.agent.payload.job_dir(job))
+            why = f"workdir: {exc}" if isinstance(exc, PayloadError) else f"could not start: {exc}"
+            node.job_exited(job.id, None, why, loop.time(), state=FAILED)
         else:
             node.job_started(job.id, pid, pid_start, loop.time(), lease_id=job.lease_id)
         await self.agent.flush()
+
+    async def _workdir(self, job: JobRecord, user: tuple[int, int] | None) -> Path:
+        """The run's working directory, made from its bundle (see ``payload``)."""
+        path = await self.agent.payload.prepare(job, user)
+        self._workdirs[job.id] = path
+        if not self.agent.payload.wanted(job):  # stopped while its bundle came
+            raise PayloadError("stopped before it had started")
+        return path
 
     def job_user(self, job: JobRecord) -> tuple[int, int] | None:
         """(uid, gid) a job runs as; None: as the agent (which then is not root).
@@ -100,6 +120,8 @@ class Processes:
         if not self.runner.adopt(job.id, job.pid, job.pid_start):
             return False
         self._runs[job.id] = job.lease_id
+        if job.bundle:
+            self._workdirs[job.id] = self.agent.payload.job_dir(job)
         return True
 
     async def stop(self, eff: StopJob) -> None:
@@ -111,6 +133,9 @@ class Processes:
 
     def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
         self._runs.pop(job_id, None)
+        workdir = self._workdirs.pop(job_id, None)
+        if workdir is not None:
+            self.agent.spawn(self.agent.payload.cleanup(workdir))
         state = LOST if exit_code is None else None
         self.agent.node.job_exited(job_id, exit_code, reason, self.agent.loop.time(),
                                    state=state)

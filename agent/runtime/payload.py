@@ -1,0 +1,194 @@
+"""Working directories jobs carry: packed at the origin, served to owners, fetched, cached
+and unpacked into a fresh directory for each run.
+
+Where the fetch sits in a job's life: the owner accepts ``StartJob`` as for any job (the
+lease goes ``LENT``, which has no TTL, and the run is journaled ``placed``), and emits
+``RunJob``. Carrying out that effect, the runtime first makes the bundle present (from
+this node's store: a job submitted here, or one fetched before; else fetched from the
+origin, see ``bundlefetch``), unpacks it into ``work_dir/JOB`` owned by the job's user,
+and only then starts the process there. While it fetches, the origin's ``JobSync`` hears
+``placed``; a cancel or preemption meanwhile ends the run at once on the owner's books and
+stops the fetch at the next chunk. A fetch or unpack that fails ends the run ``failed``
+with the reason, as a command that cannot start does. The directory is removed when the
+process has exited (or never started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import pwd
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flexmesh.agent import bundlefetch
+from flexmesh.agent.bundle import BundleError, Packed, Reader, pack, remove_tree, unpack
+from flexmesh.agent.bundlecache import BundleCache, valid_sha
+from flexmesh.agent.models import PLACED, RUNNING, JobRecord, job_id_problem
+from flexmesh.protocol import wire
+
+if TYPE_CHECKING:
+    from flexmesh.agent.runtime.agent import Agent
+
+log = logging.getLogger("flexmesh.agent")
+
+FETCH_CALL_TIMEOUT = 30.0  # seconds for one chunk's call
+
+
+class PayloadError(Exception):
+    """A run's working directory cannot be made; the message says why."""
+
+
+class Payload:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        s = agent.settings
+        self.cache = BundleCache(agent.state_dir / "bundles", s.cache_bytes())
+        self.work_root = s.work_dir()
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock)
+
+    async def start(self) -> None:
+        """Read the store; remove the directories of runs here that ended while the agent
+        was down (only those: ``work_dir`` may be a directory shared with others)."""
+        await asyncio.to_thread(self.cache.load)
+        if not self.work_root.exists():
+            await asyncio.to_thread(self.work_root.mkdir, 0o711, True, True)
+            await asyncio.to_thread(os.chmod, self.work_root, 0o711)  # (jobs' users enter)
+        for run in list(self.agent.node.owner.runs.values()):
+            if run.bundle and run.state not in (PLACED, RUNNING):
+                await self.cleanup(self.job_dir(run))
+
+    def _in_use(self) -> set[str]:
+        node = self.agent.node
+        jobs = [*node.origin.jobs.values(), *node.owner.runs.values()]
+        return {j.bundle for j in jobs if j.bundle and not j.terminal}
+
+    def _evict(self) -> None:
+        self.cache.capacity = self.agent.settings.cache_bytes()  # (as reloaded)
+        for sha in self.cache.evict(self._in_use()):
+            self.agent.count("bundles_evicted")
+            log.info("bundle_evicted bundle=%s", sha)
+
+    # --- origin: pack at submit, serve to owners ------------------------------------------
+
+    async def pack(self, src: str, uid: int | None) -> Packed:
+        """Pack ``src`` for a submitter of ``uid`` (None: unknown, as the agent reads);
+        the bundle is pinned until ``unpin``. BundleError says what is wrong."""
+        s = self.agent.settings
+        reader = await asyncio.to_thread(_reader, uid)
+        packed = await asyncio.to_thread(pack, src, self.cache.root, reader,
+                                         s.max_bundle_bytes(), s.payload_max_files)
+        self.cache.pin(packed.sha256)
+        self.cache.add(packed.sha256, packed.size)
+        self._evict()
+        self.agent.count("bundles_packed")
+        return packed
+
+    def unpin(self, sha: str) -> None:
+        self.cache.unpin(sha)
+
+    async def serve(self, msg: wire.FetchBundle) -> wire.Message:
+        """A chunk of a bundle of a job submitted here and not ended."""
+        jobs = self.agent.node.origin.jobs
+        if not any(j.bundle == msg.bundle and not j.terminal for j in jobs.values()):
+            return wire.Error(f"no job here that has not ended carries bundle {msg.bundle[:80]}")
+        if not self.cache.has(msg.bundle):
+            return wire.Error(f"bundle {msg.bundle} is gone from {self.agent.settings.name}")
+        try:
+            data, total = await asyncio.to_thread(bundlefetch.read_chunk,
+                                                  self.cache.path(msg.bundle), msg.offset,
+                                                  msg.length)
+        except OSError as exc:
+            return wire.Error(f"cannot read bundle {msg.bundle}: {exc.strerror or exc}")
+        self.agent.count("bundle_chunks_served")
+        return wire.BundleChunk(msg.bundle, msg.offset, data, total)
+
+    # --- owner: a run's working directory -------------------------------------------------
+
+    def job_dir(self, job: JobRecord) -> Path:
+        """A run's directory: one per attempt, so the removal of an ended run's never
+        meets the next run's."""
+        return self.work_root / job.id / str(job.attempts)
+
+    async def prepare(self, job: JobRecord, user: tuple[int, int] | None) -> Path:
+        """The run's working directory, unpacked from its bundle (fetched if need be)."""
+        s = self.agent.settings
+        if not valid_sha(job.bundle) or job_id_problem(job.id) is not None:
+            raise PayloadError(f"bundle {job.bundle[:80]!r} is not a SHA-256")
+        if job.bundle_size > s.max_bundle_bytes():
+            raise PayloadError(f"its bundle ({job.bundle_size} bytes) is larger than this "
+                               f"node's max_bundle ({s.payload_max_bundle})")
+        self.cache.pin(job.bundle)
+        try:
+            await self._present(job)
+            dest = self.job_dir(job)
+            await asyncio.to_thread(remove_tree, dest)  # left by an agent that died
+            await asyncio.to_thread(dest.parent.mkdir, 0o711, False, True)
+            await asyncio.to_thread(unpack, self.cache.path(job.bundle), dest,
+                                    s.max_bundle_bytes(), s.payload_max_files, user)
+        except BundleError as exc:
+            raise PayloadError(f"unsafe or corrupt bundle: {exc}") from None
+        except OSError as exc:
+            raise PayloadError(f"cannot unpack its bundle: {exc}") from None
+        finally:
+            self.cache.unpin(job.bundle)
+        return dest
+
+    async def _present(self, job: JobRecord) -> None:
+        """The bundle in the store: already here (a hit) or fetched from the origin."""
+        async with self._locks[job.bundle]:  # a second run of the same bundle waits
+            if self.cache.use(job.bundle):
+                self.agent.count("bundle_cache_hits")
+                return
+            if job.origin == self.agent.settings.name:
+                raise PayloadError(f"bundle {job.bundle} is gone from this node's store")
+            try:
+                got = await bundlefetch.fetch(
+                    lambda msg: self._call(job.origin, msg),
+                    bundlefetch.Want(job.bundle, job.bundle_size, job.id),
+                    self.cache.partial(job.bundle), self.cache.path(job.bundle),
+                    alive=lambda: self.wanted(job))
+            except (bundlefetch.FetchError, OSError) as exc:
+                self.agent.count("bundle_fetches_failed")
+                raise PayloadError(f"cannot fetch its bundle from {job.origin}: {exc}") from None
+            self.agent.count("bundle_fetches")
+            self.agent.count("bundle_fetch_bytes", got.bytes)
+            self.agent.count("bundle_fetch_retries", got.retries)
+            self.cache.add(job.bundle, job.bundle_size)
+            log.info("bundle_fetched bundle=%s job=%s bytes=%d resumed_at=%d retries=%d",
+                     job.bundle, job.id, got.bytes, got.resumed_at, got.retries)
+            self._evict()
+
+    async def _call(self, node: str, msg: wire.Message) -> tuple[wire.Message | None, str]:
+        member = self.agent.node.membership.members.get(node)
+        if member is None:
+            return None, f"{node} is not a member"
+        return await self.agent.transport.call(member.addr, msg, FETCH_CALL_TIMEOUT)
+
+    def wanted(self, job: JobRecord) -> bool:
+        """Whether the run is still meant to start (not stopped, not replaced)."""
+        run = self.agent.node.owner.runs.get(job.id)
+        return run is not None and run.state == PLACED and run.lease_id == job.lease_id
+
+    async def cleanup(self, path: Path) -> None:
+        """A run ended (or never started): its working directory goes (and its job's,
+        once no run of it has one)."""
+        await asyncio.to_thread(remove_tree, path)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(path.parent.rmdir)
+
+
+def _reader(uid: int | None) -> Reader:
+    """Who a workdir is packed for: ``uid`` and its groups (NSS lookups may block)."""
+    if uid is None:
+        return Reader()
+    try:
+        entry = pwd.getpwuid(uid)
+        gids = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except KeyError:
+        gids = frozenset()
+    return Reader(uid, gids)
