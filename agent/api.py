@@ -20,6 +20,7 @@ import grp
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def keys_get(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].keys_view())
+    return web.json_response(request.app[AGENT_KEY].keys.view())
 
 
 async def keys_post(request: web.Request) -> web.Response:
@@ -96,7 +97,7 @@ async def keys_post(request: web.Request) -> web.Response:
     from flexmesh.protocol.crypto import KeyringError
 
     try:
-        view = await agent.keys_change(body["op"], body["key"])
+        view = await agent.keys.change(body["op"], body["key"])
     except KeyringError as exc:
         return error(400, str(exc))
     return web.json_response(view)
@@ -143,19 +144,38 @@ async def listen(runner: web.AppRunner, agent: Agent, path: str) -> None:
     """Bind the socket at ``path`` (again, when it was deleted: on SIGHUP)."""
     sock_path = Path(path)
     sock_path.parent.mkdir(parents=True, exist_ok=True)
+    if _in_use(sock_path):
+        raise OSError(f"{path} is the socket of a running agent: give each agent a socket "
+                      "of its own (--socket)")
     with contextlib.suppress(FileNotFoundError):
-        sock_path.unlink()
+        sock_path.unlink()  # a stale socket of an agent that is gone
     site = web.UnixSite(runner, str(sock_path))
     await site.start()
     os.chmod(sock_path, 0o660)
     _chgrp(sock_path, agent.settings.socket_group)
 
 
+def _in_use(path: Path) -> bool:
+    """Whether something listens on the Unix socket at ``path`` (then it is not ours to
+    remove)."""
+    if not path.is_socket():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False  # refused or gone: stale
+    finally:
+        probe.close()
+    return True
+
+
 def _chgrp(path: Path, group: str) -> None:
     try:
         gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
-        log.info("socket group %r does not exist; the socket keeps the agent's group", group)
+        log.info("socket group %s does not exist; the socket keeps the agent's group", group)
         return
     try:
         os.chown(path, -1, gid)

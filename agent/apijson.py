@@ -124,8 +124,10 @@ def _env(body: dict[str, Any]) -> dict[str, str]:
     env = body.get("env", {})
     if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+            and k.isprintable() and not any(c.isspace() for c in k)
             for k, v in env.items()):
-        raise BadRequest("env must be an object of string names to string values")
+        raise BadRequest("env must be an object of string names (no '=', spaces or control "
+                         "characters) to string values")
     problem = reserved_problem(env)
     if problem:
         raise BadRequest(problem)

@@ -144,6 +144,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _human(key: str, value: Any) -> str:
     """A value for people: no Python reprs (lists, None, dicts, epoch seconds)."""
+    if key in ("compute_milli", "memory_mib") and value == 0:
+        return "in proportion, on the device it lands on"
     if value is None or value == "" or value == []:
         return "-"
     if isinstance(value, bool):

@@ -21,6 +21,7 @@ from aiohttp import web
 from flexmesh.agent import api, metrics, ui
 from flexmesh.agent.config import ConfigError, Settings, split_hostport
 from flexmesh.agent.runtime import Agent, StartError
+from flexmesh.agent.runtime.keys import KeysError
 from flexmesh.agent.sdnotify import Notifier, watchdog_loop
 
 log = logging.getLogger("flexmesh.agent")
@@ -115,7 +116,7 @@ def _reload(agent: Agent, reload: Callable[[], Settings], notifier: Notifier,
     try:
         new = reload()
         agent.reconfigure(new)
-    except (ConfigError, StartError) as exc:
+    except (ConfigError, StartError, KeysError) as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
     sock = agent.settings.socket
     if not os.path.exists(sock):

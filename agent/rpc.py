@@ -12,7 +12,8 @@ only a first frame that decoded (and opened, with a key) lets frames up to
 reserved beforehand from a ``Budget`` that all inbound connections share. Connections are
 capped in all and per peer address, and a first header, a body and the wait between frames
 each have a deadline. A connection over a limit is closed at once and counted
-(``LimitError``), never left waiting for room.
+(``LimitError``), never left waiting for room. Requests are sealed for their receiver
+(``Codec``).
 """
 
 from __future__ import annotations
@@ -32,21 +33,18 @@ log = logging.getLogger("flexmesh.agent")
 READ_TIMEOUT = 30.0  # an idle inbound connection is closed after this long
 CHUNK = 64 * 1024  # bytes taken from the stream at a time while a body is read
 TRIM_AFTER = 1024 * 1024  # bytes of bodies read before memory is handed back (Server)
+DROP_LOG_EVERY = 10.0  # seconds between log lines about connections dropped for garbage
 
 
-# Requests that may come sealed for no node in particular: a push-pull goes to a seed's
-# address before its name is known (and its Hello with it).
+# Requests that may be sealed for no node: a push-pull to a seed, whose name is not known.
 UNBOUND_OK = (wire.PushPull, wire.Hello)
 
 
 class Codec:
-    """Frames on the wire, sealed under the cluster keyring when there is one.
-
-    A request is sealed for the node it is sent to: its name is bound into the seal with
-    the cluster's, so a request captured on its way to one node does not open on another
-    (``misdirected``). ``me`` is this node's name, which requests to it must be sealed for;
-    a push-pull (to a seed, whose name is not known yet) and replies are sealed for no
-    node."""
+    """Frames on the wire, sealed under the cluster keyring when there is one. A request
+    is sealed for the node it goes to (its name bound with the cluster's), so one captured
+    on its way to a node does not open at another; ``me`` is this node's name. Push-pulls
+    (``UNBOUND_OK``) and replies are sealed for no node."""
 
     def __init__(self, sealer: Sealer | None = None, cluster: bytes = b"",
                  now: Callable[[], float] = time.time, me: str = "") -> None:
@@ -119,6 +117,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
 
 class Budget:
     """Bytes reserved for frame bodies being read, across connections: at most ``limit``."""
@@ -334,6 +333,8 @@ class Server:
         self.connections = 0
         self.by_ip: dict[str, int] = {}
         self._trimmed_at = 0  # budget.total when trim was last called
+        self._logged_at = -DROP_LOG_EVERY  # when a dropped connection was last logged
+        self._unlogged = 0  # dropped connections not logged since
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The ``asyncio.start_server`` callback: one inbound connection, start to end."""
@@ -356,7 +357,7 @@ class Server:
             self.count("peers_disconnected_garbage")
             self.count(f"frames_dropped_{exc.reason}")
             self.dropped(exc, ip)
-            log.info("dropped a peer connection from %s: %s", ip, exc)
+            self._log_dropped(ip, exc)
         except asyncio.CancelledError:
             # The agent stops while a call waits (a JobSync long poll): the connection ends
             # here. Not re-raised: Python 3.11's stream callback would log a cancelled
@@ -364,6 +365,17 @@ class Server:
             writer.close()
         finally:
             self._leave(ip)
+
+    def _log_dropped(self, ip: str, exc: RemoteError) -> None:
+        """One line per ``DROP_LOG_EVERY`` seconds at most (the counters have them all):
+        whoever can reach the port must not be able to flood the log."""
+        now = time.monotonic()
+        if now - self._logged_at < DROP_LOG_EVERY:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
+        log.info("dropped a peer connection from %s: %s%s", ip, exc, more)
+        self._logged_at, self._unlogged = now, 0
 
     def _admit(self, ip: str, limits: Limits) -> str | None:
         """None if the connection may go on, else the name of the count it adds to."""

@@ -192,7 +192,8 @@ class Scheduler:
     def _decide(self, asked: Request, placer: Placer) -> tuple[Request, Decision]:
         """(the request made concrete, the placer's answer): one in proportion is tried on
         each size of device in the view, smallest first (no fit: the largest's)."""
-        result: Decision = NoFit(f"no {asked.kind} device in view")
+        kind = "device" if asked.kind == "any" else asked.kind.upper()
+        result: Decision = NoFit(f"no {kind} in view is large enough")
         req = asked
         for req in self._sizes.sized(asked):
             result = placer.decide(req, explain=True)

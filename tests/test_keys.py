@@ -81,3 +81,15 @@ def test_keygen_writes_private_files(tmp_path: Path) -> None:
         assert _keygen(stdout=f.fileno()).returncode == 0
     assert stat.S_IMODE(redirected.stat().st_mode) == 0o600
     assert len(redirected.read_text().strip()) == 44
+
+
+def test_a_reload_with_a_refused_key_file_keeps_the_running_keys(tmp_path: Path) -> None:
+    keys = _keys(tmp_path, 0o600, generate_key())
+    keys.load()
+    running, settings = keys.keyring.keys, keys.settings
+    bad = tmp_path / "other.keys"
+    bad.write_text(generate_key() + "\n")
+    bad.chmod(0o644)
+    with pytest.raises(KeysError, match="chmod 600"):
+        keys.reload(Settings(key_file=str(bad)))
+    assert keys.keyring.keys == running and keys.settings is settings

@@ -164,3 +164,21 @@ def test_real_agents_refuse_a_shared_state_dir_and_an_emptied_journal(mesh: Loca
         wal.unlink()
     res = subprocess.run(a.args, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "is empty" in res.stderr and "rm " in res.stderr
+
+
+async def test_a_socket_a_running_agent_listens_on_is_not_taken(tmp_path: Path) -> None:
+    agent = SimpleNamespace(settings=SimpleNamespace(socket_group="nogroup-here"))
+    path = str(tmp_path / "agent.sock")
+    first = web.AppRunner(web.Application())
+    await first.setup()
+    await api.listen(first, agent, path)  # type: ignore[arg-type]
+    second = web.AppRunner(web.Application())
+    await second.setup()
+    try:
+        with pytest.raises(OSError, match="socket of a running agent"):
+            await api.listen(second, agent, path)  # type: ignore[arg-type]
+        await first.cleanup()  # the first agent is gone; its socket file may stay behind
+        await api.listen(second, agent, path)  # type: ignore[arg-type]  # stale: taken over
+    finally:
+        await first.cleanup()
+        await second.cleanup()

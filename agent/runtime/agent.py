@@ -120,20 +120,14 @@ class Agent:
             log.warning("reload: %s change only with a restart", ", ".join(fixed))
             for k in fixed:
                 setattr(new, k, getattr(old, k))
+        self.keys.reload(new)  # first: a key file it refuses leaves everything as it was
         self.settings = self.transport.faults.settings = new
         self.node.scheduler.policy = get_policy(new.policy)
         self.node.scheduler.spec = get_spec(new.policy)
         self.node.membership.config = PRESETS[new.profile]
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
-        self.keys.reload(new)
         log.info("reloaded policy=%s profile=%s keys=%d", new.policy, new.profile,
                  len(self.keys.keyring))
-
-    def keys_view(self) -> dict[str, Any]:
-        return self.keys.view()
-
-    async def keys_change(self, op: str, key: str) -> dict[str, Any]:
-        return await self.keys.change(op, key)
 
     # --- life cycle ---------------------------------------------------------------------
 

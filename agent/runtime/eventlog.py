@@ -17,7 +17,7 @@ def log_event(eff: LogEvent | MemberEvent | NameConflict) -> None:
                      " ".join(f"{k}={_field(v)}" for k, v in eff.fields.items()))
         case MemberEvent():
             log.info("member name=%s state=%s prev=%s addr=%s", eff.name, eff.state,
-                     eff.prev, eff.addr)
+                     eff.prev or "-", eff.addr)
         case NameConflict():
             log.error("name conflict: %s is at %s and a node at %s claims the name too; "
                       "refused (every node needs a name of its own)", eff.name, eff.known,

@@ -87,9 +87,15 @@ class Keys:
                     "shows its keys", source, detail or "unknown")
 
     def reload(self, settings: Settings) -> None:
+        """The keys of new settings; on KeysError the running ones stay, unchanged."""
+        old = self.settings
         self.settings = settings
         if not self.path.exists():  # keys changed with `flexmesh keys` stay
-            self.load()
+            try:
+                self.load()
+            except KeysError:
+                self.settings = old
+                raise
 
     def _apply(self) -> None:
         if self.sealer is not None and len(self.keyring):

@@ -36,6 +36,8 @@ class Processes:
         self.runner = JobRunner(agent.state_dir, self._on_exit)
         self._runs: dict[str, str] = {}  # job -> lease of the process it has here
         self._workdirs: dict[str, Path] = {}  # job -> the working directory of that process
+        self._starting: set[str] = set()  # jobs whose start is not yet told to the node
+        self._early_exits: dict[str, tuple[int | None, str]] = {}  # ... that ended already
 
     # --- owner: runs --------------------------------------------------------------------
 
@@ -68,6 +70,7 @@ class Processes:
             # A new attempt here after an earlier one (preempted): keep that output apart.
             await asyncio.to_thread(archive_output, self.runner.job_dir(job.id))
         self._runs[job.id] = job.lease_id
+        self._starting.add(job.id)
         user, base = await asyncio.to_thread(self._identity, job)
         env = job_environment(base, job.env, self.owner_env(eff))
         cwd = None
@@ -86,6 +89,12 @@ class Processes:
             node.job_exited(job.id, None, why, loop.time(), state=FAILED)
         else:
             node.job_started(job.id, pid, pid_start, loop.time(), lease_id=job.lease_id)
+            early = self._early_exits.pop(job.id, None)
+            if early is not None:  # it ended before its start was told: now, in order
+                self._exited(job.id, *early)
+        finally:
+            self._starting.discard(job.id)
+            self._early_exits.pop(job.id, None)
         await self.agent.flush()
 
     async def _workdir(self, job: JobRecord, user: tuple[int, int] | None) -> Path:
@@ -132,6 +141,12 @@ class Processes:
         await self.runner.stop(eff.job_id, self.agent.settings.stop_grace, eff.reason)
 
     def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        if job_id in self._starting:  # a quick job: its exit waits for its start to be told
+            self._early_exits[job_id] = (exit_code, reason)
+            return
+        self._exited(job_id, exit_code, reason)
+
+    def _exited(self, job_id: str, exit_code: int | None, reason: str) -> None:
         self._runs.pop(job_id, None)
         workdir = self._workdirs.pop(job_id, None)
         if workdir is not None:

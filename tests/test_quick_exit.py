@@ -1,0 +1,54 @@
+"""A job that ends before its start was told to the node: the node hears the start first,
+then the end (no "stale_start", and its pid is known)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from flexmesh.agent.config import Settings
+from flexmesh.agent.models import JobRecord
+from flexmesh.agent.node import RunJob
+from flexmesh.agent.runtime.processes import Processes
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.told: list[tuple[str, Any]] = []
+        self.name = "n"
+        self.origin = SimpleNamespace(jobs={})
+
+    def job_started(self, job_id: str, pid: int, *args: Any, **kw: Any) -> None:
+        self.told.append(("started", pid))
+
+    def job_exited(self, job_id: str, code: int | None, reason: str, *args: Any,
+                   **kw: Any) -> None:
+        self.told.append(("exited", code))
+
+
+def test_the_start_is_told_before_an_exit_that_came_first(tmp_path: Path) -> None:
+    async def scenario() -> list[tuple[str, Any]]:
+        node = _Node()
+
+        async def flush() -> None:
+            return None
+
+        agent = SimpleNamespace(state_dir=tmp_path, node=node, loop=asyncio.get_running_loop(),
+                                settings=Settings(state_dir=str(tmp_path)), flush=flush,
+                                sampler=SimpleNamespace(enforcement="none"), kick=lambda: None)
+        procs = Processes(agent)  # type: ignore[arg-type]
+
+        async def start(job_id: str, *args: Any, **kw: Any) -> tuple[int, int]:
+            procs._on_exit(job_id, 0, "exited with code 0")  # the exit watcher was quicker
+            return 4242, 1
+
+        procs.runner.start = start  # type: ignore[method-assign]
+        job = JobRecord(id="j1", origin="o", command=["true"], compute_milli=1000,
+                        memory_mib=0, lease_id="L1")
+        job.uid = None
+        await procs.run(RunJob(job, ()))
+        return node.told
+
+    assert asyncio.run(scenario()) == [("started", 4242), ("exited", 0)]
