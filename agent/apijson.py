@@ -22,7 +22,7 @@ from flexmesh.agent.models import (
 )
 
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
-                "requeue", "devices", "preemptible", "gang", "workdir"}
+                "requeue", "devices", "preemptible", "gang", "workdir", "wait_for_capacity"}
 
 
 class BadRequest(Exception):
@@ -54,6 +54,7 @@ def parse_submit(body: Any) -> dict[str, Any]:
     env = _env(body)
     requeue = _boolean(body, "requeue", True, "requeue must be true or false")
     preemptible = _boolean(body, "preemptible", False, "preemptible must be true or false")
+    wait = _boolean(body, "wait_for_capacity", False, "wait_for_capacity must be true or false")
     gang = _integer(body, "gang", 1, f"gang must be an integer from 1 to {MAX_GANG} (nodes, "
                     "one member each)")
     problem = (request_problem(compute, memory, count, gang, preemptible)
@@ -66,7 +67,7 @@ def parse_submit(body: Any) -> dict[str, Any]:
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
             "priority": priority, "env": env, "requeue": requeue, "count": count,
             "preemptible": preemptible, "gang_size": gang if gang > 1 else 0,
-            "workdir": workdir}
+            "workdir": workdir, "wait_for_capacity": wait}
 
 
 # What exec takes: one argument or variable at most 128 KiB (Linux's MAX_ARG_STRLEN), and
@@ -160,6 +161,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "created_at": job.created_at, "updated_at": job.updated_at, "attempts": job.attempts,
         "gang": job.gang, "rank": job.rank, "gang_size": job.gang_size,
         "workdir": job.workdir, "bundle": job.bundle, "bundle_size": job.bundle_size,
+        "wait_for_capacity": job.wait_for_capacity,
     }
 
 
@@ -187,5 +189,6 @@ def gang_view(gang: str, members: list[JobRecord]) -> dict[str, Any]:
         "priority": first.priority, "preemptible": False, "command": first.command,
         "created_at": first.created_at, "updated_at": max(m.updated_at for m in members),
         "attempts": max(m.attempts for m in members), "gang_size": len(members),
+        "wait_for_capacity": first.wait_for_capacity,
         "members": [job_view(m) for m in members],
     }

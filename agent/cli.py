@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the request failed (or ``submit --wait`` saw the job fail: then
 the job's own exit code when it has one); 2 bad usage or configuration; 3 the agent is not
-reachable.
+reachable; 124 ``submit --wait --timeout`` gave up with the job still queued or running
+(``cliwait``).
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ class CliError(Exception):
 
 
 class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self.path = path
+        self.unix_sock: socket.socket | None = None
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -35,7 +36,7 @@ class UnixConnection(http.client.HTTPConnection):
         except OSError:
             sock.close()
             raise
-        self.sock = sock
+        self.sock = self.unix_sock = sock  # (``sock`` is dropped once a response has it)
 
 
 def get_json(sock: str, path: str, timeout: float = 5.0) -> Any:
@@ -58,9 +59,29 @@ def socket_path(args: argparse.Namespace) -> str:
 
 
 def request(args: argparse.Namespace, method: str, path: str, body: Any = None,
-            timeout: float = 30.0, stream: bool = False) -> Any:
-    sock = socket_path(args)
-    conn = UnixConnection(sock, timeout)
+            timeout: float | None = 30.0, stream: bool = False) -> Any:
+    conn = UnixConnection(socket_path(args), timeout)
+    resp = _request(conn, method, path, body)
+    if stream and resp.status == 200:
+        return resp
+    return _decoded(conn, resp)
+
+
+def open_stream(args: argparse.Namespace,
+                path: str) -> tuple[http.client.HTTPResponse, socket.socket]:
+    """``GET path`` as a stream, and its socket: the caller sets the socket's timeout
+    before each read (a deadline for the whole stream, not for each read)."""
+    conn = UnixConnection(socket_path(args), None)
+    resp = _request(conn, "GET", path, None)
+    if resp.status != 200 or conn.unix_sock is None:
+        _decoded(conn, resp)  # raises the agent's error
+        raise CliError(f"the agent answered GET {path} with {resp.status}", 3)
+    return resp, conn.unix_sock
+
+
+def _request(conn: UnixConnection, method: str, path: str,
+             body: Any) -> http.client.HTTPResponse:
+    sock = conn.path
     payload = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if payload is not None else {}
     try:
@@ -74,8 +95,11 @@ def request(args: argparse.Namespace, method: str, path: str, body: Any = None,
                        3) from None
     except (OSError, http.client.HTTPException) as exc:
         raise CliError(f"talking to the agent at {sock} failed: {exc}", 3) from None
-    if stream and resp.status == 200:
-        return resp
+    return resp
+
+
+def _decoded(conn: UnixConnection, resp: http.client.HTTPResponse) -> Any:
+    """The JSON of an answer read whole, or the agent's error raised as a CliError."""
     data = resp.read()
     conn.close()
     try:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from flexmesh.agent.cliclient import CliError, request
+from flexmesh.agent.cliwait import wait_for_job
 from flexmesh.agent.units import format_mib
 
 
@@ -55,12 +56,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         _emit(args, job, job["id"])
         return 0
-    job = _wait_until_ended(args, job)
-    _emit(args, job, _ended_text(job))
-    if job["state"] == "succeeded":
-        return 0
-    code = job.get("exit_code")
-    return code if isinstance(code, int) and 0 < code < 256 else 1
+    return wait_for_job(args, job)  # its output as it comes, then the job's exit code
 
 
 def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,32 +93,14 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["devices"] = args.devices
     if args.preemptible:
         body["preemptible"] = True
+    if args.wait_for_capacity:
+        body["wait_for_capacity"] = True
     if args.gang != 1:
         body["gang"] = args.gang
     if args.workdir:
         body["workdir"] = os.path.abspath(args.workdir)  # packed by the agent, as this user
     return body
 
-
-def _wait_until_ended(args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    while job["state"] not in ("succeeded", "failed", "cancelled", "preempted", "lost"):
-        if deadline is not None and time.monotonic() > deadline:
-            raise CliError(f"job {job['id']} still {job['state']} after {args.timeout:g}s", 1)
-        job = request(args, "GET", f"/v1/jobs/{job['id']}?wait=30", timeout=60)
-    return job
-
-
-def _ended_text(job: dict[str, Any]) -> str:
-    if job.get("members"):  # a gang: a line for each member
-        lines = [f"{job['id']} {job['state']}" + (f": {job['reason']}" if job["reason"] else "")]
-        for m in job["members"]:
-            where = ",".join(m.get("devices") or [m["device"] or "-"])
-            lines.append(f"  {m['id']} {m['state']} on {m['node'] or '-'}/{where}: "
-                         f"{m['reason']}")
-        return "\n".join(lines)
-    where = ",".join(job.get("devices") or [job["device"] or "-"])
-    return f"{job['id']} {job['state']} on {job['node'] or '-'}/{where}: {job['reason']}"
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     if args.here:  # the runs on this node's devices, whoever submitted them

@@ -85,6 +85,10 @@ def _add_submit(s: argparse.ArgumentParser) -> None:
     s.add_argument("--env", action="append", help="NAME=VALUE for the job (repeatable)")
     s.add_argument("--workdir", help="carry this directory: the job runs in a copy of it "
                    "($FLEXMESH_WORKDIR) wherever it is placed")
+    s.add_argument("--wait-for-capacity", action="store_true",
+                   help="where no device of the mesh could ever hold the job, wait for one "
+                        "to join (else it fails after the grace, impossible_grace)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end")
-    s.add_argument("--timeout", type=float, default=0, help="with --wait: give up after S s")
+    s.add_argument("--timeout", type=float, default=0,
+                   help="with --wait: give up after S s (exit 124; the job goes on)")
     s.add_argument("command", nargs=argparse.REMAINDER)

@@ -44,6 +44,7 @@ class Settings:
     coordinator_eligible: bool = True
     policy: str = DEFAULT_POLICY
     lease_ttl: float = 15.0
+    impossible_grace: float = 60.0  # a request no device could ever hold fails after this
     stop_grace: float = 10.0
     owner_away_limit: float = 900.0  # a borrowed job's owner that left may be back this late
     keep_finished: int = 1000  # ended jobs (and finished leases) kept, at most
@@ -108,7 +109,8 @@ _TABLES: dict[str, dict[str, str]] = {
                 "reserve_compute_milli": "reserve_compute_milli",
                 "enforcement": "enforcement", "hami_lib": "hami_lib"},
     "scheduler": {"policy": "policy", "priority": "priority",
-                  "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl"},
+                  "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl",
+                  "impossible_grace": "impossible_grace"},
     "jobs": {"stop_grace": "stop_grace", "owner_away_limit": "owner_away_limit",
              "keep_finished": "keep_finished", "keep_finished_for": "keep_finished_for",
              "allow_root": "allow_root",
@@ -287,6 +289,9 @@ def _validate_scheduling(s: Settings, at: Any) -> None:
                           "one device (1000)")
     if not (math.isfinite(s.lease_ttl) and s.lease_ttl > 0):
         raise ConfigError(f"{at('lease_ttl')}: lease_ttl must be a positive number of seconds")
+    if not (math.isfinite(s.impossible_grace) and s.impossible_grace >= 0):
+        raise ConfigError(f"{at('impossible_grace')}: impossible_grace must be a number of "
+                          "seconds, 0 or more")
     if not (math.isfinite(s.owner_away_limit) and s.owner_away_limit > 0):
         raise ConfigError(f"{at('owner_away_limit')}: owner_away_limit must be a positive "
                           "number of seconds")

@@ -35,7 +35,7 @@ def may_become(before: str, attempts_before: int, after: str, attempts_after: in
 
 MAX_GANG = 64  # members of one gang, each on a node of its own
 MAX_DEVICES = 16  # whole devices one job may ask for on one node
-MAX_MEMORY_MIB = 1 << 30  # 1 PiB: anything above is a typo, not a device
+MAX_MEMORY_MIB = 1 << 24  # 16 TiB per device: anything above is a typo, not a device
 
 
 def job_id_problem(job_id: object) -> str | None:
@@ -65,7 +65,8 @@ def request_problem(compute_milli: int, memory_mib: int, count: int, gang_size: 
     if memory_mib < 0:
         return f"memory_mib {memory_mib} is negative"
     if memory_mib > MAX_MEMORY_MIB:
-        return f"memory_mib {memory_mib} is larger than any device could be"
+        return (f"memory_mib {memory_mib} is larger than any device could be (at most "
+                f"{MAX_MEMORY_MIB} MiB, 16 TiB, per device)")
     if not 1 <= count <= MAX_DEVICES:
         return f"devices must be an integer from 1 to {MAX_DEVICES}"
     if count > 1 and compute_milli != 1000:
@@ -125,6 +126,9 @@ class JobRecord:
     workdir: str = ""
     bundle: str = ""
     bundle_size: int = 0
+    # Wait, however long, where no device of the mesh could ever hold it (else it fails
+    # after the coordinator's ``impossible_grace``).
+    wait_for_capacity: bool = False
 
     @property
     def devices(self) -> list[str]:

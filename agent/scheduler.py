@@ -8,11 +8,13 @@ kept as *shadow* reservations, so a burst of placements does not pile onto one d
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from flexmesh.agent.neverfit import Impossible, NeverFit
+from flexmesh.agent.queueorder import Order, Queued
 from flexmesh.agent.shadows import Holds, Shadow, Shadows, minus
+from flexmesh.agent.victims import PreemptOrder, preempt_for
 from flexmesh.policies import (
     DEFAULT_POLICY,
     Candidate,
@@ -23,33 +25,18 @@ from flexmesh.policies import (
     Placement,
     Policy,
     PolicySpec,
-    Preemption,
     Request,
     RunningJob,
-    choose_victims,
     get_spec,
 )
+from flexmesh.policies.capacity import Capacity
 from flexmesh.policies.cluster import group_candidates, node_spec
 from flexmesh.policies.engine import Placer
 from flexmesh.policies.gang import place_gang
-from flexmesh.policies.preempt import may_preempt
-from flexmesh.policies.proportional import Sizes
 from flexmesh.protocol import wire
 
 Decision = Placement | MultiPlacement | NoFit
-
-
-@dataclass(slots=True)
-class Queued:
-    submit: wire.Submit
-    enqueued: float
-    seq: int
-    inflight: bool = False
-    not_before: float = 0.0
-    reason: str = "waiting for a device"
-    attempts: int = 0
-    preempting_until: float = 0.0  # victims were told to stop; no new ones before this
-    booked: tuple[Request, Placement | MultiPlacement] | None = None  # until owner answers
+__all__ = ["Impossible", "PreemptOrder", "Proposal", "Queued", "Scheduler"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +45,6 @@ class Proposal:
     placement: Placement | MultiPlacement
     submit: wire.Submit
     request: Request  # what to lease: the submit's, any zero filled in (``proportional``)
-
-
-@dataclass(frozen=True, slots=True)
-class PreemptOrder:
-    """Stop ``victims`` (jobs on ``node``) so that queued job ``job_id`` fits there."""
-
-    job_id: str
-    node: str
-    victims: tuple[str, ...]
-    priority: int
 
 
 @dataclass
@@ -85,10 +62,12 @@ class Scheduler:
     _placer: Placer | None = None
     _held: Holds = field(default_factory=Holds)
     _seen: dict[str, Sequence[Candidate]] = field(default_factory=dict)
-    _waiting: list[tuple[float, int, int, str]] = field(default_factory=list)
-    _ready: list[tuple[int, int, str]] = field(default_factory=list)
+    _order: Order = field(default_factory=Order)
     _doomed: dict[str, float] = field(default_factory=dict)  # victim -> chosen until
-    _sizes: Sizes = field(default_factory=Sizes)  # of devices, for requests in proportion
+    # Sizes of devices (for requests in proportion) and what each node has of them
+    _sizes: Capacity = field(default_factory=Capacity)
+    # Requests no device could ever hold: their grace, and those failed for it
+    never_fit: NeverFit = field(default_factory=NeverFit)
     queue: dict[str, Queued] = field(default_factory=dict)
     # Gang members queued here, by gang id and job id (placed only all together).
     gangs: dict[str, dict[str, Queued]] = field(default_factory=dict)
@@ -101,10 +80,14 @@ class Scheduler:
     timer: Callable[[], float] | None = None
     on_decision: Callable[[float], None] | None = None
 
-    def enqueue(self, submit: wire.Submit, now: float) -> Queued | wire.Placed:
+    def enqueue(self, submit: wire.Submit,
+                now: float) -> Queued | wire.Placed | wire.Unplaceable:
         done = self.placed.get(submit.job_id)
         if done is not None and done[2] == submit.attempt:
             return done[0]
+        failed = self.never_fit.answer(submit)
+        if failed is not None:
+            return failed  # (told to the origin already; it asked again before it heard)
         q = self.queue.get(submit.job_id)
         if q is not None and q.submit.attempt < submit.attempt:
             self._unbook(self._pop(submit.job_id))
@@ -124,6 +107,7 @@ class Scheduler:
         self._unbook(self._pop(job_id))
 
     def _pop(self, job_id: str) -> Queued | None:
+        self.never_fit.clear(job_id)
         q = self.queue.pop(job_id, None)
         if q is not None and q.submit.gang:
             members = self.gangs.get(q.submit.gang)
@@ -134,13 +118,13 @@ class Scheduler:
         return q
 
     def propose(self, view: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
-                now: float, limit: int = 64) -> list[Proposal | PreemptOrder]:
+                now: float, limit: int = 64) -> list[Proposal | PreemptOrder | Impossible]:
         """Placements to try now, highest priority and oldest first; where a request fits
-        nowhere, the preemptible lower-priority jobs to stop for it. ``view`` is the
-        candidates, flat or by node (a node's unchanged list passed again as the same
-        object is not even compared)."""
-        ready = self._take_ready(now, limit)
-        out: list[Proposal | PreemptOrder] = []
+        nowhere, the preemptible lower-priority jobs to stop for it; where it never could,
+        past its grace, its failure. ``view`` is the candidates, flat or by node (a node's
+        unchanged list passed again as the same object is not even compared)."""
+        ready = self._order.take(self.queue, now, limit)
+        out: list[Proposal | PreemptOrder | Impossible] = []
         if not ready:
             return out
         placer = self._index(view if isinstance(view, Mapping) else group_candidates(view))
@@ -164,7 +148,7 @@ class Scheduler:
         return out
 
     def _propose_one(self, q: Queued, placer: Placer, doomed: dict[str, float],
-                     now: float) -> Proposal | PreemptOrder | None:
+                     now: float) -> Proposal | PreemptOrder | Impossible | None:
         """A placement for one request, or the victims to stop for it; None: it waits."""
         s = q.submit
         t0 = self.timer() if self.timer else 0.0
@@ -202,13 +186,19 @@ class Scheduler:
         return req, result
 
     def _no_fit(self, q: Queued, req: Request, why: str, placer: Placer,
-                doomed: dict[str, float], now: float) -> PreemptOrder | None:
-        """Nothing fits ``q`` now: stop lower-priority jobs for it, or let it wait."""
+                doomed: dict[str, float], now: float) -> PreemptOrder | Impossible | None:
+        """Nothing fits ``q`` now: stop lower-priority jobs for it, or let it wait (or
+        fail, if nothing ever could)."""
+        never = self._sizes.never(_request(q.submit))
+        if never is not None:  # no victim could make room either
+            return self._never(q, never, now)
+        self.never_fit.clear(q.submit.job_id)
         if q.preempting_until > now:
             self._wait(q)  # victims are stopping: try again as soon as room frees
             return None
-        order = self._preempt_for(req, q, placer, doomed)
+        order = preempt_for(self.spec, self.running, req, q.submit.job_id, placer, doomed)
         if order is not None:
+            self.counters["preemptions"] = self.counters.get("preemptions", 0) + len(order.victims)
             for victim in order.victims:
                 doomed[victim] = now + self.preempt_hold
             q.preempting_until = now + self.preempt_hold
@@ -221,7 +211,19 @@ class Scheduler:
         self._wait(q)
         return None
 
-    def _propose_gang(self, q: Queued, placer: Placer, now: float) -> list[Proposal] | None:
+    def _never(self, q: Queued, never: str, now: float) -> Impossible | None:
+        """``q`` could never fit: it waits, told why, or its grace is over and it fails."""
+        verdict = self.never_fit.judge(q.submit, never, now)
+        if isinstance(verdict, Impossible):
+            self._pop(q.submit.job_id)
+            return verdict
+        q.reason = verdict
+        q.not_before = now + self.retry_after
+        self._wait(q)
+        return None
+
+    def _propose_gang(self, q: Queued, placer: Placer,
+                      now: float) -> list[Proposal | Impossible] | None:
         """Place every member of ``q``'s gang, each on a node of its own, or none. None:
         the gang is not complete here (or a member is still out with an owner), and only
         ``q`` waits again; else the proposals, empty when it does not fit (every member
@@ -243,46 +245,38 @@ class Scheduler:
                 break
         if self.timer and self.on_decision:
             self.on_decision(self.timer() - t0)
-        out: list[Proposal] = []
+        if not isinstance(result, GangPlacement):
+            return self._gang_no_fit(members, result.reason, now)
+        out: list[Proposal | Impossible] = []
         for i, m in enumerate(members):
             m.attempts += 1
-            if not isinstance(result, GangPlacement):
-                m.reason = f"waiting: {result.reason}"
-                m.not_before = now + self.retry_after
-                self._wait(m)
-                continue
             self._book(m, reqs[i], result.parts[i])
             m.preempting_until = 0.0
             m.inflight = True
             out.append(Proposal(m.submit.job_id, result.parts[i], m.submit, reqs[i]))
         return out
 
-    # The queue's order without sorting it: requests wait in a heap by the time they may
-    # be tried again, and move to a heap by (priority, age) once that time has come. Heap
-    # entries are checked when taken (a request withdrawn, placed or re-queued since is
-    # skipped), so a round costs O(limit log n), whatever the backlog.
+    def _gang_no_fit(self, members: list[Queued], why: str,
+                     now: float) -> list[Proposal | Impossible]:
+        """The gang does not fit: every member waits, or, if it never could, all fail
+        together once one's grace is over."""
+        never = self._sizes.never(_request(members[0].submit), nodes=len(members))
+        reasons = [f"waiting: {why}" if never is None
+                   else self.never_fit.judge(m.submit, never, now) for m in members]
+        if never is not None and any(isinstance(r, Impossible) for r in reasons):
+            for m in members:
+                self._pop(m.submit.job_id)
+            return [self.never_fit.fail(m.submit, never, now) for m in members]
+        for m, reason in zip(members, reasons, strict=True):
+            if never is None:
+                self.never_fit.clear(m.submit.job_id)
+            m.attempts += 1
+            m.reason, m.not_before = str(reason), now + self.retry_after
+            self._wait(m)
+        return []
 
     def _wait(self, q: Queued) -> None:
-        heapq.heappush(self._waiting, (q.not_before, -q.submit.priority, q.seq, q.submit.job_id))
-
-    def _take_ready(self, now: float, limit: int) -> list[Queued]:
-        waiting, ready = self._waiting, self._ready
-        while waiting and waiting[0][0] <= now:
-            _, prio, seq, job_id = heapq.heappop(waiting)
-            heapq.heappush(ready, (prio, seq, job_id))
-        out: list[Queued] = []
-        taken: set[str] = set()
-        while ready and len(out) < limit:
-            _, seq, job_id = heapq.heappop(ready)
-            q = self.queue.get(job_id)
-            if q is None or q.seq != seq or q.inflight or job_id in taken:
-                continue
-            if q.not_before > now:
-                self._wait(q)
-                continue
-            taken.add(job_id)
-            out.append(q)
-        return out
+        self._order.wait(q)
 
     def _index(self, grouped: Mapping[str, Sequence[Candidate]]) -> Placer:
         """Bring the index up to date with the view; only changed nodes are re-indexed."""
@@ -293,7 +287,7 @@ class Scheduler:
                 q.booked = None
             self._held.clear()
             self._placer = Placer(self._cluster, spec)
-            self._sizes = Sizes()
+            self._sizes = Capacity()
             for q in self.queue.values():
                 self._placer.observe(_request(q.submit))
         nodes = self._cluster.nodes
@@ -328,8 +322,8 @@ class Scheduler:
         """No longer the coordinator: forget the queue and every booking with it."""
         self.queue.clear()
         self.gangs.clear()
-        self._waiting.clear()
-        self._ready.clear()
+        self._order.clear()
+        self.never_fit.since.clear()
         self._doomed.clear()
         self._held.clear()
         self._placer = None  # rebuilt from the view next time
@@ -342,6 +336,7 @@ class Scheduler:
 
     def _book(self, q: Queued, req: Request, where: Placement | MultiPlacement) -> None:
         q.booked = (req, where)
+        self.never_fit.clear(q.submit.job_id)  # it fits: should it come back, its grace is new
         self._held.add(where.node, where.devices, req.compute_milli, req.memory_mib)
 
     def _unbook(self, q: Queued | None) -> None:
@@ -352,20 +347,6 @@ class Scheduler:
         q.booked = None
         self._seen.pop(where.node, None)  # re-read (with the grant, from gossip) next round
         self._held.remove(where.node, where.devices, req.compute_milli, req.memory_mib)
-
-    def _preempt_for(self, req: Request, q: Queued, placer: Placer,
-                     doomed: Mapping[str, float]) -> PreemptOrder | None:
-        if self.spec is None:
-            return None
-        running = [j for j in self.running if j.id not in doomed and may_preempt(req, j)]
-        if not running:
-            return None
-        result = choose_victims(req, placer.cluster, running, self.spec, placer=placer)
-        if not isinstance(result, Preemption) or not result.victims:
-            return None
-        self.counters["preemptions"] = self.counters.get("preemptions", 0) + len(result.victims)
-        return PreemptOrder(q.submit.job_id, result.placement.node, result.victims,
-                            req.priority)
 
     def granted(self, job_id: str, placed: wire.Placed, compute: int, memory: int,
                 facts_version: int, now: float) -> None:
@@ -390,6 +371,7 @@ class Scheduler:
         """Forget placements older than ``before``; their leases are started or expired."""
         for job_id in [j for j, (_, t, _) in self.placed.items() if t < before]:
             del self.placed[job_id]
+        self.never_fit.prune(before)
 
 
 _FALLBACK_SPEC = get_spec(DEFAULT_POLICY)

@@ -4,11 +4,12 @@ Accounting is integer everywhere (DESIGN.md, principle 6): memory in MiB, comput
 milli-devices (1000 = one whole device). The parsers below turn what a person writes into
 those integers with exact rational arithmetic, never through floats.
 
-Size rule: a plain number is MiB. A suffix ``K``, ``M``, ``G`` or ``T``, optionally followed
-by ``i`` and/or ``B`` (``G``, ``GB``, ``GiB``, ``Gi``), is always a *binary* unit
-(1 G = 1024 MiB): accelerator memory is sold and reported in binary units, and treating
-``16GB`` as 14.9 GiB would only surprise people. Suffixes are case-insensitive. A size
-that is not a whole number of MiB is rounded *up*, so a request is never under-served.
+Size rule: a plain number is MiB. A suffix ``K``, ``M``, ``G`` or ``T``, alone or followed by
+``i`` or ``iB`` (``G``, ``Gi``, ``GiB``), is a *binary* unit (1 G = 1024 MiB), as device
+memory is reported; followed by ``B`` alone (``KB``, ``MB``, ``GB``, ``TB``) it is the
+*decimal* unit those letters mean (1 GB = 10**9 bytes: ``4GB`` is 3815 MiB), never
+silently a GiB. Suffixes are case-insensitive. A size that is not a whole number of MiB is
+rounded *up*, so a request is never under-served.
 """
 
 from __future__ import annotations
@@ -30,19 +31,23 @@ _UNIT_MIB = {
     "g": Fraction(MIB_PER_GIB),
     "t": Fraction(MIB_PER_TIB),
 }
+_DECIMAL_MIB = {k: Fraction(1000**i, 1 << 20) for i, k in enumerate("kmgt", 1)}
 _NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+|\d+\s*/\s*\d+)\s*$")
 
 
 def parse_size(text: str) -> int:
-    """``"16GiB"`` -> 16384, ``"1.5G"`` -> 1536, ``"2048"`` -> 2048 (MiB)."""
+    """``"16GiB"`` -> 16384, ``"1.5G"`` -> 1536, ``"4GB"`` -> 3815, ``"2048"`` -> 2048 (MiB)."""
     match = _SIZE_RE.match(text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(
             f"invalid size {text!r}: expected a number with an optional unit "
-            "K, M, G or T (binary; e.g. 512MiB, 16GiB, 1.5G); a plain number means MiB"
+            "K, M, G or T (binary; e.g. 512MiB, 16GiB, 1.5G; KB, MB, GB, TB are decimal); "
+            "a plain number means MiB"
         )
     number, unit = match.group(1), (match.group(2) or "").lower()
-    return math.ceil(Fraction(number) * _UNIT_MIB[unit])
+    decimal = (match.group(3) or "").lower() == "b"
+    scale = _DECIMAL_MIB[unit] if decimal else _UNIT_MIB[unit]
+    return math.ceil(Fraction(number) * scale)
 
 
 MibStyle = Literal["long", "table", "short"]

@@ -260,6 +260,9 @@ class Submit(Message):
     gang: str = ""
     gang_size: int = 0
     rank: int = 0
+    # Never failed for being impossible (no device of the mesh could ever hold it): it
+    # waits for capacity to join.
+    wait_for_capacity: bool = False
 
 
 @message(34)
@@ -431,6 +434,21 @@ class BundleChunk(Message):
     offset: int
     data: bytes
     total: int
+
+
+# --- placement that can never be ------------------------------------------------------
+
+
+@message(60)
+@dataclass(frozen=True, slots=True)
+class Unplaceable(Message):
+    """Coordinator -> origin: no device of the mesh could ever hold this attempt of the
+    job, and its grace is over: the origin fails it with ``reason`` (``impossible: ...``).
+    Sent as a call, and as the answer to the origin's next ``Submit`` of that attempt."""
+
+    job_id: str
+    attempt: int
+    reason: str
 
 
 # --- encoding ---------------------------------------------------------------------------

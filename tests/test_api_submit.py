@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +17,8 @@ def test_defaults() -> None:
     assert parse_submit(CMD) == {
         "command": ["true"], "compute_milli": 1000, "memory_mib": 0, "kind": "any",
         "priority": 0, "env": {}, "requeue": True, "count": 1, "preemptible": False,
-        "gang_size": 0, "workdir": ""}
+        "gang_size": 0, "workdir": "", "wait_for_capacity": False}
+    assert parse_submit({**CMD, "wait_for_capacity": True})["wait_for_capacity"] is True
 
 
 def test_a_gang() -> None:
@@ -53,6 +55,8 @@ def test_several_whole_devices() -> None:
         ({**CMD, "devices": True}, "devices must be"),
         ({**CMD, "devices": 2, "gpu": 0.5}, "whole devices"),
         ({**CMD, "preemptible": 1}, "preemptible must be"),
+        ({**CMD, "wait_for_capacity": "yes"}, "wait_for_capacity must be"),
+        ({**CMD, "memory_mib": 100 * 1024 * 1024}, "larger than any device could be"),  # 100TiB
     ],
 )
 def test_bad_bodies(body: Any, says: str) -> None:
@@ -92,3 +96,26 @@ async def test_deeply_nested_json_is_a_400_not_a_500(tmp_path: Any) -> None:
     finally:
         await runner.cleanup()
     assert status == 400 and "not JSON" in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("memory", "mib"), [("4GB", 3815), ("4GiB", 4096), ("4G", 4096), ("100TiB", 104857600)])
+def test_the_cli_sends_sizes_as_they_are_written(memory: str, mib: int) -> None:
+    """GB is 10**9 bytes, never silently a GiB; an absurd size goes to the agent, whose 400
+    says what is wrong (``test_bad_bodies``)."""
+    from flexmesh.agent.clicommands import _submit_body
+    from flexmesh.agent.cliparser import build_parser
+
+    args = build_parser().parse_args(["submit", "--memory", memory, "--", "true"])
+    assert _submit_body(args)["memory_mib"] == mib
+    with pytest.raises(BadRequest, match="larger than any device") if mib > 2**24 else (
+            contextlib.nullcontext()):
+        parse_submit(_submit_body(args))
+
+
+def test_the_cli_asks_to_wait_for_capacity() -> None:
+    from flexmesh.agent.clicommands import _submit_body
+    from flexmesh.agent.cliparser import build_parser
+
+    args = build_parser().parse_args(["submit", "--wait-for-capacity", "--", "true"])
+    assert parse_submit(_submit_body(args))["wait_for_capacity"] is True

@@ -26,6 +26,13 @@ def finished(mesh: LocalMesh, node: str, job_id: str) -> dict[str, object] | Non
     return job if job["state"] in TERMINAL else None
 
 
+def submitted(mesh: LocalMesh, node: str, *flags: str) -> str:
+    """The id of a job submitted with ``flags`` to run ``true``."""
+    job_id: str = json.loads(mesh.cli(node, "submit", *flags, "-o", "json", "--", "true")
+                             .stdout)["id"]
+    return job_id
+
+
 def test_four_agents_lend_a_fraction_and_fail_over(mesh: LocalMesh) -> None:
     mesh.start("a", sim="gpu:2x16GiB")
     mesh.start("b", sim="gpu:2x16GiB", join=["a"])
@@ -54,7 +61,7 @@ def test_four_agents_lend_a_fraction_and_fail_over(mesh: LocalMesh) -> None:
     # A failing job: its exit code and a readable reason come back to the submitter.
     res = mesh.cli("d", "submit", "--wait", "--gpu", "0.5", "--", "sh", "-c", "exit 7",
                    check=False)
-    assert res.returncode == 7 and "exited with code 7" in res.stdout
+    assert res.returncode == 7 and "exited with code 7" in res.stderr
 
     # Output beyond one read (1 MiB) comes back whole, without --follow as with it.
     res = mesh.cli("d", "submit", "--wait", "--gpu", "0.25", "--kind", "gpu", "-o", "json",
@@ -100,6 +107,7 @@ def test_bad_requests_get_clear_errors(mesh: LocalMesh) -> None:
         (["--gpu", "-0.1"], ""),
         (["--memory", "-4GiB"], ""),
         (["--memory", "lots"], "lots"),
+        (["--memory", "100TiB"], "larger than any device could be"),
     ]
     for flags, text in cases:
         res = mesh.cli("a", "submit", *flags, "--", "true", check=False)
@@ -112,8 +120,8 @@ def test_bad_requests_get_clear_errors(mesh: LocalMesh) -> None:
 
 def test_journal_survives_kill_and_marks_vanished_jobs_lost(mesh: LocalMesh) -> None:
     mesh.start("solo", sim="gpu:1x8GiB")
-    done = mesh.cli("solo", "submit", "--wait", "--gpu", "0.2", "--", "echo", "hi").stdout
-    done_id = done.split()[0]
+    assert mesh.cli("solo", "submit", "--wait", "--gpu", "0.2", "--", "echo", "hi").stdout == "hi\n"
+    (done_id,) = [j["id"] for j in mesh.json("solo", "jobs")]
     job_id = mesh.cli("solo", "submit", "--gpu", "0.5", "--", "sleep", "300").stdout.strip()
     mesh.wait_for("running", lambda: mesh.json("solo", "show", job_id)["state"] == "running")
     state = mesh.agents["solo"].dir / "state"
@@ -270,7 +278,7 @@ def test_a_gang_runs_one_member_on_each_node(mesh: LocalMesh) -> None:
     # more members than nodes to lend: it waits whole, and a cancel ends every member
     res = mesh.cli("d", "submit", "--gang", "4", "--gpu", "0.5", "-o", "json", "--", "true")
     big = json.loads(res.stdout)["id"]
-    mesh.wait_for("the gang to be found too big", lambda: "nothing of the gang" in
+    mesh.wait_for("the gang to be found too big", lambda: "impossible: a gang of 4" in
                   mesh.json("d", "show", big)["reason"] or None)
     mesh.cli("d", "cancel", big)
     done = mesh.wait_for("the gang to end", lambda: finished(mesh, "d", big))
@@ -360,3 +368,26 @@ def test_an_operator_sees_the_jobs_running_here_for_others(mesh: LocalMesh) -> N
     assert mine["gpu0"]["jobs"] == [job_id]
     assert job_id in mesh.cli("a", "devices").stdout
     mesh.cli("d", "cancel", job_id)
+
+
+def test_a_job_no_device_could_hold_fails_after_the_grace(
+        mesh: LocalMesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submitted on a node that is not the coordinator: the failure reaches the origin;
+    one submitted to wait for capacity waits on, told why."""
+    monkeypatch.setenv("FLEXMESH_IMPOSSIBLE_GRACE", "1")
+    mesh.start("a", sim="gpu:1x8GiB")
+    mesh.start("z", join=["a"], extra=["--priority", "10"])  # deviceless, never coordinator
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "z"]))
+    waits = submitted(mesh, "z", "--kind", "npu", "--wait-for-capacity")
+    res = mesh.cli("z", "submit", "--wait", "--gpu", "0.5", "--memory", "64GiB", "--", "true",
+                   check=False)
+    assert res.returncode == 1 and res.stdout == ""
+    assert ("failed on -/-: impossible: 64 GiB of memory asked per device; the largest device "
+            "in the mesh has 8 GiB") in res.stderr
+    job_id = submitted(mesh, "z", "--kind", "npu")
+    job = mesh.wait_for("the job to fail", lambda: finished(mesh, "z", job_id))
+    assert (job["state"], job["reason"]) == ("failed", "impossible: no npu device in the mesh")
+    job = mesh.wait_for("the reason at the origin", lambda: (lambda j: j if "impossible" in
+                        j["reason"] else None)(mesh.json("z", "show", waits)))
+    assert job["state"] == "queued"
+    assert job["reason"] == "impossible: no npu device in the mesh (waiting for capacity)"

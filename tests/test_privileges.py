@@ -109,5 +109,5 @@ def test_jobs_run_as_their_submitter_and_only_they_may_touch_them(mesh: LocalMes
 def test_root_submissions_do_not_run_as_root_unless_allowed(mesh: LocalMesh) -> None:
     mesh.start("a", sim="gpu:1x8GiB")
     out = mesh.cli("a", "submit", "--wait", "--gpu", "0.5", "--", "id", "-u").stdout
-    job_id = out.split()[0]
-    assert mesh.cli("a", "logs", job_id).stdout.strip() != "0"
+    (job_id,) = [j["id"] for j in mesh.json("a", "jobs")]
+    assert out.strip() == mesh.cli("a", "logs", job_id).stdout.strip() != "0"

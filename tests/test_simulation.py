@@ -277,13 +277,19 @@ def test_a_gang_runs_on_nodes_of_its_own_all_at_once() -> None:
     for job_id in big:
         job = sim.job(job_id)
         assert job is not None and job.state == "queued"
-        assert "nothing of the gang of 4 was placed" in job.reason
+        assert job.reason.startswith("impossible: a gang of 4 needs as many nodes")
     for n in "abc":
         held = [x.job_id for x in sim.nodes[n].node.leases.active()]
         assert all(h.startswith("g1.") for h in held), (n, held)
     sim.run_for(30)
     done = sim.terminal_jobs()
     assert {done[i] for i in ids} == {"succeeded"}, done
+    sim.run_for(30)  # the impossible gang's grace (60 s) is over: every member fails
+    for job_id in big:
+        job = sim.job(job_id)
+        assert job is not None and job.state == "failed", job
+        assert job.reason == ("impossible: a gang of 4 needs as many nodes; 3 node(s) of the "
+                              "mesh have the devices one member asks for")
     # submitted on a node that lends too: its own member is told of the gang as well
     mine = sim.submit_gang("a", "g3", 3, ["sleep", "5"], 500, 1024)
     sim.run_for(8)

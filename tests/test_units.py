@@ -17,13 +17,18 @@ from flexmesh.agent.units import (
     ("text", "mib"),
     [
         ("16GiB", 16384),
-        ("16GB", 16384),  # binary units, always (see the module docstring)
+        ("16GB", 15259),  # B alone: decimal, 16 * 10**9 bytes (see the module docstring)
+        ("4GB", 3815),
+        ("4gb", 3815),
+        ("1TB", 953675),
         ("16G", 16384),
         ("16gi", 16384),
         ("16 gib", 16384),
         ("512MiB", 512),
         ("512M", 512),
-        ("512mb", 512),
+        ("512mb", 489),
+        ("1KB", 1),
+        ("2048KB", 2),
         ("2048", 2048),  # a plain number is MiB
         ("1.5GiB", 1536),
         (".5G", 512),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flexmesh.agent.neverfit import DEFAULT_GRACE
 from flexmesh.policies import DEFAULT_POLICY
 from flexmesh.protocol.membership import Config
 
@@ -17,6 +18,8 @@ class NodeConfig:
     eligible: bool = True  # may be elected coordinator
     policy: str = DEFAULT_POLICY
     lease_ttl: float = 15.0  # a reserved lease not started within this is taken back
+    # A request no device of the mesh could ever hold fails after this (``neverfit``).
+    impossible_grace: float = DEFAULT_GRACE
     call_timeout: float = 5.0
     submit_refresh: float = 5.0  # re-send Submit for a still-queued job this often
     local_fallback_after: float = 6.0  # no coordinator answer: place on own devices

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from flexmesh.agent.models import request_problem
 from flexmesh.agent.node.effects import PendingCall
-from flexmesh.agent.scheduler import PreemptOrder, Proposal
+from flexmesh.agent.scheduler import Impossible, PreemptOrder, Proposal
 from flexmesh.policies import Candidate, RunningJob
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.membership import ALIVE, Member
@@ -57,7 +57,7 @@ class Coordinator:
         if problem is not None:
             return wire.Error(f"job {msg.job_id} cannot be placed: {problem}")
         result = self.scheduler.enqueue(msg, now)
-        if isinstance(result, wire.Placed):
+        if isinstance(result, (wire.Placed, wire.Unplaceable)):
             return result
         self.node._dirty_schedule = True
         return wire.Ok(result.reason)
@@ -102,6 +102,10 @@ class Coordinator:
         for prop in self.scheduler.propose(view, now):
             if isinstance(prop, PreemptOrder):
                 self._send_preempt(prop, now)
+            elif isinstance(prop, Impossible):
+                # (were this lost, the origin's next Submit of the job is answered so)
+                self.out.log("impossible", job=prop.msg.job_id, reason=prop.msg.reason)
+                self.node.call(prop.origin, prop.msg, now)
             else:
                 self._ask_owner(prop, now)
 

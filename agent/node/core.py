@@ -80,6 +80,7 @@ class Node:
         self.leases = LeaseTable(config.name, token, max_term)
         # The placement policy and its hooks outlive any one term as coordinator.
         self.scheduler = Scheduler(get_policy(config.policy), spec=get_spec(config.policy))
+        self.scheduler.never_fit.grace = config.impossible_grace
         self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
         self.belief = Belief(None, 0)
         self.claim = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flexmesh.agent.models import PLACED, RUNNING, SUCCEEDED, JobRecord, member_id
+from flexmesh.agent.models import FAILED, PLACED, QUEUED, RUNNING, SUCCEEDED, JobRecord, member_id
 
 if TYPE_CHECKING:
     from flexmesh.agent.node.origin import Origin
@@ -52,3 +52,13 @@ def gang_ended(origin: Origin, job: JobRecord, now: float) -> None:
         if m.id != job.id and not m.terminal:
             origin.out.log("gang_stop", job=m.id, because=job.id)
             origin.cancel(m.id, now, f"gang member {job.id} {job.state}: {job.reason}")
+
+
+def fail_queued(origin: Origin, job: JobRecord, reason: str, now: float) -> None:
+    """``job`` can never be placed: it fails, and so does every member of its gang still
+    queued, each with that reason (none is merely cancelled for a sibling's failure)."""
+    members = [m for m in gang_members(origin, job) if m.state == QUEUED] if job.gang else [job]
+    for m in members:
+        m.state = FAILED  # all first: ``gang_ended`` then finds no sibling left to cancel
+    for m in members:
+        origin.end(m, FAILED, reason, now)

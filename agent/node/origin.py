@@ -29,7 +29,7 @@ from flexmesh.agent.models import (
 from flexmesh.agent.node.coordinator import device_candidates
 from flexmesh.agent.node.effects import ArchiveOutput, PendingCall
 from flexmesh.agent.node.follow import Follow
-from flexmesh.agent.node.gang import gang_ended, gang_env, gang_members, gang_ready
+from flexmesh.agent.node.gang import fail_queued, gang_ended, gang_env, gang_members, gang_ready
 from flexmesh.policies import NoFit, Request
 from flexmesh.policies.proportional import sized
 from flexmesh.protocol import wire
@@ -150,7 +150,7 @@ class Origin:
             return
         msg = wire.Submit(job.id, self.node.name, job.compute_milli, job.memory_mib, job.kind,
                           job.priority, job.attempts, job.count, job.preemptible, job.gang,
-                          job.gang_size, job.rank)
+                          job.gang_size, job.rank, job.wait_for_capacity)
         self.node.call(coordinator, msg, now)
 
     def on_submit_reply(self, call: PendingCall, reply: wire.Message | None, error: str,
@@ -163,6 +163,8 @@ class Origin:
             return
         if isinstance(reply, wire.Placed):
             self.handle_placed(reply, now)
+        elif isinstance(reply, wire.Unplaceable):
+            self.unplaceable(reply, now)
         elif isinstance(reply, wire.Ok):
             w.coordinator_silent_since = None
             if reply.detail and not job.reason.startswith("requeued:"):
@@ -195,6 +197,14 @@ class Origin:
         self._accept_placed(wire.Placed(job.id, self.node.name, lease.device, lease.id,
                                         lease.token, lease.term, list(lease.more)), now)
         return True
+
+    def unplaceable(self, msg: wire.Unplaceable, now: float) -> wire.Message:
+        """The coordinator found that no device of the mesh could ever hold the job."""
+        job = self.jobs.get(msg.job_id)
+        if job is None or job.state != QUEUED or job.attempts != msg.attempt:
+            return wire.Error(f"job {msg.job_id} is not queued here in attempt {msg.attempt}")
+        fail_queued(self, job, msg.reason, now)
+        return wire.Ok("failed")
 
     # --- placed and started -------------------------------------------------------------
 

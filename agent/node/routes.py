@@ -42,6 +42,7 @@ REQUESTS: dict[type, Callable[[Node, Any, float], wire.Message]] = {
     wire.Withdraw: _withdraw,
     wire.LeaseRequest: lambda n, m, t: n.owner.handle_lease_request(m, t),
     wire.Placed: lambda n, m, t: n.origin.handle_placed(m, t),
+    wire.Unplaceable: lambda n, m, t: n.origin.unplaceable(m, t),
     wire.StartJob: lambda n, m, t: n.owner.handle_start(m, t),
     wire.Cancel: lambda n, m, t: n.owner.handle_cancel(m, t),
     wire.Preempt: lambda n, m, t: n.owner.handle_preempt(m, t),
@@ -56,5 +57,6 @@ REPLIES: dict[type, Callable[[Node, PendingCall, wire.Message | None, str, float
     wire.JobSync: lambda n, c, r, e, t: n.origin.follow.on_sync_reply(c, r, e, t),
     wire.LeaseRequest: lambda n, c, r, e, t: lease_reply(n, c, r, e, t),
     wire.Preempt: _preempt_reply,
-    # Placed, Release, Withdraw: the other side retries on its own; nothing to do.
+    # Placed, Release, Withdraw, Unplaceable: the other side retries on its own (an
+    # origin that missed an Unplaceable hears it in answer to its next Submit).
 }

@@ -124,6 +124,7 @@ class Agent:
         self.settings = self.transport.faults.settings = new
         self.node.scheduler.policy = get_policy(new.policy)
         self.node.scheduler.spec = get_spec(new.policy)
+        self.node.scheduler.never_fit.grace = new.impossible_grace
         self.node.membership.config = PRESETS[new.profile]
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         log.info("reloaded policy=%s profile=%s keys=%d", new.policy, new.profile,
@@ -170,6 +171,7 @@ class Agent:
         return NodeConfig(
             name=s.name, addr=self.addr, membership=PRESETS[s.profile], priority=s.priority,
             eligible=s.coordinator_eligible, policy=s.policy, lease_ttl=s.lease_ttl,
+            impossible_grace=s.impossible_grace,
             owner_away_limit=s.owner_away_limit, keep_finished=s.keep_finished,
             keep_finished_for=s.keep_finished_for,
         )
