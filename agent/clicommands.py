@@ -87,6 +87,8 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     # What the request may ask for is the agent's to check: its 400 says what is wrong.
     body: dict[str, Any] = {"command": command, "memory_mib": memory, "kind": args.kind,
                             "priority": args.priority, "env": env}
+    if args.no_requeue:
+        body["requeue"] = False
     if compute is not None:
         body["compute_milli"] = compute
     if args.devices != 1:
@@ -154,10 +156,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     try:
         for line in resp:
             rec = json.loads(line)
+            if args.output == "json":  # the records as they come, one JSON line each
+                print(json.dumps(rec), flush=True)
             if rec.get("end"):
                 if rec.get("forgotten"):
                     raise CliError(rec["reason"], 1)
                 return 0
+            if args.output == "json":
+                continue
             out = sys.stdout if rec["stream"] == "stdout" else sys.stderr
             out.buffer.write(base64.b64decode(rec["b64"]))
             out.flush()

@@ -60,7 +60,9 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--sim-devices", help="simulated devices, e.g. gpu:2x16GiB,npu:1x32GiB")
     a.add_argument("--sim-load-file", help="JSON file with foreign load on sim devices")
     a.add_argument("--policy")
-    a.add_argument("--priority", type=int, help="election priority (lower wins)")
+    a.add_argument("--election-priority", "--priority", dest="priority", type=int,
+                   help="this node's priority in the coordinator election (lower wins; "
+                        "--priority is the old name, kept)")
     a.add_argument("--log-format", choices=["text", "json"])
     a.add_argument("--key-file", help="file of base64 cluster keys, the sealing key first")
     a.add_argument("--cluster", help="name of the mesh, bound into every sealed packet")
@@ -80,6 +82,9 @@ def _add_submit(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kind", choices=["gpu", "npu", "any"], default="any")
     s.add_argument("--priority", type=int, default=0,
                    help="higher goes first, and may preempt lower preemptible jobs")
+    s.add_argument("--no-requeue", action="store_true",
+                   help="if the node running it dies or it is preempted, fail it rather "
+                        "than run it again elsewhere")
     s.add_argument("--preemptible", action="store_true",
                    help="a higher-priority job may stop this one (it is then requeued)")
     s.add_argument("--env", action="append", help="NAME=VALUE for the job (repeatable)")

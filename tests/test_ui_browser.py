@@ -107,7 +107,7 @@ async def test_the_page_shows_the_nodes_and_devices_of_a_running_mesh(
     # Work to show: a job running on bravo's NPU, one that ended, one that can never fit.
     running = await _submit(mesh_agent, "run1", ["sleep", "30"], kind="npu")
     ended = await _submit(mesh_agent, "end1", ["false"], kind="npu")
-    waiting = await _submit(mesh_agent, "wait1", ["true"], kind="npu", memory_mib=1 << 30)
+    waiting = await _submit(mesh_agent, "wait1", ["true"], kind="npu", memory_mib=1 << 20)
     jobs = mesh_agent.node.origin.jobs
     await until("the jobs to run and end", lambda: (
         jobs[running.id].state == "running" and jobs[ended.id].terminal
