@@ -227,6 +227,11 @@ class Membership:
         # comes): seq -> the member, its deadline, the tries left. Deadlines rise in
         # insertion order, so the first entry is the next to expire.
         self._confirming: dict[int, tuple[str, float, int]] = {}
+        self._confirm_new = False  # see set_confirming
+        # Members to ping at the next tick (name -> tries left), once the input that made
+        # them known is done with: an election it causes may turn confirming off.
+        self._to_confirm: dict[str, int] = {}
+        self._confirm_due = now
         self._new_left: int | None = None  # new members the message being read may add
         self.catching_up = False  # the last push-pull merged was cut short: more to learn
         self._next_probe = now + rng.uniform(0, config.probe_interval)
@@ -265,6 +270,8 @@ class Membership:
         times.extend(r.deadline for r in self._relays.values())
         if self._confirming:
             times.append(next(iter(self._confirming.values()))[1])
+        if self._to_confirm:
+            times.append(self._confirm_due)
         times.extend(s.deadline for s in self._suspicions.values())
         return min(times)
 
@@ -758,23 +765,46 @@ class Membership:
         self._ask_to_confirm(m, m.since)
         return True
 
+    def set_confirming(self, on: bool, now: float) -> None:
+        """Whether to ping members not yet confirmed as soon as they are heard of (and, on
+        turning it on, all those alive now) instead of when their turn to be probed comes.
+        The coordinator does, since only it needs to know; every node doing it would send
+        N² pings, and their acks would spend the retransmits of the gossip."""
+        if on and not self._confirm_new:
+            self._confirm_new = True
+            for m in self.members.values():
+                self._ask_to_confirm(m, now)
+        self._confirm_new = on
+        if not on:
+            self._to_confirm.clear()
+
     def _ask_to_confirm(self, m: Member, now: float, tries: int = CONFIRM_TRIES) -> None:
         """Ping an alive member not yet confirmed; its Ack confirms it."""
-        if m.state != ALIVE or m.confirmed or tries <= 0:
+        if not self._confirm_new or m.state != ALIVE or m.confirmed or tries <= 0:
             return
-        seq = self._next_seq()
-        self._confirming[seq] = (m.name, now + self.config.probe_interval, tries - 1)
-        self._send(m.addr, [wire.Ping(seq, m.name, self.name, self.addr)])
+        if not self._to_confirm:
+            self._confirm_due = now
+        self._to_confirm[m.name] = tries
 
     def _tick_confirming(self, now: float) -> None:
         while self._confirming:
             seq, (name, deadline, tries) = next(iter(self._confirming.items()))
             if now < deadline:
-                return
+                break
             del self._confirming[seq]
             m = self.members.get(name)
             if m is not None:
                 self._ask_to_confirm(m, now, tries)  # lost? ask again, a few times
+        pending, self._to_confirm = self._to_confirm, {}
+        for name, tries in pending.items():
+            m = self.members.get(name)
+            if m is None or m.confirmed or m.state != ALIVE:
+                continue
+            seq = self._next_seq()
+            self._confirming[seq] = (name, now + self.config.probe_interval, tries - 1)
+            # Bare: gossip riding it would mostly tell the newcomer what it just told us,
+            # and use up retransmits of news the rest of the mesh has not heard.
+            self._send(m.addr, [wire.Ping(seq, name, self.name, self.addr)], piggyback=False)
 
     def _confirm(self, m: Member | None) -> None:
         if m is not None and not m.confirmed:

@@ -308,7 +308,9 @@ def test_a_member_only_heard_of_in_gossip_draws_no_placement() -> None:
     coord.tick(0.1)
     assert coord.is_coordinator
     coord.drain()
-    real = announce(coord, "owner", "10.0.0.2:7946", 16384, 1.0)
+    announce(coord, "owner", "10.0.0.2:7946", 16384, 1.0)
+    coord.tick(1.0)  # the coordinator pings whom it hears of once the input is done with
+    real = list(coord.drain())
     ping = next(m for e in real if isinstance(e, SendPacket) and e.addr == "10.0.0.2:7946"
                 for m in wire.decode_packet(e.data) if isinstance(m, wire.Ping))
     coord.step_packet("10.0.0.2:7946", wire.encode_packet([wire.Ack(ping.seq, "owner")]), 1.1)

@@ -386,15 +386,12 @@ class Node:
             return
         self.out.log("coordinator", name=self.belief.coordinator, term=self.belief.term)
         if self.is_coordinator and self.coordinator is None:
-            self._become_coordinator()
+            self.coordinator = Coordinator(self)
         elif not self.is_coordinator and self.coordinator is not None:
-            self._stop_coordinating()
+            self.scheduler.reset()  # the origins re-submit to the new coordinator
+            self.coordinator = None
+        # A coordinator pings every member not yet confirmed, and each newcomer: a member
+        # draws placements only once it has answered.
+        self.membership.set_confirming(self.coordinator is not None, now)
         self.origin.coordinator_changed(now)
         self._dirty_schedule = True
-
-    def _become_coordinator(self) -> None:
-        self.coordinator = Coordinator(self)
-
-    def _stop_coordinating(self) -> None:
-        self.scheduler.reset()  # the origins re-submit to the new coordinator
-        self.coordinator = None
