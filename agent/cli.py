@@ -54,7 +54,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "sim_load_file": args.sim_load_file, "policy": args.policy,
         "log_format": args.log_format, "priority": args.priority,
         "key_file": args.key_file, "cluster": args.cluster, "ui": args.ui,
-        "metrics": args.metrics,
+        "metrics": args.metrics, "insecure_plaintext": args.insecure_plaintext,
     }
     try:
         settings = load(args.config, flags)

@@ -66,6 +66,9 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--log-format", choices=["text", "json"])
     a.add_argument("--key-file", help="file of base64 cluster keys, the sealing key first")
     a.add_argument("--cluster", help="name of the mesh, bound into every sealed packet")
+    a.add_argument("--insecure-plaintext", action="store_true", default=None,
+                   help="run without a cluster key: anyone who can reach the port may read "
+                        "and forge gossip and calls (throwaway local tests only)")
     a.add_argument("--ui", help="HOST:PORT of the web page (port 0: any; '' turns it off)")
     a.add_argument("--metrics", help="HOST:PORT to serve /metrics over TCP too")
 

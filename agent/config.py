@@ -63,6 +63,9 @@ class Settings:
     key: str = ""  # base64 cluster key (`flexmesh keygen`); prefer key_file
     key_file: str = ""  # file with one base64 key per line, the sealing key first
     cluster: str = "flexmesh"  # bound into every sealed packet: meshes never mix
+    # No key: gossip and calls in plaintext, which anyone who reaches the port may read
+    # and forge. Only when asked for by name, for throwaway tests.
+    insecure_plaintext: bool = False
     # What inbound TCP connections may make the agent hold ([limits], see rpc.Limits).
     tcp_frame_budget_mib: int = 64  # frame bodies being read, all connections together
     tcp_max_connections: int = 512  # inbound connections open at once
@@ -116,7 +119,8 @@ _TABLES: dict[str, dict[str, str]] = {
              "allow_root": "allow_root",
              "borrowed_user": "borrowed_user", "operator_group": "operator_group",
              "locale": "job_locale"},
-    "security": {"key": "key", "key_file": "key_file", "cluster": "cluster"},
+    "security": {"key": "key", "key_file": "key_file", "cluster": "cluster",
+                 "insecure_plaintext": "insecure_plaintext"},
     "limits": {"frame_budget_mib": "tcp_frame_budget_mib",
                "max_connections": "tcp_max_connections",
                "max_connections_per_ip": "tcp_max_connections_per_ip",

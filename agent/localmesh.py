@@ -1,7 +1,9 @@
 """Start a mesh of real agent processes on 127.0.0.1: for the demo, tests and benchmarks.
 
 Every agent binds 127.0.0.1 with an ephemeral port, keeps its state and socket in a
-directory of its own, and is stopped (SIGTERM, then SIGKILL) when the mesh closes.
+directory of its own, and is stopped (SIGTERM, then SIGKILL) when the mesh closes. The
+mesh seals its traffic under a key of its own (``cluster.keys`` in its root, mode 0600),
+as a real one does; ``plaintext=True`` starts the agents with ``--insecure-plaintext``.
 """
 
 from __future__ import annotations
@@ -41,10 +43,28 @@ class AgentProc:
 
 
 class LocalMesh:
-    def __init__(self, root: Path, profile: str = "local") -> None:
+    def __init__(self, root: Path, profile: str = "local", plaintext: bool = False) -> None:
         self.root = Path(root)
         self.profile = profile
+        self.plaintext = plaintext
         self.agents: dict[str, AgentProc] = {}
+
+    @property
+    def key_file(self) -> Path:
+        """The mesh's key file, made (mode 0600) the first time it is asked for."""
+        path = self.root / "cluster.keys"
+        if not path.exists():
+            from flexmesh.protocol.crypto import generate_key
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(generate_key() + "\n")
+        return path
+
+    def security_args(self) -> list[str]:
+        """What every agent of this mesh is started with: the key, or plaintext by name."""
+        return ["--insecure-plaintext"] if self.plaintext else ["--key-file", str(self.key_file)]
 
     def __enter__(self) -> LocalMesh:
         return self
@@ -61,7 +81,8 @@ class LocalMesh:
         seeds = [self.agents[j].addr for j in (join or [])]
         args = [sys.executable, "-m", "flexmesh.agent.cli", "agent", "--name", name,
                 "--bind", "127.0.0.1:0", "--socket", str(d / "agent.sock"),
-                "--state-dir", str(d / "state"), "--profile", self.profile]
+                "--state-dir", str(d / "state"), "--profile", self.profile,
+                *self.security_args()]
         if sim:
             args += ["--sim-devices", sim]
         if seeds:

@@ -44,7 +44,8 @@ class SimViews:
 
     def converged(self, group: set[str]) -> bool:
         """Every node in ``group`` sees exactly the group alive, nobody suspect, and agrees
-        on one coordinator."""
+        on one coordinator, which has heard every member answer a probe (so it may place
+        on all of them)."""
         beliefs = set()
         for n in group:
             node = self.nodes[n].node
@@ -53,7 +54,10 @@ class SimViews:
             if alive != group or any(m.state == "suspect" for m in members):
                 return False
             beliefs.add(node.belief)
-        return len(beliefs) == 1 and all(b.coordinator and b.term for b in beliefs)
+        if len(beliefs) != 1 or not all(b.coordinator and b.term for b in beliefs):
+            return False
+        coordinator = self.nodes[next(iter(beliefs)).coordinator or ""].node
+        return all(coordinator.membership.members[n].confirmed for n in group)
 
     def terminal_jobs(self) -> dict[str, str]:
         out = {}

@@ -16,6 +16,13 @@ also gossiped to a few random members every ``gossip_interval``.
 Each node carries versioned *facts* (devices, usage, coordinator claim), merged by
 ``(incarnation, version)``.
 
+What a peer can make a node hold is bounded: one packet or push-pull adds at most
+``max_new_per_message`` members it did not know, and a node holds at most ``max_members``;
+the rest is dropped and counted. A push-pull cut short at the first bound is followed by
+another soon, so a newcomer to a large mesh still learns all of it within seconds. A member
+is *confirmed* once it has answered one of this node's probes (directly or through a
+helper): members only heard of in gossip, which may not exist at all, are not.
+
 Rules of this file: no sockets, no clock reads, no global randomness (``rng`` is injected).
 """
 
@@ -42,6 +49,7 @@ _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
 # by the member itself. Dropped and counted.
 INCARNATION_STEP = 1 << 16
 VERSION_STEP = 1 << 20
+CONFIRM_TRIES = 3  # pings to confirm a newcomer before its turn among the probes comes
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,11 @@ class Config:
     dead_reap: float = 3600.0  # forget dead members after this long
     awareness_max: int = 8
     loop_lag_limit: float = 0.25  # a timer firing this much late says our own loop is slow
+    # What a peer can make this node hold. New members one packet or push-pull may add: a
+    # forged push-pull of 20,000 members would otherwise cost seconds of CPU, and minutes
+    # of gossip. A cut-short push-pull is followed by another one gossip_interval later.
+    max_new_per_message: int = 64
+    max_members: int = 10_000  # members held in all (dead ones count until reaped)
 
 
 PRESETS: dict[str, Config] = {
@@ -114,6 +127,9 @@ class Member:
     facts_inc: int = -1
     facts_version: int = -1
     facts: dict[str, Any] = field(default_factory=dict)
+    # Answered a probe of this node (or is this node) at ``addr``: only a confirmed member
+    # is trusted with placements. A member that moves to another address must answer again.
+    confirmed: bool = False
 
 
 # --- effects --------------------------------------------------------------------------
@@ -154,7 +170,15 @@ class NameConflict:
     other: str
 
 
-Effect = SendPacket | StartPushPull | MemberEvent | FactsEvent | NameConflict
+@dataclass(frozen=True, slots=True)
+class ConfirmedEvent:
+    """A member answered a probe for the first time (at its current address)."""
+
+    name: str
+
+
+Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | NameConflict
+          | ConfirmedEvent)
 
 
 @dataclass(slots=True)
@@ -201,7 +225,7 @@ class Membership:
         self.config = config
         self.rng = rng
         self.members: dict[str, Member] = {
-            name: Member(name, addr, incarnation, ALIVE, now, incarnation, 0, {})
+            name: Member(name, addr, incarnation, ALIVE, now, incarnation, 0, {}, True)
         }
         self.awareness = Awareness(config.awareness_max)
         self._out: list[Effect] = []
@@ -209,6 +233,18 @@ class Membership:
         self._seq = 0
         self._probe: _Probe | None = None
         self._probe_order: list[str] = []
+        # Pings to members not yet confirmed, sent as soon as they are heard of (so a
+        # newcomer may draw placements a round trip later, not when its turn to be probed
+        # comes): seq -> the member, its deadline, the tries left. Deadlines rise in
+        # insertion order, so the first entry is the next to expire.
+        self._confirming: dict[int, tuple[str, float, int]] = {}
+        self._confirm_new = False  # see set_confirming
+        # Members to ping at the next tick (name -> tries left), once the input that made
+        # them known is done with: an election it causes may turn confirming off.
+        self._to_confirm: dict[str, int] = {}
+        self._confirm_due = now
+        self._new_left: int | None = None  # new members the message being read may add
+        self.catching_up = False  # the last push-pull merged was cut short: more to learn
         self._next_probe = now + rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
         self._next_pushpull = now + self._pushpull_every()
@@ -244,6 +280,10 @@ class Membership:
         if self._probe and not self._probe.acked and not self._probe.indirect_sent:
             times.append(self._probe.direct_deadline)
         times.extend(r.deadline for r in self._relays.values())
+        if self._confirming:
+            times.append(next(iter(self._confirming.values()))[1])
+        if self._to_confirm:
+            times.append(self._confirm_due)
         times.extend(s.deadline for s in self._suspicions.values())
         return min(times)
 
@@ -296,10 +336,14 @@ class Membership:
     def step(self, src: str, msgs: list[wire.Message], now: float) -> None:
         if self._left:
             return
-        # Pings last: their acks then carry whatever the rest of the packet made us say
-        # (a suspect's refutation reaches its prober at once: the buddy system).
-        for msg in sorted(msgs, key=lambda m: isinstance(m, wire.Ping)):
-            self._step_one(src, msg, now)
+        self._new_left = self.config.max_new_per_message
+        try:
+            # Pings last: their acks then carry whatever the rest of the packet made us say
+            # (a suspect's refutation reaches its prober at once: the buddy system).
+            for msg in sorted(msgs, key=lambda m: isinstance(m, wire.Ping)):
+                self._step_one(src, msg, now)
+        finally:
+            self._new_left = None
 
     def _step_one(self, src: str, msg: wire.Message, now: float) -> None:
         if isinstance(msg, wire.Ping):
@@ -328,10 +372,15 @@ class Membership:
         self._send(msg.source_addr, [wire.Ack(msg.seq, self.name)])
 
     def _handle_ack(self, msg: wire.Ack, now: float) -> None:
+        asked = self._confirming.pop(msg.seq, None)
+        if asked is not None:
+            self._confirm(self.members.get(asked[0]))
+            return
         probe = self._probe
         if probe is not None and msg.seq == probe.seq and not probe.acked:
             probe.acked = True
             self.awareness.apply(-1)
+            self._confirm(self.members.get(probe.target))
             return
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
@@ -369,10 +418,8 @@ class Membership:
             return
         m = self.members.get(msg.node)
         if m is None:
-            m = Member(msg.node, msg.addr, msg.incarnation, ALIVE, now)
-            self.members[msg.node] = m
-            self._out.append(MemberEvent(m.name, ALIVE, None, m.addr))
-            self._enqueue_alive(m)
+            if self._add(Member(msg.node, msg.addr, msg.incarnation, ALIVE, now)):
+                self._enqueue_alive(self.members[msg.node])
             return
         if msg.addr != m.addr and m.state in (ALIVE, SUSPECT):
             # A live member's name claimed at another address: a second node with the
@@ -382,7 +429,9 @@ class Membership:
         if msg.incarnation <= m.incarnation:
             return
         m.incarnation = msg.incarnation
-        m.addr = msg.addr
+        if msg.addr != m.addr:
+            m.addr, m.confirmed = msg.addr, False
+            self._ask_to_confirm(m, now)
         self._suspicions.pop(m.name, None)
         self._set_state(m, ALIVE, now)
         self._enqueue_alive(m)
@@ -465,6 +514,21 @@ class Membership:
         this node does not join a mesh that already has a member of its name."""
         if any(self._claims_my_name(row) for row in rows):
             return 0
+        self._new_left = self.config.max_new_per_message
+        cut_before = self.counters.get("members_dropped_per_message", 0)
+        try:
+            bad = self._merge_rows(rows, now)
+        finally:
+            self._new_left = None
+        self.catching_up = self.counters.get("members_dropped_per_message", 0) > cut_before
+        if self.catching_up:
+            # There is more of the mesh to learn: pull again soon, not in 30 s.
+            self._next_pushpull = min(self._next_pushpull, now + self.config.gossip_interval)
+        if bad:
+            self.counters["bad_pushpull_rows"] = self.counters.get("bad_pushpull_rows", 0) + bad
+        return bad
+
+    def _merge_rows(self, rows: list[Any], now: float) -> int:
         bad = 0
         for row in rows:
             try:
@@ -486,8 +550,6 @@ class Membership:
             self._merge_row(name, addr, inc, state, now)
             if f_ver >= 0:
                 self.handle_facts(wire.Facts(name, f_inc, f_ver, facts))
-        if bad:
-            self.counters["bad_pushpull_rows"] = self.counters.get("bad_pushpull_rows", 0) + bad
         return bad
 
     def _claims_my_name(self, row: Any) -> bool:
@@ -519,18 +581,15 @@ class Membership:
         if state == ALIVE:
             self.handle_alive(wire.Alive(name, addr, inc), now)
         elif state == LEFT:
-            if name not in self.members:
-                self.members[name] = Member(name, addr, inc, LEFT, now)
-                self._out.append(MemberEvent(name, LEFT, None, addr))
-            else:
+            if name in self.members:
                 self.handle_dead(wire.Dead(name, inc, name), now)
+            else:
+                self._add(Member(name, addr, inc, LEFT, now))
         else:
             # A peer's "dead" is only a suspicion here: we give the node its own chance
             # to refute before we believe it (Lifeguard; memberlist's mergeState).
-            if name not in self.members:
-                self.members[name] = Member(name, addr, inc, ALIVE, now)
-                self._out.append(MemberEvent(name, ALIVE, None, addr))
-            self.handle_suspect(wire.Suspect(name, inc, "push-pull"), now)
+            if name in self.members or self._add(Member(name, addr, inc, ALIVE, now)):
+                self.handle_suspect(wire.Suspect(name, inc, "push-pull"), now)
 
     # --- time ---------------------------------------------------------------------------
 
@@ -540,6 +599,7 @@ class Membership:
             return
         self._tick_suspicions(now)
         self._tick_relays(now)
+        self._tick_confirming(now)
         probe = self._probe
         if probe and not probe.acked and not probe.indirect_sent and now >= probe.direct_deadline:
             self._send_indirect(probe, now)
@@ -727,12 +787,75 @@ class Membership:
 
     # --- helpers ------------------------------------------------------------------------
 
+    def _add(self, m: Member) -> bool:
+        """Hold a member seen for the first time, within the bounds on what a peer can
+        make this node hold; False (and counted) when it is dropped."""
+        if self._new_left is not None:
+            if self._new_left <= 0:
+                self._count("members_dropped_per_message")
+                return False
+            self._new_left -= 1
+        if len(self.members) >= self.config.max_members:
+            self._count("members_dropped_too_many")
+            return False
+        self.members[m.name] = m
+        self._out.append(MemberEvent(m.name, m.state, None, m.addr))
+        self._ask_to_confirm(m, m.since)
+        return True
+
+    def set_confirming(self, on: bool, now: float) -> None:
+        """Whether to ping members not yet confirmed as soon as they are heard of (and, on
+        turning it on, all those alive now) instead of when their turn to be probed comes.
+        The coordinator does, since only it needs to know; every node doing it would send
+        N² pings, and their acks would spend the retransmits of the gossip."""
+        if on and not self._confirm_new:
+            self._confirm_new = True
+            for m in self.members.values():
+                self._ask_to_confirm(m, now)
+        self._confirm_new = on
+        if not on:
+            self._to_confirm.clear()
+
+    def _ask_to_confirm(self, m: Member, now: float, tries: int = CONFIRM_TRIES) -> None:
+        """Ping an alive member not yet confirmed; its Ack confirms it."""
+        if not self._confirm_new or m.state != ALIVE or m.confirmed or tries <= 0:
+            return
+        if not self._to_confirm:
+            self._confirm_due = now
+        self._to_confirm[m.name] = tries
+
+    def _tick_confirming(self, now: float) -> None:
+        while self._confirming:
+            seq, (name, deadline, tries) = next(iter(self._confirming.items()))
+            if now < deadline:
+                break
+            del self._confirming[seq]
+            m = self.members.get(name)
+            if m is not None:
+                self._ask_to_confirm(m, now, tries)  # lost? ask again, a few times
+        pending, self._to_confirm = self._to_confirm, {}
+        for name, tries in pending.items():
+            m = self.members.get(name)
+            if m is None or m.confirmed or m.state != ALIVE:
+                continue
+            seq = self._next_seq()
+            self._confirming[seq] = (name, now + self.config.probe_interval, tries - 1)
+            # Bare: gossip riding it would mostly tell the newcomer what it just told us,
+            # and use up retransmits of news the rest of the mesh has not heard.
+            self._send(m.addr, [wire.Ping(seq, name, self.name, self.addr)], piggyback=False)
+
+    def _confirm(self, m: Member | None) -> None:
+        if m is not None and not m.confirmed:
+            m.confirmed = True
+            self._out.append(ConfirmedEvent(m.name))
+
     def _set_state(self, m: Member, state: str, now: float) -> None:
         if m.state == state:
             return
         prev = m.state
         m.state, m.since = state, now
         self._out.append(MemberEvent(m.name, state, prev, m.addr))
+        self._ask_to_confirm(m, now)
 
     def _enqueue_alive(self, m: Member) -> None:
         msg = wire.Alive(m.name, m.addr, m.incarnation)

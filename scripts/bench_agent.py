@@ -59,8 +59,9 @@ async def submit_all(sock: str, n: int, clients: int) -> tuple[list[float], list
     return latencies, ids
 
 
-def bench_submit(root: Path, n: int, clients: int) -> dict[str, object]:
-    with LocalMesh(root / "submit") as mesh:
+def bench_submit(root: Path, n: int, clients: int,
+                 plaintext: bool = False) -> dict[str, object]:
+    with LocalMesh(root / "submit", plaintext=plaintext) as mesh:
         mesh.start("a", sim="gpu:8x16GiB")
         sock = mesh.agents["a"].socket
         t0 = time.perf_counter()
@@ -104,8 +105,9 @@ def _proc_stats(pid: int) -> tuple[int, float]:
     return rss, (int(fields[11]) + int(fields[12])) / ticks
 
 
-def bench_idle(root: Path, nodes: int, window: float, settle: float) -> dict[str, object]:
-    with LocalMesh(root / "idle", profile="lan") as mesh:
+def bench_idle(root: Path, nodes: int, window: float, settle: float,
+               plaintext: bool = False) -> dict[str, object]:
+    with LocalMesh(root / "idle", profile="lan", plaintext=plaintext) as mesh:
         mesh.start("n00", sim="gpu:2x16GiB")
         for i in range(1, nodes):
             mesh.start(f"n{i:02d}", sim="gpu:1x16GiB", join=["n00"], wait=False)
@@ -139,13 +141,17 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--window", type=float, default=60.0)
     p.add_argument("--settle", type=float, default=10.0)
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="agents without a key (as before issue 11; default: sealed)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="flexmesh-bench-") as tmp:
         if args.only in (None, "submit"):
-            print(json.dumps(bench_submit(Path(tmp), args.submissions, args.clients)),
+            print(json.dumps(bench_submit(Path(tmp), args.submissions, args.clients,
+                                          args.insecure_plaintext)),
                   flush=True)
         if args.only in (None, "idle"):
-            print(json.dumps(bench_idle(Path(tmp), args.nodes, args.window, args.settle)),
+            print(json.dumps(bench_idle(Path(tmp), args.nodes, args.window, args.settle,
+                                        args.insecure_plaintext)),
                   flush=True)
     return 0
 

@@ -74,7 +74,7 @@ def _kv(msg: str) -> dict[str, str]:
 class Bench:
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
         self.args = args
-        self.mesh = LocalMesh(root, profile=args.profile)
+        self.mesh = LocalMesh(root, profile=args.profile, plaintext=args.insecure_plaintext)
         self.gpu_nodes = [f"g{i}" for i in range(args.gpu_nodes)]
         self.names = [*self.gpu_nodes, "sub"]
         self.config = root / "agent.toml"
@@ -188,6 +188,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpu-nodes", type=int, default=4, help="agents with a simulated GPU")
     p.add_argument("--sim", default="gpu:1x16GiB", help="each GPU node's simulated devices")
     p.add_argument("--profile", default="lan", help="agents' timing profile (default lan)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="agents without a key (as before issue 11; default: sealed)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait per run")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between show polls")
     p.add_argument("--pause", type=float, default=2.0,

@@ -215,7 +215,7 @@ class FlexmeshSystem:
         self.args = args
         self.root = root
         self.loss = loss
-        self.mesh = LocalMesh(root, profile=args.profile)
+        self.mesh = LocalMesh(root, profile=args.profile, plaintext=args.insecure_plaintext)
         self.names = [f"a{i:02d}" for i in range(args.nodes)]
         self.offsets: dict[str, int] = {}
 
@@ -521,6 +521,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pause", type=float, default=5.0,
                    help="seconds of quiet before each kill (after the last restart)")
     p.add_argument("--profile", default="lan", help="flexmesh agents' profile (default lan)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="agents without a key (as before issue 11; default: sealed)")
     p.add_argument("--kinship-preset", default="lan", choices=["lan", "local", "wan"])
     p.add_argument("--probe-interval", type=float, default=0.0,
                    help="kinship's probe interval (default: its preset's; lan = 1.0 s, as "

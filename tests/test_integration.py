@@ -148,6 +148,7 @@ def test_garbage_from_peers_is_dropped_and_counted(mesh: LocalMesh) -> None:
     import socket
     import struct
 
+    mesh.plaintext = True  # what the decoder makes of garbage, not the sealer (test_security)
     mesh.start("a", sim="gpu:1x8GiB")
     host, port = mesh.agents["a"].addr.rsplit(":", 1)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

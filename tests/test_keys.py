@@ -93,3 +93,35 @@ def test_a_reload_with_a_refused_key_file_keeps_the_running_keys(tmp_path: Path)
     with pytest.raises(KeysError, match="chmod 600"):
         keys.reload(Settings(key_file=str(bad)))
     assert keys.keyring.keys == running and keys.settings is settings
+
+
+def test_no_key_is_refused_on_loopback_too_with_how_to_make_one(tmp_path: Path) -> None:
+    keys = Keys(Settings(bind="127.0.0.1:7946"), tmp_path / "state")
+    with pytest.raises(KeysError) as info:
+        keys.load()
+    text = str(info.value)
+    assert "flexmesh keygen FILE" in text and "[security] key_file" in text
+    assert "--insecure-plaintext" in text
+
+
+@pytest.mark.parametrize(("bind", "where"), [("127.0.0.1:7946", "on loopback"),
+                                             ("0.0.0.0:7946", "NOT loopback")])
+def test_plaintext_asked_for_by_name_runs_and_warns_loudly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, bind: str, where: str) -> None:
+    keys = Keys(Settings(bind=bind, insecure_plaintext=True), tmp_path / "state")
+    with caplog.at_level(logging.WARNING, "flexmesh.agent"):
+        keys.load()
+    assert keys.sealer is None and keys.view()["encrypted"] is False
+    assert "INSECURE" in caplog.text and where in caplog.text
+
+
+def test_insecure_plaintext_comes_from_the_file_the_environment_or_the_flag(
+        tmp_path: Path) -> None:
+    from flexmesh.agent import config
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("[security]\ninsecure_plaintext = true\n")
+    assert config.load(str(cfg), {}, env={}).insecure_plaintext
+    assert config.load(None, {}, env={"FLEXMESH_INSECURE_PLAINTEXT": "1"}).insecure_plaintext
+    assert config.load(None, {"insecure_plaintext": True}, env={}).insecure_plaintext
+    assert not config.load(None, {"insecure_plaintext": None}, env={}).insecure_plaintext

@@ -25,6 +25,7 @@ from flexmesh.protocol.membership import (
     PRESETS,
     SUSPECT,
     Config,
+    ConfirmedEvent,
     FactsEvent,
     MemberEvent,
     Membership,
@@ -55,6 +56,7 @@ class Net:
     facts_events: list[tuple[float, str, str]] = field(default_factory=list)
     sent: list[tuple[str, str, list[wire.Message]]] = field(default_factory=list)
     pushpulls: list[tuple[float, str, str]] = field(default_factory=list)
+    confirmed: list[tuple[float, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -104,6 +106,8 @@ class Net:
             self.events.append((self.now, src, eff))
         elif isinstance(eff, FactsEvent):
             self.facts_events.append((self.now, src, eff.name))
+        elif isinstance(eff, ConfirmedEvent):
+            self.confirmed.append((self.now, src, eff.name))
         elif isinstance(eff, SendPacket):
             assert len(eff.data) <= wire.UDP_BUDGET, (src, len(eff.data))
             msgs = wire.decode_packet(eff.data)
@@ -1191,3 +1195,100 @@ def test_a_node_does_not_join_a_mesh_that_has_a_live_member_of_its_name() -> Non
     state[1][3] = DEAD
     x.merge_remote_state(state, 3.0)
     assert "a" in x.members and x.me.incarnation > 5
+
+
+# --- what a peer can make a node hold (issue 11) ----------------------------------------
+
+
+def fake_rows(n: int, facts: dict[str, object] | None = None) -> list[list[object]]:
+    return [[f"fake{i}", f"10.9.{i // 250}.{i % 250}:7946", 1, ALIVE, 1, 0, facts or {}]
+            for i in range(n)]
+
+
+def test_a_push_pull_of_twenty_thousand_fake_members_adds_at_most_the_cap_and_is_cheap(
+) -> None:
+    """Before the cap, one forged push-pull of 20,000 members took every row (1.2 s) and
+    then minutes of CPU gossiping them."""
+    import time
+
+    m = Membership("a", addr("a"), LAN, random.Random(1), 0.0)
+    m.set_confirming(True, 0.0)  # as the coordinator: it pings every newcomer
+    m.drain()
+    facts = {"dev": [["gpu0", "gpu", "fake", 1 << 40, 1000, 0, 0, 1000, 1 << 40]]}
+    started = time.perf_counter()
+    assert m.merge_remote_state(fake_rows(20_000, facts), 1.0) == 0
+    m.drain()
+    assert len(m.members) == 1 + LAN.max_new_per_message == 65
+    assert m.counters["members_dropped_per_message"] == 20_000 - 64
+    now = 1.0
+    while now < 11.0:  # ten seconds of gossip, probes and confirmation pings
+        now = max(m.next_deadline(), now + 0.001)
+        m.tick(now)
+        m.drain()
+    assert time.perf_counter() - started < 2.0  # about 0.15 s on a 2-core machine
+
+
+def test_a_gossip_packet_adds_at_most_the_cap_of_new_members() -> None:
+    config = with_overrides(LAN, max_new_per_message=3)
+    m = Membership("a", addr("a"), config, random.Random(1), 0.0)
+    alive: list[wire.Message] = [wire.Alive(f"g{i}", addr(f"g{i}"), 0) for i in range(5)]
+    m.step(addr("g0"), alive, 1.0)
+    assert sorted(m.members) == ["a", "g0", "g1", "g2"]
+    assert m.counters["members_dropped_per_message"] == 2
+    m.step(addr("g0"), alive, 2.0)  # the next packet may add more
+    assert len(m.members) == 6
+
+
+def test_a_node_holds_at_most_max_members() -> None:
+    config = with_overrides(LAN, max_members=100)
+    m = Membership("a", addr("a"), config, random.Random(1), 0.0)
+    for start in range(0, 1000, 64):
+        rows = [[f"f{i}", f"10.0.0.{i % 250}:{1000 + i}", 1, ALIVE, -1, -1, {}]
+                for i in range(start, start + 64)]
+        m.merge_remote_state(rows, 1.0)
+    assert len(m.members) == 100
+    assert m.counters["members_dropped_too_many"] == 1024 - 99
+
+
+def test_a_newcomer_to_a_mesh_larger_than_the_cap_learns_all_of_it_within_seconds() -> None:
+    config = with_overrides(LAN, max_new_per_message=4)
+    net = cluster(12, config=config)
+    net.add("late", join="n0")
+    late = net.nodes["late"]
+    assert len(late.members) <= 1 + 4 + 1 and late.catching_up  # n0's reply was cut short
+    net.run_for(3)
+    assert net.converged([f"n{i}" for i in range(12)] + ["late"])
+
+
+def test_a_member_is_confirmed_only_once_it_answers_a_ping() -> None:
+    net = Net()
+    a = net.add("a")
+    a.set_confirming(True, net.now)  # as the coordinator does
+    assert a.me.confirmed  # itself
+    b = net.add("b", join="a")
+    net.run_for(0.001)
+    assert a.members["b"].confirmed  # pinged as soon as heard of (at the next tick)
+    assert not b.members["a"].confirmed  # b pings nobody out of turn ...
+    net.run_for(2.0)
+    assert b.members["a"].confirmed  # ... but its first probe of a confirms it
+    assert ("a", "b") in {(obs, name) for _, obs, name in net.confirmed}
+    # A ghost, announced by gossip at an address nobody listens on: pinged a few times,
+    # never confirmed, and probed to death like any silent member.
+    a.step(addr("b"), [wire.Alive("ghost", "10.9.9.9:7946", 0)], net.now)
+    net.run_for(1.0)
+    assert a.members["ghost"].state == ALIVE and not a.members["ghost"].confirmed
+    pings = [msgs for src, dst, msgs in net.sent if src == "a" and dst == "10.9.9.9:7946"]
+    assert len(pings) >= 1
+    net.run_for(60)
+    assert not a.members["ghost"].confirmed and a.members["ghost"].state == DEAD
+
+
+def test_a_member_that_moves_must_answer_again() -> None:
+    net = Net()
+    a = net.add("a")
+    a.set_confirming(True, net.now)
+    net.add("b", join="a")
+    net.run_for(0.001)
+    assert a.members["b"].confirmed
+    a.step(addr("c"), [wire.Alive("b", "10.9.9.9:7946", 1)], net.now)
+    assert a.members["b"].addr == "10.9.9.9:7946" and not a.members["b"].confirmed

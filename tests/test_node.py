@@ -7,8 +7,9 @@ import random
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import CANCELLED, JobRecord
 from flexmesh.agent.node import Call, Node, NodeConfig, RunJob, StopJob
-from flexmesh.protocol import wire
+from flexmesh.protocol import facts, wire
 from flexmesh.protocol.lease import Lease
+from flexmesh.protocol.membership import SendPacket
 
 
 def gpu(i: int) -> Device:
@@ -280,3 +281,48 @@ def test_an_owner_answers_a_job_sync_for_a_job_it_does_not_run() -> None:
     for offsets in ((-1, 0), (0, 2**63)):
         bad = node.sync_reply(wire.JobSync("j1", *offsets, 0), b"", b"", 1024)
         assert isinstance(bad, wire.Error) and "offsets" in bad.reason
+
+
+# --- a ghost member draws no placements (issue 11) ----------------------------------------
+
+
+def announce(node: Node, name: str, address: str, memory_mib: int, now: float) -> list[object]:
+    """Gossip, as any peer could forge it: ``name`` is alive at ``address`` with one device
+    of ``memory_mib``, all of it free. Returns the node's effects."""
+    dev = facts.DeviceFact("gpu0", "gpu", "sim-gpu", memory_mib, 1000, 0, 0, 1000, memory_mib,
+                           "sim", True)
+    data = facts.NodeFacts((dev,)).encode()
+    node.step_packet(address, wire.encode_packet(
+        [wire.Alive(name, address, 0), wire.Facts(name, 0, 0, data)]), now)
+    return list(node.drain())
+
+
+def lease_asks(effects: list[object]) -> list[str]:
+    return [e.node for e in effects if isinstance(e, Call) and isinstance(e.msg, wire.LeaseRequest)]
+
+
+def test_a_member_only_heard_of_in_gossip_draws_no_placement() -> None:
+    """A ghost (an address nobody listens on) claiming a device of 4 PiB: before members
+    had to answer a probe, the coordinator asked the ghost for every lease that fit it."""
+    coord = Node(NodeConfig("coord", "10.0.0.1:7946"), random.Random(1), 0.0)
+    coord.tick(0.1)
+    assert coord.is_coordinator
+    coord.drain()
+    announce(coord, "owner", "10.0.0.2:7946", 16384, 1.0)
+    coord.tick(1.0)  # the coordinator pings whom it hears of once the input is done with
+    real = list(coord.drain())
+    ping = next(m for e in real if isinstance(e, SendPacket) and e.addr == "10.0.0.2:7946"
+                for m in wire.decode_packet(e.data) if isinstance(m, wire.Ping))
+    coord.step_packet("10.0.0.2:7946", wire.encode_packet([wire.Ack(ping.seq, "owner")]), 1.1)
+    assert coord.membership.members["owner"].confirmed
+    announce(coord, "ghost", "10.6.6.6:7946", facts.MAX_MIB, 1.2)
+    assert not coord.membership.members["ghost"].confirmed
+    asks: list[str] = []
+    for i, memory in enumerate((65536, 1024, 1 << 30)):
+        coord.handle_request(wire.Submit(f"j{i}", "coord", 500, memory, "gpu", 0, 0), 2.0)
+        asks += lease_asks(list(coord.drain()))
+    for t in range(20):  # ten seconds: the ghost never answers its pings or probes
+        coord.tick(2.5 + t / 2)
+        asks += lease_asks(list(coord.drain()))
+    assert asks == ["owner"]  # the job of 1 GiB; the others wait
+    assert coord.scheduler.queue and "ghost" not in coord.coordinator.candidates_by_node()

@@ -57,6 +57,7 @@ async def mesh_agent(tmp_path: Path) -> AsyncIterator[Agent]:
             name="bravo-node", bind="127.0.0.1:0", join=[alpha.addr],
             socket=str(tmp_path / "bravo.sock"), state_dir=str(tmp_path / "bravo"),
             profile="local", sim_devices="npu:1x32GiB", nvml=False,
+            key_file=str(mesh.key_file),
         )
         agent = Agent(settings)
         await agent.start()

@@ -65,14 +65,15 @@ class Coordinator:
     # --- the cluster as the scheduler sees it -------------------------------------------
 
     def candidates_by_node(self) -> dict[str, list[Candidate]]:
-        """Each alive member's devices as placement candidates. A member's list is built
-        again only when its facts change, and is otherwise the very same object (the
-        scheduler's index skips what it has already seen)."""
+        """Each alive member's devices as placement candidates, once it has answered a
+        probe of this node (confirmed). A member's list is built again only when its facts
+        change, and is otherwise the very same object (the scheduler's index skips what it
+        has already seen)."""
         out: dict[str, list[Candidate]] = {}
         cache, members = self._candidates, self.node.membership.members
         for m in members.values():
-            if m.state != ALIVE:
-                continue
+            if m.state != ALIVE or not m.confirmed:
+                continue  # a member never heard from directly may not even exist
             key = (m.facts_inc, m.facts_version)
             hit = cache.get(m.name)
             if hit is None or hit[0] != key:
@@ -88,7 +89,7 @@ class Coordinator:
         """Preemptible jobs on alive nodes, as their owners gossip them."""
         out: list[RunningJob] = []
         for m in self.node.membership.members.values():
-            if m.state == ALIVE:
+            if m.state == ALIVE and m.confirmed:
                 out.extend(_running(m.name, p) for p in self.node.facts_of(m).preemptible)
         return out
 

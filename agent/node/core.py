@@ -22,8 +22,8 @@ A job's life across nodes, and the role that handles each step::
 Every node is an origin (``origin``, ``follow``) and an owner (``owner``); the one the
 election picks is also the coordinator (``coordinator``), an object that exists only while
 this node coordinates. A request is routed by its type, a reply by the type of the call it
-answers (``routes``); a call to oneself takes the same path, answered in
-memory after the current input is done with.
+answers (``routes``); a call to oneself takes the same path, answered in memory after the
+current input is done with.
 
 Only the origin starts a job, once per lease, so a coordinator that dies half-way can
 cause at most a reserved lease that expires, never a job that runs twice.
@@ -55,6 +55,7 @@ from flexmesh.protocol.membership import (
     ALIVE,
     DEAD,
     LEFT,
+    ConfirmedEvent,
     FactsEvent,
     Member,
     MemberEvent,
@@ -66,10 +67,8 @@ FORGET_EVERY = 10.0  # seconds between looks for ended records past their retent
 
 
 class Node:
-    def __init__(
-        self, config: NodeConfig, rng: random.Random, now: float, incarnation: int = 0,
-        token: int = 0, max_term: int = 0,
-    ) -> None:
+    def __init__(self, config: NodeConfig, rng: random.Random, now: float,
+                 incarnation: int = 0, token: int = 0, max_term: int = 0) -> None:
         self.config = config
         self.name = config.name
         self.rng = rng
@@ -216,8 +215,7 @@ class Node:
 
     def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float,
                     lease_id: str | None = None) -> None:
-        """The process of a job this node runs (under ``lease_id``, as RunJob gave it) has
-        started."""
+        """The process of a job this node runs (under ``lease_id``, as RunJob gave it) began."""
         self._now = now
         self.owner.job_started(job_id, pid, pid_start, now, lease_id)
         self._after_input(now)
@@ -319,6 +317,9 @@ class Node:
 
     def _pull_membership(self) -> None:
         for eff in self.membership.drain():
+            if isinstance(eff, ConfirmedEvent):
+                self._dirty_schedule = True  # a member may draw placements from now on
+                continue
             self.out.emit(eff)
             if isinstance(eff, MemberEvent):
                 self._on_member_event(eff)
@@ -365,8 +366,9 @@ class Node:
         return self.belief.coordinator == self.name
 
     def _elect(self, now: float) -> None:
-        if self._joining_until > now and self.membership.live_count() == 1:
-            return  # tick() or the first push-pull reply elects
+        m = self.membership
+        if self._joining_until > now and (m.live_count() == 1 or m.catching_up):
+            return  # tick() or the first push-pull reply (not cut short) elects
         voters = self.electorate.voters()
         if any(not plausible_term(max(v.claim, v.max_term), self.max_term) for v in voters):
             self.out.count("implausible_term")  # such a voter is not heard
@@ -385,15 +387,12 @@ class Node:
             return
         self.out.log("coordinator", name=self.belief.coordinator, term=self.belief.term)
         if self.is_coordinator and self.coordinator is None:
-            self._become_coordinator()
+            self.coordinator = Coordinator(self)
         elif not self.is_coordinator and self.coordinator is not None:
-            self._stop_coordinating()
+            self.scheduler.reset()  # the origins re-submit to the new coordinator
+            self.coordinator = None
+        # A coordinator pings every member not yet confirmed, and each newcomer: a member
+        # draws placements only once it has answered.
+        self.membership.set_confirming(self.coordinator is not None, now)
         self.origin.coordinator_changed(now)
         self._dirty_schedule = True
-
-    def _become_coordinator(self) -> None:
-        self.coordinator = Coordinator(self)
-
-    def _stop_coordinating(self) -> None:
-        self.scheduler.reset()  # the origins re-submit to the new coordinator
-        self.coordinator = None

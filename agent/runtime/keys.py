@@ -36,7 +36,6 @@ class Keys:
 
     def load(self) -> None:
         """The keyring kept by ``flexmesh keys`` wins; else the configured key(s)."""
-        s = self.settings
         try:
             configured = self._configured()
             if self.path.exists():
@@ -49,15 +48,23 @@ class Keys:
         except (OSError, ValueError) as exc:
             raise KeysError(f"cannot load the keyring: {exc}") from None
         if not len(self.keyring):
-            if not s.is_loopback():
-                raise KeysError(
-                    f"bind {s.bind} is not a loopback address and no key is configured: "
-                    "make one with `flexmesh keygen` and set [security] key_file")
-            if self.sealer is None and not self._warned_plaintext:
-                self._warned_plaintext = True
-                log.warning("no cluster key: gossip and calls run in plaintext (allowed on "
-                            "loopback only)")
+            self._plaintext()
         self._apply()
+
+    def _plaintext(self) -> None:
+        """No key: refused unless plaintext was asked for by name, and then said loudly."""
+        s = self.settings
+        if not s.insecure_plaintext:
+            raise KeysError(
+                "no key is configured: make one with `flexmesh keygen FILE` and set "
+                "[security] key_file = FILE (or --key-file FILE); for a throwaway test on "
+                "this machine only, --insecure-plaintext runs without one")
+        if self.sealer is None and not self._warned_plaintext:
+            self._warned_plaintext = True
+            where = "loopback" if s.is_loopback() else f"{s.bind}, NOT loopback"
+            log.warning("INSECURE: no cluster key ([security] insecure_plaintext): gossip and "
+                        "calls on %s run in plaintext; anyone who reaches the port can read "
+                        "job output, cancel jobs and forge membership", where)
 
     def _configured(self) -> Keyring:
         """The keys of ``[security] key_file`` and ``key``; a key file that others may
