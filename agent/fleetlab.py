@@ -27,7 +27,6 @@ from pathlib import Path
 
 from flexmesh.agent.localmesh import AgentProc, LocalMesh
 from flexmesh.agent.netlab import Netlab, available
-from flexmesh.protocol.crypto import generate_key
 
 __all__ = ["FleetLab", "available"]
 
@@ -37,8 +36,7 @@ PORT = 7946
 class FleetLab(LocalMesh):
     def __init__(self, root: Path, profile: str = "lan") -> None:
         super().__init__(root, profile)
-        self.net = Netlab()
-        self.key_file = self.root / "cluster.key"
+        self.net = Netlab()  # (the mesh's key is LocalMesh's key_file, made when first used)
         self.config = self.root / "agent.toml"
 
     def __enter__(self) -> FleetLab:
@@ -50,9 +48,6 @@ class FleetLab(LocalMesh):
         if why is not None:
             raise RuntimeError(why)
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(generate_key() + "\n")
         # No web page (it would only bind loopback in each namespace); JSON logs to read.
         self.config.write_text('ui = ""\n[log]\nformat = "json"\n')
         try:

@@ -143,7 +143,10 @@ function drawWork(s) {
     return j.id + "  " + j.state + (j.reason ? "  " + j.reason : "");
   }));
   work.appendChild(listBox("running", "Running here", w.running, function (j) {
-    return j.id + "  from " + j.origin + "  on " + j.devices.join(",");
+    let line = j.id + "  from " + j.origin + "  on " + j.devices.join(",");
+    if (typeof j.used_memory_mib === "number") line += "  uses " + mib(j.used_memory_mib);
+    if (typeof j.utilization_pct === "number") line += " " + j.utilization_pct + "%";
+    return line;
   }));
   work.appendChild(listBox("ended", "Recently ended", w.ended, function (j) {
     return j.id + "  " + j.state + (j.reason ? "  " + j.reason : "");
@@ -278,7 +281,10 @@ def work_view(agent: Agent, shown: int = 20) -> dict[str, list[dict[str, Any]]]:
     mine = sorted(node.origin.jobs.values(), key=lambda j: j.created_at)
     queued = [{"id": j.id, "state": j.state, "reason": j.reason[:120]}
               for j in mine if j.state in (QUEUED, PLACED)][:shown]
-    running = [{"id": j.id, "origin": j.origin, "devices": j.devices}
+    use = getattr(getattr(agent, "sampler", None), "job_use", {})
+    running = [{"id": j.id, "origin": j.origin, "devices": j.devices,
+                "used_memory_mib": getattr(use.get(j.id), "memory_mib", None),
+                "utilization_pct": getattr(use.get(j.id), "utilization_pct", None)}
                for j in sorted(node.owner.runs.values(), key=lambda j: j.created_at)
                if j.state == RUNNING][:shown]
     ended = sorted((j for j in mine if j.terminal), key=lambda j: j.updated_at,

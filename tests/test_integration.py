@@ -363,6 +363,9 @@ def test_an_operator_sees_the_jobs_running_here_for_others(mesh: LocalMesh) -> N
                            pwd.getpwuid(os.geteuid()).pw_name)
     text = mesh.cli("a", "jobs", "--here").stdout
     assert "ORIGIN" in text and job_id in text and " d " in text
+    # A simulated device reports the load it is configured with: the job's lease.
+    mesh.wait_for("the job's use to be read", lambda: mesh.json("a", "jobs", "--here")[0][
+        "device_use"] == {"memory_mib": 4096, "utilization_pct": 25})
     devices = {(r["node"], r["id"]): r for r in mesh.json("d", "devices")}
     assert devices[("a", "gpu0")]["jobs"] is None  # another node's: d cannot tell
     mine = {r["id"]: r for r in mesh.json("a", "devices")}

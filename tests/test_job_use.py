@@ -34,7 +34,7 @@ def test_measured_use_sums_memory_and_takes_the_busiest_process() -> None:
                             job_util_pct={11: 40, 99: 90}),
                DeviceSample("gpu1", True, job_memory_mib={12: 2000})]
     assert measured_use(samples, {10, 11, 12}) == JobUse(3500, 40)
-    assert measured_use(samples, {50}) == JobUse(None, None)
+    assert measured_use(samples, {50}) is None
 
 
 class _Backend:

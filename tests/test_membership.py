@@ -1290,5 +1290,9 @@ def test_a_member_that_moves_must_answer_again() -> None:
     net.add("b", join="a")
     net.run_for(0.001)
     assert a.members["b"].confirmed
-    a.step(addr("c"), [wire.Alive("b", "10.9.9.9:7946", 1)], net.now)
+    # (A live member's name at another address is a second node, refused: a node moves
+    # once its old address was declared dead.)
+    inc = a.members["b"].incarnation
+    a.step(addr("c"), [wire.Dead("b", inc, "c"), wire.Alive("b", "10.9.9.9:7946", inc + 1)],
+           net.now)
     assert a.members["b"].addr == "10.9.9.9:7946" and not a.members["b"].confirmed

@@ -167,7 +167,7 @@ class Payload:
         member = self.agent.node.membership.members.get(node)
         if member is None:
             return None, f"{node} is not a member"
-        return await self.agent.transport.call(member.addr, msg, FETCH_CALL_TIMEOUT)
+        return await self.agent.transport.call(member.addr, msg, FETCH_CALL_TIMEOUT, node)
 
     def wanted(self, job: JobRecord) -> bool:
         """Whether the run is still meant to start (not stopped, not replaced)."""

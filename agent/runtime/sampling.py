@@ -40,7 +40,8 @@ class JobUse:
     utilization_pct: int | None
 
 
-def measured_use(samples: Iterable[DeviceSample], pids: set[int]) -> JobUse:
+def measured_use(samples: Iterable[DeviceSample], pids: set[int]) -> JobUse | None:
+    """What ``pids`` hold of the sampled devices; None where no backend saw any of them."""
     memory: int | None = None
     util: int | None = None
     for s in samples:
@@ -50,7 +51,7 @@ def measured_use(samples: Iterable[DeviceSample], pids: set[int]) -> JobUse:
         busy = [pct for pid, pct in s.job_util_pct.items() if pid in pids]
         if busy:
             util = max(util or 0, *busy)
-    return JobUse(memory, util)
+    return None if memory is None and util is None else JobUse(memory, util)
 
 
 class Sampler:
@@ -141,9 +142,20 @@ class Sampler:
                     samples[sm.id] = sm
             except Exception as exc:
                 log.warning("sampling %s failed: %s", backend.name, exc)
-        self.job_use = {job: measured_use(samples.values(), tree)
+        self.job_use = {job: measured_use(samples.values(), tree) or self._simulated(job)
                         for job, tree in self._trees.items()}
         return samples
+
+    def _simulated(self, job_id: str) -> JobUse:
+        """A job on simulated devices (which see no processes) uses what it leased: the
+        load a simulated device is configured with, for the views and metrics."""
+        node = self.agent.node
+        run = node.owner.runs.get(job_id)
+        lease = node.leases.leases.get(run.lease_id) if run is not None else None
+        sim = {d.id for d in self.devices if d.backend == "sim"}
+        if lease is None or not sim.issuperset(lease.devices):
+            return JobUse(None, None)
+        return JobUse(lease.memory_mib * len(lease.devices), lease.compute_milli // 10)
 
     def watchdog(self, samples: list[DeviceSample]) -> bool:
         """No interception: stop a job whose measured device memory exceeds its lease;
