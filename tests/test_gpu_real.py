@@ -64,12 +64,25 @@ def nvml() -> Iterator[NvmlBackend]:
         backend.close()
 
 
+def loaded_path(name: str) -> str | None:
+    """Where this process loaded the library ``name`` from (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith(name):
+                return parts[5].strip()
+    return None
+
+
 @pytest.fixture(scope="module")
-def libcuda(nvml: NvmlBackend) -> None:
+def libcuda(nvml: NvmlBackend) -> str:
+    """The driver library's absolute path: a job starts with a clean environment, where
+    an LD_LIBRARY_PATH that found it here may be missing."""
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError as err:
         pytest.skip(f"libcuda.so.1 does not load, so no CUDA job can run: {err}")
+    return loaded_path("libcuda.so") or "libcuda.so.1"
 
 
 def _world_usable(path: str) -> bool:
@@ -81,7 +94,7 @@ def _world_usable(path: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def job(libcuda: None) -> Iterator[list[str]]:
+def job(libcuda: str) -> Iterator[list[str]]:
     """The command that runs gpujob.py, from a directory every user can read: an agent
     running as root runs borrowed jobs as `nobody`."""
     pythons = [os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
@@ -92,7 +105,7 @@ def job(libcuda: None) -> Iterator[list[str]]:
         where.chmod(0o755)
         shutil.copy(GPUJOB, where / "gpujob.py")
         (where / "gpujob.py").chmod(0o644)
-        yield [python, str(where / "gpujob.py")]
+        yield [python, str(where / "gpujob.py"), "--libcuda", libcuda]
     finally:
         shutil.rmtree(where, ignore_errors=True)
 
@@ -131,6 +144,9 @@ def wait_lendable(mesh: LocalMesh, device: str, what: str, ok: Any, timeout: flo
 
 
 def submit(mesh: LocalMesh, node: str, flags: list[str], command: list[str]) -> str:
+    """Submit on ``node``; the job gets this host's LD_LIBRARY_PATH (the driver's)."""
+    if os.environ.get("LD_LIBRARY_PATH"):
+        flags = [*flags, "--env", f"LD_LIBRARY_PATH={os.environ['LD_LIBRARY_PATH']}"]
     res = mesh.cli(node, "submit", *flags, "-o", "json", "--", *command)
     return str(json.loads(res.stdout)["id"])
 
