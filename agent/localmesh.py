@@ -75,7 +75,9 @@ class LocalMesh:
     # --- processes ----------------------------------------------------------------------
 
     def start(self, name: str, sim: str = "", join: list[str] | None = None,
-              extra: list[str] | None = None, wait: bool = True) -> AgentProc:
+              extra: list[str] | None = None, wait: bool = True,
+              env: dict[str, str] | None = None) -> AgentProc:
+        """Start agent ``name``; ``env`` adds to (or overrides) the agent's environment."""
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
         seeds = [self.agents[j].addr for j in (join or [])]
@@ -88,7 +90,7 @@ class LocalMesh:
         if seeds:
             args += ["--join", *seeds]
         args += extra or []
-        a = AgentProc(name, d, args)
+        a = AgentProc(name, d, args, extra_env=dict(env or {}))
         self.agents[name] = a
         self._spawn(a)
         if wait:

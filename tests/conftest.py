@@ -7,15 +7,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
 
 from flexmesh.agent.localmesh import LocalMesh
 
-# Property tests draw fresh examples on every developer run, so new counterexamples keep
-# turning up; the CI gate (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples every
-# time, so whether a submission lands never depends on the luck of the draw.
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+try:
+    from hypothesis import settings
+except ImportError:  # the GPU check's bundle (scripts/gpu-check) carries no hypothesis
+    pass
+else:
+    # Property tests draw fresh examples on every developer run, so new counterexamples
+    # keep turning up; the CI gate (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same
+    # examples every time, so whether a submission lands never depends on the luck of the
+    # draw.
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

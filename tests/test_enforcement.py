@@ -201,3 +201,27 @@ def test_a_job_on_several_devices_sees_them_all_in_lease_order() -> None:
     assert env["LD_PRELOAD"] == "/lib/libvgpu.so"
     with pytest.raises(ValueError):
         job_env_many([], 1000, 0, "none")
+
+
+def test_a_job_under_mps_reaches_the_daemon_the_agent_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's environment is clean, so the owner hands it the MPS pipe directory the
+    agent's own environment names (a daemon started with its own directories)."""
+    from types import SimpleNamespace
+
+    from flexmesh.agent.models import JobRecord
+    from flexmesh.agent.node import RunJob
+    from flexmesh.agent.runtime.processes import Processes
+
+    procs = Processes.__new__(Processes)
+    procs.agent = SimpleNamespace(  # type: ignore[assignment]
+        sampler=SimpleNamespace(enforcement="mps"), settings=SimpleNamespace(hami_lib=""))
+    run = RunJob(JobRecord(id="j1", origin="a", command=["true"], compute_milli=250,
+                           memory_mib=2048), (GPU,))
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/tmp/fm-mps/pipe")
+    env = procs.owner_env(run)
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/fm-mps/pipe"
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2048M"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1234"
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in procs.owner_env(run)

@@ -50,9 +50,12 @@ class Processes:
             "FLEXMESH_MEMORY_MIB": str(job.memory_mib), "FLEXMESH_ORIGIN": job.origin,
         }
         enforcement = self.agent.sampler.enforcement
+        # The MPS daemon the agent found (its pipe directory, when not the default) is the
+        # one the job must reach: its environment is clean, not the agent's.
+        mps_pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or None
         try:
             env.update(job_env_many(devices, job.compute_milli, job.memory_mib, enforcement,
-                                    self.agent.settings.hami_lib or None))
+                                    self.agent.settings.hami_lib or None, mps_pipe))
         except ValueError as exc:
             log.warning("job %s: no limits applied: %s", job.id, exc)
             env.update(visible_env(devices))
