@@ -7,7 +7,6 @@ reported as one line naming the file (or flag), the key and what is wrong.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmesh.agent.netaddr import is_loopback_host
 from flexmesh.policies import DEFAULT_POLICY, POLICIES
 from flexmesh.protocol.membership import PRESETS
 
@@ -138,17 +138,6 @@ _SIZES = ("payload_cache_size", "payload_max_bundle")  # a number (MiB) or "10Gi
 def _size_bytes(text: str) -> int:
     from flexmesh.agent.units import parse_size
     return parse_size(text) * 1024 * 1024
-
-
-def is_loopback_host(host: str) -> bool:
-    """``localhost`` or a loopback address (IPv6 with or without its brackets)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def split_hostport(text: str, what: str) -> tuple[str, int]:
