@@ -164,8 +164,10 @@ def _in_use(path: Path) -> bool:
     probe.settimeout(1.0)
     try:
         probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # nobody listens: a stale socket of an agent that is gone
     except OSError:
-        return False  # refused or gone: stale
+        return True  # busy, not ours to reach, slow: taken to be alive
     finally:
         probe.close()
     return True

@@ -125,3 +125,19 @@ def test_insecure_plaintext_comes_from_the_file_the_environment_or_the_flag(
     assert config.load(None, {}, env={"FLEXMESH_INSECURE_PLAINTEXT": "1"}).insecure_plaintext
     assert config.load(None, {"insecure_plaintext": True}, env={}).insecure_plaintext
     assert not config.load(None, {"insecure_plaintext": None}, env={}).insecure_plaintext
+
+
+def test_a_refused_reload_keeps_the_ring_and_a_kept_ring_needs_no_key_file(
+        tmp_path: Path) -> None:
+    keys = _keys(tmp_path, 0o600, generate_key())
+    keys.load()
+    running = keys.keyring.keys
+    with pytest.raises(KeysError):  # the key file left the configuration, no plaintext
+        keys.reload(Settings())
+    assert keys.keyring.keys == running and keys.view()["keys"] == list(running)
+    (tmp_path / "state").mkdir()
+    keys.path.write_text(json.dumps(keys.keyring.to_list()))  # as `flexmesh keys` keeps it
+    (tmp_path / "cluster.keys").unlink()  # the old file is gone: the kept ring still loads
+    again = Keys(keys.settings, tmp_path / "state")
+    again.load()
+    assert again.keyring.keys == running

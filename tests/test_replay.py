@@ -10,6 +10,7 @@ import pytest
 
 from flexmesh.agent import rpc
 from flexmesh.agent.config import Settings
+from flexmesh.agent.runtime import keys as keys_module
 from flexmesh.agent.runtime.keys import Keys
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import Keyring, Sealer, generate_key
@@ -54,7 +55,10 @@ def test_the_same_call_opens_once() -> None:
     assert info.value.reason == "replayed"
 
 
-def test_nothing_sealed_before_an_agent_started_opens_there(tmp_path: Path) -> None:
+def test_nothing_sealed_before_an_agent_started_opens_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (Agents tolerate START_SKEW of peers' clock lag; here clocks are one, so none.)
+    monkeypatch.setattr(keys_module, "START_SKEW", 0.0)
     keyfile = tmp_path / "k"
     keyfile.write_text(KEY + "\n")
     keyfile.chmod(0o600)

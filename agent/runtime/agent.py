@@ -233,7 +233,7 @@ class Agent:
                 self.node.membership.timer_overshoot(now - started - wait)
             if now >= self.node.next_deadline():
                 self.node.tick(now)
-                await self.flush()
+                self.kick()  # not awaited: a full disk's retried writes must not stop timers
 
     # --- the effect pump ----------------------------------------------------------------
 

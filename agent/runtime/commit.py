@@ -128,8 +128,9 @@ class GroupCommit:
             log.error("journal write failed: %s; trying again until it succeeds", why)
         for w in waiters:
             ids = self._impatient.pop(w, None)
-            if ids is None or w.done():
+            if ids is None:
                 continue
-            for job_id in ids:
+            for job_id in ids:  # (also a submitter that gave up: its jobs were never taken)
                 jobs.pop(job_id, None)
-            w.set_exception(JournalWriteError(why))
+            if not w.done():
+                w.set_exception(JournalWriteError(why))

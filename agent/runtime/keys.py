@@ -17,6 +17,7 @@ from flexmesh.protocol.crypto import Keyring, KeyringError, Sealer
 
 log = logging.getLogger("flexmesh.agent")
 
+START_SKEW = 1.0  # seconds of peers' clock lag tolerated right after a start
 UNKNOWN_KEY_LOG_EVERY = 60.0  # seconds between log lines about packets under unknown keys
 
 
@@ -37,19 +38,30 @@ class Keys:
     def load(self) -> None:
         """The keyring kept by ``flexmesh keys`` wins; else the configured key(s)."""
         try:
-            configured = self._configured()
             if self.path.exists():
-                self.keyring = Keyring.from_list(json.loads(self.path.read_text()))
-                if len(configured) and set(configured.keys) != set(self.keyring.keys):
-                    log.warning("keyring: using %s (kept by `flexmesh keys`); the configured "
-                                "key(s) differ and are not used", self.path)
+                ring = Keyring.from_list(json.loads(self.path.read_text()))
+                self._compare(ring)
             else:
-                self.keyring = configured
+                ring = self._configured()
         except (OSError, ValueError) as exc:
             raise KeysError(f"cannot load the keyring: {exc}") from None
-        if not len(self.keyring):
+        if not len(ring):
             self._plaintext()
+            if self.sealer is not None:
+                log.warning("INSECURE: the cluster key is gone from the configuration: "
+                            "gossip and calls run in plaintext from now on")
+        self.keyring = ring  # only now: a ring refused above leaves the running one
         self._apply()
+
+    def _compare(self, ring: Keyring) -> None:
+        """Say so when the configured keys (if readable) differ from the kept ring."""
+        try:
+            configured = self._configured()
+        except (OSError, ValueError, KeysError):
+            return  # not used: the kept ring wins
+        if len(configured) and set(configured.keys) != set(ring.keys):
+            log.warning("keyring: using %s (kept by `flexmesh keys`); the configured "
+                        "key(s) differ and are not used", self.path)
 
     def _plaintext(self) -> None:
         """No key: refused unless plaintext was asked for by name, and then said loudly."""
@@ -112,8 +124,9 @@ class Keys:
             if self.sealer is not None:
                 # Nothing sealed before this agent started opens here: a capture of an
                 # earlier run's traffic cannot be replayed to this one (its replay window
-                # starts empty). Peers' clocks must be in step (as for "stale").
-                self.sealer.window.floor_ms = int(time.time() * 1000)
+                # starts empty). A peer whose clock lags by more than START_SKEW is
+                # refused for that long after a start.
+                self.sealer.window.floor_ms = int((time.time() - START_SKEW) * 1000)
         self.codec = rpc.Codec(self.sealer, self.settings.cluster.encode(),
                                me=self.settings.name)
 

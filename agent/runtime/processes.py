@@ -74,10 +74,10 @@ class Processes:
             await asyncio.to_thread(archive_output, self.runner.job_dir(job.id))
         self._runs[job.id] = job.lease_id
         self._starting.add(job.id)
-        user, base = await asyncio.to_thread(self._identity, job)
-        env = job_environment(base, job.env, self.owner_env(eff))
         cwd = None
         try:
+            user, base = await asyncio.to_thread(self._identity, job)
+            env = job_environment(base, job.env, self.owner_env(eff))
             if job.bundle:
                 cwd = await self._workdir(job, user)
                 env["FLEXMESH_WORKDIR"] = str(cwd)
