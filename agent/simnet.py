@@ -45,14 +45,10 @@ class SimNetwork:
     now: float
     seed: int
 
-    def at(self, when: float, fn: Callable[[], None]) -> None:
-        raise NotImplementedError
-
-    def reachable(self, a: str, b: str) -> bool:
-        raise NotImplementedError
-
-    def _pump(self, name: str) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by ``Simulator``, which this is mixed into
+        def at(self, when: float, fn: Callable[[], None]) -> None: ...
+        def reachable(self, a: str, b: str) -> bool: ...
+        def _pump(self, name: str) -> None: ...
 
     def _latency(self) -> float:
         return self.faults.delay + self.rng.random() * self.faults.jitter

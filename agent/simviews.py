@@ -16,11 +16,9 @@ class SimViews:
     nodes: dict[str, _SimNode]
     submitted: set[str]
 
-    def reachable(self, a: str, b: str) -> bool:
-        raise NotImplementedError
-
-    def job(self, job_id: str) -> JobRecord | None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by ``Simulator``, which this is mixed into
+        def reachable(self, a: str, b: str) -> bool: ...
+        def job(self, job_id: str) -> JobRecord | None: ...
 
     def up_nodes(self) -> list[str]:
         return [n for n, s in self.nodes.items() if s.up]
