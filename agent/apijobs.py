@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refuse
-from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
+from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit, run_view
 from flexmesh.agent.bundle import BundleError
 from flexmesh.agent.joblogs import read_at
-from flexmesh.agent.models import TERMINAL, JobRecord, gang_members, member_id
+from flexmesh.agent.models import TERMINAL, JobRecord, RunRecord, gang_members, member_id
 from flexmesh.agent.runtime.commit import JournalWriteError
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ async def _accept(request: web.Request, fields: dict[str, Any]) -> web.Response:
     if size:
         # A gang: one member job per rank, each placed on a node of its own, all at once.
         fields.pop("gang_size")
-        members = gang_members(job_id, size, origin=agent.node.name, role="origin",
+        members = gang_members(job_id, size, origin=agent.node.name,
                                uid=peer_uid(request), **fields)
         try:
             await agent.submit_many(members)
@@ -84,8 +84,7 @@ async def _accept(request: web.Request, fields: dict[str, Any]) -> web.Response:
                  job_id, size, members[0].uid, members[0].compute_milli,
                  members[0].memory_mib)
         return web.json_response(gang_view(job_id, members), status=201)
-    job = JobRecord(id=job_id, origin=agent.node.name, role="origin",
-                    uid=peer_uid(request), **fields)
+    job = JobRecord(id=job_id, origin=agent.node.name, uid=peer_uid(request), **fields)
     try:
         await agent.submit(job)
     except JournalWriteError as exc:
@@ -140,14 +139,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response([job_view(j) for j in jobs])
 
 
-def _runs_view(agent: Agent, runs: list[JobRecord]) -> list[dict[str, object]]:
+def _runs_view(agent: Agent, runs: list[RunRecord]) -> list[dict[str, object]]:
     """(On a thread: the user names are NSS lookups.)"""
     out: list[dict[str, object]] = []
     for job in runs:
-        view = job_view(job)
-        lease = agent.node.leases.leases.get(job.lease_id)
-        if lease is not None:  # what it holds, a request in proportion made concrete
-            view["compute_milli"], view["memory_mib"] = lease.compute_milli, lease.memory_mib
+        view = run_view(job, agent.node.name)
         view["device_use"] = _use(agent, job.id)
         ids = agent.processes.job_user(job)
         uid = os.geteuid() if ids is None else ids[0]

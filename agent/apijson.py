@@ -18,6 +18,7 @@ from flexmesh.agent.models import (
     RUNNING,
     SUCCEEDED,
     JobRecord,
+    RunRecord,
     request_problem,
 )
 
@@ -154,7 +155,8 @@ def _integer(body: dict[str, Any], key: str, default: int, message: str) -> int:
 def job_view(job: JobRecord) -> dict[str, Any]:
     return {
         "id": job.id, "state": job.state, "reason": job.reason, "node": job.node,
-        "device": job.device, "devices": job.devices, "count": job.count,
+        "device": job.devices[0] if job.devices else "", "devices": list(job.devices),
+        "count": job.count,
         "compute_milli": job.compute_milli, "memory_mib": job.memory_mib,
         "exit_code": job.exit_code, "origin": job.origin, "kind": job.kind,
         "priority": job.priority, "preemptible": job.preemptible, "command": job.command,
@@ -162,6 +164,18 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "gang": job.gang, "rank": job.rank, "gang_size": job.gang_size,
         "workdir": job.workdir, "bundle": job.bundle, "bundle_size": job.bundle_size,
         "wait_for_capacity": job.wait_for_capacity,
+    }
+
+
+def run_view(run: RunRecord, node: str) -> dict[str, Any]:
+    """A run on ``node``'s devices (of a job submitted there or elsewhere)."""
+    return {
+        "id": run.id, "state": run.state, "reason": run.reason, "node": node,
+        "device": run.devices[0] if run.devices else "", "devices": list(run.devices),
+        "count": len(run.devices), "compute_milli": run.compute_milli,
+        "memory_mib": run.memory_mib, "exit_code": run.exit_code, "origin": run.origin,
+        "command": run.command, "created_at": run.created_at, "updated_at": run.updated_at,
+        "attempts": run.attempts, "lease_id": run.lease_id, "bundle": run.bundle,
     }
 
 

@@ -220,7 +220,7 @@ def _kill_jobs(state: Path) -> None:
 
     j = Journal(journal)
     try:
-        pids = [job.pid for job in j.list_jobs() if job.pid and not job.terminal]
+        pids = [run.pid for run in j.list_runs() if run.pid and not run.terminal]
     finally:
         j.close()
     for pid in pids:

@@ -79,13 +79,22 @@ def request_problem(compute_milli: int, memory_mib: int, count: int, gang_size: 
     return None
 
 
+def _devices(data: dict[str, Any]) -> None:
+    """A record journaled before devices were one tuple: ``device`` plus ``more_devices``."""
+    if "devices" not in data and "device" in data:
+        first = data.get("device") or ""
+        more = data.get("more_devices") or []
+        data["devices"] = [first, *more] if first else []
+    if isinstance(data.get("devices"), list):
+        data["devices"] = tuple(data["devices"])
+
+
 @dataclass(slots=True)
 class JobRecord:
-    """One job as one agent knows it.
+    """A job as its origin, the agent it was submitted to, keeps it: the user's view.
 
-    The submitting agent (``origin``) keeps the record the user sees. The owner of the
-    leased device (``node``) keeps its own record of the process it runs; when a job runs
-    on the node where it was submitted, both are the same row.
+    Where it runs, the owner of the leased devices keeps a ``RunRecord`` of each run; a
+    job run on the node where it was submitted has both, as any other job has.
     """
 
     id: str
@@ -99,23 +108,19 @@ class JobRecord:
     env: dict[str, str] = field(default_factory=dict)
     state: str = QUEUED
     reason: str = ""
-    node: str = ""  # owner of the leased device, once placed
-    device: str = ""
+    node: str = ""  # owner of the leased devices, once placed
+    devices: tuple[str, ...] = ()  # the leased devices, once placed
     lease_id: str = ""
     token: int = 0  # fencing token of the lease
     term: int = 0  # coordinator term that placed it
     exit_code: int | None = None
-    pid: int | None = None
-    pid_start: int | None = None  # /proc start time, to tell a reused pid from ours
     created_at: float = 0.0
     updated_at: float = 0.0
-    role: str = "origin"  # "origin", "owner" or "both"
     uid: int | None = None  # submitting user, when known
-    attempts: int = 0  # rises on every start and every requeue; a placement is per attempt
+    attempts: int = 0  # rises on every requeue; a placement is per attempt
     count: int = 1  # whole devices wanted on one node (1: one device or a fraction of one)
-    more_devices: list[str] = field(default_factory=list)  # placed: devices beyond ``device``
     preemptible: bool = False  # a higher-priority job may stop it (then requeued if allowed)
-    cancel_requested: bool = False  # origin: the user cancelled it; told to the owner until done
+    cancel_requested: bool = False  # the user cancelled it; told to the owner until done
     # A member of a gang (``gang`` is the gang's id, ``gang_size`` its members, ``rank``
     # this one's place): all are placed on distinct nodes at once, and they end together.
     gang: str = ""
@@ -131,9 +136,46 @@ class JobRecord:
     wait_for_capacity: bool = False
 
     @property
-    def devices(self) -> list[str]:
-        """Every device the job holds (empty until placed)."""
-        return [self.device, *self.more_devices] if self.device else []
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        data = dict(data)
+        _devices(data)
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """One run of a job on this node's devices, as their owner keeps it: the process, the
+    lease it runs under, and how it ended. Its origin (maybe this node) keeps the job."""
+
+    id: str  # the job's id
+    origin: str
+    command: list[str]
+    compute_milli: int  # per device, as leased (a request in proportion made concrete)
+    memory_mib: int
+    env: dict[str, str] = field(default_factory=dict)
+    state: str = PLACED
+    reason: str = ""
+    devices: tuple[str, ...] = ()
+    lease_id: str = ""
+    token: int = 0
+    term: int = 0
+    exit_code: int | None = None
+    pid: int | None = None
+    pid_start: int | None = None  # /proc start time, to tell a reused pid from ours
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    uid: int | None = None  # the submitting user: known only for a job submitted here
+    attempts: int = 0  # runs of this job started here
+    bundle: str = ""  # the working directory's bundle (SHA-256) and size ("": none)
+    bundle_size: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -143,7 +185,9 @@ class JobRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        data = dict(data)
+        _devices(data)
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in names})
 

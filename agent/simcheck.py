@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flexmesh.agent.models import STATES
+from flexmesh.agent.models import STATES, JobRecord, RunRecord
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import ACTIVE
 
@@ -54,12 +54,16 @@ def _check_capacity(sim: Simulator, name: str, node: _SimNode) -> None:
 
 
 def _check_runs(sim: Simulator, name: str, node: _SimNode) -> None:
-    for job in node.node.owner.runs.values():
-        if job.state != "running":
+    for run in node.node.owner.runs.values():
+        disk = node.disk_runs.get(run.id)
+        if disk is None or (disk.state, disk.lease_id) != (run.state, run.lease_id):
+            _fail(sim, f"the run of {run.id} on {name} is {run.state} but "
+                       f"{disk.state if disk else 'absent'} in its journal")
+        if run.state != "running":
             continue
-        held = node.node.leases.leases.get(job.lease_id)
+        held = node.node.leases.leases.get(run.lease_id)
         if held is None or held.state not in ACTIVE:
-            _fail(sim, f"job {job.id} runs on {name} without an active lease")
+            _fail(sim, f"job {run.id} runs on {name} without an active lease")
 
 
 def _check_origin(sim: Simulator, job_id: str) -> None:
@@ -88,10 +92,20 @@ def check_start(sim: Simulator, name: str, eff: RunJob) -> None:
         _fail(sim, f"job {eff.job.id} starts on {name} while it runs on {', '.join(live)}")
 
 
+def _on_disk(sim: Simulator, name: str, msg: wire.Message) -> JobRecord | RunRecord | None:
+    """What ``name`` journaled of the job a request names: its run for a start, else
+    the job."""
+    node, job_id = sim.nodes[name], getattr(msg, "job_id", "")
+    if isinstance(msg, wire.StartJob):
+        return node.disk_runs.get(job_id)
+    return node.disk_jobs.get(job_id)
+
+
 def job_attempts(sim: Simulator, name: str, msg: wire.Message) -> int:
-    """Attempts of the job a request names, as ``name`` has it on disk (-1: none)."""
-    job = sim.nodes[name].disk_jobs.get(getattr(msg, "job_id", ""))
-    return job.attempts if job is not None else -1
+    """Attempts of the job (or run) a request names, as ``name`` has it on disk (-1:
+    none)."""
+    record = _on_disk(sim, name, msg)
+    return record.attempts if record is not None else -1
 
 
 def check_promise(sim: Simulator, name: str, msg: wire.Message, reply: wire.Message,
@@ -106,7 +120,7 @@ def check_promise(sim: Simulator, name: str, msg: wire.Message, reply: wire.Mess
         return
     if not (isinstance(msg, wire.StartJob | wire.Placed) and isinstance(reply, wire.Ok)):
         return
-    job = node.disk_jobs.get(msg.job_id)
+    job = _on_disk(sim, name, msg)
     moved_on = job is not None and (job.attempts > attempts or job.terminal)
     if not moved_on and (job is None or job.lease_id != msg.lease_id):
         what = "started" if isinstance(msg, wire.StartJob) else "accepted the placement of"

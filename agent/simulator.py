@@ -27,19 +27,21 @@ from typing import Any, assert_never
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
-from flexmesh.agent.models import LOST, JobRecord, gang_members
+from flexmesh.agent.models import LOST, JobRecord, RunRecord, gang_members
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
     Effect,
     ForgetJob,
     ForgetLease,
+    ForgetRun,
     JobOutput,
     LogEvent,
     Node,
     NodeConfig,
     PersistJob,
     PersistLease,
+    PersistRun,
     RunJob,
     StopJob,
 )
@@ -79,6 +81,7 @@ class _SimNode:
     adopted: set[str] = field(default_factory=set)  # processes an earlier instance started
     # What the node journaled: survives a crash, read back on restart (as SQLite would).
     disk_jobs: dict[str, JobRecord] = field(default_factory=dict)
+    disk_runs: dict[str, RunRecord] = field(default_factory=dict)
     disk_leases: dict[str, Lease] = field(default_factory=dict)
     logs: dict[str, SimLog] = field(default_factory=dict)  # owner: output of each job run
     # origin: output received of each job (by stream), and of its earlier attempts
@@ -173,6 +176,7 @@ class Simulator(SimNetwork, SimViews):
             got = old.received.get(job_id, {})
             return len(got.get("stdout", b"")), len(got.get("stderr", b""))
         node.recover([replace(j) for j in old.disk_jobs.values()],
+                     [replace(r) for r in old.disk_runs.values()],
                      [replace(x) for x in old.disk_leases.values()],
                      # a crash took every process with it; a leave kept them
                      lambda job: job.id in old.processes, self.now, output)
@@ -239,14 +243,6 @@ class Simulator(SimNetwork, SimViews):
         self._pump(origin)
         return [job.id for job in members]
 
-    def job(self, job_id: str) -> JobRecord | None:
-        """The origin's record of a job."""
-        for sim in self.nodes.values():
-            job = sim.node.origin.jobs.get(job_id)
-            if job is not None:
-                return job
-        return None
-
     def output(self, job_id: str, stream: str = "stdout") -> tuple[bytes, bytes]:
         """(what the job's origin received, what its last run on its owner wrote)."""
         job = self.job(job_id)
@@ -312,19 +308,17 @@ class Simulator(SimNetwork, SimViews):
                         lambda: self._exit(name, eff.job_id, 143, "terminated", run))
             case PersistJob():
                 sim.disk_jobs[eff.job.id] = replace(eff.job)
+            case PersistRun():
+                sim.disk_runs[eff.run.id] = replace(eff.run)
             case PersistLease():
-                lease = eff.lease
-                if sim.tokens.setdefault(lease.token, lease.id) != lease.id:
-                    raise InvariantError(f"seed {self.seed}: {name} handed out token "
-                                         f"{lease.token} twice ({sim.tokens[lease.token]}, "
-                                         f"{lease.id})")
-                sim.disk_leases[lease.id] = replace(lease)
-                sim.disk_token = max(sim.disk_token, sim.node.leases.token)
-                sim.disk_max_term = max(sim.disk_max_term, sim.node.leases.max_term)
-            case ForgetJob():  # its journal row and its output go
+                self._journal_lease(name, eff.lease)
+            case ForgetJob():  # its journal row and the output it received go
                 sim.disk_jobs.pop(eff.job_id, None)
-                for kept in (sim.logs, sim.received, sim.archived):
+                for kept in (sim.received, sim.archived):
                     kept.pop(eff.job_id, None)
+            case ForgetRun():  # its journal row and the output it wrote go
+                sim.disk_runs.pop(eff.job_id, None)
+                sim.logs.pop(eff.job_id, None)
             case ForgetLease():
                 sim.disk_leases.pop(eff.lease_id, None)
             case JobOutput() if self.now < sim.disk_full_until:
@@ -342,6 +336,15 @@ class Simulator(SimNetwork, SimViews):
                 pass
             case _:
                 assert_never(eff)
+
+    def _journal_lease(self, name: str, lease: Lease) -> None:
+        sim = self.nodes[name]
+        if sim.tokens.setdefault(lease.token, lease.id) != lease.id:
+            raise InvariantError(f"seed {self.seed}: {name} handed out token {lease.token} "
+                                 f"twice ({sim.tokens[lease.token]}, {lease.id})")
+        sim.disk_leases[lease.id] = replace(lease)
+        sim.disk_token = max(sim.disk_token, sim.node.leases.token)
+        sim.disk_max_term = max(sim.disk_max_term, sim.node.leases.max_term)
 
     def _run_job(self, name: str, eff: RunJob) -> None:
         # ["sleep", S] runs S seconds and exits 0; ["false", S] runs S seconds and exits 1;

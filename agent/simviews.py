@@ -18,7 +18,14 @@ class SimViews:
 
     if TYPE_CHECKING:  # provided by ``Simulator``, which this is mixed into
         def reachable(self, a: str, b: str) -> bool: ...
-        def job(self, job_id: str) -> JobRecord | None: ...
+
+    def job(self, job_id: str) -> JobRecord | None:
+        """The origin's record of a job."""
+        for sim in self.nodes.values():
+            job = sim.node.origin.jobs.get(job_id)
+            if job is not None:
+                return job
+        return None
 
     def up_nodes(self) -> list[str]:
         return [n for n, s in self.nodes.items() if s.up]

@@ -1,4 +1,4 @@
-"""The agent's journal: jobs, leases and a few counters in one SQLite file.
+"""The agent's journal: jobs, runs, leases and a few counters in one SQLite file.
 
 Durability
 ----------
@@ -33,16 +33,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, RunRecord
 from flexmesh.agent.storeschema import (
     JOB_COLUMNS,
     MIGRATIONS,
+    RUN_COLUMNS,
     SCHEMA_VERSION,
     job_from_row,
     lease_from_row,
-    upsert_job,
+    run_from_row,
     upsert_lease,
     upsert_meta,
+    upsert_record,
 )
 
 __all__ = ["SCHEMA_VERSION", "AsyncJournal", "Journal", "JournalError"]
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+R = TypeVar("R", JobRecord, RunRecord)
 
 class JournalError(Exception):
     """The journal file cannot be used (unreadable, or written by a newer agent)."""
@@ -134,7 +137,8 @@ class Journal:
 
     def write_batch(self, jobs: Iterable[JobRecord] = (), leases: Iterable[dict[str, Any]] = (),
                     meta: dict[str, str] | None = None, forget_jobs: Iterable[str] = (),
-                    forget_leases: Iterable[str] = ()) -> None:
+                    forget_leases: Iterable[str] = (), *, runs: Iterable[RunRecord] = (),
+                    forget_runs: Iterable[str] = ()) -> None:
         """Insert or replace jobs, leases and meta values in one transaction, durable
         together once this returns (see the module doc): one fsync for a burst of changes
         instead of one each (group commit).
@@ -142,13 +146,17 @@ class Journal:
         A lease is keyed by ``lease["id"]`` (or ``lease["lease_id"]``); the dict must be
         JSON-serialisable, and comes back from ``list_leases`` equal. A lease without an
         id raises ValueError and nothing of the batch is written. ``forget_jobs`` and
-        ``forget_leases`` are deleted first (records past their retention).
+        ``forget_leases`` are deleted first (records past their retention); so are
+        ``forget_runs``, and ``runs`` (an owner's records of its runs) are written as jobs are.
         """
         with self._tx() as conn:
             conn.executemany("DELETE FROM jobs WHERE id = ?", [(j,) for j in forget_jobs])
+            conn.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in forget_runs])
             conn.executemany("DELETE FROM leases WHERE id = ?", [(x,) for x in forget_leases])
             for job in jobs:
-                upsert_job(conn, job)
+                upsert_record(conn, job)
+            for run in runs:
+                upsert_record(conn, run)
             for lease in leases:
                 upsert_lease(conn, lease)
             for key, value in (meta or {}).items():
@@ -159,7 +167,16 @@ class Journal:
     def list_jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
         """Jobs ordered by ``created_at`` (then by insertion), optionally only some states
         (a single state string is accepted too)."""
-        sql = f"SELECT {', '.join(JOB_COLUMNS)}, data FROM jobs"
+        return self._list("jobs", JOB_COLUMNS, job_from_row, states)
+
+    def list_runs(self, states: Iterable[str] | None = None) -> list[RunRecord]:
+        """This node's runs (of jobs submitted anywhere), ordered as ``list_jobs``."""
+        return self._list("runs", RUN_COLUMNS, run_from_row, states)
+
+    def _list(self, table: str, names: tuple[str, ...],
+              read: Callable[[tuple[Any, ...]], R | None],
+              states: Iterable[str] | None) -> list[R]:
+        sql = f"SELECT {', '.join(names)}, data FROM {table}"
         params: tuple[str, ...] = ()
         if states is not None:
             params = (states,) if isinstance(states, str) else tuple(states)
@@ -167,12 +184,12 @@ class Journal:
                 return []
             sql += f" WHERE state IN ({', '.join('?' * len(params))})"
         sql += " ORDER BY created_at, rowid"
-        jobs = []
+        records = []
         for row in self._conn.execute(sql, params):
-            job = job_from_row(row)
-            if job is not None:
-                jobs.append(job)
-        return jobs
+            record = read(row)
+            if record is not None:
+                records.append(record)
+        return records
 
     # -- leases --------------------------------------------------------------------------
 
@@ -267,12 +284,17 @@ class AsyncJournal:
         # Materialise here: a generator must not be consumed on the worker thread.
         return await self._call(self._journal.list_jobs, None if states is None else list(states))
 
+    async def list_runs(self, states: Iterable[str] | None = None) -> list[RunRecord]:
+        return await self._call(self._journal.list_runs, None if states is None else list(states))
+
     async def write_batch(self, jobs: Iterable[JobRecord] = (),
                           leases: Iterable[dict[str, Any]] = (),
                           meta: dict[str, str] | None = None, forget_jobs: Iterable[str] = (),
-                          forget_leases: Iterable[str] = ()) -> None:
-        await self._call(self._journal.write_batch, list(jobs), list(leases), meta,
-                         list(forget_jobs), list(forget_leases))
+                          forget_leases: Iterable[str] = (), *, runs: Iterable[RunRecord] = (),
+                          forget_runs: Iterable[str] = ()) -> None:
+        await self._call(functools.partial(
+            self._journal.write_batch, list(jobs), list(leases), meta, list(forget_jobs),
+            list(forget_leases), runs=list(runs), forget_runs=list(forget_runs)))
 
     async def list_leases(self) -> list[dict[str, Any]]:
         return await self._call(self._journal.list_leases)

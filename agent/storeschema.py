@@ -17,16 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from typing import Any
+from typing import Any, TypeVar
 
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, RunRecord
 
 # Under the journal's name, as before this module was split from it: log filters still match.
 log = logging.getLogger("flexmesh.agent.store")
+R = TypeVar("R", JobRecord, RunRecord)
 
 # JobRecord fields kept as their own columns (queryable, indexed); every other field goes
 # into the ``data`` JSON column. On read the columns win over anything in ``data``.
-JOB_COLUMNS = ("id", "state", "origin", "node", "lease_id", "role", "created_at", "updated_at")
+JOB_COLUMNS = ("id", "state", "origin", "node", "lease_id", "created_at", "updated_at")
+# The same for RunRecord, in the ``runs`` table.
+RUN_COLUMNS = ("id", "state", "origin", "lease_id", "created_at", "updated_at")
 
 # One entry per schema version: the statements that bring version i to version i + 1.
 # Append only; never edit a released migration.
@@ -56,20 +59,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             value TEXT NOT NULL
         )""",
     ),
+    # 2: an owner's runs apart from its origin's jobs. A job submitted and run on one node
+    # (role 'both') becomes a job and a run; a run for another node moves; the ``role``
+    # column is left, unused. (Rows keep ``device`` and ``more_devices`` in their data:
+    # ``models`` reads them as ``devices``.)
+    (
+        """CREATE TABLE runs (
+            id         TEXT PRIMARY KEY,
+            state      TEXT NOT NULL,
+            origin     TEXT NOT NULL DEFAULT '',
+            lease_id   TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL DEFAULT 0,
+            data       TEXT NOT NULL
+        )""",
+        "CREATE INDEX runs_by_created ON runs (created_at)",
+        """INSERT INTO runs (id, state, origin, lease_id, created_at, updated_at, data)
+           SELECT id, state, origin, lease_id, created_at, updated_at, data FROM jobs
+           WHERE role IN ('owner', 'both')""",
+        "DELETE FROM jobs WHERE role = 'owner'",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def upsert_job(conn: sqlite3.Connection, job: JobRecord) -> None:
-    record = job.to_dict()
-    columns = [record.pop(name) for name in JOB_COLUMNS]
-    data = json.dumps(record, separators=(",", ":"), sort_keys=True)
+def upsert_record(conn: sqlite3.Connection, record: JobRecord | RunRecord) -> None:
+    """A job into ``jobs``, a run into ``runs``."""
+    names: tuple[str, ...] = JOB_COLUMNS
+    table = "jobs"
+    if isinstance(record, RunRecord):
+        table, names = "runs", RUN_COLUMNS
+    fields = record.to_dict()
+    columns = [fields.pop(name) for name in names]
+    data = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     conn.execute(
-        f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}, data) "
-        f"VALUES ({', '.join('?' * (len(JOB_COLUMNS) + 1))}) "
+        f"INSERT INTO {table} ({', '.join(names)}, data) "
+        f"VALUES ({', '.join('?' * (len(names) + 1))}) "
         "ON CONFLICT (id) DO UPDATE SET "
-        + ", ".join(f"{c} = excluded.{c}" for c in (*JOB_COLUMNS[1:], "data")),
+        + ", ".join(f"{c} = excluded.{c}" for c in (*names[1:], "data")),
         (*columns, data),
     )
 
@@ -102,7 +130,8 @@ def _lease_id(lease: dict[str, Any]) -> str:
     return lease_id
 
 
-# Types a JobRecord field must have to be usable; a row that fails this is corrupt.
+# Types a JobRecord or RunRecord field must have to be usable; a row that fails this is
+# corrupt.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "id": str,
     "origin": str,
@@ -119,30 +148,45 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "pid_start": (int, type(None)),
     "created_at": (int, float),
     "updated_at": (int, float),
+    "devices": tuple,
 }
 
 
 def job_from_row(row: tuple[Any, ...]) -> JobRecord | None:
     """The job in a row of ``JOB_COLUMNS`` then ``data``; None, logged, if it is corrupt."""
-    job_id = row[0]
+    return _from_row(JobRecord, JOB_COLUMNS, row)
+
+
+def run_from_row(row: tuple[Any, ...]) -> RunRecord | None:
+    """The run in a row of ``RUN_COLUMNS`` then ``data``; None, logged, if it is corrupt."""
+    return _from_row(RunRecord, RUN_COLUMNS, row)
+
+
+def _from_row(kind: type[R], names: tuple[str, ...], row: tuple[Any, ...]) -> R | None:
+    record_id = row[0]
     try:
         data = json.loads(row[-1])
         if not isinstance(data, dict):
             raise ValueError(f"data is a {type(data).__name__}, not an object")
-        data.update(zip(JOB_COLUMNS, row[:-1], strict=True))
-        job = JobRecord.from_dict(data)
-        for name, kind in _FIELD_TYPES.items():
-            value = getattr(job, name)
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        data.update(zip(names, row[:-1], strict=True))
+        record = kind.from_dict(data)
+        for name, want in _FIELD_TYPES.items():
+            if name not in kind.__dataclass_fields__:
+                continue
+            value = getattr(record, name)
+            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
                 raise ValueError(f"field {name!r} has type {type(value).__name__}")
-        if not all(isinstance(a, str) for a in job.command):
+        if not all(isinstance(a, str) for a in record.command):
             raise ValueError("command is not a list of strings")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in job.env.items()):
+        if not all(isinstance(d, str) for d in record.devices):
+            raise ValueError("devices is not a list of strings")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in record.env.items()):
             raise ValueError("env is not a mapping of strings")
     except (ValueError, TypeError) as e:
-        log.error("journal: skipping corrupt job row %r: %s", job_id, e)
+        log.error("journal: skipping corrupt %s row %r: %s",
+                  "run" if kind is RunRecord else "job", record_id, e)
         return None
-    return job
+    return record
 
 
 def lease_from_row(lease_id: str, data: str) -> dict[str, Any] | None:

@@ -130,7 +130,7 @@ def test_journal_survives_kill_and_marks_vanished_jobs_lost(mesh: LocalMesh) -> 
     from flexmesh.agent.store import Journal
 
     j = Journal(state / "journal.sqlite3")
-    pid = next(x.pid for x in j.list_jobs() if x.id == job_id)
+    pid = next(x.pid for x in j.list_runs() if x.id == job_id)
     j.close()
     assert pid
     os.killpg(pid, signal.SIGKILL)

@@ -142,7 +142,7 @@ def test_scheduling_and_jobs(agent: StandIn) -> None:
 
 def test_devices(agent: StandIn) -> None:
     _, s = scrape(agent)
-    placed = agent.node.origin.jobs["j1"].device
+    placed = agent.node.origin.jobs["j1"].devices[0]
     other = "gpu1" if placed == "gpu0" else "gpu0"
     g0 = {"node": "alpha", "device": "gpu0"}
     assert value(s, "flexmesh_device_capacity_compute_milli", **g0) == 1000

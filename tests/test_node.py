@@ -6,7 +6,7 @@ import random
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import CANCELLED, JobRecord
-from flexmesh.agent.node import Call, Node, NodeConfig, RunJob, StopJob
+from flexmesh.agent.node import Call, Node, NodeConfig, PersistJob, PersistRun, RunJob, StopJob
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.lease import Lease
 from flexmesh.protocol.membership import SendPacket
@@ -87,7 +87,7 @@ def test_a_local_job_preempted_while_starting_is_stopped_not_run() -> None:
         node.tick(node.next_deadline())
     assert node.is_coordinator
     job = JobRecord(id="j1", origin="solo", command=["sleep", "9"], compute_milli=500,
-                    memory_mib=1024, role="origin", preemptible=True)
+                    memory_mib=1024, preemptible=True)
     node.submit(job, node._now)
     runs = [e for e in node.drain() if isinstance(e, RunJob)]
     assert len(runs) == 1
@@ -95,7 +95,8 @@ def test_a_local_job_preempted_while_starting_is_stopped_not_run() -> None:
     node.set_devices([gpu(0)], {gpu(0).id: (0, 0)}, node._now)  # the owner's own work takes it all
     assert node.origin.jobs["j1"].state == "queued"
     node.job_started("j1", 4242, None, node._now, lease_id=lease_id)
-    assert node.origin.jobs["j1"].state == "queued" and node.origin.jobs["j1"].pid is None
+    assert node.origin.jobs["j1"].state == "queued"
+    assert node.owner.runs["j1"].state == "preempted" and node.owner.runs["j1"].pid is None
     assert [e.job_id for e in node.drain() if isinstance(e, StopJob)] == ["j1"]
     node.job_exited("j1", 143, "terminated", node._now)  # the stale process ends
     assert node.origin.jobs["j1"].state == "queued"
@@ -134,9 +135,9 @@ def test_a_member_back_after_being_forgotten_is_elected_on_its_facts() -> None:
 def test_a_placed_job_read_back_after_a_restart_is_started_again() -> None:
     node = Node(NodeConfig("desk", "127.0.0.1:7946"), random.Random(1), 0.0)
     job = JobRecord(id="j1", origin="desk", command=["true"], compute_milli=500,
-                    memory_mib=0, role="origin", state="placed", node="owner",
-                    device="gpu0", lease_id="owner/7", token=7, term=1)
-    node.recover([job], [], lambda j: False, 0.0)
+                    memory_mib=0, state="placed", node="owner",
+                    devices=("gpu0",), lease_id="owner/7", token=7, term=1)
+    node.recover([job], [], [], lambda j: False, 0.0)
     node.membership.handle_alive(wire.Alive("owner", "127.0.0.1:7947", 0), 0.0)
     node.tick(1.0)
     starts = [e.msg for e in node.drain()
@@ -221,10 +222,10 @@ def test_an_origin_drops_a_job_sync_answer_bigger_than_it_asks_for() -> None:
 
     node = Node(NodeConfig("desk", "127.0.0.1:7946"), random.Random(1), 0.0)
     job = JobRecord(id="j1", origin="desk", command=["true"], compute_milli=500,
-                    memory_mib=0, role="origin", state="running", node="owner",
-                    device="gpu0", lease_id="owner/7", token=7, term=1)
+                    memory_mib=0, state="running", node="owner",
+                    devices=("gpu0",), lease_id="owner/7", token=7, term=1)
     node.membership.handle_alive(wire.Alive("owner", "127.0.0.1:7947", 0), 0.0)
-    node.recover([job], [], lambda j: False, 0.0)
+    node.recover([job], [], [], lambda j: False, 0.0)
     (sync,) = [e for e in node.drain() if isinstance(e, Call) and isinstance(e.msg, wire.JobSync)]
     huge = wire.JobSyncReply("running", "", None, b"x" * (SYNC_CHUNK + 1), b"", False)
     node.call_result(sync.call_id, huge, "", 1.0)
@@ -245,10 +246,10 @@ def _following(stdout: bytes) -> tuple[Node, wire.JobSync]:
     """``desk`` follows j1 on ``owner`` and has just been given ``stdout`` of it."""
     node = Node(NodeConfig("desk", "127.0.0.1:7946"), random.Random(1), 0.0)
     job = JobRecord(id="j1", origin="desk", command=["true"], compute_milli=500,
-                    memory_mib=0, role="origin", state="running", node="owner",
-                    device="gpu0", lease_id="owner/7", token=7, term=1)
+                    memory_mib=0, state="running", node="owner",
+                    devices=("gpu0",), lease_id="owner/7", token=7, term=1)
     node.membership.handle_alive(wire.Alive("owner", "127.0.0.1:7947", 0), 0.0)
-    node.recover([job], [], lambda j: False, 0.0)
+    node.recover([job], [], [], lambda j: False, 0.0)
     (sync,) = [e for e in node.drain() if isinstance(e, Call) and isinstance(e.msg, wire.JobSync)]
     node.call_result(sync.call_id, wire.JobSyncReply("running", "", None, stdout, b"", False),
                      "", 1.0)
@@ -326,3 +327,31 @@ def test_a_member_only_heard_of_in_gossip_draws_no_placement() -> None:
         asks += lease_asks(list(coord.drain()))
     assert asks == ["owner"]  # the job of 1 GiB; the others wait
     assert coord.scheduler.queue and "ghost" not in coord.coordinator.candidates_by_node()
+
+
+def test_a_job_run_where_it_was_submitted_is_a_job_and_a_run() -> None:
+    """The origin keeps what the user asked (a request in proportion stays so); the owner
+    keeps the run (its lease's share, its process) and tells the origin of it at once."""
+    node = Node(NodeConfig("solo", "127.0.0.1:7946"), random.Random(1), 0.0)
+    node.set_devices([gpu(0)], {}, 0.0)
+    for _ in range(40):
+        node.tick(node.next_deadline())
+    job = JobRecord(id="j1", origin="solo", command=["true"], compute_milli=0,
+                    memory_mib=4096, uid=1000)
+    node.submit(job, node._now)
+    effects = node.drain()
+    (start,) = [e for e in effects if isinstance(e, RunJob)]
+    run = node.owner.runs["j1"]
+    assert run is not job and start.job == run
+    # (4096 of 81559 MiB: 51 milli, rounded up)
+    assert (job.compute_milli, run.compute_milli, run.memory_mib) == (0, 51, 4096)
+    assert job.devices == run.devices == (gpu(0).id,) and run.uid == 1000
+    assert job.state == "placed" and run.attempts == 1 and job.attempts == 0
+    node.job_started("j1", 4242, 17, node._now, lease_id=run.lease_id)
+    assert job.state == run.state == "running" and run.pid == 4242
+    node.job_exited("j1", 0, "exited with code 0", node._now, None)
+    assert job.state == run.state == "succeeded" and job.exit_code == 0
+    written = node.drain()
+    assert [e.job.state for e in written if isinstance(e, PersistJob)][-1] == "succeeded"
+    assert [e.run.state for e in written if isinstance(e, PersistRun)][-1] == "succeeded"
+    assert node.views.status().jobs == {("succeeded", "both"): 1}

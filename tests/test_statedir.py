@@ -79,7 +79,7 @@ class FlakyJournal:
         self.forgotten: set[str] = set()
 
     async def write_batch(self, jobs: Any, leases: Any, meta: Any, forget_jobs: Any,
-                          forget_leases: Any) -> None:
+                          forget_leases: Any, *, runs: Any = (), forget_runs: Any = ()) -> None:
         await asyncio.sleep(0)
         if self.fails:
             self.fails -= 1

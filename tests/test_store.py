@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flexmesh.agent.models import FAILED, QUEUED, RUNNING, JobRecord
+from flexmesh.agent.models import FAILED, QUEUED, RUNNING, JobRecord, RunRecord
 from flexmesh.agent.store import SCHEMA_VERSION, AsyncJournal, Journal, JournalError
 
 
@@ -71,14 +71,62 @@ def test_normal_synchronous_is_selectable(db: Path) -> None:
 def test_job_roundtrip_survives_reopen(db: Path) -> None:
     job = make_job("j1")
     job.exit_code = 3
-    job.pid, job.pid_start = 1234, 98765
     job.token, job.term, job.lease_id, job.node = 7, 2, "lease-1", "node-b"
+    job.devices = ("gpu0", "gpu1")
     with Journal(db) as j:
         j.write_batch([job])
         assert j.list_jobs() == [job]
         assert job_in(j, "nope") is None
+        assert j.list_runs() == []
     with Journal(db) as j:
         assert j.list_jobs() == [job]
+
+
+def make_run(job_id: str, origin: str = "node-b") -> RunRecord:
+    return RunRecord(id=job_id, origin=origin, command=["sleep", "1"], compute_milli=250,
+                     memory_mib=512, env={"X": "y"}, state=RUNNING, devices=("gpu0",),
+                     lease_id="L1", token=3, term=1, pid=1234, pid_start=98765,
+                     created_at=2.0, updated_at=2.0, attempts=1)
+
+
+def test_runs_apart_from_jobs(db: Path) -> None:
+    """An owner's record of a run and its origin's record of the job share an id (a job
+    submitted and run on one node) and are two rows, each forgotten on its own."""
+    job, run = make_job("j1"), make_run("j1", origin="node-a")
+    with Journal(db) as j:
+        j.write_batch([job], runs=[run])
+        assert j.list_jobs() == [job] and j.list_runs() == [run]
+        assert j.list_runs([RUNNING]) == [run] and j.list_runs([QUEUED]) == []
+    with Journal(db) as j:
+        assert j.list_runs() == [run]
+        j.write_batch(forget_runs=["j1"])
+        assert j.list_runs() == [] and j.list_jobs() == [job]
+
+
+def test_journal_of_the_previous_version_migrates(tmp_path: Path) -> None:
+    """A journal written by the agent before runs had a table of their own (schema 1,
+    tests/data/journal-v1.sqlite3): a job run where it was submitted becomes a job and a
+    run, a run for another node moves to the runs, and devices become one tuple."""
+    db = tmp_path / "journal.sqlite3"
+    db.write_bytes((Path(__file__).parent / "data" / "journal-v1.sqlite3").read_bytes())
+    with Journal(db) as j:
+        assert j.schema_version == SCHEMA_VERSION
+        jobs = {x.id: x for x in j.list_jobs()}
+        runs = {x.id: x for x in j.list_runs()}
+        assert j.list_leases()[0]["id"] == "n1-L7" and j.get_meta("token") == "9"
+    assert set(jobs) == {"queued1", "remote1", "local1"}
+    assert set(runs) == {"local1", "borrowed1"}
+    assert jobs["queued1"].devices == () and jobs["queued1"].uid == 1000
+    assert jobs["remote1"].devices == ("gpu0", "gpu1") and jobs["remote1"].node == "n2"
+    local = runs["local1"]
+    assert (local.pid, local.pid_start, local.devices, local.lease_id) == (4242, 777, ("gpu0",),
+                                                                           "n1-L7")
+    assert local.state == jobs["local1"].state == RUNNING and local.uid == 1000
+    assert local.bundle == "ab" * 32 and local.origin == "n1"
+    borrowed = runs["borrowed1"]
+    assert (borrowed.origin, borrowed.state, borrowed.exit_code) == ("n3", "succeeded", 0)
+    with Journal(db) as j:  # (opened again: nothing is migrated twice)
+        assert len(j.list_runs()) == 2 and len(j.list_jobs()) == 3
 
 
 def test_second_journal_sees_committed_write(db: Path) -> None:

@@ -15,15 +15,17 @@ from flexmesh.agent.node.effects import (
     Effect,
     ForgetJob,
     ForgetLease,
+    ForgetRun,
     JobOutput,
     LogEvent,
     PersistJob,
     PersistLease,
+    PersistRun,
     RunJob,
     StopJob,
 )
 from flexmesh.agent.node.views import NodeStatus
 
-__all__ = ["ArchiveOutput", "Call", "Effect", "ForgetJob", "ForgetLease", "JobOutput",
-           "LogEvent", "Node", "NodeConfig", "NodeStatus", "PersistJob", "PersistLease",
-           "RunJob", "StopJob"]
+__all__ = ["ArchiveOutput", "Call", "Effect", "ForgetJob", "ForgetLease", "ForgetRun",
+           "JobOutput", "LogEvent", "Node", "NodeConfig", "NodeStatus", "PersistJob",
+           "PersistLease", "PersistRun", "RunJob", "StopJob"]

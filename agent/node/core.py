@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, RunRecord
 from flexmesh.agent.node.config import NodeConfig
 from flexmesh.agent.node.coordinator import Coordinator
 from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall
@@ -110,6 +110,10 @@ class Node:
     def persist(self, job: JobRecord) -> None:
         """Journal a job as it is now (see ``records``)."""
         self.records.persist(job, self._now)
+
+    def persist_run(self, run: RunRecord) -> None:
+        """Journal a run as it is now (see ``records``)."""
+        self.records.persist_run(run, self._now)
 
     def call(self, node: str, msg: wire.Message, now: float, job_id: str = "",
              gang: tuple[str, int] | None = None, lease_id: str = "") -> None:
@@ -241,8 +245,8 @@ class Node:
         self.publish_facts()
         self._after_input(now)
 
-    def recover(self, jobs: list[JobRecord], leases: list[Lease],
-                adopt: Callable[[JobRecord], bool], now: float,
+    def recover(self, jobs: list[JobRecord], runs: list[RunRecord], leases: list[Lease],
+                adopt: Callable[[RunRecord], bool], now: float,
                 output: Callable[[str], tuple[int, int]] | None = None) -> None:
         """After a restart: take back the journal's leases and jobs.
 
@@ -253,14 +257,11 @@ class Node:
         """
         self._now = now
         self.owner.restore(leases)
-        self.origin.adopt([j for j in jobs if j.role != "owner"])
-        for job in jobs:
-            if job.role != "origin":
-                if job.role == "both":
-                    job = self.origin.jobs[job.id]
-                self.owner.recover_run(job, job.terminal or adopt(job), now)
+        self.origin.adopt(jobs)
+        for run in runs:
+            self.owner.recover_run(run, run.terminal or adopt(run), now)
         self.origin.recover(now, output or (lambda _job: (0, 0)))
-        self.records.read_back(jobs, now)
+        self.records.read_back(jobs, runs, now)
         self.publish_facts()
         self._after_input(now)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, RunRecord
 from flexmesh.protocol import wire
 from flexmesh.protocol.lease import Lease
 from flexmesh.protocol.membership import (
@@ -41,6 +41,13 @@ class PersistJob:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistRun:
+    """Owner: journal its record of a run."""
+
+    run: RunRecord
+
+
+@dataclass(frozen=True, slots=True)
 class PersistLease:
     lease: Lease
 
@@ -48,6 +55,13 @@ class PersistLease:
 @dataclass(frozen=True, slots=True)
 class ForgetJob:
     """An ended job is past its retention: delete it from the journal."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetRun:
+    """An ended run is past its retention: delete it from the journal."""
 
     job_id: str
 
@@ -63,7 +77,7 @@ class ForgetLease:
 class RunJob:
     """Owner: start the job's process on these devices (report ``job_started``/``exited``)."""
 
-    job: JobRecord
+    job: RunRecord
     devices: tuple[Device, ...]
 
 
@@ -102,8 +116,8 @@ class LogEvent:
 
 
 Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | NameConflict | Call | PersistJob
-          | PersistLease | ForgetJob | ForgetLease | RunJob | StopJob | ArchiveOutput
-          | JobOutput | LogEvent)
+          | PersistRun | PersistLease | ForgetJob | ForgetRun | ForgetLease | RunJob | StopJob
+          | ArchiveOutput | JobOutput | LogEvent)
 
 
 @dataclass(frozen=True, slots=True)

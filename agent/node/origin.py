@@ -6,8 +6,9 @@ answers, accepts the coordinator's placement, asks the owner to start it (again 
 lease would lapse), requeues it when its run was refused or preempted, and tells the owner
 of a cancel until it is heard. A job that runs elsewhere is followed by ``follow``.
 
-``jobs`` holds the user's view of every job submitted here. A job run here is the same
-record in ``Owner.runs``, so the owner's changes are the origin's at once.
+``jobs`` holds the user's view of every job submitted here. Where a job runs, its owner
+keeps a ``RunRecord``: this node's own owner tells of a run here at once (through
+``remote_update``, as ``follow`` does for a run elsewhere).
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class Origin:
         return bool(self._waiting or self._cancel_retry or self.follow.waits())
 
     def runs_here(self, job: JobRecord) -> bool:
-        return self.node.owner.runs.get(job.id) is job
+        """Whether the job's current placement has started a run on this node."""
+        run = self.node.owner.runs.get(job.id)
+        return run is not None and bool(job.lease_id) and run.lease_id == job.lease_id
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -226,8 +229,7 @@ class Origin:
 
     def _accept_placed(self, msg: wire.Placed, now: float) -> None:
         job = self.jobs[msg.job_id]
-        job.state, job.node, job.device = PLACED, msg.node, msg.device
-        job.more_devices = list(msg.more)
+        job.state, job.node, job.devices = PLACED, msg.node, (msg.device, *msg.more)
         job.lease_id, job.token, job.term = msg.lease_id, msg.token, msg.term
         job.reason, job.updated_at = "", now
         self.node.persist(job)
@@ -302,16 +304,7 @@ class Origin:
         self.out.log("job_end", job=job.id, state=state, reason=reason)
         gang_ended(self, job, now)
 
-    def run_ended(self, job: JobRecord, now: float) -> None:
-        """A job submitted here and run here has ended on this node's devices."""
-        if job.state == PREEMPTED and job.requeue and not job.gang:
-            self.requeue(job, f"preempted on {job.node}/{job.device}: {job.reason}", now)
-            return
-        self.node.persist(job)
-        gang_ended(self, job, now)
-
     def requeue(self, job: JobRecord, reason: str, now: float) -> None:
-        self.node.owner.drop_run(job.id)  # run here or not, it is not running now
         if job.cancel_requested:  # it ended there before the cancel arrived: done
             job.state, job.updated_at = CANCELLED, now
             job.reason = job.reason or "cancelled by user"
@@ -322,9 +315,8 @@ class Origin:
         self.out.log("job_requeued", job=job.id, reason=reason)
         if job.attempts or job.state in (RUNNING, PLACED):
             self.out.emit(ArchiveOutput(job.id))
-        job.state, job.node, job.device, job.lease_id, job.token = QUEUED, "", "", "", 0
-        job.more_devices = []
-        job.pid = job.pid_start = job.exit_code = None
+        job.state, job.node, job.devices, job.lease_id, job.token = QUEUED, "", (), "", 0
+        job.exit_code = None
         job.attempts += 1
         job.reason, job.updated_at = f"requeued: {reason}", now
         self.node.persist(job)
@@ -391,7 +383,8 @@ class Origin:
         if job.state not in (PLACED, RUNNING):
             return  # a late report about a placement this job has left (requeued since)
         if state == PREEMPTED and job.requeue and not job.gang:
-            self.requeue(job, f"preempted on {job.node}/{job.device}: {reason}", now)
+            self.requeue(job, f"preempted on {job.node}/{','.join(job.devices)}: {reason}",
+                         now)
             return
         job.state, job.reason, job.exit_code, job.updated_at = state, reason, exit_code, now
         self.node.persist(job)

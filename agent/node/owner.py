@@ -6,8 +6,8 @@ lease, takes fractions back when its own workload grows (reclaim) or a coordinat
 for room (preemption), and tells a job's origin what became of it (``JobSync``). Every
 node is an owner, with or without devices.
 
-``runs`` holds the jobs this node runs or ran. A job submitted here and run here is the
-same record in ``Origin.jobs``; every other run belongs to another node's origin.
+``runs`` holds the runs of jobs on this node's devices, whoever submitted them. A job
+submitted here hears of its run at once (``_tell_origin``); other origins follow theirs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from flexmesh.agent.models import (
     PREEMPTED,
     RUNNING,
     SUCCEEDED,
-    JobRecord,
+    RunRecord,
     job_id_problem,
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
@@ -45,7 +45,7 @@ class Owner:
         self.out = node.out
         self.leases = node.leases
         self.devices: dict[str, Device] = {}
-        self.runs: dict[str, JobRecord] = {}
+        self.runs: dict[str, RunRecord] = {}
         self._stopping: dict[str, StopJob] = {}
         # Processes started (RunJob given) and not yet seen to exit, by job -> lease: one
         # job never has two, even when a run stopped while starting is placed here again.
@@ -219,9 +219,9 @@ class Owner:
     # --- runs ---------------------------------------------------------------------------
 
     def handle_start(self, msg: wire.StartJob, now: float) -> wire.Message:
-        job = self.runs.get(msg.job_id)
-        if job is not None and job.lease_id == msg.lease_id:
-            return wire.Ok(job.state)  # already started: starting is idempotent
+        run = self.runs.get(msg.job_id)
+        if run is not None and run.lease_id == msg.lease_id:
+            return wire.Ok(run.state)  # already started: starting is idempotent
         problem = job_id_problem(msg.job_id)
         if problem is not None:
             return wire.Error(problem)
@@ -235,35 +235,28 @@ class Owner:
         if gone:
             self.leases.release(result.id)
             return wire.Error(f"device {','.join(gone)} is gone")
-        job = self._run_record(msg, result, now)
-        job.state, job.node, job.device = PLACED, self.node.name, result.device
-        job.more_devices = list(result.more)
-        job.lease_id, job.token, job.term = result.id, result.token, result.term
-        job.updated_at, job.pid, job.exit_code = now, None, None
-        job.attempts += 1
+        run = self._run_record(msg, result, now)
         self.out.emit(PersistLease(result))
-        self.node.persist(job)
-        # What it runs with is the lease's (a request in proportion: with the zero filled).
-        run = replace(job, compute_milli=result.compute_milli, memory_mib=result.memory_mib)
-        self.out.emit(RunJob(run, tuple(d for d in held if d is not None)))
-        self._live[job.id] = result.id
-        self.out.log("job_start", job=job.id, device=",".join(result.devices), origin=job.origin)
+        self.node.persist_run(run)
+        self.out.emit(RunJob(replace(run), tuple(d for d in held if d is not None)))
+        self._live[run.id] = result.id
+        self.out.log("job_start", job=run.id, device=",".join(result.devices), origin=run.origin)
         return wire.Ok("starting")
 
-    def _run_record(self, msg: wire.StartJob, lease: Lease, now: float) -> JobRecord:
-        """The record of a new run: the origin's own when the job was submitted here."""
-        job = self.node.origin.jobs.get(msg.job_id)
-        if job is None:
-            earlier = self.runs.get(msg.job_id)  # an earlier run here (preempted): counted on
-            job = JobRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
-                            compute_milli=lease.compute_milli, memory_mib=lease.memory_mib,
-                            env=dict(msg.env), created_at=now, role="owner",
-                            attempts=earlier.attempts if earlier is not None else 0,
-                            bundle=msg.bundle, bundle_size=msg.bundle_size)
-        else:
-            job.env = dict(msg.env)  # as the origin sends it (a gang member: with the gang's)
-        self.runs[job.id] = job
-        return job
+    def _run_record(self, msg: wire.StartJob, lease: Lease, now: float) -> RunRecord:
+        """The record of a new run, with what it runs with: the lease's share (a request
+        in proportion made concrete) and, for a job submitted here, its submitter."""
+        earlier = self.runs.get(msg.job_id)  # an earlier run here (preempted): counted on
+        mine = self.node.origin.jobs.get(msg.job_id) if msg.origin == self.node.name else None
+        run = RunRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
+                        compute_milli=lease.compute_milli, memory_mib=lease.memory_mib,
+                        env=dict(msg.env), devices=lease.devices, lease_id=lease.id,
+                        token=lease.token, term=lease.term, created_at=now, updated_at=now,
+                        uid=mine.uid if mine is not None else None,
+                        attempts=(earlier.attempts if earlier is not None else 0) + 1,
+                        bundle=msg.bundle, bundle_size=msg.bundle_size)
+        self.runs[run.id] = run
+        return run
 
     def handle_cancel(self, msg: wire.Cancel, now: float) -> wire.Message:
         job = self.runs.get(msg.job_id)
@@ -293,45 +286,51 @@ class Owner:
 
     def job_started(self, job_id: str, pid: int, pid_start: int | None, now: float,
                     lease_id: str | None) -> None:
-        job = self.runs.get(job_id)
-        if (job is None or job.state != PLACED
-                or (lease_id is not None and job.lease_id != lease_id)):
+        run = self.runs.get(job_id)
+        if (run is None or run.state != PLACED
+                or (lease_id is not None and run.lease_id != lease_id)):
             # Stopped (cancelled, preempted, reclaimed) while its process was being started,
             # maybe requeued since: its lease is given back, so the process must not run on.
             self.out.log("stale_start", job=job_id, pid=pid)
             self.out.emit(StopJob(job_id, "stopped before it had started",
-                                  job.state if job is not None and job.terminal else CANCELLED,
+                                  run.state if run is not None and run.terminal else CANCELLED,
                                   lease_id or ""))
             return
-        job.state, job.pid, job.pid_start, job.updated_at = RUNNING, pid, pid_start, now
-        self.node.persist(job)
+        run.state, run.pid, run.pid_start, run.updated_at = RUNNING, pid, pid_start, now
+        self.node.persist_run(run)
+        self._tell_origin(run, now)
 
     def job_exited(self, job_id: str, exit_code: int | None, reason: str, now: float,
                    state: str | None) -> None:
         self._live.pop(job_id, None)
-        job = self.runs.get(job_id)
-        if job is None or job.state not in (PLACED, RUNNING):
+        run = self.runs.get(job_id)
+        if run is None or run.state not in (PLACED, RUNNING):
             return  # not a run of ours (any more): e.g. stopped while starting, requeued
         stop = self._stopping.pop(job_id, None)
         if stop is not None:
             state, reason = stop.state, stop.reason
         elif state is None:
             state = SUCCEEDED if exit_code == 0 else FAILED
-        self._end_run(job, exit_code, reason, now, state)
+        self._end_run(run, exit_code, reason, now, state)
 
-    def _end_run(self, job: JobRecord, exit_code: int | None, reason: str, now: float,
+    def _end_run(self, run: RunRecord, exit_code: int | None, reason: str, now: float,
                  state: str) -> None:
-        self._stopping.pop(job.id, None)
-        job.state, job.exit_code, job.reason, job.updated_at = state, exit_code, reason, now
-        lease = self.leases.release(job.lease_id)
+        self._stopping.pop(run.id, None)
+        run.state, run.exit_code, run.reason, run.updated_at = state, exit_code, reason, now
+        lease = self.leases.release(run.lease_id)
         if lease is not None:
             self.out.emit(PersistLease(lease))
-        self.out.log("job_end", job=job.id, state=state, reason=reason)
+        self.out.log("job_end", job=run.id, state=state, reason=reason)
         self.node.publish_facts()
-        if job.id in self.node.origin.jobs:  # submitted here: the origin takes it from here
-            self.node.origin.run_ended(job, now)
-        else:
-            self.node.persist(job)
+        self.node.persist_run(run)
+        self._tell_origin(run, now)
+
+    def _tell_origin(self, run: RunRecord, now: float) -> None:
+        """A job submitted here hears of its run at once; other origins follow theirs
+        (``JobSync``)."""
+        job = self.node.origin.jobs.get(run.id) if run.origin == self.node.name else None
+        if job is not None and job.lease_id == run.lease_id:
+            self.node.origin.remote_update(job, run.state, run.reason, run.exit_code, now)
 
     def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes,
                    chunk: int) -> wire.Message:
@@ -355,22 +354,19 @@ class Owner:
     def uncollected(self, job_id: str) -> bool:
         """Whether ``job_id`` is a run that ended here and whose origin, another node,
         has not heard so yet: kept until its age runs out, whatever the count."""
-        job = self.runs.get(job_id)
-        return (job is not None and job.terminal and job_id not in self._collected
-                and job_id not in self.node.origin.jobs)
+        run = self.runs.get(job_id)
+        return (run is not None and run.terminal and job_id not in self._collected
+                and run.origin != self.node.name)
 
-    def forget(self, job_id: str) -> None:
-        """An ended run past its retention."""
-        job = self.runs.get(job_id)
-        if job is not None and job.terminal:
-            del self.runs[job_id]
-            self._stopping.pop(job_id, None)
-            self._collected.discard(job_id)
-
-    def drop_run(self, job_id: str) -> None:
-        """A job submitted here and run here goes back to the queue: not ours to run now."""
-        self.runs.pop(job_id, None)
+    def forget(self, job_id: str) -> bool:
+        """An ended run past its retention; True if it was forgotten."""
+        run = self.runs.get(job_id)
+        if run is None or not run.terminal:
+            return False
+        del self.runs[job_id]
         self._stopping.pop(job_id, None)
+        self._collected.discard(job_id)
+        return True
 
     # --- restart ------------------------------------------------------------------------
 
@@ -379,14 +375,14 @@ class Owner:
             if lease.state in ACTIVE:
                 self.leases.restore(lease)
 
-    def recover_run(self, job: JobRecord, adopted: bool, now: float) -> None:
+    def recover_run(self, run: RunRecord, adopted: bool, now: float) -> None:
         """A run read from the journal: ended, re-adopted, or lost with the agent."""
-        self.runs[job.id] = job
-        if job.state in (PLACED, RUNNING) and adopted:
-            self._live[job.id] = job.lease_id
-        if job.state in (PLACED, RUNNING) and not adopted:
-            self.out.log("job_lost", job=job.id, reason="process vanished")
-            self._end_run(job, None, "process vanished while the agent was down", now, LOST)
+        self.runs[run.id] = run
+        if run.state in (PLACED, RUNNING) and adopted:
+            self._live[run.id] = run.lease_id
+        if run.state in (PLACED, RUNNING) and not adopted:
+            self.out.log("job_lost", job=run.id, reason="process vanished")
+            self._end_run(run, None, "process vanished while the agent was down", now, LOST)
 
     def stopping(self) -> set[str]:
         return set(self._stopping)

@@ -1,10 +1,10 @@
-"""What a node journals of its jobs and leases, and for how long.
+"""What a node journals of its jobs, runs and leases, and for how long.
 
-Every job record a node writes goes through ``persist``: its role is set from which of
-the node's roles keep it, its state change is checked against ``models.TRANSITIONS``
-(counted and logged if the table does not allow it: the simulator fails on it), and an
-ended job starts its retention. ``forget_finished`` drops ended jobs and finished leases
-past their retention from memory and the journal.
+Every record a node writes goes through here: a job (the origin's) through ``persist``, a
+run (an owner's) through ``persist_run``. Its state change is checked against
+``models.TRANSITIONS`` (counted and logged if the table does not allow it: the simulator
+fails on it), and an ended record starts its retention. ``forget_finished`` drops ended
+jobs, runs and finished leases past their retention from memory and the journal.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from flexmesh.agent.models import JobRecord, may_become
-from flexmesh.agent.node.effects import ForgetJob, ForgetLease, PersistJob
+from flexmesh.agent.models import JobRecord, RunRecord, may_become
+from flexmesh.agent.node.effects import ForgetJob, ForgetLease, ForgetRun, PersistJob, PersistRun
 from flexmesh.agent.node.retention import Retention
 from flexmesh.protocol.lease import ACTIVE
 
 if TYPE_CHECKING:
     from flexmesh.agent.node.core import Node
+
+JOB, RUN = "job", "run"
 
 
 class Records:
@@ -27,53 +29,55 @@ class Records:
         self.out = node.out
         keep, keep_for = node.config.keep_finished, node.config.keep_finished_for
         self.kept_jobs = Retention(keep, keep_for)
+        self.kept_runs = Retention(keep, keep_for)
         self.kept_leases = Retention(keep, keep_for)
-        self._journaled: dict[str, tuple[str, int]] = {}  # job -> (state, attempts) on disk
+        # (JOB or RUN, id) -> (state, attempts) as on disk
+        self._journaled: dict[tuple[str, str], tuple[str, int]] = {}
 
     def persist(self, job: JobRecord, now: float) -> None:
-        mine = self.node.origin.jobs.get(job.id) is job
-        runs = self.node.owner.runs.get(job.id) is job
-        job.role = "both" if mine and runs else "owner" if runs else "origin"
-        self._check_transition(job)
-        if job.terminal:
-            self.kept_jobs.ended(job.id, now)
-        else:
-            self.kept_jobs.revived(job.id)
+        self._written(JOB, job, self.kept_jobs, now)
         self.out.emit(PersistJob(replace(job)))
 
-    def _check_transition(self, job: JobRecord) -> None:
-        before = self._journaled.get(job.id)
-        self._journaled[job.id] = (job.state, job.attempts)
-        if before is not None and not may_become(*before, job.state, job.attempts):
+    def persist_run(self, run: RunRecord, now: float) -> None:
+        self._written(RUN, run, self.kept_runs, now)
+        self.out.emit(PersistRun(replace(run)))
+
+    def _written(self, kind: str, record: JobRecord | RunRecord, kept: Retention,
+                 now: float) -> None:
+        before = self._journaled.get((kind, record.id))
+        self._journaled[kind, record.id] = (record.state, record.attempts)
+        if before is not None and not may_become(*before, record.state, record.attempts):
             self.out.count("job_state_invalid")
-            self.out.log("job_state_invalid", job=job.id, before=before[0], after=job.state)
+            self.out.log("job_state_invalid", job=record.id, record=kind, before=before[0],
+                         after=record.state)
+        if record.terminal:
+            kept.ended(record.id, now)
+        else:
+            kept.revived(record.id)
 
-    def _forgotten(self, job_id: str) -> None:
-        if self._journaled.pop(job_id, None) is not None:
-            self.out.emit(ForgetJob(job_id))
-
-    def read_back(self, jobs: list[JobRecord], now: float) -> None:
-        """The journal's jobs after a restart; those that ended are kept from now on for
-        as long as a job that just ended."""
-        for job in jobs:
-            self._journaled[job.id] = (job.state, job.attempts)
-            if job.terminal:
-                self.kept_jobs.ended(job.id, now)
+    def read_back(self, jobs: list[JobRecord], runs: list[RunRecord], now: float) -> None:
+        """The journal's records after a restart; those that ended are kept from now on
+        for as long as one that just ended."""
+        for kind, records, kept in ((JOB, jobs, self.kept_jobs), (RUN, runs, self.kept_runs)):
+            for record in records:
+                self._journaled[kind, record.id] = (record.state, record.attempts)
+                if record.terminal:
+                    kept.ended(record.id, now)
 
     def forget_finished(self, now: float) -> None:
-        """Drop ended jobs and finished leases past their retention, here and on disk. A
-        run whose origin has not heard of its end yet is kept until its age runs out; a
-        gang's members go together, once all have ended."""
+        """Drop ended jobs, runs and finished leases past their retention, here and on
+        disk. A run whose origin has not heard of its end yet is kept until its age runs
+        out; a gang's members go together, once all have ended."""
         node = self.node
-        for job_id in self.kept_jobs.due(now, held=node.owner.uncollected):
+        for job_id in self.kept_jobs.due(now):
             for gone in node.origin.forget(job_id):
                 self.kept_jobs.revived(gone)  # (a sibling: not counted any more)
-                node.owner.forget(gone)
-                if gone not in node.owner.runs:
-                    self._forgotten(gone)
-            node.owner.forget(job_id)
-            if job_id not in node.origin.jobs and job_id not in node.owner.runs:
-                self._forgotten(job_id)
+                if self._journaled.pop((JOB, gone), None) is not None:
+                    self.out.emit(ForgetJob(gone))
+        for job_id in self.kept_runs.due(now, held=node.owner.uncollected):
+            if node.owner.forget(job_id) and (RUN, job_id) in self._journaled:
+                del self._journaled[RUN, job_id]
+                self.out.emit(ForgetRun(job_id))
         leases = node.leases.leases
         for held in leases.values():
             if held.state not in ACTIVE:

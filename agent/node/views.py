@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flexmesh.agent.models import JobRecord
 from flexmesh.protocol.membership import ALIVE
 
 if TYPE_CHECKING:
@@ -59,20 +58,22 @@ class Views:
         for m in n.membership.members.values():
             members[m.state] = members.get(m.state, 0) + 1
         jobs: dict[tuple[str, str], int] = {}
-        for job in self.records():
-            by = (job.state, job.role)
-            jobs[by] = jobs.get(by, 0) + 1
+        for state, role in self.roles():
+            jobs[state, role] = jobs.get((state, role), 0) + 1
         return NodeStatus(n.name, n.belief.coordinator, n.belief.term, n.max_term,
                           n.is_coordinator, len(n.scheduler.queue), counters, members,
                           n.membership.awareness.score, self.device_use(), jobs)
 
-    def records(self) -> list[JobRecord]:
-        """Every job record this node keeps, as an origin and as an owner (once each)."""
-        seen = dict(self.node.origin.jobs)
-        for job_id, job in self.node.owner.runs.items():
-            if seen.get(job_id) is not job:
-                seen[f"run:{job_id}"] = job
-        return list(seen.values())
+    def roles(self) -> list[tuple[str, str]]:
+        """(state, role) of each job this node keeps: ``origin`` (submitted here, run
+        elsewhere or not yet), ``both`` (submitted and run here; the job's state) or
+        ``owner`` (run here for another node; the run's state)."""
+        n = self.node
+        out = [(job.state, "both" if n.origin.runs_here(job) else "origin")
+               for job in n.origin.jobs.values()]
+        out += [(run.state, "owner") for run in n.owner.runs.values()
+                if run.origin != n.name]
+        return out
 
     def device_use(self) -> tuple[DeviceUse, ...]:
         leases = self.node.leases

@@ -24,24 +24,26 @@ from typing import Any, assert_never
 from flexmesh.agent.config import Settings
 from flexmesh.agent.devices.base import DeviceSample
 from flexmesh.agent.metrics import decision_times
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, RunRecord
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
     Effect,
     ForgetJob,
     ForgetLease,
+    ForgetRun,
     JobOutput,
     LogEvent,
     Node,
     NodeConfig,
     PersistJob,
     PersistLease,
+    PersistRun,
     RunJob,
     StopJob,
 )
 from flexmesh.agent.runtime import statedir
-from flexmesh.agent.runtime.commit import GroupCommit, describe
+from flexmesh.agent.runtime.commit import Batch, GroupCommit, Persist, describe
 from flexmesh.agent.runtime.eventlog import log_event
 from flexmesh.agent.runtime.keys import Keys, KeysError
 from flexmesh.agent.runtime.payload import Payload
@@ -63,7 +65,6 @@ from flexmesh.protocol.membership import (
 
 log = logging.getLogger("flexmesh.agent")
 
-Persist = PersistJob | PersistLease | ForgetJob | ForgetLease  # journal writes, done first
 
 
 class StartError(Exception):
@@ -177,8 +178,9 @@ class Agent:
         )
 
     async def _recover(self, leases: list[Lease]) -> None:
-        self.node.recover(await self.journal.list_jobs(), leases, self.processes.adopt,
-                          self.loop.time(), self.processes.output_size)
+        self.node.recover(await self.journal.list_jobs(), await self.journal.list_runs(),
+                          leases, self.processes.adopt, self.loop.time(),
+                          self.processes.output_size)
 
     async def stop(self, leave: bool = True, kill_jobs: bool = False) -> None:
         if self.stopping:
@@ -261,40 +263,31 @@ class Agent:
     async def _persist(self, effects: list[Persist]) -> None:
         if not effects:
             return
-        jobs: dict[str, JobRecord] = {}
-        leases: dict[str, dict[str, Any]] = {}
-        forget_jobs: list[str] = []
-        forget_leases: list[str] = []
-        now = time.time()
+        batch = Batch()
         for eff in effects:
-            if isinstance(eff, ForgetJob):
-                jobs.pop(eff.job_id, None)
-                forget_jobs.append(eff.job_id)
-            elif isinstance(eff, ForgetLease):
-                leases.pop(eff.lease_id, None)
-                forget_leases.append(eff.lease_id)
-            elif isinstance(eff, PersistJob):
-                job = eff.job
-                # The node keeps its own (monotonic or virtual) time; records carry wall time.
-                job.updated_at = now
-                if job.created_at < 1e9:
-                    job.created_at = now
-                for live in (self.node.origin.jobs.get(job.id), self.node.owner.runs.get(job.id)):
-                    if live is not None:
-                        live.updated_at, live.created_at = job.updated_at, job.created_at
-                jobs[job.id] = job
-            else:
-                leases[eff.lease.id] = eff.lease.to_dict()
-        meta = None
-        if leases:  # a fencing token or a term is never handed out twice, leases forgotten
-            meta = {"token": str(self.node.leases.token),
-                    "max_term": str(self.node.leases.max_term)}
-        await self.commits.write(list(jobs.values()), list(leases.values()), meta,
-                                 forget_jobs, forget_leases)
-        for job_id in jobs:
+            batch.add(eff)
+        records: list[JobRecord | RunRecord] = [*batch.jobs.values(), *batch.runs.values()]
+        for record in records:
+            self._stamp(record)
+        if batch.leases:  # a fencing token or a term is never handed out twice, leases forgotten
+            batch.meta = {"token": str(self.node.leases.token),
+                          "max_term": str(self.node.leases.max_term)}
+        await self.commits.write_batch(batch)
+        for job_id in {*batch.jobs, *batch.runs}:
             ev = self._job_events.get(job_id)
             if ev is not None:
                 ev.set()
+
+    def _stamp(self, record: JobRecord | RunRecord) -> None:
+        """The node keeps its own (monotonic or virtual) time; records carry wall time."""
+        record.updated_at = time.time()
+        if record.created_at < 1e9:
+            record.created_at = record.updated_at
+        live: JobRecord | RunRecord | None = (
+            self.node.owner.runs.get(record.id) if isinstance(record, RunRecord)
+            else self.node.origin.jobs.get(record.id))
+        if live is not None:
+            live.updated_at, live.created_at = record.updated_at, record.created_at
 
     def kick(self) -> None:
         """Flush soon: once for all the input that arrives in one turn of the loop."""
@@ -326,9 +319,13 @@ class Agent:
                 await self.processes.write_output(eff)
             case LogEvent() | MemberEvent() | NameConflict():
                 log_event(eff)
-            case ForgetJob():  # its journal row is gone: its output goes too
-                await self.processes.forget(eff.job_id)
-            case FactsEvent() | PersistJob() | PersistLease() | ForgetLease():
+            case ForgetJob() | ForgetRun():
+                # Its journal row is gone: its output goes too, unless the job's run here
+                # (or the run's job, submitted here) still needs it.
+                if (eff.job_id not in self.node.owner.runs
+                        and eff.job_id not in self.node.origin.jobs):
+                    await self.processes.forget(eff.job_id)
+            case FactsEvent() | PersistJob() | PersistRun() | PersistLease() | ForgetLease():
                 pass  # facts are read from the membership; journal writes came first
             case _:
                 assert_never(eff)

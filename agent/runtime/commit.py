@@ -6,12 +6,23 @@ import asyncio
 import errno
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar, assert_never
 
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import JobRecord, RunRecord
+from flexmesh.agent.node.effects import (
+    ForgetJob,
+    ForgetLease,
+    ForgetRun,
+    PersistJob,
+    PersistLease,
+    PersistRun,
+)
 from flexmesh.agent.store import AsyncJournal
 
 log = logging.getLogger("flexmesh.agent")
+T = TypeVar("T")
+# The journal writes a node asks for
+Persist = PersistJob | PersistRun | PersistLease | ForgetJob | ForgetRun | ForgetLease
 
 
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between tries of a failed journal write
@@ -29,6 +40,64 @@ def describe(exc: BaseException) -> str:
     return text
 
 
+def _merge(mine: dict[str, T], forget: set[str], theirs: dict[str, T],
+           forgotten: set[str]) -> set[str]:
+    """Records of one table, then later ones over them: what is left to forget."""
+    for key in forgotten:
+        mine.pop(key, None)
+    mine.update(theirs)
+    return (forget - theirs.keys()) | forgotten
+
+
+class Batch:
+    """Writes not committed yet: records by table and id, what to forget, meta values."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobRecord] = {}
+        self.runs: dict[str, RunRecord] = {}
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.meta: dict[str, str] = {}
+        self.forget_jobs: set[str] = set()
+        self.forget_runs: set[str] = set()
+        self.forget_leases: set[str] = set()
+
+    def merge(self, later: Batch) -> None:
+        """Add writes that come after these (they win over them)."""
+        self.forget_jobs = _merge(self.jobs, self.forget_jobs, later.jobs, later.forget_jobs)
+        self.forget_runs = _merge(self.runs, self.forget_runs, later.runs, later.forget_runs)
+        self.forget_leases = _merge(self.leases, self.forget_leases, later.leases,
+                                    later.forget_leases)
+        self.meta.update(later.meta)
+
+    def add(self, eff: Persist) -> None:
+        """One journal write the node asked for, after those added before."""
+        match eff:
+            case ForgetJob():
+                self.jobs.pop(eff.job_id, None)
+                self.forget_jobs.add(eff.job_id)
+            case ForgetRun():
+                self.runs.pop(eff.job_id, None)
+                self.forget_runs.add(eff.job_id)
+            case ForgetLease():
+                self.leases.pop(eff.lease_id, None)
+                self.forget_leases.add(eff.lease_id)
+            case PersistJob():
+                self.forget_jobs.discard(eff.job.id)
+                self.jobs[eff.job.id] = eff.job
+            case PersistRun():
+                self.forget_runs.discard(eff.run.id)
+                self.runs[eff.run.id] = eff.run
+            case PersistLease():
+                self.forget_leases.discard(eff.lease.id)
+                self.leases[eff.lease.id] = eff.lease.to_dict()
+            case _:
+                assert_never(eff)
+
+    def drop_jobs(self, ids: list[str]) -> None:
+        for job_id in ids:
+            self.jobs.pop(job_id, None)
+
+
 class GroupCommit:
     """Journal writes from many callers, committed together: one transaction and one
     fsync per batch. Writes that arrive while a commit runs go into the next batch; each
@@ -42,11 +111,7 @@ class GroupCommit:
 
     def __init__(self, journal: AsyncJournal) -> None:
         self.journal = journal
-        self._jobs: dict[str, JobRecord] = {}
-        self._leases: dict[str, dict[str, Any]] = {}
-        self._meta: dict[str, str] = {}
-        self._forget_jobs: set[str] = set()
-        self._forget_leases: set[str] = set()
+        self._batch = Batch()
         self._waiters: list[asyncio.Future[None]] = []
         self._impatient: dict[asyncio.Future[None], list[str]] = {}  # waiter -> its job ids
         self._task: asyncio.Future[None] | None = None
@@ -57,54 +122,48 @@ class GroupCommit:
     async def write(self, jobs: Iterable[JobRecord] = (),
                     leases: Iterable[dict[str, Any]] = (),
                     meta: dict[str, str] | None = None, forget_jobs: Iterable[str] = (),
-                    forget_leases: Iterable[str] = (), retry: bool = True) -> None:
-        jobs = list(jobs)
-        self._merge({j.id: j for j in jobs}, {x["id"]: x for x in leases}, meta or {},
-                    set(forget_jobs), set(forget_leases))
+                    forget_leases: Iterable[str] = (), retry: bool = True,
+                    runs: Iterable[RunRecord] = (), forget_runs: Iterable[str] = ()) -> None:
+        later = Batch()
+        later.jobs = {j.id: j for j in jobs}
+        later.runs = {r.id: r for r in runs}
+        later.leases = {x["id"]: x for x in leases}
+        later.meta = dict(meta or {})
+        later.forget_jobs, later.forget_runs = set(forget_jobs), set(forget_runs)
+        later.forget_leases = set(forget_leases)
+        await self.write_batch(later, retry)
+
+    async def write_batch(self, later: Batch, retry: bool = True) -> None:
+        """Commit ``later`` with what is pending; return once it is durable."""
+        self._batch.merge(later)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
         if not retry:
-            self._impatient[done] = [j.id for j in jobs]
+            self._impatient[done] = list(later.jobs)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._commit_loop())
         await done
 
-    def _merge(self, jobs: dict[str, JobRecord], leases: dict[str, dict[str, Any]],
-               meta: dict[str, str], forget_jobs: set[str], forget_leases: set[str]) -> None:
-        """Add writes that come after what is pending (they win over it)."""
-        for job_id in forget_jobs:
-            self._jobs.pop(job_id, None)
-        for lease_id in forget_leases:
-            self._leases.pop(lease_id, None)
-        self._forget_jobs = (self._forget_jobs - jobs.keys()) | forget_jobs
-        self._forget_leases = (self._forget_leases - leases.keys()) | forget_leases
-        self._jobs.update(jobs)
-        self._leases.update(leases)
-        self._meta.update(meta)
-
-    def _take(self) -> tuple[Any, ...]:
-        batch = (self._jobs, self._leases, self._meta, self._forget_jobs, self._forget_leases,
-                 self._waiters)
-        self._jobs, self._leases, self._meta, self._waiters = {}, {}, {}, []
-        self._forget_jobs, self._forget_leases = set(), set()
-        return batch
+    def _take(self) -> tuple[Batch, list[asyncio.Future[None]]]:
+        batch, waiters = self._batch, self._waiters
+        self._batch, self._waiters = Batch(), []
+        return batch, waiters
 
     async def _commit_loop(self) -> None:
         delay = RETRY_FIRST
         while self._waiters:
-            jobs, leases, meta, forget_jobs, forget_leases, waiters = self._take()
+            batch, waiters = self._take()
             try:
-                await self.journal.write_batch(jobs.values(), leases.values(), meta,
-                                               forget_jobs, forget_leases)
+                await self.journal.write_batch(
+                    batch.jobs.values(), batch.leases.values(), batch.meta, batch.forget_jobs,
+                    batch.forget_leases, runs=batch.runs.values(), forget_runs=batch.forget_runs)
             except Exception as exc:
-                self._failed(exc, jobs, waiters)
+                self._failed(exc, batch, waiters)
                 # What came meanwhile is newer: it goes over the failed batch.
-                pending = self._take()
-                self._jobs, self._leases, self._meta = jobs, leases, meta
-                self._forget_jobs, self._forget_leases = forget_jobs, forget_leases
-                self._waiters = [w for w in waiters if not w.done()]
-                self._merge(*pending[:5])
-                self._waiters += pending[5]
+                pending, more = self._take()
+                batch.merge(pending)
+                self._batch = batch
+                self._waiters = [w for w in waiters if not w.done()] + more
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
@@ -119,7 +178,7 @@ class GroupCommit:
                 if not w.done():
                     w.set_result(None)
 
-    def _failed(self, exc: Exception, jobs: dict[str, JobRecord],
+    def _failed(self, exc: Exception, batch: Batch,
                 waiters: list[asyncio.Future[None]]) -> None:
         why = describe(exc)
         self.failures += 1
@@ -130,7 +189,7 @@ class GroupCommit:
             ids = self._impatient.pop(w, None)
             if ids is None:
                 continue
-            for job_id in ids:  # (also a submitter that gave up: its jobs were never taken)
-                jobs.pop(job_id, None)
+            # (also a submitter that gave up: its jobs were never taken)
+            batch.drop_jobs(ids)
             if not w.done():
                 w.set_exception(JournalWriteError(why))

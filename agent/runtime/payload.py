@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from flexmesh.agent import bundlefetch
 from flexmesh.agent.bundle import BundleError, Packed, Reader, pack, remove_tree, unpack
 from flexmesh.agent.bundlecache import BundleCache, valid_sha
-from flexmesh.agent.models import PLACED, RUNNING, JobRecord, job_id_problem
+from flexmesh.agent.models import PLACED, RUNNING, JobRecord, RunRecord, job_id_problem
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ class Payload:
 
     def _in_use(self) -> set[str]:
         node = self.agent.node
-        jobs = [*node.origin.jobs.values(), *node.owner.runs.values()]
+        jobs: list[JobRecord | RunRecord] = [*node.origin.jobs.values(),
+                                             *node.owner.runs.values()]
         return {j.bundle for j in jobs if j.bundle and not j.terminal}
 
     def _evict(self) -> None:
@@ -109,12 +110,12 @@ class Payload:
 
     # --- owner: a run's working directory -------------------------------------------------
 
-    def job_dir(self, job: JobRecord) -> Path:
+    def job_dir(self, job: RunRecord) -> Path:
         """A run's directory: one per attempt, so the removal of an ended run's never
         meets the next run's."""
         return self.work_root / job.id / str(job.attempts)
 
-    async def prepare(self, job: JobRecord, user: tuple[int, int] | None) -> Path:
+    async def prepare(self, job: RunRecord, user: tuple[int, int] | None) -> Path:
         """The run's working directory, unpacked from its bundle (fetched if need be)."""
         s = self.agent.settings
         if not valid_sha(job.bundle) or job_id_problem(job.id) is not None:
@@ -138,7 +139,7 @@ class Payload:
             self.cache.unpin(job.bundle)
         return dest
 
-    async def _present(self, job: JobRecord) -> None:
+    async def _present(self, job: RunRecord) -> None:
         """The bundle in the store: already here (a hit) or fetched from the origin."""
         async with self._locks[job.bundle]:  # a second run of the same bundle waits
             if self.cache.use(job.bundle):
@@ -169,7 +170,7 @@ class Payload:
             return None, f"{node} is not a member"
         return await self.agent.transport.call(member.addr, msg, FETCH_CALL_TIMEOUT, node)
 
-    def wanted(self, job: JobRecord) -> bool:
+    def wanted(self, job: RunRecord) -> bool:
         """Whether the run is still meant to start (not stopped, not replaced)."""
         run = self.agent.node.owner.runs.get(job.id)
         return run is not None and run.state == PLACED and run.lease_id == job.lease_id

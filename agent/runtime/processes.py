@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobenv import base_env, job_environment
 from flexmesh.agent.jobs import JobRunner, JobStartError
-from flexmesh.agent.models import FAILED, LOST, TERMINAL, JobRecord, job_id_problem
+from flexmesh.agent.models import FAILED, LOST, TERMINAL, RunRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
 from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.agent.node.owner import MAX_OFFSET
@@ -61,7 +61,7 @@ class Processes:
             env.update(visible_env(devices))
         return env
 
-    def _identity(self, job: JobRecord) -> tuple[tuple[int, int] | None, dict[str, str]]:
+    def _identity(self, job: RunRecord) -> tuple[tuple[int, int] | None, dict[str, str]]:
         """(the user a job runs as, its base environment); NSS lookups may block."""
         user = self.job_user(job)
         uid = os.geteuid() if user is None else user[0]
@@ -100,7 +100,7 @@ class Processes:
             self._early_exits.pop(job.id, None)
         await self.agent.flush()
 
-    async def _workdir(self, job: JobRecord, user: tuple[int, int] | None) -> Path:
+    async def _workdir(self, job: RunRecord, user: tuple[int, int] | None) -> Path:
         """The run's working directory, made from its bundle (see ``payload``)."""
         path = await self.agent.payload.prepare(job, user)
         self._workdirs[job.id] = path
@@ -108,7 +108,7 @@ class Processes:
             raise PayloadError("stopped before it had started")
         return path
 
-    def job_user(self, job: JobRecord) -> tuple[int, int] | None:
+    def job_user(self, job: RunRecord) -> tuple[int, int] | None:
         """(uid, gid) a job runs as; None: as the agent (which then is not root).
 
         A job submitted here runs as its submitter; root's only if ``allow_root``. Jobs
@@ -125,7 +125,7 @@ class Processes:
         except KeyError:
             return uid, uid  # no passwd entry: a group of the same number
 
-    def adopt(self, job: JobRecord) -> bool:
+    def adopt(self, job: RunRecord) -> bool:
         """A process an earlier instance of the agent started, still running?"""
         if job.pid is None or job.pid_start is None:
             return False
