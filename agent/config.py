@@ -47,6 +47,8 @@ class Settings:
     impossible_grace: float = 60.0  # a request no device could ever hold fails after this
     stop_grace: float = 10.0
     owner_away_limit: float = 900.0  # a borrowed job's owner that left may be back this late
+    owner_dead_grace: float = 0.0  # ... one declared dead; 0: the profile's (node.config)
+    orphan_limit: float = 0.0  # a run whose origin is declared dead is stopped after this
     keep_finished: int = 1000  # ended jobs (and finished leases) kept, at most
     keep_finished_for: float = 7 * 86400.0  # ... and for at most this many seconds
     socket_group: str = "flexmesh"  # group that may use the socket (name or number)
@@ -115,6 +117,7 @@ _TABLES: dict[str, dict[str, str]] = {
                   "coordinator_eligible": "coordinator_eligible", "lease_ttl": "lease_ttl",
                   "impossible_grace": "impossible_grace"},
     "jobs": {"stop_grace": "stop_grace", "owner_away_limit": "owner_away_limit",
+             "owner_dead_grace": "owner_dead_grace", "orphan_limit": "orphan_limit",
              "keep_finished": "keep_finished", "keep_finished_for": "keep_finished_for",
              "allow_root": "allow_root",
              "borrowed_user": "borrowed_user", "operator_group": "operator_group",
@@ -285,9 +288,10 @@ def _validate_scheduling(s: Settings, at: Any) -> None:
     if not (math.isfinite(s.impossible_grace) and s.impossible_grace >= 0):
         raise ConfigError(f"{at('impossible_grace')}: impossible_grace must be a number of "
                           "seconds, 0 or more")
-    if not (math.isfinite(s.owner_away_limit) and s.owner_away_limit > 0):
-        raise ConfigError(f"{at('owner_away_limit')}: owner_away_limit must be a positive "
-                          "number of seconds")
+    for key in ("owner_away_limit", "owner_dead_grace", "orphan_limit"):
+        value = getattr(s, key)
+        if not (math.isfinite(value) and value >= 0) or (value == 0 and key == "owner_away_limit"):
+            raise ConfigError(f"{at(key)}: {key} must be a positive number of seconds")
     if not (math.isfinite(s.stop_grace) and s.stop_grace >= 0):
         raise ConfigError(f"{at('stop_grace')}: stop_grace must be a number of seconds, 0 or more")
 

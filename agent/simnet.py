@@ -155,7 +155,7 @@ class SimNetwork:
         log = sim.logs.get(msg.job_id)
         out = log.read("stdout", msg.stdout_offset, SYNC_CHUNK, self.now) if log else b""
         err = log.read("stderr", msg.stderr_offset, SYNC_CHUNK, self.now) if log else b""
-        reply = sim.node.sync_reply(msg, out, err, SYNC_CHUNK)
+        reply = sim.node.sync_reply(msg, out, err, SYNC_CHUNK, self.now)
         news = not isinstance(reply, wire.JobSyncReply) or out or err or reply.state in TERMINAL
         if news or self.now >= until:
             back(reply)

@@ -95,7 +95,7 @@ def feed(node: Node, inputs: list[Input], start: float = 10.0) -> None:
         if kind == "tcp":  # through the codec, as the runtime hands it over
             msg = wire.decode_frame_body(wire.encode_frame(item)[4:])
             if isinstance(msg, wire.JobSync):
-                node.sync_reply(msg, b"", b"", 1 << 16)
+                node.sync_reply(msg, b"", b"", 1 << 16, 0.0)
             else:
                 node.handle_request(msg, now)
         elif kind == "udp":

@@ -272,15 +272,15 @@ def test_output_that_could_not_be_written_is_asked_for_again() -> None:
 
 def test_an_owner_answers_a_job_sync_for_a_job_it_does_not_run() -> None:
     node = owner(1)
-    unknown = node.sync_reply(wire.JobSync("nope", 0, 0, 0), b"", b"", 1024)
+    unknown = node.sync_reply(wire.JobSync("nope", 0, 0, 0), b"", b"", 1024, 0.0)
     assert isinstance(unknown, wire.JobSyncReply) and unknown.state == "lost"
     assert unknown.complete and "no record of job nope" in unknown.reason
     reply = lease(node, "j1", gpu(0).id, compute=100)
     assert isinstance(reply, wire.LeaseReply) and reply.granted
-    placed = node.sync_reply(wire.JobSync("j1", 0, 0, 0), b"", b"", 1024)
+    placed = node.sync_reply(wire.JobSync("j1", 0, 0, 0), b"", b"", 1024, 0.0)
     assert isinstance(placed, wire.JobSyncReply) and placed.state == "placed"  # not yet run
     for offsets in ((-1, 0), (0, 2**63)):
-        bad = node.sync_reply(wire.JobSync("j1", *offsets, 0), b"", b"", 1024)
+        bad = node.sync_reply(wire.JobSync("j1", *offsets, 0), b"", b"", 1024, 0.0)
         assert isinstance(bad, wire.Error) and "offsets" in bad.reason
 
 

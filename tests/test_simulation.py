@@ -321,7 +321,8 @@ def test_a_gang_member_refused_gives_the_others_leases_back() -> None:
 
 
 def test_a_gang_ends_together_when_a_member_is_lost() -> None:
-    """The owner of one member dies: that member is lost and the others are stopped."""
+    """The owner of one member dies and is not back within the grace: that member is lost
+    (a gang's member is not requeued alone) and the others are stopped."""
     sim = gang_mesh(5)
     ids = sim.submit_gang("desk", "g", 3, ["sleep", "300"], 500, 1024)
     sim.run_for(8)
@@ -330,8 +331,11 @@ def test_a_gang_ends_together_when_a_member_is_lost() -> None:
     victim = next(i for i, j in jobs.items() if j is not None and j.node == "b")
     sim.crash("b")
     sim.run_for(40)
+    assert victim not in sim.terminal_jobs()  # (within the grace: it may run on)
+    sim.run_for(60)
     done = sim.terminal_jobs()
     assert done[victim] == "lost"
+    assert "out of reach for 60 s" in sim.job(victim).reason  # type: ignore[union-attr]
     others = [i for i in ids if i != victim]
     assert {done[i] for i in others} == {"cancelled"}, done
     for i in others:

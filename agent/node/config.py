@@ -26,7 +26,18 @@ class NodeConfig:
     # An owner that left the mesh (a restart, an upgrade) keeps running its jobs; they are
     # followed again when it is back, and marked lost only if it is not back within this.
     owner_away_limit: float = 900.0
+    # An owner declared dead may only be out of reach (a radio shadow): its jobs go on
+    # being followed if it is back within this, else they are requeued. An owner stops
+    # the runs of an origin it has declared dead after ``orphan_limit`` (shorter, so a
+    # job cut off from its origin is stopped before the origin runs it elsewhere).
+    owner_dead_grace: float = 60.0
+    orphan_limit: float = 30.0
     # Ended jobs and finished leases are kept (in memory and in the journal) this many at
     # most, and no longer than this many seconds; then they are forgotten.
     keep_finished: int = 1000
     keep_finished_for: float = 7 * 86400.0
+
+
+# (owner_dead_grace, orphan_limit) by membership profile: a radio shadow lasts minutes.
+DEAD_GRACE: dict[str, tuple[float, float]] = {
+    "local": (30.0, 15.0), "lan": (60.0, 30.0), "wan": (180.0, 120.0), "edge": (300.0, 240.0)}

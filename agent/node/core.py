@@ -52,7 +52,6 @@ from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import Belief, decide, plausible_term
 from flexmesh.protocol.lease import Lease, LeaseTable
 from flexmesh.protocol.membership import (
-    ALIVE,
     DEAD,
     LEFT,
     ConfirmedEvent,
@@ -178,6 +177,7 @@ class Node:
                 self._joining_until = 0.0
                 self._dirty_election = True
             self.origin.tick(now)
+            self.owner.orphans.tick(now)
             if self.coordinator is not None:
                 self.coordinator.tick(now)
                 self._dirty_schedule = self._dirty_schedule or self.coordinator.has_queue()
@@ -195,7 +195,7 @@ class Node:
     def _waits(self) -> bool:
         """Whether a role has something to do on its own timer (a retry, a follow-up, a
         grace): an idle node wakes only for its membership."""
-        return bool(self._joining_until or self.origin.waits()
+        return bool(self._joining_until or self.origin.waits() or self.owner.orphans.waits()
                     or (self.coordinator is not None and self.coordinator.waits()))
 
     def submit(self, job: JobRecord, now: float) -> None:
@@ -282,10 +282,10 @@ class Node:
             self.membership.merge_remote_state(reply.states, now)
             self._after_input(now)
 
-    def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes,
-                   chunk: int) -> wire.Message:
+    def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes, chunk: int,
+                   now: float) -> wire.Message:
         """Owner: a JobSync, answered with the output the caller read for it."""
-        return self.owner.sync_reply(msg, stdout, stderr, chunk)
+        return self.owner.sync_reply(msg, stdout, stderr, chunk, now)
 
     def status(self) -> NodeStatus:
         return self.views.status()
@@ -335,10 +335,7 @@ class Node:
         self._dirty_election = True
         self._dirty_schedule = True
         self.electorate.refresh(ev.name)
-        if ev.state in (DEAD, LEFT):
-            self.origin.follow.owner_gone(ev.name, ev.state, self._now)
-        elif ev.state == ALIVE:
-            self.origin.follow.owner_back(ev.name, self._now)
+        self.origin.follow.member(ev.name, ev.state, self._now)
 
     # --- facts --------------------------------------------------------------------------
 

@@ -10,7 +10,11 @@ wrote is on disk here before its end is.
 
 An owner that left the mesh (a restart, an upgrade) keeps running its jobs: they are
 followed again when it is back, and lost only if it stays away beyond
-``owner_away_limit``. An owner that died takes its jobs with it.
+``owner_away_limit``. An owner declared dead may only be out of reach (a radio shadow, a
+partition): its jobs are followed again if it is back within ``owner_dead_grace``, their
+output continuing where it stopped; after that they are requeued (lost if they may not
+be). An owner cut off from an origin stops that origin's runs sooner (``orphans``), so the
+job does not run twice.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from flexmesh.agent.models import LOST, PLACED, RUNNING, STATES, JobRecord
 from flexmesh.agent.node.effects import JobOutput, PendingCall
 from flexmesh.agent.node.gang import gang_ended
 from flexmesh.protocol import wire
-from flexmesh.protocol.membership import LEFT
+from flexmesh.protocol.membership import ALIVE, DEAD, LEFT
 
 if TYPE_CHECKING:
     from flexmesh.agent.node.origin import Origin
@@ -31,6 +35,13 @@ SYNC_WAIT_MS = 1000  # how long the owner may hold a JobSync open
 SYNC_CHUNK = 256 * 1024  # bytes of output an answer carries at most, per stream
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds between attempts after a failed call
 MAX_REASON = 4096  # characters of an owner's reason for a job's state taken at most
+
+
+@dataclass(slots=True)
+class _Away:
+    since: float
+    limit: float  # seconds until its jobs are given up
+    state: str  # LEFT or DEAD
 
 
 @dataclass(slots=True)
@@ -50,7 +61,7 @@ class Follow:
         self.node = origin.node
         self.out = origin.out
         self._jobs: dict[str, _Followed] = {}
-        self._away: dict[str, float] = {}  # owner that left -> since when
+        self._away: dict[str, _Away] = {}  # owners out of reach
 
     def following(self) -> dict[str, tuple[str, str]]:
         """Job -> (owner, lease) of each job followed now."""
@@ -71,13 +82,14 @@ class Follow:
         self._ask(job.id, now)
 
     def tick(self, now: float) -> None:
-        for node, since in list(self._away.items()):
-            if now - since >= self.node.config.owner_away_limit:
+        for node, away in list(self._away.items()):
+            if now - away.since >= away.limit:
                 del self._away[node]
-                self._lose_jobs_on(node, f"owner {node} left the mesh and was not back "
-                                         f"within {self.node.config.owner_away_limit:g} s",
-                                   now)
+                self._give_up_on(node, away, now)
         for job_id, f in list(self._jobs.items()):
+            gone = self._gone(f.node)
+            if gone and f.node not in self._away:
+                self.owner_gone(f.node, gone, now)  # (e.g. not heard of since a restart)
             if not f.inflight and now >= f.next_at and f.node not in self._away:
                 self._ask(job_id, now)
 
@@ -164,19 +176,38 @@ class Follow:
                 if j.node == node and j.state in (PLACED, RUNNING)
                 and not self.origin.runs_here(j)]
 
+    def member(self, node: str, state: str, now: float) -> None:
+        """A member's new state: an owner of jobs followed here may be gone or back."""
+        if state in (DEAD, LEFT):
+            self.owner_gone(node, state, now)
+        elif state == ALIVE:
+            self.owner_back(node, now)
+
+    def _gone(self, node: str) -> str:
+        """DEAD or LEFT for a member out of reach (or not known: as dead), else ""."""
+        m = self.node.membership.members.get(node)
+        if m is None:
+            return DEAD
+        return m.state if m.state in (DEAD, LEFT) else ""
+
     def owner_gone(self, node: str, state: str, now: float) -> None:
-        """The owner of some of our jobs died (they are lost) or left the mesh (they go on
-        there, and are followed again when it comes back)."""
-        if state != LEFT:
-            self._away.pop(node, None)
-            self._lose_jobs_on(node, f"node {node} died", now)
-            return
+        """The owner of some of our jobs left the mesh or was declared dead: its jobs may
+        go on there, and are followed again when it is back, until a limit."""
         jobs = self._followed_on(node)
-        if jobs:
-            self._away[node] = now
+        if not jobs:
+            return
+        config = self.node.config
+        limit = config.owner_away_limit if state == LEFT else config.owner_dead_grace
+        earlier = self._away.get(node)
+        if earlier is not None and earlier.since + earlier.limit <= now + limit:
+            return  # already away, with no more time left than this would give
+        self._away[node] = _Away(now, limit, state)
+        what = "left the mesh" if state == LEFT else "is out of reach (declared dead)"
         for job in jobs:
-            job.reason = (f"owner {node} left the mesh; the job goes on there and is "
-                          f"followed again when {node} is back")
+            then = ("requeued" if state == DEAD and job.requeue and not job.gang
+                    else "lost")
+            job.reason = (f"owner {node} {what}; the job may go on there, and is followed "
+                          f"again if {node} is back within {limit:g} s, else {then}")
             self.node.persist(job)
 
     def owner_back(self, node: str, now: float) -> None:
@@ -193,9 +224,16 @@ class Follow:
                 f.next_at = now
                 self._ask(job.id, now)
 
-    def _lose_jobs_on(self, node: str, reason: str, now: float) -> None:
+    def _give_up_on(self, node: str, away: _Away, now: float) -> None:
+        if away.state == LEFT:
+            why = f"owner {node} left the mesh and was not back within {away.limit:g} s"
+        else:
+            why = f"owner {node} was out of reach for {away.limit:g} s"
         for job in self._followed_on(node):
-            job.state, job.reason = LOST, reason
+            self.out.log("job_given_up", job=job.id, node=node, reason=why)
+            if away.state == DEAD and job.requeue and not job.gang:
+                self.origin.requeue(job, why, now)
+                continue
+            job.state, job.reason = LOST, why
             self.node.persist(job)
-            self.out.log("job_lost", job=job.id, node=node)
             gang_ended(self.origin, job, now)

@@ -28,6 +28,7 @@ from flexmesh.agent.models import (
     job_id_problem,
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
+from flexmesh.agent.node.orphans import Orphans
 from flexmesh.policies.proportional import fill
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import TERM_STEP, plausible_term
@@ -53,6 +54,7 @@ class Owner:
         # Ended runs whose origin has been told of their end (a complete JobSync answer):
         # only these may be forgotten before their age runs out.
         self._collected: set[str] = set()
+        self.orphans = Orphans(self)
 
     # --- devices ------------------------------------------------------------------------
 
@@ -240,12 +242,12 @@ class Owner:
         self.node.persist_run(run)
         self.out.emit(RunJob(replace(run), tuple(d for d in held if d is not None)))
         self._live[run.id] = result.id
+        self.orphans.heard(run.id, run.origin, now)
         self.out.log("job_start", job=run.id, device=",".join(result.devices), origin=run.origin)
         return wire.Ok("starting")
 
     def _run_record(self, msg: wire.StartJob, lease: Lease, now: float) -> RunRecord:
-        """The record of a new run, with what it runs with: the lease's share (a request
-        in proportion made concrete) and, for a job submitted here, its submitter."""
+        """A new run: with its lease's share, and its submitter if submitted here."""
         earlier = self.runs.get(msg.job_id)  # an earlier run here (preempted): counted on
         mine = self.node.origin.jobs.get(msg.job_id) if msg.origin == self.node.name else None
         run = RunRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
@@ -332,8 +334,8 @@ class Owner:
         if job is not None and job.lease_id == run.lease_id:
             self.node.origin.remote_update(job, run.state, run.reason, run.exit_code, now)
 
-    def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes,
-                   chunk: int) -> wire.Message:
+    def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes, chunk: int,
+                   now: float) -> wire.Message:
         """Answer an origin that follows a job run here: its state and the output from
         the offsets it asked for (read by the caller, at most ``chunk`` bytes a stream).
         A job this node neither runs nor holds a lease for (never started here, or
@@ -346,6 +348,7 @@ class Owner:
         if job is None:
             return wire.JobSyncReply(LOST, f"{self.node.name} has no record of job "
                                      f"{msg.job_id}", None, b"", b"", True)
+        self.orphans.heard(job.id, job.origin, now)
         complete = job.terminal and len(stdout) < chunk and len(stderr) < chunk
         if complete:
             self._collected.add(job.id)
@@ -380,6 +383,7 @@ class Owner:
         self.runs[run.id] = run
         if run.state in (PLACED, RUNNING) and adopted:
             self._live[run.id] = run.lease_id
+            self.orphans.heard(run.id, run.origin, now)
         if run.state in (PLACED, RUNNING) and not adopted:
             self.out.log("job_lost", job=run.id, reason="process vanished")
             self._end_run(run, None, "process vanished while the agent was down", now, LOST)

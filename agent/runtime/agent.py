@@ -42,6 +42,7 @@ from flexmesh.agent.node import (
     RunJob,
     StopJob,
 )
+from flexmesh.agent.node.config import DEAD_GRACE
 from flexmesh.agent.runtime import statedir
 from flexmesh.agent.runtime.commit import Batch, GroupCommit, Persist, describe
 from flexmesh.agent.runtime.eventlog import log_event
@@ -175,6 +176,8 @@ class Agent:
             impossible_grace=s.impossible_grace,
             owner_away_limit=s.owner_away_limit, keep_finished=s.keep_finished,
             keep_finished_for=s.keep_finished_for,
+            owner_dead_grace=s.owner_dead_grace or DEAD_GRACE[s.profile][0],
+            orphan_limit=s.orphan_limit or DEAD_GRACE[s.profile][1],
         )
 
     async def _recover(self, leases: list[Lease]) -> None:

@@ -166,7 +166,7 @@ class Processes:
         job = node.owner.runs.get(msg.job_id)
         if job is None or not (0 <= msg.stdout_offset < MAX_OFFSET
                                and 0 <= msg.stderr_offset < MAX_OFFSET):
-            return node.sync_reply(msg, b"", b"", SYNC_CHUNK)
+            return node.sync_reply(msg, b"", b"", SYNC_CHUNK, loop.time())
         deadline = loop.time() + min(max(msg.wait_ms, 0), 10_000) / 1000
         while True:
             state = job.state  # read before the output: output written before it counts
@@ -175,7 +175,7 @@ class Processes:
             err = await asyncio.to_thread(self.runner.read_log, job.id, "stderr",
                                           msg.stderr_offset, SYNC_CHUNK)
             if out or err or state in TERMINAL or loop.time() >= deadline:
-                return node.sync_reply(msg, out, err, SYNC_CHUNK)
+                return node.sync_reply(msg, out, err, SYNC_CHUNK, loop.time())
             ev = self.agent.job_event(job.id)
             ev.clear()
             with contextlib.suppress(TimeoutError):
