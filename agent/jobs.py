@@ -30,7 +30,10 @@ Exit codes and reasons
 * killed by signal S:     ``exit_code = 128 + S``   (the shell's convention, so it is never
                           negative), reason ``"killed by signal 9 (SIGKILL)"``
 * stopped with ``stop``:  the exit code as above, and ``stop``'s reason
-* adopted process ended:  ``exit_code = None``, reason ``ADOPTED_EXIT_REASON``
+* adopted process ended:  as above, from the status its supervisor recorded
+                          (``supervise``); where none was (it was killed too, or it was
+                          started by an agent without supervisors): ``exit_code = None``,
+                          reason ``ADOPTED_EXIT_REASON``
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexmesh.agent import jobspawn
+from flexmesh.agent import jobspawn, supervise
 from flexmesh.agent.joblogs import STREAMS, check_job_id, check_stream, read_at
 from flexmesh.agent.jobprocs import (
     ADOPTED_EXIT_REASON,
@@ -243,6 +246,9 @@ class JobRunner:
             exit_code, reason = ended
         else:
             exit_code, reason = reap_adopted(job.pid, job.pid_start)
+            recorded = supervise.recorded_exit(self.job_dir(job.job_id))
+            if exit_code is None and recorded is not None:  # (its supervisor wrote it)
+                exit_code, reason = describe_exit(recorded)
         if job.stop_reason is not None:
             reason = job.stop_reason
         if self._jobs.get(job.job_id) is job:

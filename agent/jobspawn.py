@@ -2,21 +2,24 @@
 and a message a person can read when it cannot start.
 
 ``spawn`` blocks (it creates files, forks and execs): the runner calls it on a worker
-thread, so the event loop never waits on it. The command runs without a shell. The child
-gets its own session and process group (``start_new_session=True``): it survives a
-restart of the agent and can be signalled as a group. stdout and stderr go straight to
+thread, so the event loop never waits on it. The command runs without a shell, under its
+supervisor (``supervise``: it records the exit status for an agent that restarts), in a
+session and process group of its own (``start_new_session=True``): it survives a restart
+of the agent and can be signalled as a group. stdout and stderr go straight to
 ``<job_dir>/stdout`` and ``.../stderr``, opened here in append mode and handed to the child
 as file descriptors: the output never flows through the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import subprocess
 from pathlib import Path
 
+from flexmesh.agent import supervise
 from flexmesh.agent.jobprocs import pid_start_time
 
 # Under the runner's name, as before this module was split from it: log filters still match.
@@ -42,18 +45,36 @@ class _Spawned(subprocess.Popen[bytes]):
 
 def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd: str | None,
           user: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Open the logs, spawn, read the start time: ``(pid, pid_start)``.
+    """Open the logs, spawn under the job's supervisor (``supervise``), wait until the
+    command is started, read the start time: ``(pid, pid_start)`` of the supervisor, the
+    leader of the job's process group.
 
-    With ``user`` = (uid, gid) the child drops to that user and group (and no
+    With ``user`` = (uid, gid) the command drops to that user and group (and no
     supplementary groups) before exec; the log files stay the agent's, open in the
-    child only as inherited descriptors. Raises ``JobStartError``."""
-    run_as = _run_as(user)
+    command only as inherited descriptors. Raises ``JobStartError``."""
     out, err = _open_logs(job_dir)
     try:
-        proc = _popen(argv, env, cwd, out, err, run_as)
-    finally:
-        os.close(err)
+        status = supervise.open_status(job_dir)
+    except OSError as e:
         os.close(out)
+        os.close(err)
+        raise JobStartError(f"cannot create {job_dir / supervise.STATUS_FILE}: {e}") from e
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    fds = [err, out, status, ready_w]
+    try:
+        job_env = supervise.env_fd(env)
+        fds.append(job_env)
+        wrapped = supervise.wrap(argv, status, ready_w, job_env, _switch_to(user))
+        proc = _popen(wrapped, {}, cwd, out, err, (status, ready_w, job_env))
+    except (JobStartError, ValueError, OSError) as e:
+        os.close(ready_r)
+        if isinstance(e, JobStartError):
+            raise
+        raise JobStartError(f"cannot start {argv[0]}: {e}") from e
+    finally:
+        for fd in fds:
+            os.close(fd)
+    _started(proc.pid, ready_r, argv[0], cwd)
     pid = proc.pid
     # Nobody reaps the child before the runner does, so even if it has exited already
     # it is a zombie: /proc still shows its start time.
@@ -64,16 +85,28 @@ def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd:
     return pid, start
 
 
-_RunAs = tuple[int | None, int | None, list[int] | None]
+def _started(pid: int, ready: int, program: str, cwd: str | None) -> None:
+    """Wait for the supervisor's word that the command runs; else reap it and raise."""
+    try:
+        word = os.read(ready, 32)
+    finally:
+        os.close(ready)
+    if word == b"ok":
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # it exits at once: no zombie left behind
+    if not word.isdigit():
+        raise JobStartError(f"cannot start {program}: its supervisor could not start it")
+    code = int(word)
+    raise JobStartError(_start_error_message(OSError(code, os.strerror(code), program),
+                                             program, cwd))
 
 
-def _run_as(user: tuple[int, int] | None) -> _RunAs:
-    """Popen's ``user``, ``group`` and ``extra_groups`` for the child: ``user`` without
-    supplementary groups, or Popen's defaults (None: stay the agent) when that is the agent
-    already."""
+def _switch_to(user: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The user and group the command drops to, or None where that is the agent already."""
     if user is not None and user != (os.geteuid(), os.getegid()):
-        return user[0], user[1], []
-    return None, None, None
+        return user
+    return None
 
 
 def _open_logs(job_dir: Path) -> tuple[int, int]:
@@ -92,8 +125,7 @@ def _open_logs(job_dir: Path) -> tuple[int, int]:
 
 
 def _popen(argv: list[str], env: dict[str, str], cwd: str | None, out: int, err: int,
-           run_as: _RunAs) -> _Spawned:
-    uid, gid, groups = run_as
+           fds: tuple[int, ...]) -> _Spawned:
     try:
         return _Spawned(
             argv,
@@ -104,9 +136,7 @@ def _popen(argv: list[str], env: dict[str, str], cwd: str | None, out: int, err:
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
-            user=uid,
-            group=gid,
-            extra_groups=groups,
+            pass_fds=fds,
         )
     except OSError as e:
         raise JobStartError(_start_error_message(e, argv[0], cwd)) from e

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, assert_never
 
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.jobs import ADOPTED_EXIT_REASON
-from flexmesh.agent.models import LOST, JobRecord, RunRecord, gang_members
+from flexmesh.agent.models import JobRecord, RunRecord, gang_members
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
@@ -380,12 +379,9 @@ class Simulator(SimNetwork, SimViews):
         sim.logs[job_id].stop(self.now)
         if not sim.up:
             return  # ended while the agent was down: its restart finds it vanished
-        if job_id in sim.adopted:
-            # Not a child of this agent instance: as in the runtime, no exit code is known.
-            sim.adopted.discard(job_id)
-            sim.node.job_exited(job_id, None, ADOPTED_EXIT_REASON, self.now, state=LOST)
-            self._pump(name)
-            return
+        # (Re-adopted after a restart, not a child of this agent instance: its supervisor
+        # recorded how it ended, as in the runtime.)
+        sim.adopted.discard(job_id)
         sim.node.job_exited(job_id, code, reason, self.now)
         self._pump(name)
 

@@ -438,3 +438,56 @@ def test_stop_while_starting_waits_for_the_start(run: Run[None], tmp_path: Path)
             await runner.shutdown(kill=True, grace_s=1)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False])
+def test_an_adopted_job_ends_with_the_status_its_supervisor_recorded(
+        run: Run[None], tmp_path: Path, use_pidfd: bool) -> None:
+    """A job started by an earlier agent instance (here: a process that spawned it and
+    exited) is not this agent's child, yet its exit code is known: its supervisor wrote it
+    to the job's ``exit`` file. A job whose supervisor was killed too stays unknown."""
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits, use_pidfd=use_pidfd, poll_interval_s=0.05)
+        code = ("import sys; from pathlib import Path; from flexmesh.agent import jobspawn\n"
+                "pid, start = jobspawn.spawn(sys.argv[1], Path(sys.argv[2]), sys.argv[3:], "
+                "{'PATH': '/usr/bin:/bin'}, None)\n"
+                "print(pid, start)\n")
+        started = {}
+        for job_id, script in (("three", "sleep 0.5; exit 3"), ("term", "sleep 0.5; kill $$"),
+                               ("killed", "sleep 30")):
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", code, job_id,
+                                 str(runner.job_dir(job_id)), "sh", "-c", script],
+                capture_output=True, check=True)
+            pid, start = map(int, done.stdout.split())
+            assert runner.adopt(job_id, pid, start)
+            started[job_id] = pid
+        try:
+            assert await exits.wait("three") == (3, "exited with code 3")
+            assert await exits.wait("term") == (143, "killed by signal 15 (SIGTERM)")
+            os.killpg(started["killed"], signal.SIGKILL)  # the supervisor with it
+            assert await exits.wait("killed") == (None, ADOPTED_EXIT_REASON)
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_the_supervisor_keeps_none_of_the_jobs_environment(run: Run[None],
+                                                             tmp_path: Path) -> None:
+    """The job's environment (which its submitter chose: LD_LIBRARY_PATH and all) goes to
+    the command only; its supervisor, which may run as root, starts with an empty one."""
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            await runner.start("env", sh("tr '\\0' '\\n' </proc/$PPID/environ | wc -c; "
+                                         "echo $LD_LIBRARY_PATH"),
+                               {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": "/tmp/evil"})
+            assert await exits.wait("env") == (0, "exited with code 0")
+            assert runner.read_log("env", "stdout").split() == [b"0", b"/tmp/evil"]
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())

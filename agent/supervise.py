@@ -1,0 +1,135 @@
+"""The small process each job runs under, as conmon and containerd-shim do: it outlives
+a restart of the agent and records how the job ended, so an agent that re-adopts a job
+after a restart (no longer its parent) still learns its exit status.
+
+``jobspawn`` starts ``python -I -S -c SCRIPT STATUS_FD READY_FD ENV_FD UID GID COMMAND...``
+in the job's session, as the agent's user (the agent's interpreter may not be one the
+job's user can run) and with an empty environment: the job's (``ENV_FD``, a memfd of
+NUL-separated ``NAME=value``) goes to the command only, so nothing a submitter sets
+(``LD_LIBRARY_PATH``) reaches a process running as root. The supervisor forks the
+command, which drops to the job's user and group (no supplementary groups; ``-``: stays)
+before its exec, tells the agent through ``READY_FD`` whether it could be started
+(``ok``, or the errno of the failed exec, so the agent gives the same message as for any
+command that cannot start), waits for it, writes its exit status to ``STATUS_FD`` (the
+``exit`` file in the job's directory, opened by the agent) and ends the same way: with
+its exit code, or by the same signal. Signals sent to the job's process group reach the command; the
+supervisor only waits for it to end (its own handlers do nothing, and are not inherited
+by the command: exec resets them).
+
+The script is isolated (``-I -S``: no site, no user environment) and imports only the
+standard library; it costs a few MiB of memory per job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+STATUS_FILE = "exit"  # in the job's directory: the exit status, as a return code
+
+SCRIPT = r"""
+import os, signal, sys, warnings  # (all imported now: the job's user may not read them)
+status, ready, envfd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+uid, gid = sys.argv[4], sys.argv[5]
+argv = sys.argv[6:]
+chunks = []
+while True:
+    chunk = os.read(envfd, 1 << 16)
+    if not chunk:
+        break
+    chunks.append(chunk)
+os.close(envfd)
+env = {}
+for item in b"".join(chunks).split(b"\0"):
+    name, eq, value = item.partition(b"=")
+    if eq:
+        env[os.fsdecode(name)] = os.fsdecode(value)
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+          signal.SIGUSR2, signal.SIGPIPE):
+    signal.signal(s, lambda n, f: None)
+r, w = os.pipe2(os.O_CLOEXEC)
+pid = os.fork()
+if pid == 0:
+    os.close(r); os.close(status); os.close(ready)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # (Python ignores it; a job must not)
+    try:
+        if uid != "-":
+            os.setgroups([])
+            os.setgid(int(gid))
+            os.setuid(int(uid))
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        os.write(w, str(e.errno).encode())
+    except BaseException:
+        os.write(w, b"?")
+    os._exit(127)
+os.close(w)
+err = os.read(r, 32)
+os.close(r)
+os.write(ready, err or b"ok")
+os.close(ready)
+if err:
+    os.waitpid(pid, 0)
+    os._exit(127)
+while True:
+    try:
+        _, st = os.waitpid(pid, 0)
+        break
+    except ChildProcessError:
+        os._exit(255)
+code = os.waitstatus_to_exitcode(st)
+os.write(status, b"%d\n" % code)
+os.close(status)
+if code < 0:
+    try:
+        signal.signal(-code, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass  # (SIGKILL: never caught)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+    os.kill(os.getpid(), -code)
+os._exit(code & 255 if code >= 0 else 255)
+"""
+
+
+def wrap(argv: list[str], status_fd: int, ready_fd: int, env_fd: int,
+         user: tuple[int, int] | None) -> list[str]:
+    """The supervisor's command line for ``argv``, run as ``user`` (None: as the agent)."""
+    uid, gid = ("-", "-") if user is None else (str(user[0]), str(user[1]))
+    return [sys.executable, "-I", "-S", "-c", SCRIPT, str(status_fd), str(ready_fd),
+            str(env_fd), uid, gid, *argv]
+
+
+def env_fd(env: dict[str, str]) -> int:
+    """A memfd holding ``env`` for the supervisor to read (from its start)."""
+    items = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    if any(b"\0" in item for item in items):
+        raise ValueError("an environment variable holds a NUL byte")
+    fd = os.memfd_create("flexmesh-job-env", os.MFD_CLOEXEC)
+    try:
+        data = b"\0".join(items)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def recorded_exit(job_dir: Path) -> int | None:
+    """The return code the supervisor recorded for the job's last run (-S: killed by
+    signal S); None if it recorded none (it was killed too, or the job still runs)."""
+    with contextlib.suppress(OSError, ValueError):
+        text = (job_dir / STATUS_FILE).read_text()
+        if text.endswith("\n"):
+            return int(text)
+    return None
+
+
+def open_status(job_dir: Path) -> int:
+    """The ``exit`` file of a new run, emptied: written by its supervisor."""
+    return os.open(job_dir / STATUS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                   0o600)
