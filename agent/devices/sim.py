@@ -93,6 +93,7 @@ class SimBackend:
     """Configured devices whose foreign load and health come from an optional JSON file."""
 
     name = "sim"
+    inline = True  # a sample blocks on nothing (at most a small local file): read on the loop
 
     def __init__(self, devices: list[Device], load_file: Path | None = None) -> None:
         self._devices = list(devices)

@@ -24,7 +24,7 @@ from typing import Any, assert_never
 from flexmesh.agent.config import Settings
 from flexmesh.agent.devices.base import DeviceSample
 from flexmesh.agent.metrics import decision_times
-from flexmesh.agent.models import JobRecord, RunRecord
+from flexmesh.agent.models import JobRecord
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
@@ -44,7 +44,7 @@ from flexmesh.agent.node import (
 )
 from flexmesh.agent.node.config import DEAD_GRACE
 from flexmesh.agent.runtime import statedir
-from flexmesh.agent.runtime.commit import Batch, GroupCommit, Persist, describe
+from flexmesh.agent.runtime.commit import GroupCommit, Persist, describe, journal
 from flexmesh.agent.runtime.eventlog import log_event
 from flexmesh.agent.runtime.keys import Keys, KeysError
 from flexmesh.agent.runtime.payload import Payload
@@ -238,11 +238,11 @@ class Agent:
                 self.node.membership.timer_overshoot(now - started - wait)
             if now >= self.node.next_deadline():
                 self.node.tick(now)
-                self.kick()  # not awaited: a full disk's retried writes must not stop timers
+                self.kick(at_once=True)  # (a full disk's retried writes never stop timers)
 
     # --- the effect pump ----------------------------------------------------------------
 
-    async def flush(self) -> None:
+    async def flush(self, effects: list[Effect] | None = None) -> None:
         """Carry out every pending effect of the node.
 
         Flushes may overlap: each drains its own effects at once (draining is synchronous)
@@ -251,56 +251,51 @@ class Agent:
         its writes are durable: a message never promises what is not on disk yet.
         """
         while True:
-            effects = self.node.drain()
+            effects = self.node.drain() if effects is None else effects
             if not effects:
                 break
-            await self._persist([e for e in effects if isinstance(e, Persist)])
+            written = await journal(self.commits, self.node, [e for e in effects
+                                                              if isinstance(e, Persist)])
+            for job_id in written:
+                ev = self._job_events.get(job_id)
+                if ev is not None:
+                    ev.set()
             for eff in effects:
                 try:
                     await self._effect(eff)
                 except (OSError, ValueError) as exc:  # a full disk, a vanished directory
                     self._effect_failed(eff, exc)
+            effects = None
         if self.node.next_deadline() < self._sleep_until:
             _resolve(self._wake, True)  # something is due before the timer loop would wake
 
-    async def _persist(self, effects: list[Persist]) -> None:
-        if not effects:
+    def kick(self, at_once: bool = False) -> None:
+        """Flush soon: once for all the input that arrives in one turn of the loop; or
+        ``at_once`` (a datagram, a tick: an idle agent's input), with no turn of its own."""
+        if self._kicked:
             return
-        batch = Batch()
-        for eff in effects:
-            batch.add(eff)
-        records: list[JobRecord | RunRecord] = [*batch.jobs.values(), *batch.runs.values()]
-        for record in records:
-            self._stamp(record)
-        if batch.leases:  # a fencing token or a term is never handed out twice, leases forgotten
-            batch.meta = {"token": str(self.node.leases.token),
-                          "max_term": str(self.node.leases.max_term)}
-        await self.commits.write_batch(batch)
-        for job_id in {*batch.jobs, *batch.runs}:
-            ev = self._job_events.get(job_id)
-            if ev is not None:
-                ev.set()
-
-    def _stamp(self, record: JobRecord | RunRecord) -> None:
-        """The node keeps its own (monotonic or virtual) time; records carry wall time."""
-        record.updated_at = time.time()
-        if record.created_at < 1e9:
-            record.created_at = record.updated_at
-        live: JobRecord | RunRecord | None = (
-            self.node.owner.runs.get(record.id) if isinstance(record, RunRecord)
-            else self.node.origin.jobs.get(record.id))
-        if live is not None:
-            live.updated_at, live.created_at = record.updated_at, record.created_at
-
-    def kick(self) -> None:
-        """Flush soon: once for all the input that arrives in one turn of the loop."""
-        if not self._kicked:
-            self._kicked = True
-            self.loop.call_soon(self._kick_now)
+        if at_once:
+            self._kick_now()
+            return
+        self._kicked = True
+        self.loop.call_soon(self._kick_now)
 
     def _kick_now(self) -> None:
         self._kicked = False
-        self.spawn(self.flush())
+        effects = self.node.drain()
+        inline = [e for e in effects
+                  if isinstance(e, SendPacket | LogEvent | MemberEvent | FactsEvent | NameConflict)]
+        if len(inline) == len(effects):
+            # Most input (a probe, an ack) asks only for datagrams: sent now, with no task.
+            for eff in inline:
+                if isinstance(eff, SendPacket):
+                    self.transport.send_packet(eff, leaving=self.node.membership.left)
+                elif not isinstance(eff, FactsEvent):
+                    log_event(eff)
+            if self.node.next_deadline() < self._sleep_until:
+                _resolve(self._wake, True)
+            return
+        self.spawn(self.flush(effects))
 
     async def _effect(self, eff: Effect) -> None:
         match eff:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Iterable
-from typing import Any, TypeVar, assert_never
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
 from flexmesh.agent.models import JobRecord, RunRecord
 from flexmesh.agent.node.effects import (
@@ -18,6 +19,9 @@ from flexmesh.agent.node.effects import (
     PersistRun,
 )
 from flexmesh.agent.store import AsyncJournal
+
+if TYPE_CHECKING:
+    from flexmesh.agent.node import Node
 
 log = logging.getLogger("flexmesh.agent")
 T = TypeVar("T")
@@ -193,3 +197,32 @@ class GroupCommit:
             batch.drop_jobs(ids)
             if not w.done():
                 w.set_exception(JournalWriteError(why))
+
+
+async def journal(commits: GroupCommit, node: Node, effects: list[Persist]) -> set[str]:
+    """The journal writes of one drained batch, durable when this returns: the ids of the
+    jobs and runs written."""
+    if not effects:
+        return set()
+    batch = Batch()
+    for eff in effects:
+        batch.add(eff)
+    records: list[JobRecord | RunRecord] = [*batch.jobs.values(), *batch.runs.values()]
+    for record in records:
+        _stamp(node, record)
+    if batch.leases:  # a fencing token or a term is never handed out twice, leases forgotten
+        batch.meta = {"token": str(node.leases.token), "max_term": str(node.leases.max_term)}
+    await commits.write_batch(batch)
+    return {*batch.jobs, *batch.runs}
+
+
+def _stamp(node: Node, record: JobRecord | RunRecord) -> None:
+    """The node keeps its own (monotonic or virtual) time; records carry wall time."""
+    record.updated_at = time.time()
+    if record.created_at < 1e9:
+        record.created_at = record.updated_at
+    live: JobRecord | RunRecord | None = (
+        node.owner.runs.get(record.id) if isinstance(record, RunRecord)
+        else node.origin.jobs.get(record.id))
+    if live is not None:
+        live.updated_at, live.created_at = record.updated_at, record.created_at

@@ -132,13 +132,16 @@ class Sampler:
         """One reading of every backend (one that fails is logged and left out), and of
         what each job's process tree holds of its devices (``job_use``)."""
         running = self.agent.processes.runner.running()
+        # (Each hop to a thread wakes the loop: an idle agent makes none it need not.)
         self._trees = await asyncio.to_thread(
-            lambda: {job: proctree.tree(pid) for job, pid in running.items()})
+            lambda: {job: proctree.tree(pid) for job, pid in running.items()}) if running else {}
         pids = frozenset(p for tree in self._trees.values() for p in tree)
         samples: dict[str, DeviceSample] = {}
         for backend in self.backends:
             try:
-                for sm in await asyncio.to_thread(backend.sample, pids):
+                read = (backend.sample(pids) if getattr(backend, "inline", False)
+                        else await asyncio.to_thread(backend.sample, pids))
+                for sm in read:
                     samples[sm.id] = sm
             except Exception as exc:
                 log.warning("sampling %s failed: %s", backend.name, exc)

@@ -129,7 +129,7 @@ class Transport:
             agent.count("packets_dropped_sealed_without_key")
             return
         agent.node.step_packet(f"{addr[0]}:{addr[1]}", data, self.loop.time())
-        agent.kick()
+        agent.kick(at_once=True)
 
     def send_packet(self, eff: SendPacket, leaving: bool) -> None:
         """Send a datagram; while the agent stops, only those that say it leaves."""
