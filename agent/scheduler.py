@@ -56,6 +56,8 @@ class Scheduler:
     preempt_hold: float = 30.0
     # Preemptible jobs running in the mesh, as the owners gossip them (set by the node).
     running: list[RunningJob] = field(default_factory=list)
+    # Round trips (ms) from an origin to the nodes nearest it (set by the node; ``nearby``).
+    rtt_from: Callable[[str], Mapping[str, float] | None] | None = None
     # The incremental index the placer scores (classes of identical nodes, cached scores):
     # a node is re-indexed only when what the coordinator sees of it changed.
     _cluster: Cluster = field(default_factory=Cluster)
@@ -180,7 +182,8 @@ class Scheduler:
         result: Decision = NoFit(f"no {kind} in view is large enough")
         req = asked
         for req in self._sizes.sized(asked):
-            result = placer.decide(req, explain=True)
+            rtt = self.rtt_from(req.origin) if self.rtt_from and req.origin else None
+            result = placer.decide(req, rtt, explain=True)
             if not isinstance(result, NoFit) and result.devices:
                 break
         return req, result

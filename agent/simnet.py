@@ -31,6 +31,9 @@ class LinkFaults:
     duplicate: float = 0.0
     call_loss: float = 0.0  # a call's request or answer is lost: the caller times out
     call_jitter: float = 0.0  # extra random delay of each call leg (reorders calls)
+    # One-way delay of a datagram between two nodes (a latency matrix: sites, clusters),
+    # instead of ``delay``; jitter still comes on top.
+    one_way: Callable[[str, str], float] | None = None
 
 
 
@@ -50,8 +53,11 @@ class SimNetwork:
         def reachable(self, a: str, b: str) -> bool: ...
         def _pump(self, name: str) -> None: ...
 
-    def _latency(self) -> float:
-        return self.faults.delay + self.rng.random() * self.faults.jitter
+    def _latency(self, src: str = "", dst: str = "") -> float:
+        base = self.faults.delay
+        if self.faults.one_way is not None and src and dst:
+            base = self.faults.one_way(src, dst)
+        return base + self.rng.random() * self.faults.jitter
 
     def _send_packet(self, src: str, eff: SendPacket) -> None:
         dst = self.by_addr.get(eff.addr)
@@ -64,8 +70,8 @@ class SimNetwork:
         src_addr = self.nodes[src].config.addr
         target = self.nodes[dst].node
         for _ in range(copies):
-            self.at(self.now + self._latency(), lambda: self._deliver(dst, target, src_addr,
-                                                                      eff.data))
+            self.at(self.now + self._latency(src, dst),
+                    lambda: self._deliver(dst, target, src_addr, eff.data))
 
     def _deliver(self, dst: str, target: Node, src_addr: str, data: bytes) -> None:
         sim = self.nodes[dst]

@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flexmesh.protocol import wire
+from flexmesh.protocol import vivaldi, wire
 from flexmesh.protocol.broadcast import BroadcastQueue, retransmit_limit
 from flexmesh.protocol.suspicion import Awareness, suspicion_min_timeout, suspicion_timeout
 
@@ -224,6 +224,9 @@ class Membership:
         self.addr = addr
         self.config = config
         self.rng = rng
+        # This node's network coordinate, and the latest each peer's ack carried.
+        self.coord = vivaldi.Coordinate()
+        self.coords: dict[str, vivaldi.Coordinate] = {}
         self.members: dict[str, Member] = {
             name: Member(name, addr, incarnation, ALIVE, now, incarnation, 0, {}, True)
         }
@@ -369,7 +372,7 @@ class Membership:
         if msg.target != self.name:
             self._count("misdirected_ping")
             return
-        self._send(msg.source_addr, [wire.Ack(msg.seq, self.name)])
+        self._send(msg.source_addr, [wire.Ack(msg.seq, self.name, self.coord.to_wire())])
 
     def _handle_ack(self, msg: wire.Ack, now: float) -> None:
         asked = self._confirming.pop(msg.seq, None)
@@ -381,10 +384,28 @@ class Membership:
             probe.acked = True
             self.awareness.apply(-1)
             self._confirm(self.members.get(probe.target))
+            self._observe_rtt(msg, now - probe.started)
             return
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
             self._send(relay.requester_addr, [wire.Ack(relay.orig_seq, msg.source)])
+
+    def _observe_rtt(self, ack: wire.Ack, rtt: float) -> None:
+        """A direct probe's round trip: this node's coordinate moves, the acker's is kept
+        (Vivaldi, as Serf does: the coordinates ride on the probes, not in gossip)."""
+        peer = vivaldi.Coordinate.from_wire(ack.coord) if ack.coord else None
+        if peer is None or ack.source == self.name:
+            return
+        self.coords[ack.source] = peer
+        if vivaldi.update(self.coord, peer, rtt, self.rng):
+            self._count("rtt_samples")
+
+    def rtt(self, a: str, b: str) -> float | None:
+        """The round trip between members ``a`` and ``b`` the coordinates predict, in
+        seconds; None where one of them has not been measured yet."""
+        ca = self.coord if a == self.name else self.coords.get(a)
+        cb = self.coord if b == self.name else self.coords.get(b)
+        return None if ca is None or cb is None else ca.distance(cb)
 
     def _handle_nack(self, msg: wire.Nack) -> None:
         if self._probe is not None and msg.seq == self._probe.seq:
@@ -744,6 +765,7 @@ class Membership:
         ]
         for n in reap:
             del self.members[n]
+            self.coords.pop(n, None)
 
     # --- suspicion --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ raises ``DecodeError`` and nothing else.
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -85,7 +86,15 @@ def _is_str_dict(v: Any) -> bool:
     )
 
 
+def _is_float_list(v: Any) -> bool:
+    """A short list of finite numbers of sane size (a network coordinate)."""
+    return isinstance(v, list) and len(v) <= 16 and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+        and abs(x) <= 1e3 for x in v)
+
+
 _CHECKS: dict[str, Callable[[Any], bool]] = {
+    "list[float]": _is_float_list,
     "int": _is_int,
     "str": _is_str,
     "bool": _is_bool,
@@ -182,6 +191,9 @@ class IndirectPing(Message):
 class Ack(Message):
     seq: int
     source: str
+    # The acker's network coordinate (``vivaldi.Coordinate.to_wire``), on a direct answer
+    # to a ping; empty on a relayed one, whose round trip is not the acker's.
+    coord: list[float] = field(default_factory=list)
 
 
 @message(4)

@@ -52,6 +52,7 @@ def _field(f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
         "dict[str, Any]": st.dictionaries(TEXT, VALUE, max_size=5),
         "list[Any]": st.lists(VALUE, max_size=5), "list[str]": st.lists(TEXT, max_size=4),
         "dict[str, str]": st.dictionaries(TEXT, TEXT, max_size=4),
+        "list[float]": st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=12),
     }[kind]
 
 

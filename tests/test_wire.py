@@ -40,6 +40,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "int | None": st.none() | INT64,
     "list[str]": st.lists(TEXT, max_size=6),
     "dict[str, str]": st.dictionaries(TEXT, TEXT, max_size=6),
+    "list[float]": st.lists(st.floats(-1e3, 1e3, allow_nan=False), max_size=10),
 }
 
 # An independent statement of "a decoded field has exactly its declared type".
@@ -55,6 +56,7 @@ FIELD_TYPE_OK: dict[str, Any] = {
     "dict[str, str]": lambda v: (
         type(v) is dict and all(type(k) is str and type(x) is str for k, x in v.items())
     ),
+    "list[float]": lambda v: type(v) is list and all(type(x) in (int, float) for x in v),
 }
 
 MESSAGE_TYPES = [wire.REGISTRY[i] for i in sorted(wire.REGISTRY)]
@@ -90,7 +92,7 @@ def test_an_integer_out_of_its_range_is_a_malformed_message(
     """A term, incarnation, version, size or offset near 2**64 is never taken in."""
     low, high = wire.INT_RANGES.get(name, wire.INT64)
     plain = {"str": "", "bool": False, "bytes": b"", "dict[str, Any]": {}, "list[Any]": [],
-             "list[str]": [], "dict[str, str]": {}}
+             "list[str]": [], "dict[str, str]": {}, "list[float]": []}
     row = [cls.TYPE_ID, [wire.INT_RANGES.get(f.name, (0, 0))[0] if "int" in str(f.type)
                          else plain[str(f.type)]
                          for f in dataclasses.fields(cls)]]  # type: ignore[arg-type]
@@ -521,6 +523,7 @@ def _example(cls: type[wire.Message]) -> wire.Message:
         "int | None": None,
         "list[str]": ["run", "-x"],
         "dict[str, str]": {"A": "b"},
+        "list[float]": [0.5, -2, 1e-05],
     }
     return cls(*[defaults[t] for t in field_types(cls)])
 

@@ -41,6 +41,7 @@ from flexmesh.agent.node.config import NodeConfig
 from flexmesh.agent.node.coordinator import Coordinator
 from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall
 from flexmesh.agent.node.electorate import Electorate
+from flexmesh.agent.node.nearby import Nearby
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
 from flexmesh.agent.node.records import Records
@@ -77,7 +78,8 @@ class Node:
                                      incarnation)
         self.leases = LeaseTable(config.name, token, max_term)
         # The placement policy and its hooks outlive any one term as coordinator.
-        self.scheduler = Scheduler(get_policy(config.policy), spec=get_spec(config.policy))
+        self.scheduler = Scheduler(get_policy(config.policy), spec=get_spec(config.policy),
+                                   rtt_from=Nearby(self.membership))
         self.scheduler.never_fit.grace = config.impossible_grace
         self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
         self.belief = Belief(None, 0)
