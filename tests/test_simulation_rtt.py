@@ -72,4 +72,5 @@ def test_a_job_lands_at_its_submitters_site_when_there_is_room() -> None:
     sim.submit("c-desk", "overflow", ["sleep", "60"], 1000, 0)  # site c is full now
     sim.run_for(20)
     job = sim.job("overflow")
-    assert job is not None and job.state == "running" and job.node[0] == "b", job  # the next nearest
+    # (the next nearest site)
+    assert job is not None and job.state == "running" and job.node[0] == "b", job
