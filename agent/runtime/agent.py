@@ -50,6 +50,7 @@ from flexmesh.agent.runtime.keys import Keys, KeysError
 from flexmesh.agent.runtime.payload import Payload
 from flexmesh.agent.runtime.processes import Processes
 from flexmesh.agent.runtime.sampling import Sampler
+from flexmesh.agent.runtime.ticker import Ticker
 from flexmesh.agent.runtime.transport import Transport
 from flexmesh.agent.store import AsyncJournal
 from flexmesh.policies import get_policy, get_spec
@@ -90,9 +91,7 @@ class Agent:
         self.ui_url = ""
         self.stopping = False
         self.counters: dict[str, int] = {}
-        self.last_tick = self.loop.time()
-        self._wake: asyncio.Future[bool] = self.loop.create_future()
-        self._sleep_until = 0.0  # when the timer loop wakes next, unless woken
+        self.ticker = Ticker(self)
         self._kicked = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._job_events: dict[str, asyncio.Event] = {}
@@ -162,7 +161,7 @@ class Agent:
         await self._recover(leases)
         await self.payload.start()
         self.node.join(list(s.join), self.loop.time())
-        self.spawn(self._timer_loop())
+        self.spawn(self.ticker.run())
         self.spawn(self.sampler.loop())
         await self.flush()
         log.info("agent started name=%s addr=%s incarnation=%d devices=%d enforcement=%s",
@@ -220,25 +219,7 @@ class Agent:
 
     def healthy(self) -> bool:
         """The loop turns and the node ticks: what the systemd watchdog vouches for."""
-        return not self.stopping and self.loop.time() - self.last_tick < 10.0
-
-    async def _timer_loop(self) -> None:
-        while True:
-            started = self.last_tick = self.loop.time()
-            wait = min(max(0.0, self.node.next_deadline() - started), 1.0)
-            self._sleep_until = started + wait
-            # One future and one timer a turn (no task): an idle agent turns a few times
-            # a second, and this is most of what it does.
-            self._wake = self.loop.create_future()
-            timer = self.loop.call_at(self._sleep_until, _resolve, self._wake, False)
-            woken = await self._wake
-            timer.cancel()
-            now = self.loop.time()
-            if not woken:  # slept past its timer: by how much says how slow the loop is
-                self.node.membership.timer_overshoot(now - started - wait)
-            if now >= self.node.next_deadline():
-                self.node.tick(now)
-                self.kick(at_once=True)  # (a full disk's retried writes never stop timers)
+        return not self.stopping and self.loop.time() - self.ticker.last_tick < 10.0
 
     # --- the effect pump ----------------------------------------------------------------
 
@@ -266,8 +247,7 @@ class Agent:
                 except (OSError, ValueError) as exc:  # a full disk, a vanished directory
                     self._effect_failed(eff, exc)
             effects = None
-        if self.node.next_deadline() < self._sleep_until:
-            _resolve(self._wake, True)  # something is due before the timer loop would wake
+        self.ticker.retime()
 
     def kick(self, at_once: bool = False) -> None:
         """Flush soon: once for all the input that arrives in one turn of the loop; or
@@ -292,8 +272,7 @@ class Agent:
                     self.transport.send_packet(eff, leaving=self.node.membership.left)
                 elif not isinstance(eff, FactsEvent):
                     log_event(eff)
-            if self.node.next_deadline() < self._sleep_until:
-                _resolve(self._wake, True)
+            self.ticker.retime()
             return
         self.spawn(self.flush(effects))
 
@@ -387,9 +366,4 @@ class Agent:
 
     def job_event(self, job_id: str) -> asyncio.Event:
         return self._job_events.setdefault(job_id, asyncio.Event())
-
-
-def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
-    if not fut.done():
-        fut.set_result(value)
 

@@ -120,13 +120,23 @@ class Sampler:
 
     async def loop(self) -> None:
         while True:
-            await asyncio.sleep(SAMPLE_INTERVAL)
+            await asyncio.sleep(self._next_wait())
             samples = self.last_samples = await self.sample()
             changed = self.apply(samples)
             if self.enforcement == "watchdog":
                 changed = self.watchdog(list(samples.values())) or changed
             if changed:
                 await self.agent.flush()
+
+    def _next_wait(self) -> float:
+        """About ``SAMPLE_INTERVAL``, but at the node's next timer when that is near: both
+        then run in one turn of the loop, and an idle agent wakes once instead of twice
+        (on a VM a wakeup costs more CPU than the reading)."""
+        loop = self.agent.loop
+        due = self.agent.node.next_deadline() - loop.time()
+        while due < 0.75 * SAMPLE_INTERVAL:  # (the node's timers come about once a second)
+            due += SAMPLE_INTERVAL
+        return due if due <= 1.5 * SAMPLE_INTERVAL else SAMPLE_INTERVAL
 
     async def sample(self) -> dict[str, DeviceSample]:
         """One reading of every backend (one that fails is logged and left out), and of
