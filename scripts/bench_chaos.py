@@ -23,7 +23,8 @@ Figures (one JSON line, ``bench: chaos``):
   run (a requeue after a stopped run is allowed); ``jobs_completed_twice``: jobs with two
   runs that reached ``end``; ``jobs_ran_concurrently``: jobs with two runs whose marker
   spans (start to last line) overlap in time;
-- ``lost_that_ran``: jobs ended ``lost`` with a run that reached ``end``; ``lost_reasons``:
+- ``lost_that_ran`` (and ``lost_that_ran_ids``): jobs ended ``lost`` with a run that
+  reached ``end``; ``lost_reasons``:
   the reasons ``sub`` gives for them (counted); ``succeeded_not_run``: jobs ``succeeded``
   without a run that reached ``end``;
 - ``max_lease_ratio``: the highest leased/capacity (compute or memory) of any device, as
@@ -235,7 +236,7 @@ class Bench:
         states = Counter(rows.get(j, {}).get("state", "unknown") for j in self.jobs)
         ended = [r for j in self.jobs for r in runs.get(j, {}).values() if "end" in r]
         completed = {j for j in self.jobs if any("end" in r for r in runs.get(j, {}).values())}
-        lost_ran = [j for j in self.jobs if states and rows.get(j, {}).get("state") == "lost"
+        lost_ran = [j for j in self.jobs if rows.get(j, {}).get("state") == "lost"
                     and j in completed]
         a = self.args
         return {
@@ -251,7 +252,7 @@ class Bench:
             "jobs_ran_concurrently": sorted(
                 j for j in self.jobs
                 if overlapping([(r["start"], r["last"]) for r in runs.get(j, {}).values()])),
-            "lost_that_ran": len(lost_ran),
+            "lost_that_ran": len(lost_ran), "lost_that_ran_ids": sorted(lost_ran),
             "lost_reasons": dict(Counter(rows[j].get("reason", "") for j in self.jobs
                                          if rows.get(j, {}).get("state") == "lost")),
             "succeeded_not_run": sum(1 for j in self.jobs if j not in completed
