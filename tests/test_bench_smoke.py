@@ -143,3 +143,19 @@ def test_bench_vivaldi_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     (summary,) = lines(capsys.readouterr().out)
     assert summary["bench"] == "vivaldi" and summary["nodes"] == 20
     assert summary["median_relative_error"] >= 0 and 0 <= summary["nearest_in_own_cluster"] <= 1
+
+
+@pytest.mark.integration
+def test_bench_chaos_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_chaos")
+    rc = bench.main(["--agents", "2", "--jobs", "4", "--kill-every", "1", "--down", "1",
+                     "--job-seconds", "3", "--drain", "90"])
+    assert rc == 0
+    (x,) = lines(capsys.readouterr().out)
+    assert x["bench"] == "chaos" and x["agents"] == 2 and x["jobs"] == 4 and x["kills"] >= 1
+    ended = sum(x[s] for s in ("succeeded", "failed", "cancelled", "preempted", "lost"))
+    assert ended + x["missing"] == 4 and x["missing"] == 0, x
+    # Every job ran (its markers say so) and nothing ran twice at once or beyond capacity.
+    assert x["runs_completed"] >= 4 and x["succeeded_not_run"] == 0, x
+    assert x["jobs_ran_concurrently"] == [] and x["jobs_completed_twice"] == 0, x
+    assert 0 < x["max_lease_ratio"] <= 1 and x["max_concurrent_runs"] <= x["slots"] == 4, x
