@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexmesh.agent.devices.base import Backend, Device, DeviceSample
-from flexmesh.agent.devices.discovery import discover_backends
+from flexmesh.agent.devices.discovery import JetsonOptions, discover_backends
 from flexmesh.agent.devices.enforcement import (
     detect_enforcement,
     job_memory_used,
@@ -69,9 +69,12 @@ class Sampler:
 
     async def discover(self) -> None:
         s = self.agent.settings
+        jetson = JetsonOptions(s.jetson, s.jetson_memory_share, Path(
+            s.jetson_tegrastats_log) if s.jetson_tegrastats_log else None)
         self.backends = await asyncio.to_thread(
             discover_backends, s.sim_devices or None,
-            Path(s.sim_load_file) if s.sim_load_file else None, s.npu_smi or None, s.nvml)
+            Path(s.sim_load_file) if s.sim_load_file else None, s.npu_smi or None, s.nvml,
+            jetson=jetson)
         for backend in self.backends:
             try:
                 self.devices.extend(await asyncio.to_thread(backend.discover))
