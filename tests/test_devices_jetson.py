@@ -13,6 +13,7 @@ from flexmesh.agent.devices.discovery import JetsonOptions, discover_backends, o
 from flexmesh.agent.devices.enforcement import effective_mode, job_env, visible_env
 from flexmesh.agent.devices.jetson import (
     DEVICE_ID,
+    RESCAN_S,
     JetsonBackend,
     find_load_file,
     gpu_holders,
@@ -260,3 +261,24 @@ def test_config_reads_jetson_settings(tmp_path: Path) -> None:
     s = config.load(str(path), {}, env={})
     assert (s.jetson, s.jetson_memory_share, s.jetson_tegrastats_log) == (
         "on", 0.75, "/var/log/tegrastats.log")
+
+
+def test_holders_rescan_all_processes_only_every_few_seconds(tmp_path: Path) -> None:
+    board = Board(tmp_path)
+    now = [0.0]
+    backend = board.backend(clock=lambda: now[0])
+    board.process(100, pages(10), "nvmap")
+    board.process(200, pages(10), "null")
+    assert backend.holders() == {100}
+    os.symlink(str(board.dev / "nvhost-ctrl-gpu"), board.proc / "200" / "fd" / "9")
+    board.process(300, pages(10), "nvhost-gpu")  # a new process is read at once
+    now[0] = RESCAN_S - 0.5
+    assert backend.holders() == {100, 300}  # 200 opened the GPU late: not yet read again
+    now[0] = RESCAN_S
+    assert backend.holders() == {100, 200, 300}
+    for name in os.listdir(board.proc / "100" / "fd"):
+        os.unlink(board.proc / "100" / "fd" / name)
+    os.rmdir(board.proc / "100" / "fd")
+    os.unlink(board.proc / "100" / "statm")
+    os.rmdir(board.proc / "100")  # it exited
+    assert backend.holders() == {200, 300}

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_SHARE = 0.5
 STALE_S = 10.0  # a tegrastats log older than this says nothing about now
+RESCAN_S = 5.0  # every process's fds are read this often; between, new ones and holders
 DEVICE_ID = "jetson-gpu0"
 _LOAD_GLOBS = ("devices/**/gpu.0/load", "devices/platform/*/*.gpu/load")
 _GR3D_RE = re.compile(r"\bGR3D_FREQ\s+(\d+)%(?:@\[?(\d+))?")
@@ -135,32 +136,35 @@ def _is_gpu_node(target: str, dev: str) -> bool:
     return target == f"{dev}/nvmap" or target.startswith(f"{dev}/nvhost-")
 
 
-def gpu_holders(proc_root: Path, dev_root: Path) -> set[int]:
-    """Pids with a Jetson GPU node (``nvhost-*``, ``nvmap``) open, among the processes
-    whose ``fd`` directory this process may read; the others are skipped unseen."""
-    dev = str(dev_root).rstrip("/")
-    holders: set[int] = set()
+def _pids(proc_root: Path) -> set[int]:
     try:
-        entries = os.listdir(proc_root)
+        return {int(name) for name in os.listdir(proc_root) if name.isdigit()}
     except OSError:
-        return holders
-    for name in entries:
-        if not name.isdigit():
-            continue
-        fd_dir = os.path.join(proc_root, name, "fd")
+        return set()
+
+
+def _holds_gpu(proc_root: Path, pid: int, dev: str) -> bool:
+    fd_dir = os.path.join(proc_root, str(pid), "fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:  # not ours to read, or the process has just exited
+        return False
+    for fd in fds:
         try:
-            fds = os.listdir(fd_dir)
-        except OSError:  # not ours to read, or the process has just exited
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
             continue
-        for fd in fds:
-            try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if _is_gpu_node(target, dev):
-                holders.add(int(name))
-                break
-    return holders
+        if target == f"{dev}/nvmap" or target.startswith(f"{dev}/nvhost-"):
+            return True
+    return False
+
+
+def gpu_holders(proc_root: Path, dev_root: Path, pids: set[int] | None = None) -> set[int]:
+    """Pids (of ``pids``, default all) with a Jetson GPU node (``nvhost-*``, ``nvmap``)
+    open, among the processes whose ``fd`` directory this process may read."""
+    dev = str(dev_root).rstrip("/")
+    return {pid for pid in (_pids(proc_root) if pids is None else pids)
+            if _holds_gpu(proc_root, pid, dev)}
 
 
 def rss_mib(proc_root: Path, pid: int) -> int:
@@ -196,6 +200,9 @@ class JetsonBackend:
         self._clock = clock
         self.load_file = find_load_file(sys_root)
         self._device: Device | None = None
+        self._checked: set[int] = set()  # pids whose fds were read since the last rescan
+        self._holders: set[int] = set()
+        self._rescan_at = float("-inf")
 
     def discover(self) -> list[Device]:
         try:
@@ -213,6 +220,19 @@ class JetsonBackend:
             visible_env={"CUDA_VISIBLE_DEVICES": "0"},
         )
         return [self._device]
+
+    def holders(self) -> set[int]:
+        """GPU holders: every readable process every ``RESCAN_S`` seconds; in between only
+        the processes new since then and the known holders (a process that opens the GPU
+        late is seen at the next rescan). ``scripts/bench_jetson`` measures both costs."""
+        now = self._clock()
+        pids = _pids(self.proc_root)
+        if now >= self._rescan_at:
+            self._rescan_at, self._checked = now + RESCAN_S, set()
+        todo = (pids - self._checked) | (self._holders & pids)
+        self._holders = gpu_holders(self.proc_root, self.dev_root, todo)
+        self._checked = (self._checked & pids) | todo
+        return self._holders
 
     def _utilization(self) -> tuple[int | None, int | None, str]:
         """(percent, GPU temperature, why unknown) from the load file or tegrastats."""
@@ -239,7 +259,7 @@ class JetsonBackend:
         assert self._device is not None
         util, temp, why = self._utilization()
         memory = {pid: rss_mib(self.proc_root, pid)
-                  for pid in gpu_holders(self.proc_root, self.dev_root)}
+                  for pid in self.holders()}
         job_memory = {pid: mib for pid, mib in memory.items() if pid in job_pids}
         foreign_memory = sum(mib for pid, mib in memory.items() if pid not in job_pids)
         return [DeviceSample(
