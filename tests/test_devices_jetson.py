@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from flexmesh.agent import config
+from flexmesh.agent.devices.base import Device, DeviceSample
 from flexmesh.agent.devices.discovery import JetsonOptions, discover_backends, open_jetson
 from flexmesh.agent.devices.enforcement import effective_mode, job_env, visible_env
 from flexmesh.agent.devices.jetson import (
@@ -19,6 +21,7 @@ from flexmesh.agent.devices.jetson import (
     gpu_holders,
     parse_tegrastats,
 )
+from flexmesh.agent.runtime.sampling import Sampler
 
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
@@ -282,3 +285,20 @@ def test_holders_rescan_all_processes_only_every_few_seconds(tmp_path: Path) -> 
     os.unlink(board.proc / "100" / "statm")
     os.rmdir(board.proc / "100")  # it exited
     assert backend.holders() == {200, 300}
+
+
+@pytest.mark.parametrize(("backend", "stopped"), [("jetson", False), ("nvml", True)])
+def test_the_watchdog_leaves_jetson_jobs_alone(backend: str, stopped: bool) -> None:
+    """A Jetson's job memory is resident memory, not a GPU reading: no watchdog there."""
+    stops: list[str] = []
+    run = SimpleNamespace(id="j1", terminal=False, lease_id="l1", devices=["d0"])
+    node = SimpleNamespace(
+        owner=SimpleNamespace(runs={"j1": run}),
+        leases=SimpleNamespace(leases={"l1": SimpleNamespace(memory_mib=100)}),
+        stop_job=lambda job_id, *_: stops.append(job_id))
+    agent = SimpleNamespace(node=node, loop=SimpleNamespace(time=lambda: 0.0))
+    sampler = Sampler(agent)  # type: ignore[arg-type]
+    sampler.devices = [Device("d0", "gpu", "GPU", 1000, backend)]
+    sampler._trees = {"j1": {200}}
+    assert sampler.watchdog([DeviceSample("d0", True, job_memory_mib={200: 500})]) is stopped
+    assert stops == (["j1"] if stopped else [])

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 from flexmesh.agent.devices.base import Backend, Device, DeviceSample
 from flexmesh.agent.devices.discovery import JetsonOptions, discover_backends
 from flexmesh.agent.devices.enforcement import (
+    WATCHDOG,
     detect_enforcement,
+    effective_mode,
     job_memory_used,
     watchdog_verdict,
 )
@@ -168,6 +170,8 @@ class Sampler:
         True if one was stopped."""
         stopped = False
         node = self.agent.node
+        # Only where the mode applies: a Jetson's job memory is RSS, not a GPU reading.
+        checked = {d.id for d in self.devices if effective_mode(d, WATCHDOG) == WATCHDOG}
         for job in list(node.owner.runs.values()):
             pids = self._trees.get(job.id)
             if pids is None or job.terminal:
@@ -176,6 +180,8 @@ class Sampler:
             if lease is None:
                 continue
             for device in job.devices:  # the lease's memory is per device
+                if device not in checked:
+                    continue
                 used = job_memory_used(samples, device, pids)
                 verdict = watchdog_verdict(used, lease.memory_mib)
                 if verdict:
