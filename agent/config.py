@@ -38,6 +38,9 @@ class Settings:
     sim_load_file: str = ""
     npu_smi: str = ""
     nvml: bool = True
+    jetson: str = "auto"  # the Jetson backend: auto, on or off (devices/discovery.py)
+    jetson_memory_share: float = 0.5  # of MemTotal, lent as the Jetson GPU's memory
+    jetson_tegrastats_log: str = ""  # a `tegrastats --logfile` where no GPU load file is
     reserve_memory_mib: int = 0
     reserve_compute_milli: int = 0
     priority: int = 0
@@ -110,7 +113,9 @@ _TABLES: dict[str, dict[str, str]] = {
          "socket": "socket", "socket_group": "socket_group", "state_dir": "state_dir",
          "profile": "profile", "ui": "ui", "metrics": "metrics"},
     "devices": {"sim": "sim_devices", "sim_load_file": "sim_load_file", "npu_smi": "npu_smi",
-                "nvml": "nvml", "reserve_memory_mib": "reserve_memory_mib",
+                "nvml": "nvml", "reserve_memory_mib": "reserve_memory_mib", "jetson": "jetson",
+                "jetson_memory_share": "jetson_memory_share",
+                "jetson_tegrastats_log": "jetson_tegrastats_log",
                 "reserve_compute_milli": "reserve_compute_milli",
                 "enforcement": "enforcement", "hami_lib": "hami_lib"},
     "scheduler": {"policy": "policy", "priority": "priority",
@@ -247,8 +252,10 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
     def at(*attrs: str) -> str:
         return next((sources[a] for a in attrs if a in sources), default_where)
 
+    from flexmesh.agent.configcheck import validate_logs_and_devices
+
     # The first problem found is the one reported, so the order of the checks is kept.
-    for check in (_validate_addresses, _validate_scheduling, _validate_logs_and_devices,
+    for check in (_validate_addresses, _validate_scheduling, validate_logs_and_devices,
                   _validate_security, _validate_testing, _validate_jobs, _validate_limits,
                   _validate_payload):
         check(s, at)
@@ -294,21 +301,6 @@ def _validate_scheduling(s: Settings, at: Any) -> None:
             raise ConfigError(f"{at(key)}: {key} must be a positive number of seconds")
     if not (math.isfinite(s.stop_grace) and s.stop_grace >= 0):
         raise ConfigError(f"{at('stop_grace')}: stop_grace must be a number of seconds, 0 or more")
-
-
-def _validate_logs_and_devices(s: Settings, at: Any) -> None:
-    if s.log_format not in ("text", "json"):
-        raise ConfigError(f"{at('log_format')}: log format must be text or json")
-    if s.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{at('log_level')}: log level must be debug, info, warning or error")
-    if s.enforcement not in ("auto", "mps", "hami-core", "watchdog", "none"):
-        raise ConfigError(f"{at('enforcement')}: enforcement must be auto, mps, hami-core, "
-                          "watchdog or none")
-    if s.sim_load_file and not s.sim_devices:
-        raise ConfigError(f"{at('sim_load_file')}: sim_load_file is set but there are no "
-                          "sim devices")
-    if s.npu_smi and not Path(s.npu_smi).is_file():
-        raise ConfigError(f"{at('npu_smi')}: npu_smi {s.npu_smi!r} does not exist")
 
 
 def _validate_security(s: Settings, at: Any) -> None:

@@ -25,7 +25,7 @@ class Device:
     kind: str  # "gpu" | "npu"
     model: str
     memory_mib: int
-    backend: str  # "sim" | "nvml" | "ascend"
+    backend: str  # "sim" | "nvml" | "ascend" | "jetson"
     compute_milli: int = 1000
     healthy: bool = True
     visible_env: dict[str, str] = field(default_factory=dict)

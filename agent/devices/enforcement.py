@@ -22,7 +22,8 @@ none       none                                         none
 No mode here gives a hard compute guarantee; MIG is the only hardware partition and a MIG
 instance is already its own device. Modes apply to NVIDIA GPUs only: on an Ascend NPU
 ``effective_mode`` falls back to ``watchdog`` (npu-smi reports per-process memory) and on
-a sim device to ``none``.
+a sim or Jetson device to ``none`` (a Jetson has neither MPS nor per-process GPU
+memory readings: jobs there share the GPU on trust).
 """
 
 from __future__ import annotations

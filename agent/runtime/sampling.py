@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexmesh.agent.devices.base import Backend, Device, DeviceSample
-from flexmesh.agent.devices.discovery import discover_backends
+from flexmesh.agent.devices.discovery import JetsonOptions, discover_backends
 from flexmesh.agent.devices.enforcement import (
+    WATCHDOG,
     detect_enforcement,
+    effective_mode,
     job_memory_used,
     watchdog_verdict,
 )
@@ -69,9 +71,12 @@ class Sampler:
 
     async def discover(self) -> None:
         s = self.agent.settings
+        jetson = JetsonOptions(s.jetson, s.jetson_memory_share, Path(
+            s.jetson_tegrastats_log) if s.jetson_tegrastats_log else None)
         self.backends = await asyncio.to_thread(
             discover_backends, s.sim_devices or None,
-            Path(s.sim_load_file) if s.sim_load_file else None, s.npu_smi or None, s.nvml)
+            Path(s.sim_load_file) if s.sim_load_file else None, s.npu_smi or None, s.nvml,
+            jetson=jetson)
         for backend in self.backends:
             try:
                 self.devices.extend(await asyncio.to_thread(backend.discover))
@@ -175,6 +180,8 @@ class Sampler:
         True if one was stopped."""
         stopped = False
         node = self.agent.node
+        # Only where the mode applies: a Jetson's job memory is RSS, not a GPU reading.
+        checked = {d.id for d in self.devices if effective_mode(d, WATCHDOG) == WATCHDOG}
         for job in list(node.owner.runs.values()):
             pids = self._trees.get(job.id)
             if pids is None or job.terminal:
@@ -183,6 +190,8 @@ class Sampler:
             if lease is None:
                 continue
             for device in job.devices:  # the lease's memory is per device
+                if device not in checked:
+                    continue
                 used = job_memory_used(samples, device, pids)
                 verdict = watchdog_verdict(used, lease.memory_mib)
                 if verdict:
