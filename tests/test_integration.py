@@ -118,6 +118,28 @@ def test_bad_requests_get_clear_errors(mesh: LocalMesh) -> None:
     assert mesh.cli("a", "show", "nope", check=False).returncode == 1
 
 
+def test_a_job_that_ends_while_its_agent_is_down_ends_with_its_exit_code(
+        mesh: LocalMesh) -> None:
+    """kill -9 of the agent: the job runs on under its supervisor, which records how it
+    ended; the restarted agent reads that, so the job is not lost although it ended
+    while nobody watched."""
+    mesh.start("solo", sim="gpu:1x8GiB")
+    ok = mesh.cli("solo", "submit", "--gpu", "0.2", "--", "sh", "-c", "sleep 2").stdout.strip()
+    bad = mesh.cli("solo", "submit", "--gpu", "0.2", "--", "sh", "-c", "sleep 2; exit 3"
+                   ).stdout.strip()
+    mesh.wait_for("running", lambda: all(mesh.json("solo", "show", j)["state"] == "running"
+                                         for j in (ok, bad)))
+    mesh.kill("solo", signal.SIGKILL)
+    state = mesh.agents["solo"].dir / "state" / "jobs"
+    mesh.wait_for("the jobs to end", lambda: all(
+        (state / j / "exit").read_text().endswith("\n") for j in (ok, bad)), timeout=20)
+    mesh.restart("solo")
+    jobs = {j["id"]: j for j in mesh.json("solo", "jobs")}
+    assert (jobs[ok]["state"], jobs[ok]["exit_code"]) == ("succeeded", 0), jobs[ok]
+    assert (jobs[bad]["state"], jobs[bad]["exit_code"]) == ("failed", 3), jobs[bad]
+    assert "while the agent was down" in jobs[bad]["reason"]
+
+
 def test_journal_survives_kill_and_marks_vanished_jobs_lost(mesh: LocalMesh) -> None:
     mesh.start("solo", sim="gpu:1x8GiB")
     assert mesh.cli("solo", "submit", "--wait", "--gpu", "0.2", "--", "echo", "hi").stdout == "hi\n"

@@ -13,8 +13,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flexmesh.agent import supervise
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobenv import base_env, job_environment
+from flexmesh.agent.jobprocs import describe_exit
 from flexmesh.agent.jobs import JobRunner, JobStartError
 from flexmesh.agent.models import FAILED, LOST, TERMINAL, RunRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
@@ -126,11 +128,18 @@ class Processes:
             return uid, uid  # no passwd entry: a group of the same number
 
     def adopt(self, job: RunRecord) -> bool:
-        """A process an earlier instance of the agent started, still running?"""
+        """A process an earlier instance of the agent started, still running? Or one that
+        ended while the agent was down, whose supervisor recorded how: its end is told
+        as soon as the node has read the journal back. False: it is gone, unknown how."""
         if job.pid is None or job.pid_start is None:
             return False
         if not self.runner.adopt(job.id, job.pid, job.pid_start):
-            return False
+            code = supervise.recorded_exit(self.runner.job_dir(job.id))
+            if code is None:
+                return False
+            exit_code, reason = describe_exit(code)
+            self.agent.loop.call_soon(self._exited, job.id, exit_code,
+                                      f"{reason} (while the agent was down)")
         self._runs[job.id] = job.lease_id
         if job.bundle:
             self._workdirs[job.id] = self.agent.payload.job_dir(job)
