@@ -82,6 +82,10 @@ def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd:
     if start is None:
         log.warning("job %s: cannot read /proc/%d/stat; start time unknown", job_id, pid)
         start = 0
+    try:
+        supervise.record_pid(job_dir, pid, start)
+    except OSError as e:
+        log.warning("job %s: cannot record its pid: %s", job_id, e)
     return pid, start
 
 

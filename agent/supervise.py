@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 STATUS_FILE = "exit"  # in the job's directory: the exit status, as a return code
+PID_FILE = "pid"  # ... the supervisor's pid and start time, written once it started
 
 SCRIPT = r"""
 import os, signal, sys, warnings  # (all imported now: the job's user may not read them)
@@ -133,3 +134,26 @@ def open_status(job_dir: Path) -> int:
     """The ``exit`` file of a new run, emptied: written by its supervisor."""
     return os.open(job_dir / STATUS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                    0o600)
+
+
+def record_pid(job_dir: Path, pid: int, start: int) -> None:
+    """Say which process is the run's, before the node journals it: an agent killed in
+    between finds it there on restart."""
+    tmp = job_dir / (PID_FILE + ".tmp")
+    tmp.write_text(f"{pid} {start}\n")
+    os.replace(tmp, job_dir / PID_FILE)
+
+
+def recorded_pid(job_dir: Path) -> tuple[int, int] | None:
+    """(pid, start time) of the last run started in ``job_dir``, or None."""
+    with contextlib.suppress(OSError, ValueError):
+        pid, start = (int(x) for x in (job_dir / PID_FILE).read_text().split())
+        return pid, start
+    return None
+
+
+def forget_records(job_dir: Path) -> None:
+    """A new run starts: what an earlier one recorded must not be taken for its own."""
+    for name in (PID_FILE, STATUS_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (job_dir / name).unlink()

@@ -491,3 +491,27 @@ def test_the_supervisor_keeps_none_of_the_jobs_environment(run: Run[None],
             await runner.shutdown(kill=True, grace_s=1)
 
     run(scenario())
+
+
+def test_a_run_records_its_pid_before_the_node_journals_it(run: Run[None],
+                                                           tmp_path: Path) -> None:
+    """An agent killed between starting a job and journaling its pid finds the process
+    from the job's ``pid`` file; a new run forgets what an earlier one recorded."""
+    from flexmesh.agent import supervise
+
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            pid, start = await runner.start("p", ["sleep", "0.2"], {"PATH": "/usr/bin:/bin"})
+            job_dir = runner.job_dir("p")
+            assert supervise.recorded_pid(job_dir) == (pid, start)
+            assert await exits.wait("p") == (0, "exited with code 0")
+            assert supervise.recorded_exit(job_dir) == 0
+            supervise.forget_records(job_dir)
+            assert supervise.recorded_pid(job_dir) is None
+            assert supervise.recorded_exit(job_dir) is None
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())

@@ -78,6 +78,7 @@ class Processes:
         self._starting.add(job.id)
         cwd = None
         try:
+            await asyncio.to_thread(supervise.forget_records, self.runner.job_dir(job.id))
             user, base = await asyncio.to_thread(self._identity, job)
             env = job_environment(base, job.env, self.owner_env(eff))
             if job.bundle:
@@ -131,19 +132,32 @@ class Processes:
         """A process an earlier instance of the agent started, still running? Or one that
         ended while the agent was down, whose supervisor recorded how: its end is told
         as soon as the node has read the journal back. False: it is gone, unknown how."""
-        if job.pid is None or job.pid_start is None:
-            return False
-        if not self.runner.adopt(job.id, job.pid, job.pid_start):
+        pid, start = job.pid, job.pid_start
+        if pid is None or start is None:  # started, not yet journaled: its supervisor says
+            pid, start = supervise.recorded_pid(self.runner.job_dir(job.id)) or (0, 0)
+            if pid and self.runner.adopt(job.id, pid, start):
+                self.agent.loop.call_soon(self._started_unjournaled, job, pid, start)
+                return self._adopted(job)
+            pid, start = 0, 0
+        if not pid or not self.runner.adopt(job.id, pid, start):
             code = supervise.recorded_exit(self.runner.job_dir(job.id))
             if code is None:
                 return False
             exit_code, reason = describe_exit(code)
             self.agent.loop.call_soon(self._exited, job.id, exit_code,
                                       f"{reason} (while the agent was down)")
+        return self._adopted(job)
+
+    def _adopted(self, job: RunRecord) -> bool:
         self._runs[job.id] = job.lease_id
         if job.bundle:
             self._workdirs[job.id] = self.agent.payload.job_dir(job)
         return True
+
+    def _started_unjournaled(self, job: RunRecord, pid: int, start: int) -> None:
+        self.agent.node.job_started(job.id, pid, start, self.agent.loop.time(),
+                                    lease_id=job.lease_id)
+        self.agent.kick()
 
     async def stop(self, eff: StopJob) -> None:
         """Stop a job's process, if it is still the run the node meant (a later run of the
