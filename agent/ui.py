@@ -250,7 +250,7 @@ _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
 def state_view(agent: Agent) -> dict[str, Any]:
     """What ``/ui/state`` returns."""
     node = agent.node
-    st = node.status()
+    st = node.views.status()
     rows = node.views.devices()
     for row in rows:
         if row["node"] == st.name:

@@ -10,7 +10,7 @@ returns from ``drain()`` (see ``effects``):
 - ``call_result(call_id, reply | None, error, now)``: the outcome of a ``Call`` effect.
 - ``tick(now)``: time passed; call again no later than ``next_deadline()``.
 - ``submit``, ``cancel`` (the local user), ``job_started``, ``job_exited`` (processes),
-  ``set_devices`` (device readings), ``recover`` (the journal, after a restart).
+  ``set_devices``, ``set_power`` (device and battery readings), ``recover`` (the journal).
 
 A job's life across nodes, and the role that handles each step::
 
@@ -43,9 +43,10 @@ from flexmesh.agent.node.effects import Call, Effect, Outbox, PendingCall
 from flexmesh.agent.node.electorate import Electorate
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
+from flexmesh.agent.node.power import Power, PowerPolicy, PowerReading
 from flexmesh.agent.node.records import Records
 from flexmesh.agent.node.routes import REPLIES, REQUESTS
-from flexmesh.agent.node.views import NodeStatus, Views
+from flexmesh.agent.node.views import Views
 from flexmesh.agent.scheduler import Scheduler
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import facts, wire
@@ -85,6 +86,7 @@ class Node:
         self.claim = 0
         self.max_term = max_term
         self.owner: Owner = Owner(self)
+        self.power = Power(self)
         self.origin: Origin = Origin(self)
         self.coordinator: Coordinator | None = None
         self.views = Views(self)
@@ -181,18 +183,14 @@ class Node:
 
     def next_deadline(self) -> float:
         times = [self.membership.next_deadline(), self._next_forget]
-        if self._waits():
+        # A role with something to do on its own timer (a retry, a follow-up, a grace)
+        # wakes the node; an idle node wakes only for its membership.
+        if (self._joining_until or self.origin.waits()
+                or (self.coordinator is not None and self.coordinator.waits())):
             times.append(self._next_housekeeping)
-        lease_deadline = self.leases.next_deadline()
-        if lease_deadline is not None:
+        if (lease_deadline := self.leases.next_deadline()) is not None:
             times.append(lease_deadline)
         return min(times)
-
-    def _waits(self) -> bool:
-        """Whether a role has something to do on its own timer (a retry, a follow-up, a
-        grace): an idle node wakes only for its membership."""
-        return bool(self._joining_until or self.origin.waits()
-                    or (self.coordinator is not None and self.coordinator.waits()))
 
     def submit(self, job: JobRecord, now: float) -> None:
         """A job accepted on this node (already journaled by the runtime)."""
@@ -241,6 +239,12 @@ class Node:
         self.publish_facts()
         self._after_input(now)
 
+    def set_power(self, reading: PowerReading, policy: PowerPolicy, now: float) -> None:
+        """The battery as last read, and the floors it is judged against (``power``)."""
+        self._now = now
+        self.power.update(reading, policy, now)
+        self._after_input(now)
+
     def recover(self, jobs: list[JobRecord], leases: list[Lease],
                 adopt: Callable[[JobRecord], bool], now: float,
                 output: Callable[[str], tuple[int, int]] | None = None) -> None:
@@ -285,9 +289,6 @@ class Node:
                    chunk: int) -> wire.Message:
         """Owner: a JobSync, answered with the output the caller read for it."""
         return self.owner.sync_reply(msg, stdout, stderr, chunk)
-
-    def status(self) -> NodeStatus:
-        return self.views.status()
 
     # --- the loop after every input -----------------------------------------------------
 
@@ -348,7 +349,8 @@ class Node:
     def publish_facts(self) -> None:
         ours = facts.NodeFacts(
             self.owner.device_facts(self.enforcement), self.config.priority,
-            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts())
+            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts(),
+            battery=self.power.fact())
         me = self.membership.me
         data = facts.fit(ours, self.name, me.incarnation, me.facts_version + 1).encode()
         if data != me.facts:  # unchanged facts are not news to gossip
