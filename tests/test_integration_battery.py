@@ -66,6 +66,7 @@ def test_below_the_floor_the_borrowed_job_is_requeued_and_finishes_elsewhere(
     assert battery_of(mesh, "z", "a") == {"level": 18, "charging": False, "floor": 30,
                                           "lending": False}
     assert "battery 18% not lending" in mesh.cli("z", "status").stdout
+    assert "18% not lending" in mesh.cli("z", "nodes").stdout
 
     # Another node with a free GPU joins: the requeued job runs there and finishes.
     mesh.start("b", sim="gpu:1x8GiB", join=["a"])
