@@ -97,14 +97,20 @@ def test_on_the_charger_a_node_lends_down_to_its_charging_floor() -> None:
     assert job.state == "queued" and "battery 12% below lend floor 30%" in job.reason
 
 
-def test_the_battery_survives_a_restart() -> None:
+def test_a_restart_below_the_floor_hands_back_the_borrowed_runs_it_adopts() -> None:
     sim = mesh(5)
-    sim.battery("a", 10)
-    sim.crash("a")
+    sim.submit("z", "j1", ["sleep", "40"], 250, 1024)
+    sim.run_for(5)
+    assert sim.job("j1").state == "running" and starts(sim, "j1") == ["a"]
+    sim.leave("a")  # its processes go on, for the restart to adopt
+    sim.battery("a", 10)  # read while it was down
     sim.run_for(2)
     sim.restart("a", ["z"])
-    sim.run_for(15)
-    sim.submit("z", "j1", ["sleep", "1"], 250, 1024)
+    sim.add_node("b", [gpu(0)], join=["z"])
+    sim.run_for(60)
+    job = sim.job("j1")
+    assert job.state == "succeeded" and starts(sim, "j1") == ["a", "b"], (job.state, job.reason)
+    assert sim.nodes["a"].node.counters["battery_handbacks"] == 1
+    sim.submit("z", "j2", ["sleep", "1"], 250, 1024)
     sim.run_for(10)
-    assert sim.job("j1").state == "queued"
-    assert sim.nodes["a"].node.power.fact() is not None
+    assert starts(sim, "j2") == ["b"]  # still below the floor after the restart

@@ -265,7 +265,7 @@ class Node:
                 self.owner.recover_run(job, job.terminal or adopt(job), now)
         self.origin.recover(now, output or (lambda _job: (0, 0)))
         self.records.read_back(jobs, now)
-        self.publish_facts()
+        self.power.refresh(now)  # (below the floor, borrowed runs read back are handed back)
         self._after_input(now)
 
     def join(self, seeds: list[str], now: float) -> None:

@@ -81,6 +81,11 @@ class Power:
             self._hand_back(now)
         self.node.publish_facts()
 
+    def refresh(self, now: float) -> None:
+        """Judge the last reading again (leases were read back from the journal) and
+        publish the facts."""
+        self.update(self.reading, self.policy, now)
+
     def _lends(self) -> bool:
         r = self.reading
         return r.level is None or r.level >= self.policy.floor(r.charging, self.lending)
