@@ -276,3 +276,37 @@ def test_status_shows_the_battery() -> None:
     assert battery_text({"level": 18, "charging": False, "lending": False}) == \
         "  battery 18% not lending"
     assert battery_text({"level": None, "problem": "stale"}) == "  battery ?"
+
+
+# --- the sampler: read every second, told to the node on change, a problem logged once --
+
+
+async def test_the_sampler_tells_changes_and_logs_a_problem_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from flexmesh.agent.runtime.sampling import Sampler
+
+    path = tmp_path / "battery"
+    told: list[tuple[PowerReading, PowerPolicy]] = []
+    counters: dict[str, int] = {}
+    agent = SimpleNamespace(
+        settings=Settings(power_source="file", power_path=str(path), lend_floor=30),
+        loop=asyncio.get_running_loop(),
+        node=SimpleNamespace(set_power=lambda r, p, now: told.append((r, p))),
+        count=lambda key: counters.__setitem__(key, counters.get(key, 0) + 1))
+    sampler = Sampler(agent)  # type: ignore[arg-type]
+    results = []
+    for text in (None, None, "garbage", "57", "57", "40 charging", None):
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(text)
+        results.append(await sampler.read_power())
+    assert results == [True, False, True, True, False, True, True]
+    assert [r.level for r, _ in told] == [None, None, 57, 40, None]
+    assert all(p == PowerPolicy(30, 10) for _, p in told)
+    assert counters == {"battery_unreadable": 2}  # once per spell, not once per reading
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "cannot read" in warnings[0]
