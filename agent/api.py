@@ -68,7 +68,7 @@ async def devices(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
-    st = agent.node.status()
+    st = agent.node.views.status()
     return web.json_response({
         "name": st.name, "address": agent.addr, "coordinator": st.coordinator,
         "term": st.term, "is_coordinator": st.is_coordinator,

@@ -175,8 +175,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     rows = request(args, "GET", "/v1/nodes")
-    view = [{**r, "coordinator": "*" if r["coordinator"] else ""} for r in rows]
-    _emit(args, rows, _table(view, ["name", "address", "state", "coordinator", "devices"]))
+    from flexmesh.agent.statusview import battery_text
+
+    view = [{**r, "coordinator": "*" if r["coordinator"] else "",
+             "battery": battery_text(r.get("battery")).removeprefix("  battery ") or "-"}
+            for r in rows]
+    _emit(args, rows, _table(view, ["name", "address", "state", "coordinator", "devices",
+                                    "battery"]))
     return 0
 
 

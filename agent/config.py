@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flexmesh.agent.netaddr import is_loopback_host
+from flexmesh.agent.power import validate_power
 from flexmesh.policies import DEFAULT_POLICY, POLICIES
 from flexmesh.protocol.membership import PRESETS
 
@@ -84,6 +85,11 @@ class Settings:
     payload_max_bundle: str = "1GiB"  # the largest archive a workdir may pack to
     payload_max_files: int = 100_000  # entries in one workdir, at most
     payload_work_dir: str = ""  # jobs' unpacked workdirs; "": STATE_DIR-work
+    power_source: str = "none"  # [power] (agent/power.py): none (mains), sysfs or file
+    power_path: str = ""  # sysfs: /sys/class/power_supply or one supply; file: the file
+    lend_floor: int = 20  # percent: on battery, below it lend nothing to other nodes
+    charging_lend_floor: int = 10  # ... on the charger
+    power_stale_after: float = 120.0  # a battery file not rewritten this long: unknown
     fault_drop: float = 0.0  # share of own outgoing datagrams dropped (loopback only)
     fault_duplicate: float = 0.0  # share sent twice (loopback only)
     fault_delay_ms: int = 0  # extra delay of every outgoing datagram (loopback only)
@@ -134,6 +140,8 @@ _TABLES: dict[str, dict[str, str]] = {
                "max_connections_per_ip": "tcp_max_connections_per_ip",
                "header_timeout": "tcp_header_timeout", "body_timeout": "tcp_body_timeout",
                "slow_link_kib_s": "tcp_slow_link_kib_s"},
+    "power": {"source": "power_source", "path": "power_path", "lend_floor": "lend_floor",
+              "charging_lend_floor": "charging_lend_floor", "stale_after": "power_stale_after"},
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
                 "fault_delay_ms": "fault_delay_ms"},
     "log": {"format": "log_format", "level": "log_level"},
@@ -257,7 +265,7 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
     # The first problem found is the one reported, so the order of the checks is kept.
     for check in (_validate_addresses, _validate_scheduling, validate_logs_and_devices,
                   _validate_security, _validate_testing, _validate_jobs, _validate_limits,
-                  _validate_payload):
+                  _validate_payload, validate_power):
         check(s, at)
 
 

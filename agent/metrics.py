@@ -119,7 +119,7 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Metric]:
         node = self.agent.node
-        st = node.status()
+        st = node.views.status()
         yield from self._identity(st)
         yield from self._membership(st)
         yield from self._election(st)

@@ -47,6 +47,7 @@ from flexmesh.agent.node import (
 from flexmesh.agent.simcheck import InvariantError, check_start, check_world
 from flexmesh.agent.simlog import SimLog
 from flexmesh.agent.simnet import LinkFaults, SimNetwork
+from flexmesh.agent.simpower import PowerState, SimPower, no_battery
 from flexmesh.agent.simviews import SimViews
 from flexmesh.protocol.lease import Lease
 from flexmesh.protocol.membership import (
@@ -69,6 +70,7 @@ class _SimNode:
     stalled_until: float = 0.0
     disk_full_until: float = 0.0  # until then, output received here cannot be written
     load: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> owner's own use
+    power: PowerState = field(default_factory=no_battery)  # its battery, as last read
     # journal meta: the last fencing token and highest term (outlive forgotten leases)
     disk_token: int = 0
     disk_max_term: int = 0
@@ -88,7 +90,7 @@ class _SimNode:
     archived: dict[str, list[dict[str, bytearray]]] = field(default_factory=dict)
 
 
-class Simulator(SimNetwork, SimViews):
+class Simulator(SimNetwork, SimViews, SimPower):
     def __init__(self, seed: int, faults: LinkFaults | None = None,
                  membership: Config | None = None, **node_options: Any) -> None:
         """``node_options``: NodeConfig fields every node gets (e.g. ``keep_finished``)."""
@@ -170,6 +172,7 @@ class Simulator(SimNetwork, SimViews):
         node = Node(old.config, random.Random(self.rng.getrandbits(64)), self.now,
                     incarnation=old.incarnation, token=token, max_term=term)
         node.set_devices(old.devices, self._lendable(old), self.now)
+        node.set_power(*old.power, self.now)
 
         def output(job_id: str) -> tuple[int, int]:
             got = old.received.get(job_id, {})

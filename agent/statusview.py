@@ -11,7 +11,9 @@ capacity three ways::
 
 Bars are drawn with characters, so they read without colour; ``color=True`` only adds
 ANSI colours around the same text (stripping them gives the plain picture back). Every
-line fits in ``width`` columns.
+line fits in ``width`` columns. A node on battery shows its level after its state
+(``battery 57% charging``, ``battery 18% not lending``, ``battery ?`` where its own source
+cannot be read).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _node_line(n: Mapping[str, Any], width: int, color: bool) -> str:
     name, state = str(n.get("name", "")), str(n.get("state", "?"))
     coord = bool(n.get("coordinator"))
     mark = "*" if coord else " "
-    tail = f"  {state}" + ("  coordinator" if coord else "")
+    tail = f"  {state}" + ("  coordinator" if coord else "") + battery_text(n.get("battery"))
     address = str(n.get("address", ""))
     if address:
         tail += f"  {address}"
@@ -130,6 +132,17 @@ def _node_line(n: Mapping[str, Any], width: int, color: bool) -> str:
     if rest.startswith(f"  {state}"):
         rest = "  " + _paint(state, _STATE_COLORS.get(state, "")) + rest[2 + len(state):]
     return head + rest
+
+
+def battery_text(b: Any) -> str:
+    """``  battery 57% charging`` for a node's battery row (nodes -o json); "" on mains."""
+    if not isinstance(b, Mapping):
+        return ""
+    level = b.get("level")
+    if not isinstance(level, int) or isinstance(level, bool):
+        return "  battery ?"
+    return (f"  battery {level}%" + (" charging" if b.get("charging") is True else "")
+            + (" not lending" if b.get("lending") is False else ""))
 
 
 def _device_lines(d: Mapping[str, Any], width: int, bar_len: int, color: bool) -> list[str]:

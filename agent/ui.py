@@ -47,6 +47,8 @@ h1 { font-size: 1.3em; margin: 0 0 .2em; }
 .state.dead { background: #b00020; } .state.left { background: #999; }
 .coord { font-size: .8em; margin-left: .6em; color: #6a1b9a; font-weight: bold; }
 .addr { font-size: .8em; color: #777; margin-left: .6em; }
+.battery { font-size: .8em; margin-left: .6em; color: #2e7d32; }
+.battery.low { color: #b00020; }
 .device { margin: .4em 0 .6em 1em; }
 .device .title { font-family: ui-monospace, monospace; }
 .device.unhealthy .title { color: #b00020; }
@@ -159,6 +161,16 @@ function drawWork(s) {
   }));
   document.getElementById("work").replaceWith(work);
 }
+function batterySpan(b) {
+  const known = typeof b.level === "number";
+  let text = "battery " + (known ? b.level + "%" : "?");
+  if (b.charging) text += " charging";
+  if (b.lending === false) text += " \u00b7 not lending (floor " + b.floor + "%)";
+  const span = el("span", "battery" + (b.lending === false ? " low" : ""), text);
+  span.dataset.battery = known ? String(b.level) : "?";
+  if (b.problem) span.title = b.problem;
+  return span;
+}
 function nodeBox(n, devices) {
   const box = el("section", "node");
   box.dataset.node = n.name;
@@ -166,6 +178,7 @@ function nodeBox(n, devices) {
   h.appendChild(el("span", "name", n.name));
   h.appendChild(el("span", "state " + n.state, n.state));
   if (n.coordinator) h.appendChild(el("span", "coord", "\u2605 coordinator"));
+  if (n.battery) h.appendChild(batterySpan(n.battery));
   if (n.address) h.appendChild(el("span", "addr", n.address));
   box.appendChild(h);
   if (!devices.length && n.state === "alive") box.appendChild(el("div", "empty", "no devices"));
@@ -250,7 +263,7 @@ _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
 def state_view(agent: Agent) -> dict[str, Any]:
     """What ``/ui/state`` returns."""
     node = agent.node
-    st = node.status()
+    st = node.views.status()
     rows = node.views.devices()
     for row in rows:
         if row["node"] == st.name:

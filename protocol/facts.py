@@ -12,7 +12,9 @@ versions read it): a device is the row ``[id, kind, model, memory_mib, compute_m
 leased_compute_milli, leased_memory_mib, lendable_compute_milli, lendable_memory_mib,
 backend, healthy, enforcement]``, a preemptible job ``[job_id, [device, ...],
 compute_milli, memory_mib, priority]``. Only append fields to a row; a reader takes rows
-longer than it knows.
+longer than it knows. A node on battery adds ``"bat": [level, charging, floor]``
+(``BatteryFact``); a node on mains power (or without a reading) leaves the key out, so its
+encoding is what it was before batteries were gossiped.
 """
 
 from __future__ import annotations
@@ -64,6 +66,24 @@ class PreemptibleFact:
 
 
 @dataclass(frozen=True, slots=True)
+class BatteryFact:
+    """A node's battery: its charge in percent, whether it is on its charger, and the
+    level it lends to other nodes at now (its floor, hysteresis included): below it, the
+    node lends nothing to others (its own jobs still place there)."""
+
+    level: int  # 0..100
+    charging: bool
+    floor: int  # 0..100
+
+    @property
+    def lending(self) -> bool:
+        return self.level >= self.floor
+
+    def encode(self) -> list[Any]:
+        return [self.level, self.charging, self.floor]
+
+
+@dataclass(frozen=True, slots=True)
 class NodeFacts:
     devices: tuple[DeviceFact, ...] = ()
     priority: int = 0  # election priority
@@ -71,6 +91,7 @@ class NodeFacts:
     claim: int = 0  # the term this node claims as coordinator (0: none)
     max_term: int = 0  # the highest coordinator term this node has seen
     preemptible: tuple[PreemptibleFact, ...] = ()
+    battery: BatteryFact | None = None  # None: mains power, or no reading
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -79,6 +100,8 @@ class NodeFacts:
         }
         if self.preemptible:
             out["pre"] = [p.encode() for p in self.preemptible]
+        if self.battery is not None:
+            out["bat"] = self.battery.encode()
         return out
 
 
@@ -124,10 +147,21 @@ def _preemptible(row: Any) -> PreemptibleFact | None:
     return PreemptibleFact(row[0], tuple(row[1]), row[2], row[3], row[4])
 
 
+def _battery(row: Any) -> BatteryFact | None:
+    """A battery row, or None (mains) where it is not one: a level or floor outside
+    0..100 or of the wrong type is no reading at all."""
+    if not (isinstance(row, list) and len(row) >= 3 and _is_int(row[0])
+            and isinstance(row[1], bool) and _is_int(row[2])
+            and 0 <= row[0] <= 100 and 0 <= row[2] <= 100):
+        return None
+    return BatteryFact(row[0], row[1], row[2])
+
+
 def decode(data: Any) -> NodeFacts:
     """A peer's facts as far as they make sense; never raises. Device rows that have the
     wrong shape, name a device twice, claim no capacity or more than any device has are
-    left out, as are malformed preemptible rows; a term out of range reads as none."""
+    left out, as are malformed preemptible rows; a term out of range reads as none, a
+    malformed battery as none (mains)."""
     if not isinstance(data, dict):
         return NodeFacts()
     devices: list[DeviceFact] = []
@@ -143,7 +177,8 @@ def decode(data: Any) -> NodeFacts:
             if p is not None]
     return NodeFacts(tuple(devices), _int(data.get("prio"), low=-(2**31)),
                      bool(data.get("elig", True)), _int(data.get("claim"), MAX_TERM),
-                     _int(data.get("mt"), MAX_TERM), tuple(jobs))
+                     _int(data.get("mt"), MAX_TERM), tuple(jobs),
+                     battery=_battery(data.get("bat")))
 
 
 def fit(facts: NodeFacts, name: str, incarnation: int, version: int) -> NodeFacts:

@@ -181,3 +181,22 @@ async def test_the_page_on_the_agents_socket(mesh_agent: Agent, tmp_path: Path) 
         await runner.cleanup()
     assert len(state["devices"]) == 3 and state["status"]["coordinator"] in (
         "alpha-node", "bravo-node")
+
+
+async def test_the_page_shows_a_battery(mesh_agent: Agent, tmp_path: Path) -> None:
+    level = tmp_path / "battery"
+    level.write_text("18 discharging")
+    # As a reload would: the sampler reads the battery with the settings of the moment.
+    mesh_agent.settings.power_source = "file"
+    mesh_agent.settings.power_path = str(level)
+    await until("the battery read", lambda: mesh_agent.node.power.fact() is not None)
+    runner, url = await start_ui(mesh_agent)
+    try:
+        dom = await dump_dom(url, tmp_path / "chromium")
+    finally:
+        await runner.cleanup()
+    assert data_values(dom, "battery") == {"18"}  # bravo-node's; alpha-node is on mains
+    section = re.search(r'<section class="node" data-node="bravo-node">.*?</section>', dom,
+                        re.S)
+    assert section is not None
+    assert "battery 18% \u00b7 not lending (floor 25%)" in html.unescape(section.group(0))

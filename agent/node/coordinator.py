@@ -227,11 +227,15 @@ def _placed(req: wire.LeaseRequest, owner: str, answer: wire.LeaseReply) -> wire
 
 
 def device_candidates(m: Member, f: facts.NodeFacts) -> list[Candidate]:
+    """A member's devices as it gossips them. A member on battery below the floor it
+    gossips is passed over for other nodes' jobs (``policies.filters.node_battery``)."""
+    battery, floor = (f.battery.level, f.battery.floor) if f.battery else (None, 0)
     return [
         Candidate(node=m.name, device=d.id, kind=d.kind, model=d.model,
                   compute_milli=d.compute_milli, memory_mib=d.memory_mib,
                   free_compute_milli=d.lendable_compute_milli,
-                  free_memory_mib=d.lendable_memory_mib, healthy=d.healthy)
+                  free_memory_mib=d.lendable_memory_mib, healthy=d.healthy,
+                  battery_pct=battery, battery_floor_pct=floor)
         for d in f.devices
     ]
 

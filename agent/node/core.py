@@ -1,7 +1,5 @@
 """One node's sans-IO core: inputs in, effects out, and the roles a node plays.
 
-Theory of operation
--------------------
 The runtime (or the simulator) feeds the node its inputs and carries out the effects it
 returns from ``drain()`` (see ``effects``):
 
@@ -10,7 +8,7 @@ returns from ``drain()`` (see ``effects``):
 - ``call_result(call_id, reply | None, error, now)``: the outcome of a ``Call`` effect.
 - ``tick(now)``: time passed; call again no later than ``next_deadline()``.
 - ``submit``, ``cancel`` (the local user), ``job_started``, ``job_exited`` (processes),
-  ``set_devices`` (device readings), ``recover`` (the journal, after a restart).
+  ``set_devices``, ``set_power`` (device and battery readings), ``recover`` (the journal).
 
 A job's life across nodes, and the role that handles each step::
 
@@ -44,9 +42,10 @@ from flexmesh.agent.node.electorate import Electorate
 from flexmesh.agent.node.nearby import Nearby
 from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
+from flexmesh.agent.node.power import Power, PowerPolicy, PowerReading
 from flexmesh.agent.node.records import Records
 from flexmesh.agent.node.routes import REPLIES, REQUESTS
-from flexmesh.agent.node.views import NodeStatus, Views
+from flexmesh.agent.node.views import Views
 from flexmesh.agent.scheduler import Scheduler
 from flexmesh.policies import get_policy, get_spec
 from flexmesh.protocol import facts, wire
@@ -86,6 +85,7 @@ class Node:
         self.claim = 0
         self.max_term = max_term
         self.owner: Owner = Owner(self)
+        self.power = Power(self)
         self.origin: Origin = Origin(self)
         self.coordinator: Coordinator | None = None
         self.views = Views(self)
@@ -189,14 +189,12 @@ class Node:
         times = [self.membership.next_deadline(), self._next_forget]
         if self._waits():
             times.append(self._next_housekeeping)
-        lease_deadline = self.leases.next_deadline()
-        if lease_deadline is not None:
+        if (lease_deadline := self.leases.next_deadline()) is not None:
             times.append(lease_deadline)
         return min(times)
 
     def _waits(self) -> bool:
-        """Whether a role has something to do on its own timer (a retry, a follow-up, a
-        grace): an idle node wakes only for its membership."""
+        """Whether a role waits on a timer: an idle node wakes only for its membership."""
         return bool(self._joining_until or self.origin.waits() or self.owner.orphans.waits()
                     or (self.coordinator is not None and self.coordinator.waits()))
 
@@ -247,6 +245,12 @@ class Node:
         self.publish_facts()
         self._after_input(now)
 
+    def set_power(self, reading: PowerReading, policy: PowerPolicy, now: float) -> None:
+        """The battery as last read, and the floors it is judged against (``power``)."""
+        self._now = now
+        self.power.update(reading, policy, now)
+        self._after_input(now)
+
     def recover(self, jobs: list[JobRecord], runs: list[RunRecord], leases: list[Lease],
                 adopt: Callable[[RunRecord], bool], now: float,
                 output: Callable[[str], tuple[int, int]] | None = None) -> None:
@@ -264,7 +268,7 @@ class Node:
             self.owner.recover_run(run, run.terminal or adopt(run), now)
         self.origin.recover(now, output or (lambda _job: (0, 0)))
         self.records.read_back(jobs, runs, now)
-        self.publish_facts()
+        self.power.refresh(now)  # (below the floor, borrowed runs read back are handed back)
         self._after_input(now)
 
     def join(self, seeds: list[str], now: float) -> None:
@@ -288,9 +292,6 @@ class Node:
                    now: float) -> wire.Message:
         """Owner: a JobSync, answered with the output the caller read for it."""
         return self.owner.sync_reply(msg, stdout, stderr, chunk, now)
-
-    def status(self) -> NodeStatus:
-        return self.views.status()
 
     # --- the loop after every input -----------------------------------------------------
 
@@ -348,7 +349,8 @@ class Node:
     def publish_facts(self) -> None:
         ours = facts.NodeFacts(
             self.owner.device_facts(self.enforcement), self.config.priority,
-            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts())
+            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts(),
+            battery=self.power.fact())
         me = self.membership.me
         data = facts.fit(ours, self.name, me.incarnation, me.facts_version + 1).encode()
         if data != me.facts:  # unchanged facts are not news to gossip

@@ -117,10 +117,10 @@ class Owner:
             used_c -= lease.compute_milli
             used_m -= lease.memory_mib
             self.out.count("reclaims")
-            self._take_back(lease, f"reclaimed by {self.node.name}: its own workload needs "
+            self.take_back(lease, f"reclaimed by {self.node.name}: its own workload needs "
                                    f"{device}", now)
 
-    def _take_back(self, lease: Lease, reason: str, now: float) -> None:
+    def take_back(self, lease: Lease, reason: str, now: float) -> None:
         """End a lease before its job is done; a running job is preempted."""
         if lease.job_id in self.runs:
             self.stop_job(lease.job_id, reason, PREEMPTED, now)
@@ -161,7 +161,7 @@ class Owner:
         problem = job_id_problem(msg.job_id)
         if problem is not None:
             return wire.LeaseReply(False, "", 0, self.node.membership.me.facts_version, problem)
-        problem = self._implausible_term(msg.term)
+        problem = self._implausible_term(msg.term) or self.node.power.refusal(msg.origin)
         if problem is not None:
             return wire.LeaseReply(False, "", 0, self.node.membership.me.facts_version, problem)
         result = self.lease(msg.job_id, (msg.device, *msg.more), msg.compute_milli,
@@ -212,7 +212,7 @@ class Owner:
             stopped.append(job_id)
             if job_id not in self._stopping:  # (else already on its way out)
                 self.out.count("preempted")
-                self._take_back(lease, msg.reason, now)
+                self.take_back(lease, msg.reason, now)
         self.out.log("preempted", jobs=stopped, refused=refused, coordinator=msg.coordinator)
         if not stopped:
             return wire.Error(f"no preemptible job among {', '.join(msg.job_ids)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flexmesh.agent.node.power import battery_view
 from flexmesh.protocol.membership import ALIVE
 
 if TYPE_CHECKING:
@@ -86,11 +87,16 @@ class Views:
         return tuple(out)
 
     def nodes(self) -> list[dict[str, Any]]:
+        """Every member; ``battery`` is None on mains power, else its ``level`` (percent,
+        None where this node's own source cannot be read), ``charging``, the ``floor`` it
+        lends at now and whether it is ``lending`` to other nodes."""
         n = self.node
         return [
             {"name": m.name, "address": m.addr, "state": m.state, "incarnation": m.incarnation,
              "coordinator": m.name == n.belief.coordinator,
-             "devices": len(n.facts_of(m).devices)}
+             "devices": len(n.facts_of(m).devices),
+             "battery": n.power.view() if m.name == n.name
+             else battery_view(n.facts_of(m).battery)}
             for m in sorted(n.membership.members.values(), key=lambda m: m.name)
         ]
 

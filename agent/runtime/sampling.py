@@ -1,17 +1,19 @@
 """Device discovery and sampling: what this node's devices are, what its own workload
-uses of them (smoothed, with hysteresis), how it holds jobs to their fractions, and the
-watchdog that stops a job using more device memory than it leased."""
+uses of them (smoothed, with hysteresis), how it holds jobs to their fractions, the
+watchdog that stops a job using more device memory than it leased, and the battery."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flexmesh.agent import power
 from flexmesh.agent.devices.base import Backend, Device, DeviceSample
 from flexmesh.agent.devices.discovery import JetsonOptions, discover_backends
 from flexmesh.agent.devices.enforcement import (
@@ -23,6 +25,7 @@ from flexmesh.agent.devices.enforcement import (
 )
 from flexmesh.agent.devices.idle import IdleEstimator, lendable
 from flexmesh.agent.models import FAILED
+from flexmesh.agent.node.power import PowerPolicy, PowerReading
 from flexmesh.agent.runtime import proctree
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ class Sampler:
         self._measured: set[str] = set()  # devices read at least once (others lend nothing)
         self._trees: dict[str, set[int]] = {}  # job -> its processes, at the last reading
         self.job_use: dict[str, JobUse] = {}  # job -> what it was measured holding
+        self._power: tuple[PowerReading, PowerPolicy] | None = None  # as last told the node
 
     async def discover(self) -> None:
         s = self.agent.settings
@@ -92,6 +96,7 @@ class Sampler:
         self.agent.node.enforcement = self.enforcement
         self.last_samples = await self.sample()  # nothing is offered before it is measured
         self.apply(self.last_samples)
+        await self.read_power()
 
     def apply(self, samples: dict[str, DeviceSample]) -> bool:
         """Tell the node its devices and what of each it may lend, from these readings;
@@ -128,6 +133,7 @@ class Sampler:
             await asyncio.sleep(self._next_wait())
             samples = self.last_samples = await self.sample()
             changed = self.apply(samples)
+            changed = await self.read_power() or changed
             if self.enforcement == "watchdog":
                 changed = self.watchdog(list(samples.values())) or changed
             if changed:
@@ -142,6 +148,26 @@ class Sampler:
         while due < 0.75 * SAMPLE_INTERVAL:  # (the node's timers come about once a second)
             due += SAMPLE_INTERVAL
         return due if due <= 1.5 * SAMPLE_INTERVAL else SAMPLE_INTERVAL
+
+    async def read_power(self) -> bool:
+        """Read the battery and tell the node when the reading or its floors changed; a
+        source that stops reading well is logged and counted once, until it reads again."""
+        s = self.agent.settings
+        reading = (power.read(s, time.time()) if s.power_source == "none"
+                   else await asyncio.to_thread(power.read, s, time.time()))
+        was = self._power[0] if self._power is not None else None
+        if reading.problem and (was is None or not was.problem):
+            log.warning("battery: %s; lending as on mains power until it reads again",
+                        reading.problem)
+            self.agent.count("battery_unreadable")
+        elif was is not None and was.problem and not reading.problem:
+            log.info("battery: %s reads again: %s%%", reading.source, reading.level)
+        told = (reading, power.policy(s))
+        if told == self._power:
+            return False
+        self._power = told
+        self.agent.node.set_power(reading, told[1], self.agent.loop.time())
+        return True
 
     async def sample(self) -> dict[str, DeviceSample]:
         """One reading of every backend (one that fails is logged and left out), and of
