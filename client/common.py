@@ -11,7 +11,15 @@ import tarfile
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from flexmesh.client.errors import ClientError, NotFound, ProtocolError, from_status
+from flexmesh.client.errors import (
+    AgentUnavailable,
+    ClientError,
+    NotFound,
+    ProtocolError,
+    StreamEnded,
+    WaitTimeout,
+    from_status,
+)
 
 DEFAULT_SOCKET = "/run/flexmesh/agent.sock"
 ENDED = ("succeeded", "failed", "cancelled", "preempted", "lost")
@@ -26,6 +34,18 @@ class LogChunk(NamedTuple):
 
     stream: str
     data: bytes
+
+
+def unavailable(sock: str, exc: BaseException) -> AgentUnavailable:
+    """The error for a request that did not reach the agent, or got no answer."""
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        text = (f"no flexmesh agent at {sock} (is it running? give its socket, or set "
+                "FLEXMESH_SOCKET)")
+    elif isinstance(exc, PermissionError):
+        text = f"permission denied on {sock} (are you in the flexmesh group?)"
+    else:
+        text = f"talking to the agent at {sock} failed: {str(exc) or type(exc).__name__}"
+    return AgentUnavailable(text, sock, exc)
 
 
 def socket_path(socket: str | os.PathLike[str] | None) -> str:
@@ -103,6 +123,27 @@ def results_missing(job_id: str, status: int, data: bytes) -> ClientError:
             return NotFound(f"this agent does not serve results ({what} answered {text!r}): "
                             "it is older than results", status)
     return not_streamed(what, status, data)
+
+
+def read_limit(follow: bool, deadline: float | None, now: float) -> tuple[float | None, bool]:
+    """How long the next read of a log stream may take, and whether that is the wait's
+    deadline (then running out is a WaitTimeout): a read of output not followed takes at
+    most LOG_READ_TIMEOUT; a followed one may wait as long as the job stays quiet."""
+    limit = None if follow else LOG_READ_TIMEOUT
+    if deadline is not None:
+        left = max(deadline - now, 0.0)
+        if limit is None or left <= limit:
+            return left, True
+    return limit, False
+
+
+def timed_out(job_id: str, state: str | None) -> WaitTimeout:
+    return WaitTimeout(f"job {job_id} is still {state or 'running'}: the time ran out", job_id)
+
+
+def ended_early(job_id: str) -> StreamEnded:
+    return StreamEnded(f"the output of {job_id} ended early: the agent closed the stream "
+                       "(stopped or restarted?); read it again for the rest", job_id, None)
 
 
 def chunk(rec: dict[str, Any]) -> LogChunk:

@@ -24,19 +24,20 @@ from flexmesh.client.common import (
     chunk,
     decode,
     ended,
+    ended_early,
     not_streamed,
+    read_limit,
     results_missing,
     socket_path,
     submit_body,
+    timed_out,
+    unavailable,
     unpack_results,
 )
 from flexmesh.client.errors import (
-    AgentUnavailable,
     ClientError,
     ProtocolError,
-    StreamEnded,
     StreamError,
-    WaitTimeout,
 )
 
 READ_BLOCK = 1 << 20  # bytes of results read at a time
@@ -59,18 +60,6 @@ class UnixConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = self.unix_sock = sock  # (``sock`` is dropped once a response has it)
-
-
-def unavailable(sock: str, exc: BaseException) -> AgentUnavailable:
-    """The error for a request that did not reach the agent, or got no answer."""
-    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
-        text = (f"no flexmesh agent at {sock} (is it running? give its socket, or set "
-                "FLEXMESH_SOCKET)")
-    elif isinstance(exc, PermissionError):
-        text = f"permission denied on {sock} (are you in the flexmesh group?)"
-    else:
-        text = f"talking to the agent at {sock} failed: {exc}"
-    return AgentUnavailable(text, sock, exc)
 
 
 class Client:
@@ -219,8 +208,7 @@ class Job:
             if deadline is not None:
                 wait = min(max(deadline - time.monotonic(), 0.0), LONG_POLL)
                 if wait <= 0:
-                    raise WaitTimeout(f"job {self.id} is still {self.state} after "
-                                      f"{timeout:g}s", self.id)
+                    raise timed_out(self.id, self.state)
             self.info = self.client.request("GET", f"/v1/jobs/{self.id}?wait={wait:.3f}",
                                             timeout=wait + 10)
         return self.info
@@ -271,30 +259,19 @@ class Job:
                   deadline: float | None) -> bytes:
         """The next line, read within the time left (WaitTimeout) and, when not following,
         within LOG_READ_TIMEOUT (a StreamError)."""
-        limit = None if follow else LOG_READ_TIMEOUT
-        by_deadline = False
-        if deadline is not None:
-            left = max(deadline - time.monotonic(), 0.0)
-            if limit is None or left <= limit:
-                limit, by_deadline = left, True
+        limit, by_deadline = read_limit(follow, deadline, time.monotonic())
         if by_deadline and not limit:
-            raise self._timed_out()
+            raise timed_out(self.id, self.state)
         sock.settimeout(limit)
         try:
             line = resp.readline()
         except TimeoutError:
             if by_deadline:
-                raise self._timed_out() from None
+                raise timed_out(self.id, self.state) from None
             raise
         if not line:
-            raise StreamEnded(f"the output of {self.id} ended early: the agent closed the "
-                              "stream (stopped or restarted?); read it again for the rest",
-                              self.id, None)
+            raise ended_early(self.id)
         return line
-
-    def _timed_out(self) -> WaitTimeout:
-        return WaitTimeout(f"job {self.id} is still {self.state or 'running'}: the time ran "
-                           "out", self.id)
 
     def results(self, dest: str | os.PathLike[str], *, max_bytes: int = MAX_RESULT_BYTES,
                 max_files: int = MAX_RESULT_FILES) -> list[Path]:
@@ -325,4 +302,4 @@ class Job:
             conn.close()
 
 
-__all__ = ["Client", "ClientError", "Job", "LogChunk", "UnixConnection", "unavailable"]
+__all__ = ["Client", "ClientError", "Job", "LogChunk", "UnixConnection"]

@@ -25,6 +25,7 @@ from flexmesh.client import (
     ProtocolError,
     WaitTimeout,
 )
+from flexmesh.client.aio import AsyncClient
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -124,6 +125,36 @@ def test_results_from_an_agent_without_them_say_so(agent: Client, tmp_path: Path
         job.results(tmp_path / "out")
     assert nf.value.status == 404
     assert "does not serve results" in nf.value.message and "404: Not Found" in nf.value.message
+
+
+@pytest.mark.integration
+async def test_the_async_twin(agent: Client, tmp_path: Path) -> None:
+    async with AsyncClient(agent.socket) as client:
+        assert [n["name"] for n in await client.nodes()] == ["a"]
+        assert [d["id"] for d in await client.devices()] == ["gpu0"]
+        job = await client.submit(["sh", "-c", "echo ready; echo err >&2; exec sleep 300"],
+                                  gpu=0.25)
+        pieces = job.logs(follow=True)
+        got = {await anext(pieces), await anext(pieces)}
+        assert got == {("stdout", b"ready\n"), ("stderr", b"err\n")}
+        assert (await job.refresh())["state"] == "running"
+        with pytest.raises(WaitTimeout):
+            await job.wait(timeout=0.2)
+        assert (await job.cancel())["id"] == job.id
+        assert [p async for p in pieces] == [] and job.state == "cancelled"
+        assert (await job.wait(timeout=30))["state"] == "cancelled"
+        assert job.id in [j["id"] for j in await client.jobs()]
+        assert [p async for p in job.logs()] == [("stdout", b"ready\n"), ("stderr", b"err\n")]
+
+        with pytest.raises(NotFound, match="no job nosuchjob was submitted here"):
+            await client.job("nosuchjob")
+        with pytest.raises(BadRequest, match="gpu fraction 2 must be above 0"):
+            await client.submit(["true"], gpu=2)
+        with pytest.raises(NotFound, match="does not serve results"):
+            await job.results(tmp_path / "out")
+    async with AsyncClient(tmp_path / "none.sock") as gone:
+        with pytest.raises(AgentUnavailable, match="no flexmesh agent at"):
+            await gone.status()
 
 
 def test_no_agent_at_the_socket(tmp_path: Path) -> None:
