@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import socket
 import socketserver
 import tarfile
@@ -171,6 +172,32 @@ def test_no_agent_at_the_socket(tmp_path: Path) -> None:
     with pytest.raises(AgentUnavailable) as refused:
         Client(stale).submit(["true"])
     assert isinstance(refused.value.cause, ConnectionRefusedError)
+
+
+@pytest.mark.integration
+def test_the_cli_says_the_clients_errors_as_before(agent: Client, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's words and exit codes for each error, through the client."""
+    from flexmesh.agent.cli import main
+
+    missing = str(tmp_path / "none.sock")
+    assert main(["nodes", "--socket", missing]) == 3
+    assert capsys.readouterr().err == (f"flexmesh: no flexmesh agent at {missing} (is it "
+                                       "running? set --socket or FLEXMESH_SOCKET)\n")
+    assert main(["jobs", "--socket", missing, "-o", "json"]) == 3
+    assert capsys.readouterr().out.startswith('{"error": "no flexmesh agent at')
+    monkeypatch.setenv("FLEXMESH_SOCKET", agent.socket)
+    for argv, code, err in [
+            (["show", "nosuchjob"], 1, "no job nosuchjob was submitted here"),
+            (["logs", "nosuchjob"], 1, "no job nosuchjob was submitted here"),
+            (["cancel", "nosuchjob"], 1, "no job nosuchjob was submitted here"),
+            (["submit", "--priority", "5000", "--", "true"], 2,
+             "priority must be an integer between -1000 and 1000")]:
+        assert main(argv) == code, argv
+        assert capsys.readouterr().err == f"flexmesh: {err}\n"
+    assert main(["nodes", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == agent.nodes()
 
 
 def test_the_socket_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
