@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tarfile
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -162,6 +161,8 @@ def unpack_results(archive: IO[bytes], dest: str | os.PathLike[str], max_bytes: 
     """Unpack a job's results (a tar archive) into ``dest``, created if missing: the
     regular files written, sorted. Nothing that leaves ``dest`` (absolute paths, ``..``,
     links out), no devices, no setuid bits; ProtocolError for such an archive."""
+    import tarfile  # (here: the command need not load it)
+
     from flexmesh.agent.bundle import BundleError, check_members
 
     top = Path(dest)
