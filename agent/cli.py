@@ -14,7 +14,14 @@ import json
 import logging
 import sys
 
-from flexmesh.agent.cliclient import DEFAULT_SOCKET, CliError, get_json, request, socket_path
+from flexmesh.agent.cliclient import (
+    DEFAULT_SOCKET,
+    CliError,
+    cli_error,
+    get_json,
+    request,
+    socket_path,
+)
 from flexmesh.agent.cliclient import UnixConnection as _UnixConnection
 from flexmesh.agent.clicommands import (
     cmd_cancel,
@@ -30,6 +37,7 @@ from flexmesh.agent.clicommands import (
     cmd_ui,
 )
 from flexmesh.agent.cliparser import build_parser
+from flexmesh.client import ClientError
 
 # Still importable from here: scripts and tests import these from cli.
 __all__ = [
@@ -101,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(trace_replay.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        try:
+            return COMMANDS[args.cmd](args)
+        except ClientError as exc:  # (the agent's words, with the command's exit code)
+            raise cli_error(exc) from None
     except CliError as exc:
         if getattr(args, "output", "text") == "json":
             print(json.dumps({"error": str(exc)}))

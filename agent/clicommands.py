@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import http.client
 import json
 import os
 import shlex
@@ -16,9 +15,11 @@ import sys
 import time
 from typing import Any
 
-from flexmesh.agent.cliclient import CliError, request
+from flexmesh.agent.cliclient import CliError, client
 from flexmesh.agent.cliwait import wait_for_job
 from flexmesh.agent.units import format_mib
+from flexmesh.client import Job, StreamEnded, StreamError
+from flexmesh.client.common import submit_body
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -52,14 +53,20 @@ def _job_line(j: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    job = request(args, "POST", "/v1/jobs", _submit_body(args))
+    job = client(args).submit(**_submit_args(args))
     if not args.wait:
-        _emit(args, job, job["id"])
+        _emit(args, job.info, job.id)
         return 0
     return wait_for_job(args, job)  # its output as it comes, then the job's exit code
 
 
 def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of the request ``submit`` sends."""
+    return submit_body(**_submit_args(args))
+
+
+def _submit_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as ``Client.submit`` takes them; usage errors raised as CliError (2)."""
     from flexmesh.agent.units import parse_fraction, parse_percent, parse_size
 
     command = list(args.command)
@@ -85,38 +92,26 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"--env {item!r} is not NAME=VALUE", 2)
         env[name] = value
     # What the request may ask for is the agent's to check: its 400 says what is wrong.
-    body: dict[str, Any] = {"command": command, "memory_mib": memory, "kind": args.kind,
-                            "priority": args.priority, "env": env}
-    if args.no_requeue:
-        body["requeue"] = False
-    if compute is not None:
-        body["compute_milli"] = compute
-    if args.devices != 1:
-        body["devices"] = args.devices
-    if args.preemptible:
-        body["preemptible"] = True
-    if args.wait_for_capacity:
-        body["wait_for_capacity"] = True
-    if args.gang != 1:
-        body["gang"] = args.gang
-    if args.workdir:
-        body["workdir"] = os.path.abspath(args.workdir)  # packed by the agent, as this user
-    return body
+    return {"command": command, "gpu": None, "compute_milli": compute, "memory": memory,
+            "kind": args.kind, "priority": args.priority, "env": env,
+            "requeue": not args.no_requeue, "devices": args.devices,
+            "preemptible": args.preemptible,
+            "wait_for_capacity": args.wait_for_capacity, "gang": args.gang,
+            "workdir": args.workdir or None}
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = client(args).jobs(here=args.here)
     if args.here:  # the runs on this node's devices, whoever submitted them
-        jobs = request(args, "GET", "/v1/jobs?here=1")
         columns = ["id", "state", "origin", "user", "where", "gpu", "mem", "cmd"]
     else:
-        jobs = request(args, "GET", "/v1/jobs")
         columns = ["id", "state", "where", "gpu", "mem", "exit_code", "cmd"]
     _emit(args, jobs, _table([_job_line(j) for j in jobs], columns))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    job = request(args, "GET", f"/v1/jobs/{args.job}")
+    job = client(args).job(args.job).info
     text = "\n".join(f"{k:>14}: {_human(k, v)}" for k, v in job.items())
     _emit(args, job, text)
     return 0
@@ -144,18 +139,15 @@ def _human(key: str, value: Any) -> str:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    result = request(args, "DELETE", f"/v1/jobs/{args.job}")
+    result = Job(client(args), args.job).cancel()
     _emit(args, result, f"{result.get('id', args.job)}: {result['result']}")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    follow = "&follow=1" if args.follow else ""
-    resp = request(args, "GET", f"/v1/jobs/{args.job}/logs?format=ndjson{follow}",
-                   timeout=None if args.follow else 60, stream=True)  # type: ignore[arg-type]
+    records = Job(client(args), args.job).log_records(follow=args.follow)
     try:
-        for line in resp:
-            rec = json.loads(line)
+        for rec in records:
             if args.output == "json":  # the records as they come, one JSON line each
                 print(json.dumps(rec), flush=True)
             if rec.get("end"):
@@ -167,14 +159,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
             out = sys.stdout if rec["stream"] == "stdout" else sys.stderr
             out.buffer.write(base64.b64decode(rec["b64"]))
             out.flush()
-    except (OSError, ValueError, http.client.HTTPException) as exc:
+    except StreamEnded:
+        pass
+    except StreamError as exc:
+        raise CliError(f"reading the output of {args.job} failed: {exc.cause}", 3) from None
+    except (OSError, ValueError) as exc:  # (writing the output)
         raise CliError(f"reading the output of {args.job} failed: {exc}", 3) from None
+    finally:
+        records.close()
     raise CliError(f"the output of {args.job} ended early: the agent closed the stream "
                    "(stopped or restarted?); run the command again for the rest", 3)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    rows = request(args, "GET", "/v1/nodes")
+    rows = client(args).nodes()
     from flexmesh.agent.statusview import battery_text
 
     view = [{**r, "coordinator": "*" if r["coordinator"] else "",
@@ -186,7 +184,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    rows = request(args, "GET", "/v1/devices")
+    rows = client(args).devices()
     view = [{**r, "memory": format_mib(r["memory_mib"], "table"),
              "leased": f"{_frac(r['leased_compute_milli'])} / "
                        f"{format_mib(r['leased_memory_mib'], 'table')}",
@@ -205,10 +203,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from flexmesh.agent.statusview import render
 
+    agent = client(args)
     while True:
-        st = request(args, "GET", "/v1/status")
-        nodes = request(args, "GET", "/v1/nodes")
-        devices = request(args, "GET", "/v1/devices")
+        st = agent.status()
+        nodes = agent.nodes()
+        devices = agent.devices()
         if args.output == "json":
             print(json.dumps({"status": st, "nodes": nodes, "devices": devices}))
         else:
@@ -226,7 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    st = request(args, "GET", "/v1/status")
+    st = client(args).status()
     if not st.get("ui"):
         raise CliError("the web page is off on this agent (set ui = \"127.0.0.1:PORT\")", 1)
     _emit(args, {"url": st["ui"]}, st["ui"])
@@ -259,12 +258,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    if args.op == "list":
-        view = request(args, "GET", "/v1/keys")
-    else:
-        if not args.key:
-            raise CliError(f"keys {args.op} needs a KEY (or its fingerprint)", 2)
-        view = request(args, "POST", "/v1/keys", {"op": args.op, "key": args.key})
+    if args.op != "list" and not args.key:
+        raise CliError(f"keys {args.op} needs a KEY (or its fingerprint)", 2)
+    view = client(args).keys(args.op, args.key or "")
     lines = [f"cluster {view['cluster']}: "
              + ("sealed" if view["encrypted"] else "PLAINTEXT (no key)")]
     lines += [f"{fp}{'  (primary: seals)' if fp == view['primary'] else ''}"

@@ -15,104 +15,72 @@ it ended otherwise (failed without a code, cancelled, preempted, lost); ``TIMED_
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import http.client
 import json
 import sys
-import time
 from typing import Any
 
-from flexmesh.agent.cliclient import CliError, open_stream, request
+from flexmesh.agent.cliclient import CliError
+from flexmesh.client import ENDED, ClientError, Job, StreamEnded, StreamError, WaitTimeout
+from flexmesh.client.common import chunk
 
 TIMED_OUT = 124  # as timeout(1): the job is still queued or running
-ENDED = ("succeeded", "failed", "cancelled", "preempted", "lost")
-LONG_POLL = 30.0  # seconds one wait for a job's end may be held by the agent
+
+__all__ = ["ENDED", "TIMED_OUT", "wait_for_job"]
 
 
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds if seconds > 0 else None
-
-    def left(self, most: float | None = None) -> float | None:
-        """Seconds left (at most ``most``); None without a deadline."""
-        if self.at is None:
-            return most
-        left = max(self.at - time.monotonic(), 0.0)
-        return left if most is None else min(left, most)
-
-
-class _TimedOut(Exception):
-    pass
-
-
-def wait_for_job(args: argparse.Namespace, job: dict[str, Any]) -> int:
+def wait_for_job(args: argparse.Namespace, handle: Job) -> int:
     """Wait for a submitted job (or gang) to end, printing as the module says; the exit
     code."""
-    deadline = _Deadline(args.timeout)
+    timeout = args.timeout if args.timeout > 0 else None
+    job = handle.info
     try:
         if args.output == "json" or job.get("members"):
-            job = _poll(args, job, deadline)
+            job = handle.wait(timeout)
             print(json.dumps(job) if args.output == "json" else _ended_text(job))
         else:
-            job = {**job, **_follow(args, job["id"], deadline)}
+            job = {**job, **_follow(handle, timeout)}
             if job["state"] != "succeeded":
-                with contextlib.suppress(CliError):  # where it ran, for the line below
-                    job = request(args, "GET", f"/v1/jobs/{job['id']}", timeout=5)
+                with contextlib.suppress(ClientError):  # where it ran, for the line below
+                    job = handle.client.request("GET", f"/v1/jobs/{job['id']}", timeout=5)
                 print(f"flexmesh: {_ended_text(job)}", file=sys.stderr)
-    except _TimedOut:
-        return _timed_out(args, job)
+    except WaitTimeout:
+        return _timed_out(args, handle)
     if job["state"] == "succeeded":
         return 0
     code = job.get("exit_code")
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
-def _poll(args: argparse.Namespace, job: dict[str, Any], deadline: _Deadline) -> dict[str, Any]:
-    """The job once it has ended, asked with long polls that end by the deadline."""
-    while job["state"] not in ENDED:
-        wait = deadline.left(LONG_POLL)
-        assert wait is not None
-        if wait <= 0:
-            raise _TimedOut
-        job = request(args, "GET", f"/v1/jobs/{job['id']}?wait={wait:.3f}", timeout=wait + 10)
-    return job
-
-
-def _follow(args: argparse.Namespace, job_id: str, deadline: _Deadline) -> dict[str, Any]:
+def _follow(handle: Job, timeout: float | None) -> dict[str, Any]:
     """Copy the job's output as it comes until it has ended; its end record."""
-    resp, sock = open_stream(args, f"/v1/jobs/{job_id}/logs?format=ndjson&follow=1")
+    records = handle.log_records(follow=True, timeout=timeout)
     try:
-        while True:
-            left = deadline.left()
-            if left is not None and left <= 0:
-                raise _TimedOut
-            sock.settimeout(left)
-            line = resp.readline()
-            if not line:
-                break
-            rec = json.loads(line)
+        for rec in records:
             if rec.get("end"):
                 if rec.get("forgotten"):
                     raise CliError(rec["reason"], 1)
                 return {k: rec[k] for k in ("state", "reason", "exit_code")}
-            out = sys.stdout if rec["stream"] == "stdout" else sys.stderr
-            out.buffer.write(base64.b64decode(rec["b64"]))
+            piece = chunk(rec)
+            out = sys.stdout if piece.stream == "stdout" else sys.stderr
+            out.buffer.write(piece.data)
             out.flush()
-    except TimeoutError:
-        raise _TimedOut from None
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise CliError(f"following job {job_id} failed: {exc}", 3) from None
+    except StreamEnded:
+        pass
+    except StreamError as exc:
+        raise CliError(f"following job {handle.id} failed: {exc.cause}", 3) from None
+    except (OSError, ValueError) as exc:  # (writing the output)
+        raise CliError(f"following job {handle.id} failed: {exc}", 3) from None
     finally:
-        resp.close()
-        sock.close()
-    raise CliError(f"the output of {job_id} ended early: the agent closed the stream "
-                   f"(stopped or restarted?); `flexmesh show {job_id}` tells how it is", 3)
+        records.close()
+    raise CliError(f"the output of {handle.id} ended early: the agent closed the stream "
+                   f"(stopped or restarted?); `flexmesh show {handle.id}` tells how it is", 3)
 
 
-def _timed_out(args: argparse.Namespace, job: dict[str, Any]) -> int:
-    with contextlib.suppress(CliError):  # (else: what was last known)
-        job = request(args, "GET", f"/v1/jobs/{job['id']}", timeout=5)
+def _timed_out(args: argparse.Namespace, handle: Job) -> int:
+    job = handle.info
+    with contextlib.suppress(ClientError):  # (else: what was last known)
+        job = handle.client.request("GET", f"/v1/jobs/{job['id']}", timeout=5)
     why = f" ({job['reason']})" if job.get("reason") else ""
     if job["state"] in ENDED:  # it ended just as the time ran out
         what = f"job {job['id']} {job['state']}{why} as the time ran out"

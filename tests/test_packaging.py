@@ -1,4 +1,5 @@
-"""Every subpackage under agent/, protocol/ and policies/ is installed as flexmesh.*."""
+"""Every subpackage under agent/, client/, protocol/ and policies/ is installed as
+flexmesh.*."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = {"agent": "flexmesh.agent", "protocol": "flexmesh.protocol", "policies": "flexmesh.policies"}
+TOP = {"agent": "flexmesh.agent", "client": "flexmesh.client", "protocol": "flexmesh.protocol",
+       "policies": "flexmesh.policies"}
 
 
 def _declared() -> tuple[set[str], dict[str, str]]:
