@@ -54,7 +54,9 @@ r, w = os.pipe2(os.O_CLOEXEC)
 pid = os.fork()
 if pid == 0:
     os.close(r); os.close(status); os.close(ready)
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # (Python ignores it; a job must not)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+              signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(s, signal.SIG_DFL)  # (a stop before the exec must not be swallowed)
     try:
         if uid != "-":
             os.setgroups([])
@@ -81,8 +83,11 @@ while True:
     except ChildProcessError:
         os._exit(255)
 code = os.waitstatus_to_exitcode(st)
-os.write(status, b"%d\n" % code)
-os.close(status)
+try:
+    os.write(status, b"%d\n" % code)
+    os.close(status)
+except OSError:
+    pass  # (a full disk: the agent, if it still is our parent, reads the status itself)
 if code < 0:
     try:
         signal.signal(-code, signal.SIG_DFL)
