@@ -101,6 +101,10 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["gang"] = args.gang
     if args.workdir:
         body["workdir"] = os.path.abspath(args.workdir)  # packed by the agent, as this user
+    if args.image:
+        body["image"] = args.image
+    if args.image_network:
+        body["image_network"] = args.image_network
     return body
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmesh.agent.containers import config_problem as containers_config_problem
 from flexmesh.agent.netaddr import is_loopback_host
 from flexmesh.policies import DEFAULT_POLICY, POLICIES
 from flexmesh.protocol.membership import PRESETS
@@ -79,6 +80,8 @@ class Settings:
     payload_max_bundle: str = "1GiB"  # the largest archive a workdir may pack to
     payload_max_files: int = 100_000  # entries in one workdir, at most
     payload_work_dir: str = ""  # jobs' unpacked workdirs; "": STATE_DIR-work
+    containers_runtime: str = "auto"  # [containers]: "auto", "podman", "docker" or "none"
+    containers_extra_args: list[str] = field(default_factory=list)  # added to every run
     fault_drop: float = 0.0  # share of own outgoing datagrams dropped (loopback only)
     fault_duplicate: float = 0.0  # share sent twice (loopback only)
     fault_delay_ms: int = 0  # extra delay of every outgoing datagram (loopback only)
@@ -131,6 +134,7 @@ _TABLES: dict[str, dict[str, str]] = {
     "log": {"format": "log_format", "level": "log_level"},
     "payload": {"cache_size": "payload_cache_size", "max_bundle": "payload_max_bundle",
                 "max_files": "payload_max_files", "work_dir": "payload_work_dir"},
+    "containers": {"runtime": "containers_runtime", "extra_args": "containers_extra_args"},
 }
 _SIZES = ("payload_cache_size", "payload_max_bundle")  # a number (MiB) or "10GiB"
 
@@ -349,6 +353,8 @@ def _validate_jobs(s: Settings, at: Any) -> None:
     if not (math.isfinite(s.keep_finished_for) and s.keep_finished_for >= 0):
         raise ConfigError(f"{at('keep_finished_for')}: keep_finished_for must be a number of "
                           "seconds, 0 or more")
+    if problem := containers_config_problem(s.containers_runtime, s.containers_extra_args):
+        raise ConfigError(f"{at('containers_runtime')}: [containers] {problem}")
     if not re.fullmatch(r"[A-Za-z0-9_.@-]*", s.job_locale):
         raise ConfigError(f"{at('job_locale')}: locale {s.job_locale!r} is not a locale name "
                           "(such as C.UTF-8 or en_US.UTF-8)")

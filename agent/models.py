@@ -126,6 +126,10 @@ class JobRecord:
     workdir: str = ""
     bundle: str = ""
     bundle_size: int = 0
+    # The OCI image the command runs in ("": a plain process), and the container's network
+    # ("none" unless the submitter asked for "host" or "bridge").
+    image: str = ""
+    image_network: str = ""
     # Wait, however long, where no device of the mesh could ever hold it (else it fails
     # after the coordinator's ``impossible_grace``).
     wait_for_capacity: bool = False

@@ -81,6 +81,7 @@ class Node:
         self.scheduler = Scheduler(get_policy(config.policy), spec=get_spec(config.policy))
         self.scheduler.never_fit.grace = config.impossible_grace
         self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
+        self.runtimes: tuple[str, ...] = ()  # container runtimes that work here (runtime)
         self.belief = Belief(None, 0)
         self.claim = 0
         self.max_term = max_term
@@ -348,7 +349,8 @@ class Node:
     def publish_facts(self) -> None:
         ours = facts.NodeFacts(
             self.owner.device_facts(self.enforcement), self.config.priority,
-            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts())
+            self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts(),
+            runtimes=self.runtimes)
         me = self.membership.me
         data = facts.fit(ours, self.name, me.incarnation, me.facts_version + 1).encode()
         if data != me.facts:  # unchanged facts are not news to gossip

@@ -257,9 +257,9 @@ class Owner:
             earlier = self.runs.get(msg.job_id)  # an earlier run here (preempted): counted on
             job = JobRecord(id=msg.job_id, origin=msg.origin, command=list(msg.command),
                             compute_milli=lease.compute_milli, memory_mib=lease.memory_mib,
-                            env=dict(msg.env), created_at=now, role="owner",
-                            attempts=earlier.attempts if earlier is not None else 0,
-                            bundle=msg.bundle, bundle_size=msg.bundle_size)
+                            env=dict(msg.env), created_at=now, role="owner", image=msg.image,
+                            attempts=earlier.attempts if earlier else 0, bundle=msg.bundle,
+                            bundle_size=msg.bundle_size, image_network=msg.image_network)
         else:
             job.env = dict(msg.env)  # as the origin sends it (a gang member: with the gang's)
         self.runs[job.id] = job
