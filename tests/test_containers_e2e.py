@@ -26,8 +26,10 @@ from flexmesh.agent.localmesh import LocalMesh
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
-# podman 4.3 with runc on these machines starts a container only with lowered rlimits.
-EXTRA_ARGS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+# podman 4.3 on these machines starts a container only with runc (crun, podman's default
+# where it is installed, fails on the hybrid cgroups) and lowered rlimits.
+EXTRA_ARGS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit",
+              "nproc=1024:1024"]
 APPLETS = ("sh", "cat", "echo", "sleep", "id", "ls", "pwd", "true")
 
 
