@@ -192,3 +192,21 @@ def test_a_restarted_agent_adopts_its_running_container_and_stops_it(
     job = mesh.wait_for("the job to end", lambda: _ended(mesh, box, job_id), 60)
     assert job["state"] == "cancelled", job
     mesh.wait_for("its container to go", lambda: not _containers(label), 30)
+
+
+def test_bench_containers_smoke(image: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/bench_containers at its smallest (skipped with the others where podman
+    cannot run): one JSON line of the expected shape."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_containers.py"
+    spec = importlib.util.spec_from_file_location("_smoke_bench_containers", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    assert bench.main(["--runs", "1"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert line["bench"] == "container-first-line" and line["runs"] == 1
+    assert 0 < line["by_hand_p50_s"] < 60 and 0 < line["flexmesh_p50_s"] < 60
