@@ -150,8 +150,10 @@ class Processes:
         return True
 
     async def start(self) -> None:
-        """At start, after the runs of the last instance were adopted (or not)."""
-        await self.containers.start(lambda: list(self._runs))
+        """At start, after the runs of the last instance were adopted (or not): find the
+        container runtimes in the background (until then the node gossips none, so it is
+        given no job with an image) and clean up the containers not adopted."""
+        self.agent.spawn(self.containers.start(lambda: list(self._runs)))
 
     async def shutdown(self, kill: bool, grace: float) -> None:
         """Stop watching jobs; with ``kill``, stop them (containers through the runtime)."""
