@@ -10,6 +10,7 @@ import logging
 import os
 import pwd
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,10 +159,12 @@ class Processes:
     async def shutdown(self, kill: bool, grace: float) -> None:
         """Stop watching jobs; with ``kill``, stop them (containers through the runtime)."""
         if kill:
-            await asyncio.gather(*(self.containers.stop(
-                j, grace, lambda g, j=j: self.runner.stop(j, g, "agent shutting down"))
-                for j in list(self.containers.names)))
+            await asyncio.gather(*(self.containers.stop(j, grace, self._stopper(j))
+                                   for j in list(self.containers.names)))
         await self.runner.shutdown(kill=kill, grace_s=grace)
+
+    def _stopper(self, job_id: str) -> Callable[[float], Awaitable[bool]]:
+        return lambda grace: self.runner.stop(job_id, grace, "agent shutting down")
 
     async def stop(self, eff: StopJob) -> None:
         """Stop a job's process, if it is still the run the node meant (a later run of the
