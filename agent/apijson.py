@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flexmesh.agent.containers import DEFAULT_NETWORK, image_problem, network_problem
 from flexmesh.agent.jobenv import reserved_problem
 from flexmesh.agent.models import (
     MAX_DEVICES,
@@ -23,7 +24,8 @@ from flexmesh.agent.models import (
 )
 
 _SUBMIT_KEYS = {"command", "compute_milli", "gpu", "memory_mib", "kind", "priority", "env",
-                "requeue", "devices", "preemptible", "gang", "workdir", "wait_for_capacity"}
+                "requeue", "devices", "preemptible", "gang", "workdir", "wait_for_capacity",
+                "image", "image_network"}
 
 
 class BadRequest(Exception):
@@ -68,7 +70,21 @@ def parse_submit(body: Any) -> dict[str, Any]:
     return {"command": command, "compute_milli": compute, "memory_mib": memory, "kind": kind,
             "priority": priority, "env": env, "requeue": requeue, "count": count,
             "preemptible": preemptible, "gang_size": gang if gang > 1 else 0,
-            "workdir": workdir, "wait_for_capacity": wait}
+            "workdir": workdir, "wait_for_capacity": wait, **_image(body)}
+
+
+def _image(body: dict[str, Any]) -> dict[str, str]:
+    """``image`` and its ``image_network`` (only with an image; "none" unless asked)."""
+    image = body.get("image", "")
+    network = body.get("image_network")
+    if not isinstance(image, str) or (image and image_problem(image)):
+        raise BadRequest(image_problem(image if isinstance(image, str) else "") or "")
+    if network is not None and not image:
+        raise BadRequest("image_network applies only to a job with an image")
+    network = DEFAULT_NETWORK if network is None else network
+    if not isinstance(network, str) or network_problem(network):
+        raise BadRequest(network_problem(str(network)) or "")
+    return {"image": image, "image_network": network if image else ""}
 
 
 # What exec takes: one argument or variable at most 128 KiB (Linux's MAX_ARG_STRLEN), and
@@ -163,7 +179,8 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "created_at": job.created_at, "updated_at": job.updated_at, "attempts": job.attempts,
         "gang": job.gang, "rank": job.rank, "gang_size": job.gang_size,
         "workdir": job.workdir, "bundle": job.bundle, "bundle_size": job.bundle_size,
-        "wait_for_capacity": job.wait_for_capacity,
+        "wait_for_capacity": job.wait_for_capacity, "image": job.image,
+        "image_network": job.image_network,
     }
 
 

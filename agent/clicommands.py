@@ -97,7 +97,8 @@ def _submit_args(args: argparse.Namespace) -> dict[str, Any]:
             "requeue": not args.no_requeue, "devices": args.devices,
             "preemptible": args.preemptible,
             "wait_for_capacity": args.wait_for_capacity, "gang": args.gang,
-            "workdir": args.workdir or None}
+            "workdir": args.workdir or None, "image": args.image or None,
+            "image_network": args.image_network or None}
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

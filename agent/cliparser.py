@@ -93,6 +93,10 @@ def _add_submit(s: argparse.ArgumentParser) -> None:
     s.add_argument("--env", action="append", help="NAME=VALUE for the job (repeatable)")
     s.add_argument("--workdir", help="carry this directory: the job runs in a copy of it "
                    "($FLEXMESH_WORKDIR) wherever it is placed")
+    s.add_argument("--image", help="run the command in this OCI image (podman or docker on "
+                   "the node running it; only nodes with one are chosen)")
+    s.add_argument("--image-network", choices=["none", "host", "bridge"],
+                   help="the container's network (default none: no network at all)")
     s.add_argument("--wait-for-capacity", action="store_true",
                    help="where no device of the mesh could ever hold the job, wait for one "
                         "to join (else it fails after the grace, impossible_grace)")

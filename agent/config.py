@@ -90,6 +90,8 @@ class Settings:
     lend_floor: int = 20  # percent: on battery, below it lend nothing to other nodes
     charging_lend_floor: int = 10  # ... on the charger
     power_stale_after: float = 120.0  # a battery file not rewritten this long: unknown
+    containers_runtime: str = "auto"  # [containers]: "auto", "podman", "docker" or "none"
+    containers_extra_args: list[str] = field(default_factory=list)  # added to every run
     fault_drop: float = 0.0  # share of own outgoing datagrams dropped (loopback only)
     fault_duplicate: float = 0.0  # share sent twice (loopback only)
     fault_delay_ms: int = 0  # extra delay of every outgoing datagram (loopback only)
@@ -147,6 +149,7 @@ _TABLES: dict[str, dict[str, str]] = {
     "log": {"format": "log_format", "level": "log_level"},
     "payload": {"cache_size": "payload_cache_size", "max_bundle": "payload_max_bundle",
                 "max_files": "payload_max_files", "work_dir": "payload_work_dir"},
+    "containers": {"runtime": "containers_runtime", "extra_args": "containers_extra_args"},
 }
 _SIZES = ("payload_cache_size", "payload_max_bundle")  # a number (MiB) or "10GiB"
 
@@ -260,11 +263,11 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
     def at(*attrs: str) -> str:
         return next((sources[a] for a in attrs if a in sources), default_where)
 
-    from flexmesh.agent.configcheck import validate_logs_and_devices
+    from flexmesh.agent.configcheck import validate_jobs, validate_limits, validate_logs_and_devices
 
     # The first problem found is the one reported, so the order of the checks is kept.
     for check in (_validate_addresses, _validate_scheduling, validate_logs_and_devices,
-                  _validate_security, _validate_testing, _validate_jobs, _validate_limits,
+                  _validate_security, _validate_testing, validate_jobs, validate_limits,
                   _validate_payload, validate_power):
         check(s, at)
 
@@ -344,35 +347,6 @@ def _validate_testing(s: Settings, at: Any) -> None:
             parse_sim_devices(s.sim_devices)
         except ValueError as exc:
             raise ConfigError(f"{at('sim_devices')}: sim devices: {exc}") from None
-
-
-def _validate_jobs(s: Settings, at: Any) -> None:
-    if s.keep_finished < 0:
-        raise ConfigError(f"{at('keep_finished')}: keep_finished must be a number of jobs, "
-                          "0 or more")
-    if not (math.isfinite(s.keep_finished_for) and s.keep_finished_for >= 0):
-        raise ConfigError(f"{at('keep_finished_for')}: keep_finished_for must be a number of "
-                          "seconds, 0 or more")
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]*", s.job_locale):
-        raise ConfigError(f"{at('job_locale')}: locale {s.job_locale!r} is not a locale name "
-                          "(such as C.UTF-8 or en_US.UTF-8)")
-
-
-def _validate_limits(s: Settings, at: Any) -> None:
-    from flexmesh.protocol.wire import MAX_FRAME
-    least = MAX_FRAME // (1024 * 1024)
-    if s.tcp_frame_budget_mib < least:
-        raise ConfigError(f"{at('tcp_frame_budget_mib')}: [limits] frame_budget_mib must be "
-                          f"at least {least}, the largest frame, or no large frame gets in")
-    for key in ("tcp_max_connections", "tcp_max_connections_per_ip", "tcp_slow_link_kib_s"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"{at(key)}: [limits] {key.removeprefix('tcp_')} must be at "
-                              "least 1")
-    for key in ("tcp_header_timeout", "tcp_body_timeout"):
-        value = getattr(s, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{at(key)}: [limits] {key.removeprefix('tcp_')} must be a "
-                              "positive number of seconds")
 
 
 def _validate_payload(s: Settings, at: Any) -> None:

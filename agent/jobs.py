@@ -148,8 +148,10 @@ class JobRunner:
         env: dict[str, str],
         cwd: str | None = None,
         user: tuple[int, int] | None = None,
+        run: str = "",
     ) -> tuple[int, int]:
-        """Spawn ``command`` with exactly the environment ``env`` (none of the agent's).
+        """Spawn ``command`` with exactly the environment ``env`` (none of the agent's);
+        ``run`` names the run in the supervisor's records (``supervise``).
 
         Returns ``(pid, pid_start)``. Raises ``JobStartError`` when the command cannot be
         started, ``ValueError`` for a bad or already running job id. If the call is
@@ -172,7 +174,7 @@ class JobRunner:
         pending = _Pending(loop.create_future())
         self._starting[job_id] = pending
         spawn = loop.run_in_executor(self._executor, self._spawn, job_id, argv, dict(env), cwd,
-                                     user)
+                                     user, run)
         spawn.add_done_callback(functools.partial(self._on_spawned, job_id, pending))
         try:
             job = await asyncio.shield(pending.future)
@@ -188,13 +190,13 @@ class JobRunner:
 
     def _spawn(
         self, job_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
-        user: tuple[int, int] | None = None,
+        user: tuple[int, int] | None = None, run: str = "",
     ) -> tuple[int, int, int | None]:
         """On a worker thread: spawn (see ``jobspawn.spawn``), then open a pidfd.
 
         The child is not reaped before the runner does it, so even if it has exited
         already it is a zombie, and pidfd_open cannot hit a reused pid."""
-        pid, start = jobspawn.spawn(job_id, self.job_dir(job_id), argv, env, cwd, user)
+        pid, start = jobspawn.spawn(job_id, self.job_dir(job_id), argv, env, cwd, user, run)
         return pid, start, self._exits.open_pidfd(pid)
 
     def _on_spawned(

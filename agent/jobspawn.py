@@ -44,17 +44,18 @@ class _Spawned(subprocess.Popen[bytes]):
 
 
 def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd: str | None,
-          user: tuple[int, int] | None = None) -> tuple[int, int]:
+          user: tuple[int, int] | None = None, run: str = "") -> tuple[int, int]:
     """Open the logs, spawn under the job's supervisor (``supervise``), wait until the
     command is started, read the start time: ``(pid, pid_start)`` of the supervisor, the
-    leader of the job's process group.
+    leader of the job's process group. ``run`` (a lease id) is written into the records
+    the supervisor leaves, so that a later run's agent never takes them for its own.
 
     With ``user`` = (uid, gid) the command drops to that user and group (and no
     supplementary groups) before exec; the log files stay the agent's, open in the
     command only as inherited descriptors. Raises ``JobStartError``."""
     out, err = _open_logs(job_dir)
     try:
-        status = supervise.open_status(job_dir)
+        status = supervise.open_status(job_dir, run)
     except OSError as e:
         os.close(out)
         os.close(err)
@@ -83,7 +84,7 @@ def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd:
         log.warning("job %s: cannot read /proc/%d/stat; start time unknown", job_id, pid)
         start = 0
     try:
-        supervise.record_pid(job_dir, pid, start)
+        supervise.record_pid(job_dir, pid, start, run)
     except OSError as e:
         log.warning("job %s: cannot record its pid: %s", job_id, e)
     return pid, start

@@ -131,6 +131,10 @@ class JobRecord:
     workdir: str = ""
     bundle: str = ""
     bundle_size: int = 0
+    # The OCI image the command runs in ("": a plain process), and the container's network
+    # ("none" unless the submitter asked for "host" or "bridge").
+    image: str = ""
+    image_network: str = ""
     # Wait, however long, where no device of the mesh could ever hold it (else it fails
     # after the coordinator's ``impossible_grace``).
     wait_for_capacity: bool = False
@@ -176,6 +180,8 @@ class RunRecord:
     attempts: int = 0  # runs of this job started here
     bundle: str = ""  # the working directory's bundle (SHA-256) and size ("": none)
     bundle_size: int = 0
+    image: str = ""  # the OCI image it runs in ("": a plain process)
+    image_network: str = ""  # the container's network ("": none)
 
     @property
     def terminal(self) -> bool:

@@ -81,6 +81,8 @@ class Scheduler:
     # Injected by the runtime to time decisions (the scheduler itself reads no clock).
     timer: Callable[[], float] | None = None
     on_decision: Callable[[float], None] | None = None
+    # Nodes that gossip no container runtime (set by the node): no job with an image there.
+    no_runtime: frozenset[str] = frozenset()
 
     def enqueue(self, submit: wire.Submit,
                 now: float) -> Queued | wire.Placed | wire.Unplaceable:
@@ -154,7 +156,7 @@ class Scheduler:
         """A placement for one request, or the victims to stop for it; None: it waits."""
         s = q.submit
         t0 = self.timer() if self.timer else 0.0
-        req, result = self._decide(_request(s), placer)
+        req, result = self._decide(_request(s), placer, self._excluded(s))
         if self.timer and self.on_decision:
             self.on_decision(self.timer() - t0)
         q.attempts += 1
@@ -175,7 +177,11 @@ class Scheduler:
         q.inflight = True
         return Proposal(s.job_id, result, s, req)
 
-    def _decide(self, asked: Request, placer: Placer) -> tuple[Request, Decision]:
+    def _excluded(self, s: wire.Submit) -> frozenset[str]:
+        return self.no_runtime if s.container else frozenset()
+
+    def _decide(self, asked: Request, placer: Placer,
+                exclude: frozenset[str] = frozenset()) -> tuple[Request, Decision]:
         """(the request made concrete, the placer's answer): one in proportion is tried on
         each size of device in the view, smallest first (no fit: the largest's)."""
         kind = "device" if asked.kind == "any" else asked.kind.upper()
@@ -183,9 +189,12 @@ class Scheduler:
         req = asked
         for req in self._sizes.sized(asked):
             rtt = self.rtt_from(req.origin) if self.rtt_from and req.origin else None
-            result = placer.decide(req, rtt, explain=True)
+            result = placer.decide(req, rtt, explain=True, exclude=exclude)
             if not isinstance(result, NoFit) and result.devices:
                 break
+        if isinstance(result, NoFit) and exclude:
+            result = NoFit(f"{result.reason} (an image runs only on a node with podman or "
+                           f"docker: {len(exclude)} node(s) without are left out)")
         return req, result
 
     def _no_fit(self, q: Queued, req: Request, why: str, placer: Placer,
@@ -199,7 +208,9 @@ class Scheduler:
         if q.preempting_until > now:
             self._wait(q)  # victims are stopping: try again as soon as room frees
             return None
-        order = preempt_for(self.spec, self.running, req, q.submit.job_id, placer, doomed)
+        excluded = self._excluded(q.submit)
+        running = [j for j in self.running if j.node not in excluded]
+        order = preempt_for(self.spec, running, req, q.submit.job_id, placer, doomed)
         if order is not None:
             self.counters["preemptions"] = self.counters.get("preemptions", 0) + len(order.victims)
             for victim in order.victims:
@@ -243,7 +254,7 @@ class Scheduler:
         result: GangPlacement | NoFit = NoFit("no device of the gang's kind in view")
         for model in self._sizes.gang(asked):  # booked in the index if placed
             reqs = [model.get(id(r), r) for r in asked]
-            result = place_gang(placer, reqs, distinct_nodes=True)
+            result = place_gang(placer, reqs, distinct_nodes=True, exclude=self._excluded(s))
             if isinstance(result, GangPlacement):
                 break
         if self.timer and self.on_decision:

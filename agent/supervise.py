@@ -125,35 +125,53 @@ def env_fd(env: dict[str, str]) -> int:
     return fd
 
 
-def recorded_exit(job_dir: Path) -> int | None:
+def recorded_exit(job_dir: Path, run: str | None = None) -> int | None:
     """The return code the supervisor recorded for the job's last run (-S: killed by
-    signal S); None if it recorded none (it was killed too, or the job still runs)."""
+    signal S); None if it recorded none (it was killed too, or the job still runs), or if
+    the file is another run's than ``run`` (a lease id; None: whichever)."""
     with contextlib.suppress(OSError, ValueError):
         text = (job_dir / STATUS_FILE).read_text()
-        if text.endswith("\n"):
-            return int(text)
+        if not text.endswith("\n"):
+            return None  # not written yet, or cut short
+        lines = text.splitlines()
+        if lines[0].startswith("run "):  # written for a run: "run LEASE\n" first
+            if run is not None and lines[0][4:] != run:
+                return None
+            lines = lines[1:]
+        return int(lines[0]) if len(lines) == 1 else None
     return None
 
 
-def open_status(job_dir: Path) -> int:
-    """The ``exit`` file of a new run, emptied: written by its supervisor."""
-    return os.open(job_dir / STATUS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                   0o600)
+def open_status(job_dir: Path, run: str = "") -> int:
+    """The ``exit`` file of a new run, emptied (but for the line naming ``run``, if
+    given): its supervisor writes the exit status after that line."""
+    fd = os.open(job_dir / STATUS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                 0o600)
+    try:
+        if run:
+            os.write(fd, f"run {run}\n".encode())
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
-def record_pid(job_dir: Path, pid: int, start: int) -> None:
-    """Say which process is the run's, before the node journals it: an agent killed in
-    between finds it there on restart."""
+def record_pid(job_dir: Path, pid: int, start: int, run: str = "") -> None:
+    """Say which process is the run's (and which run, a lease id), before the node
+    journals it: an agent killed in between finds it there on restart."""
     tmp = job_dir / (PID_FILE + ".tmp")
-    tmp.write_text(f"{pid} {start}\n")
+    tmp.write_text(f"{pid} {start} {run}".rstrip() + "\n")
     os.replace(tmp, job_dir / PID_FILE)
 
 
-def recorded_pid(job_dir: Path) -> tuple[int, int] | None:
-    """(pid, start time) of the last run started in ``job_dir``, or None."""
+def recorded_pid(job_dir: Path, run: str | None = None) -> tuple[int, int] | None:
+    """(pid, start time) of the last run started in ``job_dir``, or None (none, or the
+    file is another run's than ``run``)."""
     with contextlib.suppress(OSError, ValueError):
-        pid, start = (int(x) for x in (job_dir / PID_FILE).read_text().split())
-        return pid, start
+        fields = (job_dir / PID_FILE).read_text().split()
+        if run is not None and len(fields) > 2 and fields[2] != run:
+            return None
+        return int(fields[0]), int(fields[1])
     return None
 
 

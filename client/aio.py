@@ -80,13 +80,15 @@ class AsyncClient:
                      kind: str = "any", priority: int = 0, env: dict[str, str] | None = None,
                      devices: int = 1, gang: int = 1, requeue: bool = True,
                      preemptible: bool = False, wait_for_capacity: bool = False,
-                     workdir: str | os.PathLike[str] | None = None) -> AsyncJob:
+                     workdir: str | os.PathLike[str] | None = None, image: str | None = None,
+                     image_network: str | None = None) -> AsyncJob:
         """As ``Client.submit``."""
         body = submit_body(list(command), gpu=gpu, compute_milli=compute_milli,
                            memory=memory, kind=kind, priority=priority, env=env,
                            devices=devices, gang=gang, requeue=requeue,
                            preemptible=preemptible, wait_for_capacity=wait_for_capacity,
-                           workdir=workdir)
+                           workdir=workdir, image=image,
+                           image_network=image_network)
         info = await self.request("POST", "/v1/jobs", body)
         return AsyncJob(self, info["id"], info)
 

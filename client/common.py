@@ -57,7 +57,8 @@ def submit_body(command: list[str], *, gpu: float | None, compute_milli: int | N
                 memory: int | str | None, kind: str, priority: int,
                 env: dict[str, str] | None, devices: int, gang: int, requeue: bool,
                 preemptible: bool, wait_for_capacity: bool,
-                workdir: str | os.PathLike[str] | None) -> dict[str, Any]:
+                workdir: str | os.PathLike[str] | None, image: str | None = None,
+                image_network: str | None = None) -> dict[str, Any]:
     """The body of ``POST /v1/jobs``; what it may ask for is the agent's to check (its 400
     says what is wrong). ``memory`` is MiB, or a size such as ``"4GiB"``."""
     from flexmesh.agent.units import parse_size
@@ -82,6 +83,10 @@ def submit_body(command: list[str], *, gpu: float | None, compute_milli: int | N
         body["gang"] = gang
     if workdir:
         body["workdir"] = os.path.abspath(workdir)  # packed by the agent, as this user
+    if image:
+        body["image"] = image
+    if image_network:
+        body["image_network"] = image_network
     return body
 
 

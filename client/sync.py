@@ -83,16 +83,19 @@ class Client:
                kind: str = "any", priority: int = 0, env: dict[str, str] | None = None,
                devices: int = 1, gang: int = 1, requeue: bool = True,
                preemptible: bool = False, wait_for_capacity: bool = False,
-               workdir: str | os.PathLike[str] | None = None) -> Job:
+               workdir: str | os.PathLike[str] | None = None, image: str | None = None,
+               image_network: str | None = None) -> Job:
         """Submit ``command`` (a list of arguments, not a shell line): the job's handle.
         ``gpu`` is a fraction of one device (0.25) or ``compute_milli`` milli-devices;
         ``memory`` MiB or a size (``"4GiB"``); ``workdir`` a directory the job runs in a
-        copy of, wherever it is placed. The rest as ``flexmesh submit``'s flags."""
+        copy of, wherever it is placed; ``image`` an OCI image to run it in (``image_network``:
+        none, host or bridge). The rest as ``flexmesh submit``'s flags."""
         body = submit_body(list(command), gpu=gpu, compute_milli=compute_milli,
                            memory=memory, kind=kind, priority=priority, env=env,
                            devices=devices, gang=gang, requeue=requeue,
                            preemptible=preemptible, wait_for_capacity=wait_for_capacity,
-                           workdir=workdir)
+                           workdir=workdir, image=image,
+                           image_network=image_network)
         info = self.request("POST", "/v1/jobs", body)
         return Job(self, info["id"], info)
 

@@ -28,9 +28,10 @@ def place_gang(
     *,
     distinct_nodes: bool = False,
     commit: bool = True,
+    exclude: frozenset[str] = frozenset(),
 ) -> GangResult:
-    """Place every member or none. With ``commit=False`` the cluster is left unchanged
-    (the answer says where the gang would go)."""
+    """Place every member or none, on no node in ``exclude``. With ``commit=False`` the
+    cluster is left unchanged (the answer says where the gang would go)."""
     if not members:
         return NoFit("an empty gang")
     order = sorted(
@@ -41,7 +42,7 @@ def place_gang(
     used: set[str] = set()
     for i in order:
         req = members[i]
-        res = placer.decide(req, exclude=frozenset(used) if distinct_nodes else frozenset())
+        res = placer.decide(req, exclude=exclude | used if distinct_nodes else exclude)
         if isinstance(res, NoFit):
             for j, got in done.items():
                 placer.release(members[j], got)

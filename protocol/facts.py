@@ -92,6 +92,9 @@ class NodeFacts:
     max_term: int = 0  # the highest coordinator term this node has seen
     preemptible: tuple[PreemptibleFact, ...] = ()
     battery: BatteryFact | None = None  # None: mains power, or no reading
+    # The container runtimes that work on the node ("podman", "docker"): a job with an
+    # image goes only where there is one. Left out of the encoding when empty.
+    runtimes: tuple[str, ...] = ()
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -102,6 +105,8 @@ class NodeFacts:
             out["pre"] = [p.encode() for p in self.preemptible]
         if self.battery is not None:
             out["bat"] = self.battery.encode()
+        if self.runtimes:
+            out["rt"] = list(self.runtimes)
         return out
 
 
@@ -114,6 +119,8 @@ def _int(v: Any, high: int = 2**31 - 1, low: int = 0) -> int:
     return v if _is_int(v) and low <= v <= high else 0
 
 
+MAX_RUNTIMES = 4  # container runtimes a node lists at most
+MAX_RUNTIME_NAME = 16
 MAX_TERM = 2**53  # as wire.MAX_COUNTER: a term beyond it is no term
 MAX_MIB = 2**32  # of one device
 MAX_MILLI = 10**6  # compute of one device, in thousandths
@@ -178,7 +185,18 @@ def decode(data: Any) -> NodeFacts:
     return NodeFacts(tuple(devices), _int(data.get("prio"), low=-(2**31)),
                      bool(data.get("elig", True)), _int(data.get("claim"), MAX_TERM),
                      _int(data.get("mt"), MAX_TERM), tuple(jobs),
-                     battery=_battery(data.get("bat")))
+                     battery=_battery(data.get("bat")),
+                     runtimes=_runtimes(data.get("rt")))
+
+
+def _runtimes(rows: Any) -> tuple[str, ...]:
+    """Short names, each once, at most ``MAX_RUNTIMES``; anything else is left out."""
+    out: list[str] = []
+    for name in rows if isinstance(rows, list) else ():
+        if (isinstance(name, str) and 0 < len(name) <= MAX_RUNTIME_NAME and name not in out
+                and len(out) < MAX_RUNTIMES):
+            out.append(name)
+    return tuple(out)
 
 
 def fit(facts: NodeFacts, name: str, incarnation: int, version: int) -> NodeFacts:

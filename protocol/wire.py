@@ -276,6 +276,8 @@ class Submit(Message):
     # Never failed for being impossible (no device of the mesh could ever hold it): it
     # waits for capacity to join.
     wait_for_capacity: bool = False
+    # Runs in a container image: placed only on a node that gossips a container runtime.
+    container: bool = False
 
 
 @message(34)
@@ -344,6 +346,10 @@ class StartJob(Message):
     # The job's working directory, packed at the origin (see FetchBundle); "": none.
     bundle: str = ""  # its SHA-256, hex
     bundle_size: int = 0  # bytes
+    # The OCI image to run the command in ("": as a plain process) and its network
+    # ("none", "host" or "bridge"; see agent/containers.py).
+    image: str = ""
+    image_network: str = ""
 
 
 @message(39)

@@ -17,7 +17,8 @@ def test_defaults() -> None:
     assert parse_submit(CMD) == {
         "command": ["true"], "compute_milli": 1000, "memory_mib": 0, "kind": "any",
         "priority": 0, "env": {}, "requeue": True, "count": 1, "preemptible": False,
-        "gang_size": 0, "workdir": "", "wait_for_capacity": False}
+        "gang_size": 0, "workdir": "", "wait_for_capacity": False, "image": "",
+        "image_network": ""}
     assert parse_submit({**CMD, "wait_for_capacity": True})["wait_for_capacity"] is True
 
 

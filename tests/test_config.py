@@ -301,3 +301,20 @@ def test_a_bad_file_value_is_not_rescued_by_a_flag(cfg) -> None:
 )
 def test_is_loopback_host(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize(("text", "limit", "grace"), [
+    ("[jobs]\norphan_limit = 60\n", "60", "60"),  # lan's grace is 60
+    ("[jobs]\nowner_dead_grace = 20\n", "30", "20"),  # lan's orphan limit is 30
+    ('profile = "edge"\n[jobs]\norphan_limit = 400\n', "400", "300"),
+])
+def test_orphan_limit_must_be_shorter_than_the_grace(cfg, text: str, limit: str,
+                                                     grace: str) -> None:
+    """Else an owner keeps running a job its origin has already requeued elsewhere."""
+    message = refused(cfg(text))
+    assert f"orphan_limit ({limit} s) must be shorter than owner_dead_grace ({grace} s)" in message
+
+
+def test_orphan_limit_within_the_profiles_grace_is_taken(cfg) -> None:
+    s = load(cfg('profile = "edge"\n[jobs]\norphan_limit = 200\n'), {}, env={})
+    assert (s.orphan_limit, s.owner_dead_grace) == (200, 0.0)

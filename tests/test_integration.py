@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from flexmesh.agent import supervise
 from flexmesh.agent.localmesh import LocalMesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -132,7 +133,7 @@ def test_a_job_that_ends_while_its_agent_is_down_ends_with_its_exit_code(
     mesh.kill("solo", signal.SIGKILL)
     state = mesh.agents["solo"].dir / "state" / "jobs"
     mesh.wait_for("the jobs to end", lambda: all(
-        (state / j / "exit").read_text().endswith("\n") for j in (ok, bad)), timeout=20)
+        supervise.recorded_exit(state / j) is not None for j in (ok, bad)), timeout=20)
     mesh.restart("solo")
     jobs = {j["id"]: j for j in mesh.json("solo", "jobs")}
     assert (jobs[ok]["state"], jobs[ok]["exit_code"]) == ("succeeded", 0), jobs[ok]

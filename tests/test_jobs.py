@@ -515,3 +515,42 @@ def test_a_run_records_its_pid_before_the_node_journals_it(run: Run[None],
             await runner.shutdown(kill=True, grace_s=1)
 
     run(scenario())
+
+
+def test_a_later_run_never_takes_an_earlier_runs_records(run: Run[None],
+                                                         tmp_path: Path) -> None:
+    """The same job run again on this node (requeued back here), journaled as placed, and
+    the agent killed before the new run started: on restart the earlier run's pid and exit
+    code are not taken for the new run's, because the records name their lease."""
+    from flexmesh.agent import supervise
+
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            pid, start = await runner.start("p", ["sh", "-c", "exit 3"],
+                                            {"PATH": "/usr/bin:/bin"}, run="n1/7")
+            assert await exits.wait("p") == (3, "exited with code 3")
+            job_dir = runner.job_dir("p")
+            assert supervise.recorded_pid(job_dir, "n1/7") == (pid, start)
+            assert supervise.recorded_exit(job_dir, "n1/7") == 3
+            assert supervise.recorded_exit(job_dir) == 3  # (an adopted process: any run)
+            assert supervise.recorded_pid(job_dir, "n1/9") is None
+            assert supervise.recorded_exit(job_dir, "n1/9") is None
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
+def test_records_of_the_previous_version_are_still_read(tmp_path: Path) -> None:
+    """Files written before runs were named (an upgrade while jobs ran) hold no run: taken
+    as they are, as that version did."""
+    from flexmesh.agent import supervise
+
+    (tmp_path / supervise.PID_FILE).write_text("123 456\n")
+    (tmp_path / supervise.STATUS_FILE).write_text("-9\n")
+    assert supervise.recorded_pid(tmp_path, "n1/9") == (123, 456)
+    assert supervise.recorded_exit(tmp_path, "n1/9") == -9
+    (tmp_path / supervise.STATUS_FILE).write_text("run n1/9\n")  # the run has not ended
+    assert supervise.recorded_exit(tmp_path, "n1/9") is None

@@ -100,6 +100,9 @@ class Coordinator:
         self.scheduler.shadows.prune({m.name: m.facts_version for m in members})
         view = self.scheduler.shadows.apply_by_node(self.candidates_by_node())
         self.scheduler.running = self.preemptible_jobs()
+        members_by_name = self.node.membership.members
+        self.scheduler.no_runtime = frozenset(
+            n for n in view if not self.node.facts_of(members_by_name[n]).runtimes)
         for prop in self.scheduler.propose(view, now):
             if isinstance(prop, PreemptOrder):
                 self._send_preempt(prop, now)

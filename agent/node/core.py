@@ -81,9 +81,8 @@ class Node:
                                    rtt_from=Nearby(self.membership))
         self.scheduler.never_fit.grace = config.impossible_grace
         self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
-        self.belief = Belief(None, 0)
-        self.claim = 0
-        self.max_term = max_term
+        self.runtimes: tuple[str, ...] = ()  # container runtimes that work here (runtime)
+        self.belief, self.claim, self.max_term = Belief(None, 0), 0, max_term
         self.owner: Owner = Owner(self)
         self.power = Power(self)
         self.origin: Origin = Origin(self)
@@ -350,7 +349,7 @@ class Node:
         ours = facts.NodeFacts(
             self.owner.device_facts(self.enforcement), self.config.priority,
             self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts(),
-            battery=self.power.fact())
+            battery=self.power.fact(), runtimes=self.runtimes)
         me = self.membership.me
         data = facts.fit(ours, self.name, me.incarnation, me.facts_version + 1).encode()
         if data != me.facts:  # unchanged facts are not news to gossip

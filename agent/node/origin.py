@@ -153,7 +153,7 @@ class Origin:
             return
         msg = wire.Submit(job.id, self.node.name, job.compute_milli, job.memory_mib, job.kind,
                           job.priority, job.attempts, job.count, job.preemptible, job.gang,
-                          job.gang_size, job.rank, job.wait_for_capacity)
+                          job.gang_size, job.rank, job.wait_for_capacity, bool(job.image))
         self.node.call(coordinator, msg, now)
 
     def on_submit_reply(self, call: PendingCall, reply: wire.Message | None, error: str,
@@ -180,8 +180,8 @@ class Origin:
 
     def _place_locally(self, job: JobRecord, now: float) -> bool:
         """No coordinator answers: place on this node's own devices if the job fits."""
-        me = self.node.membership.me
-        cands = device_candidates(me, self.node.facts_of(me))
+        me, f = self.node.membership.me, self.node.facts_of(self.node.membership.me)
+        cands = device_candidates(me, f) if f.runtimes or not job.image else []  # (no runtime)
         asked = Request(job.compute_milli, job.memory_mib, job.kind, self.node.name,
                         job.priority, count=job.count)
         sizes = [(c.kind, c.model, c.compute_milli, c.memory_mib) for c in cands]
@@ -250,7 +250,8 @@ class Origin:
         if job.gang:
             env.update(gang_env(self, job))
         msg = wire.StartJob(job.id, job.lease_id, job.token, self.node.name, job.command, env,
-                            job.compute_milli, job.memory_mib, job.bundle, job.bundle_size)
+                            job.compute_milli, job.memory_mib, job.bundle, job.bundle_size,
+                            job.image, job.image_network)
         w = self._waiting.get(job.id)
         if w is not None:
             w.start_inflight = True

@@ -256,7 +256,8 @@ class Owner:
                         token=lease.token, term=lease.term, created_at=now, updated_at=now,
                         uid=mine.uid if mine is not None else None,
                         attempts=(earlier.attempts if earlier is not None else 0) + 1,
-                        bundle=msg.bundle, bundle_size=msg.bundle_size)
+                        bundle=msg.bundle, bundle_size=msg.bundle_size, image=msg.image,
+                        image_network=msg.image_network)
         self.runs[run.id] = run
         return run
 
@@ -328,8 +329,7 @@ class Owner:
         self._tell_origin(run, now)
 
     def _tell_origin(self, run: RunRecord, now: float) -> None:
-        """A job submitted here hears of its run at once; other origins follow theirs
-        (``JobSync``)."""
+        """A job submitted here hears of its run at once; others follow it (``JobSync``)."""
         job = self.node.origin.jobs.get(run.id) if run.origin == self.node.name else None
         if job is not None and job.lease_id == run.lease_id:
             self.node.origin.remote_update(job, run.state, run.reason, run.exit_code, now)

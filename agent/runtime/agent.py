@@ -159,7 +159,7 @@ class Agent:
         self.node.scheduler.on_decision = decision_times(self.node.scheduler).observe
         await self.sampler.discover()
         await self._recover(leases)
-        await self.payload.start()
+        await asyncio.gather(self.payload.start(), self.processes.start())
         self.node.join(list(s.join), self.loop.time())
         self.spawn(self.ticker.run())
         self.spawn(self.sampler.loop())
@@ -196,7 +196,7 @@ class Agent:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.processes.runner.shutdown(kill=kill_jobs, grace_s=self.settings.stop_grace)
+        await self.processes.shutdown(kill_jobs, self.settings.stop_grace)
         await self.transport.close()
         await self.sampler.close()
         if self.journal is not None:

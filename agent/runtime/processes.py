@@ -10,6 +10,7 @@ import logging
 import os
 import pwd
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from flexmesh.agent.models import FAILED, LOST, TERMINAL, RunRecord, job_id_prob
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
 from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.agent.node.owner import MAX_OFFSET
+from flexmesh.agent.runtime.containers import ContainerError, Containers
 from flexmesh.agent.runtime.payload import PayloadError
 from flexmesh.protocol import wire
 
@@ -36,6 +38,7 @@ class Processes:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.runner = JobRunner(agent.state_dir, self._on_exit)
+        self.containers = Containers(agent)
         self._runs: dict[str, str] = {}  # job -> lease of the process it has here
         self._workdirs: dict[str, Path] = {}  # job -> the working directory of that process
         self._starting: set[str] = set()  # jobs whose start is not yet told to the node
@@ -80,18 +83,28 @@ class Processes:
         try:
             await asyncio.to_thread(supervise.forget_records, self.runner.job_dir(job.id))
             user, base = await asyncio.to_thread(self._identity, job)
-            env = job_environment(base, job.env, self.owner_env(eff))
+            # In a container the image's own PATH and HOME stand: no base layer.
+            env = job_environment({} if job.image else base, job.env, self.owner_env(eff))
             if job.bundle:
                 cwd = await self._workdir(job, user)
                 env["FLEXMESH_WORKDIR"] = str(cwd)
-            pid, pid_start = await self.runner.start(job.id, job.command, env, user=user,
-                                                     cwd=None if cwd is None else str(cwd))
-        except (JobStartError, PayloadError, ValueError, OSError) as exc:
+            command: list[str] = job.command
+            if job.image:  # the runtime's client runs as the agent; the job, as its user
+                command, env = await asyncio.to_thread(
+                    self.containers.command, job, eff.devices, user or (os.geteuid(), os.getegid()),
+                    env, self.runner.job_dir(job.id))
+                user, cwd = None, None
+            pid, pid_start = await self.runner.start(job.id, command, env, user=user,
+                                                     cwd=None if cwd is None else str(cwd),
+                                                     run=job.lease_id)
+        except (JobStartError, PayloadError, ContainerError, ValueError, OSError) as exc:
             self._runs.pop(job.id, None)
             if job.bundle:
                 self._workdirs.pop(job.id, None)
                 await self.agent.payload.cleanup(self.agent.payload.job_dir(job))
-            why = f"workdir: {exc}" if isinstance(exc, PayloadError) else f"could not start: {exc}"
+            await self.containers.ended(job.id, self.runner.job_dir(job.id))
+            why = (f"workdir: {exc}" if isinstance(exc, PayloadError) else f"container: {exc}"
+                   if isinstance(exc, ContainerError) else f"could not start: {exc}")
             node.job_exited(job.id, None, why, loop.time(), state=FAILED)
         else:
             node.job_started(job.id, pid, pid_start, loop.time(), lease_id=job.lease_id)
@@ -132,15 +145,15 @@ class Processes:
         """A process an earlier instance of the agent started, still running? Or one that
         ended while the agent was down, whose supervisor recorded how: its end is told
         as soon as the node has read the journal back. False: it is gone, unknown how."""
-        pid, start = job.pid, job.pid_start
+        pid, start, job_dir = job.pid, job.pid_start, self.runner.job_dir(job.id)
         if pid is None or start is None:  # started, not yet journaled: its supervisor says
-            pid, start = supervise.recorded_pid(self.runner.job_dir(job.id)) or (0, 0)
+            pid, start = supervise.recorded_pid(job_dir, job.lease_id) or (0, 0)
             if pid and self.runner.adopt(job.id, pid, start):
                 self.agent.loop.call_soon(self._started_unjournaled, job, pid, start)
                 return self._adopted(job)
             pid, start = 0, 0
         if not pid or not self.runner.adopt(job.id, pid, start):
-            code = supervise.recorded_exit(self.runner.job_dir(job.id))
+            code = supervise.recorded_exit(job_dir, job.lease_id)
             if code is None:
                 return False
             exit_code, reason = describe_exit(code)
@@ -152,19 +165,37 @@ class Processes:
         self._runs[job.id] = job.lease_id
         if job.bundle:
             self._workdirs[job.id] = self.agent.payload.job_dir(job)
+        if job.image:
+            self.containers.track(job)
         return True
 
     def _started_unjournaled(self, job: RunRecord, pid: int, start: int) -> None:
         self.agent.node.job_started(job.id, pid, start, self.agent.loop.time(),
                                     lease_id=job.lease_id)
         self.agent.kick()
+    async def start(self) -> None:
+        """At start, after the runs of the last instance were adopted (or not): find the
+        container runtimes in the background (until then the node gossips none, so it is
+        given no job with an image) and clean up the containers not adopted."""
+        self.agent.spawn(self.containers.start(lambda: list(self._runs)))
+
+    async def shutdown(self, kill: bool, grace: float) -> None:
+        """Stop watching jobs; with ``kill``, stop them (containers through the runtime)."""
+        if kill:
+            await asyncio.gather(*(self.containers.stop(j, grace, self._stopper(j))
+                                   for j in list(self.containers.names)))
+        await self.runner.shutdown(kill=kill, grace_s=grace)
+
+    def _stopper(self, job_id: str) -> Callable[[float], Awaitable[bool]]:
+        return lambda grace: self.runner.stop(job_id, grace, "agent shutting down")
 
     async def stop(self, eff: StopJob) -> None:
         """Stop a job's process, if it is still the run the node meant (a later run of the
         same job, started once the earlier one exited, is left alone)."""
         if eff.lease_id and self._runs.get(eff.job_id, eff.lease_id) != eff.lease_id:
             return
-        await self.runner.stop(eff.job_id, self.agent.settings.stop_grace, eff.reason)
+        await self.containers.stop(eff.job_id, self.agent.settings.stop_grace,
+                                   lambda grace: self.runner.stop(eff.job_id, grace, eff.reason))
 
     def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
         if job_id in self._starting:  # a quick job: its exit waits for its start to be told
@@ -177,6 +208,8 @@ class Processes:
         workdir = self._workdirs.pop(job_id, None)
         if workdir is not None:
             self.agent.spawn(self.agent.payload.cleanup(workdir))
+        if job_id in self.containers.names:
+            self.agent.spawn(self.containers.ended(job_id, self.runner.job_dir(job_id)))
         state = LOST if exit_code is None else None
         self.agent.node.job_exited(job_id, exit_code, reason, self.agent.loop.time(),
                                    state=state)
