@@ -139,6 +139,14 @@ def _human(key: str, value: Any) -> str:
     return str(value)
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    dest = args.dest or f"{args.job}-results"
+    files = Job(client(args), args.job).results(dest, attempt=args.attempt)
+    _emit(args, [str(f) for f in files],
+          "\n".join(str(f) for f in files) or f"{args.job}: no files in its results")
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     result = Job(client(args), args.job).cancel()
     _emit(args, result, f"{result.get('id', args.job)}: {result['result']}")
