@@ -10,6 +10,7 @@ their way here, 404 when there are none (the reason says why).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from flexmesh.agent.runtime import Agent
 
 SEND_BLOCK = 1 << 20  # bytes of an archive sent at a time
+FETCH_WAIT = 20.0  # seconds a request waits for results on their way (a client: 30 s)
 MAX_LISTED = 1000  # files ``show`` names at most
 NONE = "the run left none (it never started, or its owner or process was lost)"
 
@@ -65,7 +67,7 @@ async def serve_results(request: web.Request, job: JobRecord) -> web.StreamRespo
         if int(attempt) != job.attempts:
             return await _send(request, agent.results.archive_path(job.id, int(attempt)),
                                f"attempt {attempt} of job {job.id} left no results here")
-    view = results_view(job)
+    view = await _settled(agent, job)
     if view["state"] == "pending":
         return error(409, f"job {job.id} is {job.state}: its results come when it ends")
     if view["state"] == RESULTS_FETCHING:
@@ -74,6 +76,22 @@ async def serve_results(request: web.Request, job: JobRecord) -> web.StreamRespo
         return error(404, f"job {job.id} has no results: {view['note']}")
     return await _send(request, agent.results.archive_path(job.id, job.attempts),
                        f"the results of job {job.id} are gone from this node")
+
+
+async def _settled(agent: Agent, job: JobRecord) -> dict[str, Any]:
+    """Where the job's results stand, once they are no longer on their way (or after
+    ``FETCH_WAIT`` s: a job just ended is read back at once, as ``--wait`` returns)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FETCH_WAIT
+    view = results_view(job)
+    while view["state"] == RESULTS_FETCHING and loop.time() < deadline:
+        ev = agent.job_event(job.id)
+        ev.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ev.wait(), min(1.0, deadline - loop.time()))
+        job = agent.node.origin.jobs.get(job.id, job)
+        view = results_view(job)
+    return view
 
 
 async def _send(request: web.Request, path: Path, missing: str) -> web.StreamResponse:
