@@ -208,6 +208,21 @@ def test_the_owner_answers_with_its_results_and_keeps_them_until_taken() -> None
     assert not results.served(node, wire.FetchResults("j1", SHA, 0, 10))
 
 
+def test_a_job_whose_owner_was_lost_has_none_and_says_why() -> None:
+    from flexmesh.agent.apiresults import results_view
+    from flexmesh.protocol.membership import DEAD
+
+    node, _sync = _origin_following()
+    job = node.origin.jobs["j1"]
+    job.requeue = False
+    assert results_view(job)["state"] == "pending"
+    node.origin.follow.member("owner", DEAD, 1.0)
+    node.origin.follow.tick(1.0 + node.config.owner_dead_grace)
+    assert job.state == "lost"
+    view = results_view(job)
+    assert view["state"] == "none" and view["note"].startswith("owner owner was out of reach")
+
+
 # --- fetching them ------------------------------------------------------------------------
 
 

@@ -136,4 +136,4 @@ def served(node: Node, msg: wire.FetchResults) -> bool:
 def owner_lost(job: JobRecord, why: str) -> None:
     """Origin: the job's owner was given up on; its results with it."""
     if not job.results_state:
-        job.results_note = f"none: {why}"
+        job.results_attempt, job.results_note = job.attempts, why
