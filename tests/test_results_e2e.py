@@ -2,12 +2,14 @@
 runs on another node's device, writes files under $FLEXMESH_OUTPUT, and they are read back
 on the submitter with ``flexmesh results``; ``show`` names them; the owner keeps no copy
 once the origin has them; a job placed on its own origin needs no fetch; results beyond
-``max_results`` are cut, and the reason says so."""
+``max_results`` are cut, and the reason says so; an origin away when its job ends gets the
+results when it is back, though their owner restarted meanwhile."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +125,32 @@ def test_results_of_a_job_run_on_its_origin_and_the_limit(mesh: LocalMesh, tmp_p
     assert job["results"]["state"] == "here" and job["results"]["files"] == []
     res = mesh.cli("a", "results", job_id, str(tmp_path / "none"))
     assert "no files" in res.stdout
+
+
+def test_results_wait_for_an_origin_away_and_outlive_an_owner_restart(
+        mesh: LocalMesh, tmp_path: Path, work_root: Path) -> None:
+    flag = work_root / "go"  # (where the user a borrowed job runs as can look)
+    mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work_root))
+    mesh.start("d", join=["a"], extra=["--priority", "10", *_config(mesh, "d", work_root)])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
+    script = (f'echo early > "$FLEXMESH_OUTPUT/r.txt"; until [ -e {flag} ]; do sleep 0.05; '
+              'done; head -c 5000000 /dev/zero > "$FLEXMESH_OUTPUT/big"')
+    job_id = _submit(mesh, "d", "--", "sh", "-c", script)
+    mesh.wait_for("the job to run", lambda: mesh.json("d", "show", job_id)["state"] == "running")
+
+    mesh.kill("d", signal.SIGTERM)  # the origin goes away while its job runs ...
+    flag.touch()  # ... which then ends: its owner packs its results and keeps them
+    store = mesh.root / "a" / "state" / "results"
+    mesh.wait_for("the run to end", lambda: [r["state"] for r in mesh.json(
+        "a", "jobs", "--here")] == ["succeeded"])
+    (archive,) = store.glob("*.tar")
+    mesh.kill("a")  # the owner dies, and comes back with them
+    mesh.restart("a")
+    mesh.restart("d")
+    job = mesh.wait_for("the results", lambda: _results_in(mesh, "d", job_id), 60)
+    assert job["state"] == "succeeded" and job["results"]["state"] == "here", job
+    dest = tmp_path / "back"
+    mesh.cli("d", "results", job_id, str(dest))
+    assert (dest / "r.txt").read_text() == "early\n"
+    assert (dest / "big").stat().st_size == 5_000_000
+    mesh.wait_for("the owner's copy to go", lambda: not archive.exists())
