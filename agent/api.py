@@ -35,7 +35,14 @@ from flexmesh.agent.apicommon import (
     may_manage,
     peer_uid,
 )
-from flexmesh.agent.apijobs import cancel_job, job_logs, list_jobs, show_job, submit
+from flexmesh.agent.apijobs import (
+    cancel_job,
+    job_logs,
+    job_results,
+    list_jobs,
+    show_job,
+    submit,
+)
 from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit
 from flexmesh.agent.models import MAX_DEVICES
 from flexmesh.agent.runtime import Agent
@@ -123,6 +130,7 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/jobs/{id}", show_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/jobs/{id}/logs", job_logs)
+    app.router.add_get("/v1/jobs/{id}/results", job_results)
     app.router.add_get("/v1/nodes", nodes)
     app.router.add_get("/v1/devices", devices)
     app.router.add_get("/v1/status", status)

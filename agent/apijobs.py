@@ -22,6 +22,7 @@ from aiohttp import web
 
 from flexmesh.agent.apicommon import AGENT_KEY, MAX_BODY, error, peer_uid, refuse
 from flexmesh.agent.apijson import BadRequest, gang_view, job_view, parse_submit, run_view
+from flexmesh.agent.apiresults import results_view, serve_results, show_files
 from flexmesh.agent.bundle import BundleError
 from flexmesh.agent.joblogs import read_at
 from flexmesh.agent.models import TERMINAL, JobRecord, RunRecord, gang_members, member_id
@@ -192,6 +193,8 @@ async def show_job(request: web.Request) -> web.Response:
     if members is not None:
         return web.json_response(gang_view(jobs[0].gang, jobs))
     view = job_view(jobs[0])
+    view["results"] = results_view(jobs[0])
+    await show_files(agent, jobs[0], view["results"])
     if jobs[0].id in agent.node.owner.runs:  # it runs here: what it holds, as measured
         view["device_use"] = _use(agent, jobs[0].id)
     return web.json_response(view)
@@ -234,6 +237,11 @@ async def cancel_job(request: web.Request) -> web.Response:
     log.info("cancel job=%s uid=%s result=%s", job.id, peer_uid(request), result)
     return web.json_response({"id": job.id, "result": result, "job": job_view(job)},
                              status=202)
+
+
+async def job_results(request: web.Request) -> web.StreamResponse:
+    """The job's results as a tar archive (see ``apiresults``)."""
+    return await serve_results(request, _job(request))
 
 
 async def job_logs(request: web.Request) -> web.StreamResponse:

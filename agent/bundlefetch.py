@@ -29,7 +29,12 @@ Caller = Callable[[wire.Message], Awaitable[tuple[wire.Message | None, str]]]
 
 
 class FetchError(Exception):
-    """The bundle could not be fetched; the message says why, for a person."""
+    """The bundle could not be fetched; the message says why, for a person. ``refused``:
+    the other side answered that it will not serve it (asking again cannot help)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(slots=True)
@@ -45,12 +50,21 @@ class Want:
     sha: str
     size: int
     job_id: str = ""
+    peer: str = "origin"  # who serves it, as the errors name it
+
+
+Asker = Callable[[int, int], wire.Message]  # (offset, length) -> the request for them
 
 
 async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
                 alive: Callable[[], bool] = lambda: True, chunk: int = CHUNK,
-                retries: int = RETRIES, pause: float = PAUSE) -> Fetched:
-    """Bring bundle ``want`` to ``dest`` through ``partial``; FetchError if it cannot."""
+                retries: int = RETRIES, pause: float = PAUSE,
+                ask: Asker | None = None) -> Fetched:
+    """Bring bundle ``want`` to ``dest`` through ``partial``; FetchError if it cannot.
+    ``ask`` makes each request (default: a ``FetchBundle`` of ``want``); the answers are
+    ``BundleChunk``s of ``want.sha``."""
+    ask = ask or (lambda offset, length: wire.FetchBundle(want.sha, offset, length,
+                                                          want.job_id))
     partial.parent.mkdir(parents=True, exist_ok=True)
     h, have = await asyncio.to_thread(_resume, partial, want.size)
     stats = Fetched(resumed_at=have)
@@ -59,9 +73,9 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
             if not alive():
                 raise FetchError("the job stopped while its bundle was fetched")
             stats.calls += 1
-            ask = wire.FetchBundle(want.sha, have, min(chunk, want.size - have), want.job_id)
-            reply, error = await call(ask)
-            data = _chunk(reply, ask, want)
+            length = min(chunk, want.size - have)
+            reply, error = await call(ask(have, length))
+            data = _chunk(reply, have, length, want)
             if data is None:
                 stats.retries += 1
                 if stats.retries > retries:
@@ -79,17 +93,17 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
     return stats
 
 
-def _chunk(reply: wire.Message | None, ask: wire.FetchBundle, want: Want) -> bytes | None:
+def _chunk(reply: wire.Message | None, offset: int, length: int, want: Want) -> bytes | None:
     """The bytes a reply brings, None if it brings none (to retry); FetchError where
     retrying cannot help."""
     if isinstance(reply, wire.Error):
-        raise FetchError(f"the origin refused: {reply.reason}")
+        raise FetchError(f"the {want.peer} refused: {reply.reason}", refused=True)
     if not isinstance(reply, wire.BundleChunk):
         return None
     if reply.bundle != want.sha or reply.total != want.size:
-        raise FetchError(f"the origin holds {reply.total} bytes of {reply.bundle[:16]}, "
-                         f"not {want.size} of {want.sha[:16]}")
-    if reply.offset != ask.offset or not 0 < len(reply.data) <= ask.length:
+        raise FetchError(f"the {want.peer} holds {reply.total} bytes of {reply.bundle[:16]}, "
+                         f"not {want.size} of {want.sha[:16]}", refused=True)
+    if reply.offset != offset or not 0 < len(reply.data) <= length:
         return None
     return reply.data
 

@@ -31,6 +31,7 @@ from flexmesh.agent.clicommands import (
     cmd_keys,
     cmd_logs,
     cmd_nodes,
+    cmd_results,
     cmd_show,
     cmd_status,
     cmd_submit,
@@ -98,8 +99,9 @@ def _setup_logging(fmt: str, level: str, name: str) -> None:
 
 
 COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel,
-            "logs": cmd_logs, "nodes": cmd_nodes, "devices": cmd_devices, "status": cmd_status,
-            "agent": cmd_agent, "keygen": cmd_keygen, "keys": cmd_keys, "ui": cmd_ui}
+            "logs": cmd_logs, "results": cmd_results, "nodes": cmd_nodes,
+            "devices": cmd_devices, "status": cmd_status, "agent": cmd_agent,
+            "keygen": cmd_keygen, "keys": cmd_keys, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

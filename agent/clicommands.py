@@ -120,6 +120,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _human(key: str, value: Any) -> str:
     """A value for people: no Python reprs (lists, None, dicts, epoch seconds)."""
+    if key == "results" and isinstance(value, dict):
+        return _results_text(value)
     if key in ("compute_milli", "memory_mib") and value == 0:
         return "in proportion, on the device it lands on"
     if value is None or value == "" or value == []:
@@ -137,6 +139,23 @@ def _human(key: str, value: Any) -> str:
             return "".join(f"\n{'':>16}{_human('', v)}" for v in value)
         return ", ".join(_human(key, v) for v in value)
     return str(value)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    dest = args.dest or f"{args.job}-results"
+    files = Job(client(args), args.job).results(dest, attempt=args.attempt)
+    _emit(args, [str(f) for f in files],
+          "\n".join(str(f) for f in files) or f"{args.job}: no files in its results")
+    return 0
+
+
+def _results_text(r: dict[str, Any]) -> str:
+    """``here, 10240 bytes (attempt 0)``, a note, then each file and its size."""
+    head = r.get("state", "?") + (f", {r['size']} bytes" if r.get("size") else "")
+    head += f" (attempt {r.get('attempt', 0)})" + (f": {r['note']}" if r.get("note") else "")
+    files = "".join(f"\n{'':>16}{f.get('name')}  {f.get('size')}"
+                    for f in r.get("files") or [])
+    return head + files
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

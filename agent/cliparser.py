@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg = _client(sub, "logs", "print a job's output")
     lg.add_argument("job")
     lg.add_argument("-f", "--follow", action="store_true")
+    rs = _client(sub, "results", "copy a job's results (what it left under $FLEXMESH_OUTPUT) "
+                 "out")
+    rs.add_argument("job")
+    rs.add_argument("dest", nargs="?", help="directory to copy them into (made if missing; "
+                    "default: ./JOB-results)")
+    rs.add_argument("--attempt", type=int, help="the results of this earlier attempt of a "
+                    "requeued job (default: the current one's)")
     _client(sub, "nodes", "list the mesh's nodes")
     _client(sub, "devices", "list the mesh's devices")
     st = _client(sub, "status", "draw the mesh: nodes, devices, leased/local/lendable")

@@ -83,7 +83,8 @@ class Settings:
     # Working directories jobs carry ([payload]): sizes take MiB/GiB (a plain number: MiB).
     payload_cache_size: str = "10GiB"  # bundles kept here (packed or fetched), LRU
     payload_max_bundle: str = "1GiB"  # the largest archive a workdir may pack to
-    payload_max_files: int = 100_000  # entries in one workdir, at most
+    payload_max_files: int = 100_000  # entries in one workdir (or results), at most
+    payload_max_results: str = "1GiB"  # a run's results archive, at most (cut beyond)
     payload_work_dir: str = ""  # jobs' unpacked workdirs; "": STATE_DIR-work
     power_source: str = "none"  # [power] (agent/power.py): none (mains), sysfs or file
     power_path: str = ""  # sysfs: /sys/class/power_supply or one supply; file: the file
@@ -101,6 +102,9 @@ class Settings:
 
     def max_bundle_bytes(self) -> int:
         return _size_bytes(self.payload_max_bundle)
+
+    def max_results_bytes(self) -> int:
+        return _size_bytes(self.payload_max_results)
 
     def work_dir(self) -> Path:
         state = Path(self.state_dir)
@@ -148,10 +152,12 @@ _TABLES: dict[str, dict[str, str]] = {
                 "fault_delay_ms": "fault_delay_ms"},
     "log": {"format": "log_format", "level": "log_level"},
     "payload": {"cache_size": "payload_cache_size", "max_bundle": "payload_max_bundle",
-                "max_files": "payload_max_files", "work_dir": "payload_work_dir"},
+                "max_files": "payload_max_files", "work_dir": "payload_work_dir",
+                "max_results": "payload_max_results"},
     "containers": {"runtime": "containers_runtime", "extra_args": "containers_extra_args"},
 }
-_SIZES = ("payload_cache_size", "payload_max_bundle")  # a number (MiB) or "10GiB"
+# A number (MiB) or "10GiB".
+_SIZES = ("payload_cache_size", "payload_max_bundle", "payload_max_results")
 
 
 def _size_bytes(text: str) -> int:

@@ -15,6 +15,12 @@ CANCELLED = "cancelled"
 PREEMPTED = "preempted"
 LOST = "lost"
 
+# Where a job's results stand at its origin: being fetched from the owner, here (to be
+# copied out with ``flexmesh results``), or not to be had (``results_note`` says why).
+RESULTS_FETCHING = "fetching"
+RESULTS_HERE = "here"
+RESULTS_FAILED = "failed"
+
 STATES = (QUEUED, PLACED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, PREEMPTED, LOST})
 
@@ -138,6 +144,14 @@ class JobRecord:
     # Wait, however long, where no device of the mesh could ever hold it (else it fails
     # after the coordinator's ``impossible_grace``).
     wait_for_capacity: bool = False
+    # What the run of attempt ``results_attempt`` left under $FLEXMESH_OUTPUT, as its
+    # owner packed it (SHA-256 and size; "": none), where it stands here (RESULTS_*), and
+    # what a person should know of it (cut at a limit; why there are none).
+    results: str = ""
+    results_size: int = 0
+    results_state: str = ""
+    results_note: str = ""
+    results_attempt: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -182,6 +196,12 @@ class RunRecord:
     bundle_size: int = 0
     image: str = ""  # the OCI image it runs in ("": a plain process)
     image_network: str = ""  # the container's network ("": none)
+    # Its results, packed here when it ended (SHA-256 and size, "": none; see JobRecord),
+    # and whether the origin has them (then this node's copy is deleted).
+    results: str = ""
+    results_size: int = 0
+    results_note: str = ""
+    results_taken: bool = False
 
     @property
     def terminal(self) -> bool:

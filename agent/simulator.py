@@ -30,6 +30,7 @@ from flexmesh.agent.models import JobRecord, RunRecord, gang_members
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
+    CollectResults,
     Effect,
     ForgetJob,
     ForgetLease,
@@ -334,8 +335,8 @@ class Simulator(SimNetwork, SimViews, SimPower):
             case ArchiveOutput():
                 if eff.job_id in sim.received:
                     sim.archived.setdefault(eff.job_id, []).append(sim.received.pop(eff.job_id))
-            case LogEvent() | MemberEvent() | FactsEvent() | NameConflict():
-                pass
+            case LogEvent() | MemberEvent() | FactsEvent() | NameConflict() | CollectResults():
+                pass  # (simulated runs leave no results)
             case _:
                 assert_never(eff)
 

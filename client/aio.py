@@ -34,6 +34,7 @@ from flexmesh.client.common import (
     not_streamed,
     read_limit,
     results_missing,
+    results_path,
     socket_path,
     submit_body,
     timed_out,
@@ -256,10 +257,11 @@ class AsyncJob:
 
     async def results(self, dest: str | os.PathLike[str], *,
                       max_bytes: int = MAX_RESULT_BYTES,
-                      max_files: int = MAX_RESULT_FILES) -> list[Path]:
+                      max_files: int = MAX_RESULT_FILES,
+                      attempt: int | None = None) -> list[Path]:
         """As ``Job.results``."""
         what = f"GET /v1/jobs/{self.id}/results"
-        resp = await self.client.open("GET", f"/v1/jobs/{self.id}/results")
+        resp = await self.client.open("GET", results_path(self.id, attempt))
         async with resp:
             if resp.status != 200:
                 raise results_missing(self.id, resp.status, await resp.read())

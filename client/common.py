@@ -115,6 +115,12 @@ def not_streamed(what: str, status: int, data: bytes) -> ClientError:
     return ProtocolError(f"the agent answered {what} with {status}", status)
 
 
+def results_path(job_id: str, attempt: int | None) -> str:
+    """The path of ``GET /v1/jobs/{id}/results``, for one attempt if given."""
+    path = f"/v1/jobs/{job_id}/results"
+    return path if attempt is None else f"{path}?attempt={int(attempt)}"
+
+
 def results_missing(job_id: str, status: int, data: bytes) -> ClientError:
     """The error for an answer to ``GET /v1/jobs/{id}/results`` that is not 200. A 404
     that is not the agent's JSON comes from an agent without the endpoint: it says so."""

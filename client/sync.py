@@ -28,6 +28,7 @@ from flexmesh.client.common import (
     not_streamed,
     read_limit,
     results_missing,
+    results_path,
     socket_path,
     submit_body,
     timed_out,
@@ -277,14 +278,15 @@ class Job:
         return line
 
     def results(self, dest: str | os.PathLike[str], *, max_bytes: int = MAX_RESULT_BYTES,
-                max_files: int = MAX_RESULT_FILES) -> list[Path]:
+                max_files: int = MAX_RESULT_FILES, attempt: int | None = None) -> list[Path]:
         """Copy the files the job left under ``$FLEXMESH_OUTPUT`` into ``dest`` (made if
         missing): the files written. The agent serves them as a tar archive at
         ``GET /v1/jobs/{id}/results``; an agent without that endpoint answers 404, raised
         as NotFound saying so. ProtocolError for an archive that is not one or would write
-        outside ``dest``."""
+        outside ``dest``. ``attempt``: the results of that attempt of a requeued job
+        (default: the current one's)."""
         what = f"GET /v1/jobs/{self.id}/results"
-        conn, resp = self.client._open("GET", f"/v1/jobs/{self.id}/results", None,
+        conn, resp = self.client._open("GET", results_path(self.id, attempt), None,
                                        self.client.timeout)
         try:
             if resp.status != 200:

@@ -372,6 +372,12 @@ class JobSyncReply(Message):
     stdout: bytes
     stderr: bytes
     complete: bool  # terminal, and no output beyond what this reply carries
+    # The run's results (what it left under $FLEXMESH_OUTPUT), packed once it ended: the
+    # archive's SHA-256 (hex; "": none) and size, and what a person should know of them
+    # (cut at the owner's limit, entries skipped). The origin fetches them (FetchResults).
+    results: str = ""
+    results_size: int = 0
+    results_note: str = ""
 
 
 @message(41)
@@ -453,6 +459,32 @@ class BundleChunk(Message):
     offset: int
     data: bytes
     total: int
+
+
+# --- results: what a run left under $FLEXMESH_OUTPUT, fetched by the origin ----------------
+
+
+@message(64)
+@dataclass(frozen=True, slots=True)
+class FetchResults(Message):
+    """Origin -> owner: up to ``length`` bytes from ``offset`` of the results archive
+    ``results`` (a SHA-256, hex) of a run of ``job_id``. Answered with a ``BundleChunk``
+    (its ``bundle`` the archive's SHA-256) or an ``Error``."""
+
+    job_id: str
+    results: str
+    offset: int
+    length: int
+
+
+@message(65)
+@dataclass(frozen=True, slots=True)
+class ResultsTaken(Message):
+    """Origin -> owner: the results ``results`` of ``job_id`` are safe at the origin (or
+    given up): the owner may delete its copy. Answered with ``Ok``."""
+
+    job_id: str
+    results: str
 
 
 # --- placement that can never be ------------------------------------------------------

@@ -6,9 +6,11 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import shutil
 import socket
 import socketserver
 import tarfile
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +36,15 @@ pytestmark = [pytest.mark.timeout(120)]
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     """One agent with one simulated GPU, shared by this module's tests."""
+    # Runs' directories where the user a job runs as may enter (pytest's are 0700).
+    work = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
+    work.chmod(0o711)
     with LocalMesh(tmp_path_factory.mktemp("mesh")) as mesh:
-        mesh.start("a", sim="gpu:1x8GiB")
+        conf = mesh.root / "a.toml"
+        conf.write_text(f'[payload]\nwork_dir = "{work}"\n')
+        mesh.start("a", sim="gpu:1x8GiB", extra=["--config", str(conf)])
         yield Client(mesh.agents["a"].socket)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _output(job: Job, follow: bool = False) -> dict[str, bytes]:
@@ -119,11 +127,31 @@ def test_errors_carry_the_agents_message(agent: Client) -> None:
 
 
 @pytest.mark.integration
-def test_results_from_an_agent_without_them_say_so(agent: Client, tmp_path: Path) -> None:
-    job = agent.submit(["true"], gpu=0.25)
-    job.wait(timeout=60)
+def test_results_from_a_real_agent(agent: Client, tmp_path: Path) -> None:
+    job = agent.submit(["sh", "-c", 'mkdir "$FLEXMESH_OUTPUT/d" && echo 42 > '
+                        '"$FLEXMESH_OUTPUT/d/answer.txt"'], gpu=0.25)
+    ended = job.wait(timeout=60)
+    assert ended["state"] == "succeeded", (ended, _output(job))
+    dest = tmp_path / "out"
+    assert job.results(dest) == [dest / "d" / "answer.txt"]
+    assert (dest / "d" / "answer.txt").read_text() == "42\n"
+    assert job.refresh()["results"]["files"] == [{"name": "d/answer.txt", "size": 3}]
+    with pytest.raises(BadRequest, match="attempt must be a number from 0 to 0"):
+        job.results(dest, attempt=1)
+    running = agent.submit(["sleep", "300"], gpu=0.25)
+    with pytest.raises(ClientError, match="its results come when it ends") as early:
+        running.results(tmp_path / "early")
+    assert early.value.status == 409
+    running.cancel()
+
+
+def test_results_from_an_agent_without_them_say_so(results_agent: Client, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Results, "status", 404)
+    monkeypatch.setattr(_Results, "content_type", "text/plain")
+    monkeypatch.setattr(_Results, "archive", b"404: Not Found")
     with pytest.raises(NotFound) as nf:
-        job.results(tmp_path / "out")
+        Job(results_agent, "j1").results(tmp_path / "out")
     assert nf.value.status == 404
     assert "does not serve results" in nf.value.message and "404: Not Found" in nf.value.message
 
@@ -151,8 +179,7 @@ async def test_the_async_twin(agent: Client, tmp_path: Path) -> None:
             await client.job("nosuchjob")
         with pytest.raises(BadRequest, match="gpu fraction 2 must be above 0"):
             await client.submit(["true"], gpu=2)
-        with pytest.raises(NotFound, match="does not serve results"):
-            await job.results(tmp_path / "out")
+        assert await job.results(tmp_path / "out") == []  # (cancelled: it wrote none)
     async with AsyncClient(tmp_path / "none.sock") as gone:
         with pytest.raises(AgentUnavailable, match="no flexmesh agent at"):
             await gone.status()
@@ -214,9 +241,10 @@ def test_the_socket_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 class _Results(http.server.BaseHTTPRequestHandler):
     archive = b""
     content_type = "application/x-tar"
+    status = 200
 
     def do_GET(self) -> None:
-        self.send_response(200)
+        self.send_response(self.status)
         self.send_header("Content-Type", self.content_type)
         self.send_header("Content-Length", str(len(self.archive)))
         self.end_headers()

@@ -210,3 +210,36 @@ def test_bench_containers_smoke(image: str, capsys: pytest.CaptureFixture[str]) 
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
     assert line["bench"] == "container-first-line" and line["runs"] == 1
     assert 0 < line["by_hand_p50_s"] < 60 and 0 < line["flexmesh_p50_s"] < 60
+
+
+def test_an_image_jobs_results_come_back_to_its_submitter(
+        mesh: LocalMesh, image: str, tmp_path: Path, work_root: Path) -> None:
+    box, _, desk = _names()
+    src = tmp_path / "project"
+    src.mkdir()
+    (src / "data.txt").write_text("forty-two\n")
+    mesh.start(box, sim="gpu:1x16GiB", extra=_config(mesh, box, work_root))
+    mesh.start(desk, join=[box], extra=["--priority", "10",
+                                        *_config(mesh, desk, work_root, runtime="none")])
+    mesh.wait_for("convergence", lambda: mesh.converged([box, desk]))
+    script = ('cat data.txt > "$FLEXMESH_OUTPUT/copy.txt"; '
+              'echo "$FLEXMESH_OUTPUT uid=$(id -u)" > "$FLEXMESH_OUTPUT/where.txt"')
+    res = mesh.cli(desk, "submit", "--gpu", "0.25", "--image", image, "--workdir", str(src),
+                   "-o", "json", "--", "sh", "-c", script)
+    job_id = json.loads(res.stdout)["id"]
+
+    def results_here() -> dict[str, Any] | None:
+        job = _ended(mesh, desk, job_id)
+        return job if job and job["results"]["state"] not in ("pending", "fetching") else None
+
+    job = mesh.wait_for("the job's results", results_here, 90)
+    assert job["state"] == "succeeded" and job["node"] == box, job
+    assert job["results"]["state"] == "here", job["results"]
+    dest = tmp_path / "back"
+    mesh.cli(desk, "results", job_id, str(dest))
+    assert (dest / "copy.txt").read_text() == "forty-two\n"
+    where, uid = (dest / "where.txt").read_text().split()
+    assert where == "/flexmesh/output"
+    if os.geteuid() == 0:
+        assert uid == "uid=65534"  # written as the borrowed user, in its own directory
+    mesh.wait_for("its container to go", lambda: not _containers(f"flexmesh.node={box}"))

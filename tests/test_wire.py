@@ -174,6 +174,8 @@ def test_registered_type_ids_are_the_published_protocol() -> None:
         46: "Hello",
         47: "FetchBundle",
         48: "BundleChunk",
+        64: "FetchResults",
+        65: "ResultsTaken",
     }
     for type_id, name in published.items():
         assert wire.REGISTRY[type_id].__name__ == name

@@ -12,6 +12,7 @@ from flexmesh.agent.node.core import Node
 from flexmesh.agent.node.effects import (
     ArchiveOutput,
     Call,
+    CollectResults,
     Effect,
     ForgetJob,
     ForgetLease,
@@ -26,6 +27,6 @@ from flexmesh.agent.node.effects import (
 )
 from flexmesh.agent.node.views import NodeStatus
 
-__all__ = ["ArchiveOutput", "Call", "Effect", "ForgetJob", "ForgetLease", "ForgetRun",
-           "JobOutput", "LogEvent", "Node", "NodeConfig", "NodeStatus", "PersistJob",
+__all__ = ["ArchiveOutput", "Call", "CollectResults", "Effect", "ForgetJob", "ForgetLease",
+           "ForgetRun", "JobOutput", "LogEvent", "Node", "NodeConfig", "NodeStatus", "PersistJob",
            "PersistLease", "PersistRun", "RunJob", "StopJob"]

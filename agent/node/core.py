@@ -44,6 +44,7 @@ from flexmesh.agent.node.origin import Origin
 from flexmesh.agent.node.owner import Owner
 from flexmesh.agent.node.power import Power, PowerPolicy, PowerReading
 from flexmesh.agent.node.records import Records
+from flexmesh.agent.node.results import with_results
 from flexmesh.agent.node.routes import REPLIES, REQUESTS
 from flexmesh.agent.node.views import Views
 from flexmesh.agent.scheduler import Scheduler
@@ -290,7 +291,7 @@ class Node:
     def sync_reply(self, msg: wire.JobSync, stdout: bytes, stderr: bytes, chunk: int,
                    now: float) -> wire.Message:
         """Owner: a JobSync, answered with the output the caller read for it."""
-        return self.owner.sync_reply(msg, stdout, stderr, chunk, now)
+        return with_results(self, msg, self.owner.sync_reply(msg, stdout, stderr, chunk, now))
 
     # --- the loop after every input -----------------------------------------------------
 

@@ -110,6 +110,19 @@ class JobOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectResults:
+    """Origin: bring the results ``sha`` (``size`` bytes) of a run of attempt ``attempt``
+    of a job from its owner ``node`` (this node: from its own store) to this node's store
+    of the job's results; the node hears how it went (``results.collected``)."""
+
+    job_id: str
+    attempt: int
+    node: str
+    sha: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class LogEvent:
     event: str
     fields: dict[str, Any]
@@ -117,7 +130,7 @@ class LogEvent:
 
 Effect = (SendPacket | StartPushPull | MemberEvent | FactsEvent | NameConflict | Call | PersistJob
           | PersistRun | PersistLease | ForgetJob | ForgetRun | ForgetLease | RunJob | StopJob
-          | ArchiveOutput | JobOutput | LogEvent)
+          | ArchiveOutput | JobOutput | CollectResults | LogEvent)
 
 
 @dataclass(frozen=True, slots=True)

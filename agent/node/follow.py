@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flexmesh.agent.models import LOST, PLACED, RUNNING, STATES, JobRecord
+from flexmesh.agent.node import results
 from flexmesh.agent.node.effects import JobOutput, PendingCall
 from flexmesh.agent.node.gang import gang_ended
 from flexmesh.protocol import wire
@@ -150,6 +151,7 @@ class Follow:
         f.stderr += len(reply.stderr)
         # A terminal state only once all output is here: the next answer comes at once.
         if not (reply.stdout or reply.stderr) or reply.state in (PLACED, RUNNING):
+            results.learned(self.origin, job, f.node, reply)  # (before a requeue)
             self.origin.remote_update(job, reply.state, reply.reason, reply.exit_code, now)
         self._ask(job.id, now)
 
@@ -231,6 +233,7 @@ class Follow:
             why = f"owner {node} was out of reach for {away.limit:g} s"
         for job in self._followed_on(node):
             self.out.log("job_given_up", job=job.id, node=node, reason=why)
+            results.owner_lost(job, why)
             if away.state == DEAD and job.requeue and not job.gang:
                 self.origin.requeue(job, why, now)
                 continue

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from flexmesh.agent.models import JobRecord, RunRecord, may_become
+from flexmesh.agent.node import results
 from flexmesh.agent.node.effects import ForgetJob, ForgetLease, ForgetRun, PersistJob, PersistRun
 from flexmesh.agent.node.retention import Retention
 from flexmesh.protocol.lease import ACTIVE
@@ -66,15 +67,16 @@ class Records:
 
     def forget_finished(self, now: float) -> None:
         """Drop ended jobs, runs and finished leases past their retention, here and on
-        disk. A run whose origin has not heard of its end yet is kept until its age runs
-        out; a gang's members go together, once all have ended."""
+        disk. A run whose origin has not heard of its end yet (or not fetched its results)
+        is kept until its age runs out; a gang's members go together, once all have ended."""
         node = self.node
         for job_id in self.kept_jobs.due(now):
             for gone in node.origin.forget(job_id):
                 self.kept_jobs.revived(gone)  # (a sibling: not counted any more)
                 if self._journaled.pop((JOB, gone), None) is not None:
                     self.out.emit(ForgetJob(gone))
-        for job_id in self.kept_runs.due(now, held=node.owner.uncollected):
+        for job_id in self.kept_runs.due(
+                now, held=lambda j: node.owner.uncollected(j) or results.held(node, j)):
             if node.owner.forget(job_id) and (RUN, job_id) in self._journaled:
                 del self._journaled[RUN, job_id]
                 self.out.emit(ForgetRun(job_id))

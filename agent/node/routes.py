@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from flexmesh.agent.node import results
 from flexmesh.agent.node.coordinator import lease_reply
 from flexmesh.agent.node.effects import PendingCall
 from flexmesh.protocol import wire
@@ -48,6 +49,7 @@ REQUESTS: dict[type, Callable[[Node, Any, float], wire.Message]] = {
     wire.Preempt: lambda n, m, t: n.owner.handle_preempt(m, t),
     wire.Release: lambda n, m, t: n.owner.handle_release(m, t),
     wire.PushPull: _pushpull,
+    wire.ResultsTaken: lambda n, m, t: results.taken(n, m),
 }
 
 REPLIES: dict[type, Callable[[Node, PendingCall, wire.Message | None, str, float], None]] = {

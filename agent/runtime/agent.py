@@ -28,6 +28,7 @@ from flexmesh.agent.models import JobRecord
 from flexmesh.agent.node import (
     ArchiveOutput,
     Call,
+    CollectResults,
     Effect,
     ForgetJob,
     ForgetLease,
@@ -49,6 +50,7 @@ from flexmesh.agent.runtime.eventlog import log_event
 from flexmesh.agent.runtime.keys import Keys, KeysError
 from flexmesh.agent.runtime.payload import Payload
 from flexmesh.agent.runtime.processes import Processes
+from flexmesh.agent.runtime.results import Results
 from flexmesh.agent.runtime.sampling import Sampler
 from flexmesh.agent.runtime.ticker import Ticker
 from flexmesh.agent.runtime.transport import Transport
@@ -86,6 +88,7 @@ class Agent:
         self.sampler = Sampler(self)
         self.processes = Processes(self)
         self.payload = Payload(self)
+        self.results = Results(self)
         self.addr = ""
         self.started_at = time.time()
         self.ui_url = ""
@@ -159,7 +162,7 @@ class Agent:
         self.node.scheduler.on_decision = decision_times(self.node.scheduler).observe
         await self.sampler.discover()
         await self._recover(leases)
-        await asyncio.gather(self.payload.start(), self.processes.start())
+        await asyncio.gather(self.payload.start(), self.processes.start(), self.results.start())
         self.node.join(list(s.join), self.loop.time())
         self.spawn(self.ticker.run())
         self.spawn(self.sampler.loop())
@@ -294,6 +297,8 @@ class Agent:
                 # Written before anything after it runs: the job's end is journaled only
                 # once its output is here (see node/follow.py).
                 await self.processes.write_output(eff)
+            case CollectResults():
+                self.spawn(self.results.collect(eff))
             case LogEvent() | MemberEvent() | NameConflict():
                 log_event(eff)
             case ForgetJob() | ForgetRun():
@@ -302,6 +307,7 @@ class Agent:
                 if (eff.job_id not in self.node.owner.runs
                         and eff.job_id not in self.node.origin.jobs):
                     await self.processes.forget(eff.job_id)
+                await self.results.sweep()  # (a run's results go with it)
             case FactsEvent() | PersistJob() | PersistRun() | PersistLease() | ForgetLease():
                 pass  # facts are read from the membership; journal writes came first
             case _:
@@ -335,10 +341,14 @@ class Agent:
             return await self.processes.job_sync(msg)
         if isinstance(msg, wire.FetchBundle):
             return await self.payload.serve(msg)
+        if isinstance(msg, wire.FetchResults):
+            return await self.results.serve(msg)
         if self.stopping and isinstance(msg, (wire.Submit, wire.StartJob, wire.LeaseRequest)):
             return wire.Error("agent is shutting down")
         reply = self.node.handle_request(msg, self.loop.time())
         await self.flush()  # what the reply promises is journaled before it is sent
+        if isinstance(msg, wire.ResultsTaken):
+            await self.results.sweep()
         return reply
 
     # --- API helpers --------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import pwd
 import shutil
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,8 @@ class Processes:
             user, base = await asyncio.to_thread(self._identity, job)
             # In a container the image's own PATH and HOME stand: no base layer.
             env = job_environment({} if job.image else base, job.env, self.owner_env(eff))
+            env["FLEXMESH_OUTPUT"] = str(await asyncio.to_thread(self.agent.results.make, job,
+                                                                 user))
             if job.bundle:
                 cwd = await self._workdir(job, user)
                 env["FLEXMESH_WORKDIR"] = str(cwd)
@@ -103,6 +106,7 @@ class Processes:
                 self._workdirs.pop(job.id, None)
                 await self.agent.payload.cleanup(self.agent.payload.job_dir(job))
             await self.containers.ended(job.id, self.runner.job_dir(job.id))
+            await self.agent.results.discard(job)
             why = (f"workdir: {exc}" if isinstance(exc, PayloadError) else f"container: {exc}"
                    if isinstance(exc, ContainerError) else f"could not start: {exc}")
             node.job_exited(job.id, None, why, loop.time(), state=FAILED)
@@ -204,6 +208,21 @@ class Processes:
         self._exited(job_id, exit_code, reason)
 
     def _exited(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        """The process ended: its results are packed first, then the node hears of it."""
+        run = self.agent.node.owner.runs.get(job_id)
+        if run is None or run.terminal or self._runs.get(job_id) != run.lease_id:
+            self._ended(job_id, exit_code, reason)
+        else:
+            self.agent.spawn(self._pack_then_end(replace(run), exit_code, reason))
+
+    async def _pack_then_end(self, run: RunRecord, exit_code: int | None, reason: str) -> None:
+        try:
+            await self.agent.results.pack(run)
+        except Exception as exc:  # (never the end lost; a cancel at shutdown packs again)
+            log.error("results_pack_failed job=%s error=%r", run.id, exc)
+        self._ended(run.id, exit_code, reason)
+
+    def _ended(self, job_id: str, exit_code: int | None, reason: str) -> None:
         self._runs.pop(job_id, None)
         workdir = self._workdirs.pop(job_id, None)
         if workdir is not None:
