@@ -151,7 +151,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def _results_text(r: dict[str, Any]) -> str:
     """``here, 10240 bytes (attempt 0)``, a note, then each file and its size."""
-    head = r.get("state", "?") + (f", {r['size']} bytes" if r.get("size") else "")
+    head = str(r.get("state", "?")) + (f", {r['size']} bytes" if r.get("size") else "")
     head += f" (attempt {r.get('attempt', 0)})" + (f": {r['note']}" if r.get("note") else "")
     files = "".join(f"\n{'':>16}{f.get('name')}  {f.get('size')}"
                     for f in r.get("files") or [])

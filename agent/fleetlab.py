@@ -57,7 +57,8 @@ class FleetLab(LocalMesh):
             raise
 
     def start(self, name: str, sim: str = "", join: list[str] | None = None,
-              extra: list[str] | None = None, wait: bool = True) -> AgentProc:
+              extra: list[str] | None = None, wait: bool = True,
+              env: dict[str, str] | None = None) -> AgentProc:
         host = self.net.add_host(name)
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ class FleetLab(LocalMesh):
         if seeds:
             args += ["--join", *seeds]
         args += extra or []
-        a = AgentProc(name, d, args)
+        a = AgentProc(name, d, args, extra_env=dict(env or {}))
         self.agents[name] = a
         self._spawn(a)
         if wait:

@@ -18,7 +18,8 @@ from typing import Any
 
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.simcheck import InvariantError
-from flexmesh.agent.simulator import LinkFaults, Simulator
+from flexmesh.agent.simnet import LinkFaults
+from flexmesh.agent.simulator import Simulator
 from flexmesh.protocol.membership import PRESETS
 
 FAULTS = ("crash", "partition", "stall", "leave", "load", "disk", "none")

@@ -19,6 +19,7 @@ from flexmesh.protocol.lease import ACTIVE
 
 if TYPE_CHECKING:
     from flexmesh.agent.node import RunJob
+    from flexmesh.agent.simnet import SimNetwork
     from flexmesh.agent.simulator import Simulator, _SimNode
 
 
@@ -37,7 +38,7 @@ def check_world(sim: Simulator) -> None:
         _check_origin(sim, job_id)
 
 
-def _fail(sim: Simulator, what: str) -> None:
+def _fail(sim: SimNetwork, what: str) -> None:
     raise InvariantError(f"seed {sim.seed}: {what} at t={sim.now:.3f}")
 
 
@@ -92,7 +93,7 @@ def check_start(sim: Simulator, name: str, eff: RunJob) -> None:
         _fail(sim, f"job {eff.job.id} starts on {name} while it runs on {', '.join(live)}")
 
 
-def _on_disk(sim: Simulator, name: str, msg: wire.Message) -> JobRecord | RunRecord | None:
+def _on_disk(sim: SimNetwork, name: str, msg: wire.Message) -> JobRecord | RunRecord | None:
     """What ``name`` journaled of the job a request names: its run for a start, else
     the job."""
     node, job_id = sim.nodes[name], getattr(msg, "job_id", "")
@@ -101,14 +102,14 @@ def _on_disk(sim: Simulator, name: str, msg: wire.Message) -> JobRecord | RunRec
     return node.disk_jobs.get(job_id)
 
 
-def job_attempts(sim: Simulator, name: str, msg: wire.Message) -> int:
+def job_attempts(sim: SimNetwork, name: str, msg: wire.Message) -> int:
     """Attempts of the job (or run) a request names, as ``name`` has it on disk (-1:
     none)."""
     record = _on_disk(sim, name, msg)
     return record.attempts if record is not None else -1
 
 
-def check_promise(sim: Simulator, name: str, msg: wire.Message, reply: wire.Message,
+def check_promise(sim: SimNetwork, name: str, msg: wire.Message, reply: wire.Message,
                   attempts: int) -> None:
     """``name`` answered ``msg`` with ``reply``: what the answer promises is on its disk
     (for a job, or the job has moved on within the same step: a new attempt, or its end)."""

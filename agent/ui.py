@@ -23,8 +23,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
-from flexmesh.agent.config import is_loopback_host
 from flexmesh.agent.models import PLACED, QUEUED, RUNNING
+from flexmesh.agent.netaddr import is_loopback_host
 
 if TYPE_CHECKING:  # imported by api; the key is looked up when a request comes
     from flexmesh.agent.runtime import Agent

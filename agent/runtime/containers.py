@@ -37,7 +37,7 @@ from flexmesh.agent.containers import (
     env_file_text,
 )
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import RunRecord
 
 if TYPE_CHECKING:
     from flexmesh.agent.runtime.agent import Agent
@@ -149,11 +149,11 @@ class Containers:
             await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
         return stale
 
-    def track(self, job: JobRecord) -> None:
+    def track(self, job: RunRecord) -> None:
         """A run adopted after a restart: its container is known by name again."""
         self.names[job.id] = container_name(job.id, job.lease_id)
 
-    def command(self, job: JobRecord, devices: Sequence[Device], user: tuple[int, int],
+    def command(self, job: RunRecord, devices: Sequence[Device], user: tuple[int, int],
                 env: dict[str, str], job_dir: Path) -> tuple[list[str], dict[str, str]]:
         """(the argv of the run's client, the client's environment); writes the env file.
         Blocking: call off the loop. Raises ``ContainerError``."""
