@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -231,6 +233,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--drain", type=float, default=120.0,
                    help="seconds to wait for the last jobs to end")
     p.add_argument("--converge-timeout", type=float, default=180.0)
+    p.add_argument("--logs", type=Path, help="copy every agent's log into this folder")
     p.add_argument("--crashes", type=int, default=3,
                    help="GPU agents killed one by one after the jobs (0: none)")
     p.add_argument("--crash-timeout", type=float, default=180.0,
@@ -242,6 +245,8 @@ def main(argv: list[str]) -> int:
     if why is not None:
         print(f"bench_fleet: {why}", file=sys.stderr)
         return 2
+    # A SIGTERM unwinds as Ctrl-C does, so the lab's agents and namespaces still go.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flexmesh-bench-fleet-") as tmp:
         bench = Bench(Path(tmp), args)
@@ -258,6 +263,11 @@ def main(argv: list[str]) -> int:
             print(json.dumps(out), flush=True)
         finally:
             bench.lab.close()
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for n, a in bench.lab.agents.items():
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.copyfile(a.log, args.logs / f"{n}.log")
     return 0
 
 
