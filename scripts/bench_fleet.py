@@ -116,7 +116,8 @@ class Bench:
         if v is None or any(alive != set(self.live()) for alive, _ in v.values()):
             return None
         coords = {c for _, c in v.values()}
-        return next(iter(coords)) if len(coords) == 1 else None
+        coord = next(iter(coords)) if len(coords) == 1 else None
+        return coord if coord in self.live() else None  # not a suspect (killed) one
 
     def sample(self) -> None:
         v = self.views()
