@@ -44,6 +44,7 @@ from typing import Any
 
 from flexmesh.agent.cli import get_json as _get
 from flexmesh.agent.fleetlab import FleetLab, available
+from flexmesh.agent.localmesh import MeshError
 
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
 
@@ -194,7 +195,7 @@ class Bench:
         times = self.crashes()
         done = [t for t in times if t is not None]
         coord = None
-        with contextlib.suppress(Exception):  # MeshError: they did not agree in time
+        with contextlib.suppress(MeshError):  # they did not agree in time
             coord = self.lab.wait_for("the survivors to agree", self.agreed,
                                       timeout=self.args.crash_timeout, interval=0.5)
         return {"crashes": len(times), "crash_victims": list(self.killed),
