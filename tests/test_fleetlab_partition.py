@@ -124,6 +124,9 @@ def test_a_split_fleet_runs_on_both_sides_and_heals_without_over_leasing(
         info = job(lab, sub, j)
         assert info["state"] == "succeeded", info
         assert lab.cli(sub, "logs", j).stdout == texts[j]
+    for sub in SIDES:  # each origin lists each of its jobs once
+        listed = [r["id"] for r in get_json(lab.agents[sub].socket, "/v1/jobs")]
+        assert sorted(listed) == sorted(j for j, o in origin.items() if o == sub), listed
     # The owners' books: each job ran exactly once, on one GPU node, and succeeded there.
     runs = [(n, r) for n in GPU for r in get_json(lab.agents[n].socket, "/v1/jobs?here=1")
             if r["id"] in origin]
