@@ -69,11 +69,12 @@ class HoldSim:
 
     def figures(self) -> dict[str, object]:
         total = self.fetched_bytes + self.saved_bytes
+        pct = round(100.0 * self.saved_bytes / total, 2) if total else None
         return {
             "workdirs": self.workdirs,
             "workdir_bytes_fetched": self.fetched_bytes,
             "workdir_bytes_saved": self.saved_bytes,
-            "workdir_bytes_saved_pct": round(100.0 * self.saved_bytes / total, 2) if total else None,
+            "workdir_bytes_saved_pct": pct,
         }
 
 
