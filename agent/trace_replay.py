@@ -347,8 +347,7 @@ def main(argv: list[str]) -> int:
     if not math.isfinite(args.inflate) or args.inflate <= 0 or args.inflate > 100:
         print("flexmesh simulate: --inflate must be a positive number", file=sys.stderr)
         return 2
-    problem = arguments_problem(args)
-    if problem:
+    if (problem := arguments_problem(args)) is not None:
         print(f"flexmesh simulate: {problem}", file=sys.stderr)
         return 2
     try:
@@ -386,8 +385,7 @@ def main(argv: list[str]) -> int:
             f"at {round(out['inflate'] * 100)}% {pct(out['unallocated_gpu_pct_130'])}"
         )
         if args.workdirs:
-            print(f"workdirs   {args.workdirs}: {out['workdir_bytes_saved_pct']}% of their "
-                  f"bytes not fetched (held where the task ran)")
+            print(f"workdirs   {args.workdirs}: {out['workdir_bytes_saved_pct']}% not fetched")
         print(f"seconds    {out['seconds']}")
     return 0
 
