@@ -63,6 +63,15 @@ class BundleCache:
     def has(self, sha: str) -> bool:
         return sha in self._lru and self.path(sha).exists()
 
+    def recent(self, limit: int = 32) -> list[str]:
+        """The bundles here, most recently used first, at most ``limit``."""
+        out = []
+        for sha in reversed(self._lru):
+            if len(out) >= limit:
+                break
+            out.append(sha)
+        return out
+
     def size(self, sha: str) -> int | None:
         return self._lru.get(sha)
 

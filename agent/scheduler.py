@@ -83,6 +83,8 @@ class Scheduler:
     on_decision: Callable[[float], None] | None = None
     # Nodes that gossip no container runtime (set by the node): no job with an image there.
     no_runtime: frozenset[str] = frozenset()
+    # Node -> bytes it holds of what a request needs (set by the node; ``holdings``).
+    saved_for: Callable[[wire.Submit], Mapping[str, int] | None] | None = None
 
     def enqueue(self, submit: wire.Submit,
                 now: float) -> Queued | wire.Placed | wire.Unplaceable:
@@ -156,7 +158,8 @@ class Scheduler:
         """A placement for one request, or the victims to stop for it; None: it waits."""
         s = q.submit
         t0 = self.timer() if self.timer else 0.0
-        req, result = self._decide(_request(s), placer, self._excluded(s))
+        req, result = self._decide(_request(s), placer, self._excluded(s),
+                                   self.saved_for(s) if self.saved_for else None)
         if self.timer and self.on_decision:
             self.on_decision(self.timer() - t0)
         q.attempts += 1
@@ -180,8 +183,8 @@ class Scheduler:
     def _excluded(self, s: wire.Submit) -> frozenset[str]:
         return self.no_runtime if s.container else frozenset()
 
-    def _decide(self, asked: Request, placer: Placer,
-                exclude: frozenset[str] = frozenset()) -> tuple[Request, Decision]:
+    def _decide(self, asked: Request, placer: Placer, exclude: frozenset[str] = frozenset(),
+                saved: Mapping[str, int] | None = None) -> tuple[Request, Decision]:
         """(the request made concrete, the placer's answer): one in proportion is tried on
         each size of device in the view, smallest first (no fit: the largest's)."""
         kind = "device" if asked.kind == "any" else asked.kind.upper()
@@ -189,7 +192,7 @@ class Scheduler:
         req = asked
         for req in self._sizes.sized(asked):
             rtt = self.rtt_from(req.origin) if self.rtt_from and req.origin else None
-            result = placer.decide(req, rtt, explain=True, exclude=exclude)
+            result = placer.decide(req, rtt, explain=True, exclude=exclude, saved=saved)
             if not isinstance(result, NoFit) and result.devices:
                 break
         if isinstance(result, NoFit) and exclude:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmesh.agent.holdsim import HoldSim, add_arguments, arguments_problem
 from flexmesh.policies import DEFAULT_POLICY, SPECS, get_spec
 from flexmesh.policies.cluster import Cluster, DeviceSpec, NodeSpec
 from flexmesh.policies.engine import Placer
@@ -250,9 +251,13 @@ def replay(
     seed: int = 42,
     inflate: float = 1.3,
     sharing: bool = True,
+    workdirs: int = 0,
+    cache_bonus: float | None = None,
 ) -> dict[str, Any]:
-    """One run of the protocol; returns the figures ``-o json`` prints."""
-    spec = get_spec(policy)
+    """One run of the protocol; returns the figures ``-o json`` prints. With
+    ``workdirs``, tasks carry working directories (``holdsim``); ``cache_bonus``
+    overrides the policy's holding bonus."""
+    spec = get_spec(policy, None if cache_bonus is None else {"cache": cache_bonus})
     cluster = Cluster(nodes)
     capacity = cluster.gpu_capacity_milli
     order = arrival_order(tasks, capacity, seed, inflate)
@@ -265,17 +270,21 @@ def replay(
     tally = _Tally(capacity)
     decide = placer.decide
     commit = placer.commit
+    hold = HoldSim(workdirs, seed) if workdirs else None
     for task in order:
         req = task.request(sharing)
-        res = decide(req)
+        wd = hold.draw() if hold else 0
+        res = decide(req, saved=hold.saved(wd) if hold else None)
         ok = not isinstance(res, NoFit)
         if not isinstance(res, NoFit):
             commit(req, res)
+            if hold:
+                hold.placed(res.node, wd)
         tally.add(task, req.compute_milli * req.count, ok)
     seconds = time.perf_counter() - started
     return {"policy": spec.name, "seed": seed, "inflate": inflate, "sharing": sharing,
             "nodes": len(nodes), **_figures(tally, len(order), inflate),
-            "seconds": round(seconds, 3)}
+            **(hold.figures() if hold else {}), "seconds": round(seconds, 3)}
 
 
 def _figures(tally: _Tally, tasks: int, inflate: float) -> dict[str, Any]:
@@ -324,6 +333,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="round every fractional GPU request up to a whole GPU",
     )
+    add_arguments(p)
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return p
 
@@ -337,6 +347,9 @@ def main(argv: list[str]) -> int:
     if not math.isfinite(args.inflate) or args.inflate <= 0 or args.inflate > 100:
         print("flexmesh simulate: --inflate must be a positive number", file=sys.stderr)
         return 2
+    if (problem := arguments_problem(args)) is not None:
+        print(f"flexmesh simulate: {problem}", file=sys.stderr)
+        return 2
     try:
         get_spec(args.policy)
     except ValueError as e:
@@ -348,7 +361,8 @@ def main(argv: list[str]) -> int:
     except TraceError as e:
         print(f"flexmesh simulate: {e}", file=sys.stderr)
         return 2
-    out = replay(nodes, tasks, args.policy, args.seed, args.inflate, not args.no_sharing)
+    out = replay(nodes, tasks, args.policy, args.seed, args.inflate, not args.no_sharing,
+                 args.workdirs, args.cache_bonus)
     out["trace"] = args.trace.name
     if args.output == "json":
         print(json.dumps(out, sort_keys=False))
@@ -370,6 +384,8 @@ def main(argv: list[str]) -> int:
             f"unallocated GPU at 100% arrival {pct(out['unallocated_gpu_pct_100'])}, "
             f"at {round(out['inflate'] * 100)}% {pct(out['unallocated_gpu_pct_130'])}"
         )
+        if args.workdirs:
+            print(f"workdirs   {args.workdirs}: {out['workdir_bytes_saved_pct']}% not fetched")
         print(f"seconds    {out['seconds']}")
     return 0
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from flexmesh.policies.bestfit import best_fit
 from flexmesh.policies.cluster import Cluster, DeviceSpec, NodeClass, NodeSpec
-from flexmesh.policies.engine import Placer, PolicySpec, parse_spec
+from flexmesh.policies.engine import CACHE_BONUS, Placer, PolicySpec, parse_spec
 from flexmesh.policies.gang import place_gang
 from flexmesh.policies.preempt import Preemption, RunningJob, choose_victims
 from flexmesh.policies.scores import SCORES
@@ -49,14 +49,15 @@ Policy = Callable[[Request, Iterable[Candidate]], PlaceResult]
 #             so untouched nodes stay whole for big jobs. Beats fgd on every openb trace
 #             (scripts/bench_placement).
 SPECS: dict[str, PolicySpec] = {
-    "best-fit": PolicySpec("best-fit", (("best-fit", 1.0),), locality=0.1),
-    "spread": PolicySpec("spread", (("spread", 1.0),), locality=0.1),
-    "packing": PolicySpec("packing", (("packing", 1.0),), locality=0.1),
-    "fgd": PolicySpec("fgd", (("fgd", 1.0),), locality=0.1),
+    "best-fit": PolicySpec("best-fit", (("best-fit", 1.0),), locality=0.1, cache=CACHE_BONUS),
+    "spread": PolicySpec("spread", (("spread", 1.0),), locality=0.1, cache=CACHE_BONUS),
+    "packing": PolicySpec("packing", (("packing", 1.0),), locality=0.1, cache=CACHE_BONUS),
+    "fgd": PolicySpec("fgd", (("fgd", 1.0),), locality=0.1, cache=CACHE_BONUS),
     "fgd-plus": PolicySpec(
         "fgd-plus",
         (("fgd", 1.0), ("strand", 1.0), ("scarcity", 2.0), ("idle-after", 0.01)),
         locality=0.1,
+        cache=CACHE_BONUS,
     ),
 }
 DEFAULT_POLICY = "fgd-plus"

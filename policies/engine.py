@@ -10,6 +10,12 @@ class, independent of how many requests are waiting.
 Locality: the submitting node and nodes with a known round-trip time get a bonus of up to
 ``locality`` score units: the origin the full bonus, a lender with RTT ``r`` ms
 ``locality * 50 / (50 + r)``, everyone else none. Only those few nodes are scored one by one.
+
+Holding: a node that already holds what the request needs (its working directory's
+bundle, its container image: ``saved`` bytes it need not fetch) gets a bonus of
+``cache * saved / (saved + 256 MiB)`` score units, bounded by ``cache``. The scores are in
+devices of fragmentation, so with the default 0.02 a holder wins only among nodes within
+20 milli of the best; it never takes a placement that fragments more than that.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from flexmesh.policies.workload import PRIOR, Workload, WorkloadWindow
 
 _WORKLOAD_SCORES = frozenset({"fgd", "cfgd", "frag-after", "strand", "scarcity"})
 RTT_SCALE_MS = 50.0
+CACHE_SCALE_BYTES = 256 * 2**20  # bytes saved that earn half the holding bonus
+CACHE_BONUS = 0.02  # the most the holding bonus is worth (devices of fragmentation)
+MAX_HOLDERS = 64  # holders a decision scores one by one at most (most bytes saved first)
 TIE_EPS = 1e-9
 SCAN_BELOW = 48  # with fewer live classes than this a decision looks at each of them
 MAX_SHAPES = 512  # request shapes a placer keeps a heap for (least recently used go)
@@ -39,11 +48,13 @@ _MISSING: Any = object()
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """A named, weighted sum of scores; ``locality`` is the most the origin bonus is worth."""
+    """A named, weighted sum of scores; ``locality`` is the most the origin bonus is worth,
+    ``cache`` the most the bonus of a node holding what the request needs is."""
 
     name: str
     terms: tuple[tuple[str, float], ...]
     locality: float = 0.0
+    cache: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -73,9 +84,11 @@ def parse_spec(
     if text in named:
         terms = dict(named[text].terms)
         locality = named[text].locality
+        cache = named[text].cache
     else:
         terms = {}
         locality = 0.1
+        cache = CACHE_BONUS
         for part in text.split("+"):
             part = part.strip()
             if not part:
@@ -88,9 +101,12 @@ def parse_spec(
     for score, weight in (weights or {}).items():
         if score == "locality":
             locality = float(weight)
+        elif score == "cache":
+            cache = float(weight)
         else:
             terms[score] = float(weight)
-    return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality)
+    return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality,
+                      cache)
 
 
 # a scored class in a shape's heap: (score, class seq, class, device choice); of equal
@@ -327,17 +343,22 @@ class Placer:
         *,
         explain: bool = False,
         exclude: frozenset[str] = frozenset(),
+        saved: Mapping[str, int] | None = None,
     ) -> PlaceResult:
         """Choose where the request goes (the cluster is not changed). Nodes named in
-        ``exclude`` are passed over (a gang that wants its members on distinct nodes)."""
+        ``exclude`` are passed over (a gang that wants its members on distinct nodes);
+        ``saved`` gives the bytes a node would not fetch (it holds them already)."""
         if req.count < 0 or req.compute_milli < 0 or req.memory_mib < 0:
             return NoFit("a request cannot ask for a negative amount")
         if self._supply_version != self.cluster.supply_version:
             self.refresh_supply()  # before the shape id: it may make every score stale
         sid = self._shape_id(req)
         best = self._best_node(req, sid, exclude)
-        if self.spec.locality > 0.0 and (req.origin or rtt):
-            best = self._with_locality(req, rtt, sid, exclude, best)
+        bonuses = self._locality_bonuses(req, rtt) if self.spec.locality > 0.0 else {}
+        if saved and self.spec.cache > 0.0:
+            bonuses = self._holding_bonuses(saved, bonuses)
+        if bonuses:
+            best = self._with_bonuses(req, bonuses, sid, exclude, best)
         if best is None:
             return NoFit(self.explain(req) if explain else "no node can take the request")
         _, choice, node = best
@@ -365,18 +386,17 @@ class Placer:
 
     # -- locality -------------------------------------------------------------------------
 
-    def _with_locality(
+    def _with_bonuses(
         self,
         req: Request,
-        rtt: Mapping[str, float] | None,
+        bonuses: Mapping[str, float],
         sid: int,
         exclude: frozenset[str],
         best: tuple[float, Choice, str] | None,
     ) -> tuple[float, Choice, str] | None:
-        """The best node once nodes near the submitter have their bonus off the score. The
-        classes were scored without one, so only these few nodes are scored again; on a
-        tie the origin wins."""
-        bonuses = self._locality_bonuses(req, rtt)
+        """The best node once nodes near the submitter, or holding what it needs, have
+        their bonus off the score. The classes were scored without one, so only these few
+        nodes are scored again; on a tie the origin wins."""
         if best is not None:
             score, choice, node = best
             best = (score - bonuses.get(node, 0.0), choice, node)
@@ -404,6 +424,19 @@ class Placer:
         if req.origin:  # after the RTTs: the origin's own bonus is the full one
             bonuses[req.origin] = lw
         return bonuses
+
+    def _holding_bonuses(
+        self, saved: Mapping[str, int], bonuses: dict[str, float]
+    ) -> dict[str, float]:
+        """``bonuses`` plus each holder's (the ``MAX_HOLDERS`` that save the most)."""
+        cw = self.spec.cache
+        holders = [(n, b) for n, b in saved.items() if b > 0]
+        if len(holders) > MAX_HOLDERS:
+            holders = heapq.nlargest(MAX_HOLDERS, holders, key=lambda nb: nb[1])
+        out = dict(bonuses)
+        for name, b in holders:
+            out[name] = out.get(name, 0.0) + cw * b / (b + CACHE_SCALE_BYTES)
+        return out
 
     def _node_score(
         self, req: Request, cls: NodeClass, sid: int, own: bool

@@ -15,6 +15,14 @@ compute_milli, memory_mib, priority]``. Only append fields to a row; a reader ta
 longer than it knows. A node on battery adds ``"bat": [level, charging, floor]``
 (``BatteryFact``); a node on mains power (or without a reading) leaves the key out, so its
 encoding is what it was before batteries were gossiped.
+
+A node that holds bundles or container images adds ``"held": [key, ...]``, a bounded
+digest of them (``MAX_HELD`` keys of ``HELD_KEY_BYTES`` bytes each, most recently used
+first; see ``agent.node.holdings`` for the keys): the placement prefers a node that will
+not have to fetch what a job needs. A list of short hash prefixes rather than a Bloom
+filter: it is exact (a false positive would send a job where it must fetch after all),
+its order lets ``fit`` drop the least recently used keys first when a datagram is tight,
+and 32 keys cost under 300 bytes of the 1,400.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from typing import Any
 from flexmesh.protocol import wire
 
 MAX_PREEMPTIBLE = 16  # preemptible jobs a node lists at most, cheapest first
+MAX_HELD = 32  # keys of bundles and images held a node lists at most, most recent first
+HELD_KEY_BYTES = 8  # a key is a hash prefix: 2**-64 per pair to collide
 UNKNOWN_ENFORCEMENT = "unknown"  # a peer too old to say how it enforces fractions
 
 
@@ -95,6 +105,9 @@ class NodeFacts:
     # The container runtimes that work on the node ("podman", "docker"): a job with an
     # image goes only where there is one. Left out of the encoding when empty.
     runtimes: tuple[str, ...] = ()
+    # Keys of the bundles and images the node holds, most recently used first (left out
+    # of the encoding when empty).
+    held: tuple[bytes, ...] = ()
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -107,6 +120,8 @@ class NodeFacts:
             out["bat"] = self.battery.encode()
         if self.runtimes:
             out["rt"] = list(self.runtimes)
+        if self.held:
+            out["held"] = list(self.held)
         return out
 
 
@@ -186,7 +201,19 @@ def decode(data: Any) -> NodeFacts:
                      bool(data.get("elig", True)), _int(data.get("claim"), MAX_TERM),
                      _int(data.get("mt"), MAX_TERM), tuple(jobs),
                      battery=_battery(data.get("bat")),
-                     runtimes=_runtimes(data.get("rt")))
+                     runtimes=_runtimes(data.get("rt")), held=_held(data.get("held")))
+
+
+def _held(rows: Any) -> tuple[bytes, ...]:
+    """Keys of ``HELD_KEY_BYTES`` bytes, each once, the first ``MAX_HELD``; anything
+    else is left out."""
+    out: list[bytes] = []
+    for key in rows if isinstance(rows, list) else ():
+        if len(out) >= MAX_HELD:
+            break
+        if isinstance(key, bytes) and len(key) == HELD_KEY_BYTES and key not in out:
+            out.append(key)
+    return tuple(out)
 
 
 def _runtimes(rows: Any) -> tuple[str, ...]:
@@ -200,13 +227,17 @@ def _runtimes(rows: Any) -> tuple[str, ...]:
 
 
 def fit(facts: NodeFacts, name: str, incarnation: int, version: int) -> NodeFacts:
-    """The facts trimmed to one datagram: preemptible jobs, listed cheapest first, are
-    dropped from the end until the ``Facts`` message that carries them fits."""
-    jobs = list(facts.preemptible[:MAX_PREEMPTIBLE])
-    while jobs:
-        trial = replace(facts, preemptible=tuple(jobs))
+    """The facts trimmed to one datagram: first the keys of what the node holds, least
+    recently used first, then preemptible jobs, listed cheapest first, are dropped from
+    the end until the ``Facts`` message that carries them fits."""
+    trial = replace(facts, preemptible=facts.preemptible[:MAX_PREEMPTIBLE],
+                    held=facts.held[:MAX_HELD])
+    while trial.held or trial.preemptible:
         size = len(wire.encode_message(wire.Facts(name, incarnation, version, trial.encode())))
         if size + wire.packet_overhead(1) <= wire.UDP_BUDGET:
             return trial
-        jobs.pop()
-    return replace(facts, preemptible=())
+        if trial.held:  # a preference only: it goes before what preemption needs
+            trial = replace(trial, held=trial.held[:len(trial.held) - 4])
+        else:
+            trial = replace(trial, preemptible=trial.preemptible[:-1])
+    return trial

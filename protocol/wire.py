@@ -278,6 +278,11 @@ class Submit(Message):
     wait_for_capacity: bool = False
     # Runs in a container image: placed only on a node that gossips a container runtime.
     container: bool = False
+    # What the job needs on the node it runs on, for the placement to prefer a node that
+    # holds it already: its working directory's bundle (SHA-256, hex) and size, its image.
+    bundle: str = ""
+    bundle_size: int = 0
+    image: str = ""
 
 
 @message(34)

@@ -7,6 +7,7 @@ import argparse
 import re
 from pathlib import Path
 
+from flexmesh.agent import trace_replay
 from flexmesh.agent.cliparser import build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,5 +38,6 @@ def test_every_flag_the_readme_names_exists() -> None:
     known = set().union(*_flags().values())
     block = _cli_section().split("```", 2)[1]  # the usage block
     named = set(re.findall(r"(--[a-z][a-z0-9-]*)", block))
-    simulate = {"--trace", "--nodes", "--policy"}  # simulate has a parser of its own
+    simulate = {o for a in trace_replay._parser()._actions  # simulate has a parser of its own
+                for o in a.option_strings if o.startswith("--")}
     assert named - known - simulate == set()

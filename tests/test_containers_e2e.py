@@ -135,6 +135,14 @@ def test_an_image_job_runs_on_the_node_with_a_runtime_and_its_output_comes_back(
         assert "/flexmesh" not in out[4]
     mesh.wait_for("its containers to go", lambda: not _containers(f"flexmesh.node={box}"))
 
+    def held(node: str) -> int:
+        count: int = next(n["held"] for n in mesh.json(desk, "nodes") if n["name"] == node)
+        return count
+
+    # box gossips that it holds the image (podman lists it) and the bundle it fetched
+    mesh.wait_for("box's digest of what it holds", lambda: held(box) >= 2)
+    assert held(bare) == 0
+
 
 def test_a_cancelled_image_job_leaves_no_container(mesh: LocalMesh, image: str,
                                                    work_root: Path) -> None:

@@ -96,3 +96,41 @@ def test_fit_drops_the_costliest_preemptible_jobs_until_one_datagram_holds_them(
     assert f.preemptible == pre[:len(f.preemptible)]  # cheapest first, kept in order
     size = len(wire.encode_message(wire.Facts("n" * 60, 1, 1, f.encode())))
     assert size + wire.packet_overhead(1) <= wire.UDP_BUDGET
+
+
+def test_held_keys_round_trip_and_are_left_out_when_none() -> None:
+    keys = tuple(bytes([i]) * facts.HELD_KEY_BYTES for i in range(5))
+    f = facts.NodeFacts(held=keys)
+    assert facts.decode(_through_wire(f.encode())).held == keys
+    assert "held" not in facts.NodeFacts().encode()  # the encoding of before
+
+
+def _through_wire(data: dict[str, object]) -> object:
+    packet = wire.encode_packet([wire.Facts("n", 1, 1, data)])
+    msg = wire.decode_packet(packet)[0]
+    assert isinstance(msg, wire.Facts)
+    return msg.data
+
+
+def test_hostile_held_keys_are_dropped_and_bounded() -> None:
+    good = b"k" * facts.HELD_KEY_BYTES
+    junk = [good, good, b"short", b"x" * 9, "text-key", 7, None, [good], b""]
+    assert facts.decode({"held": junk}).held == (good,)
+    for bad in ("keys", 3, {"a": 1}, None):
+        assert facts.decode({"held": bad}).held == ()
+    many = [i.to_bytes(facts.HELD_KEY_BYTES, "big") for i in range(1000)]
+    assert facts.decode({"held": many}).held == tuple(many[:facts.MAX_HELD])
+
+
+def test_fit_drops_the_oldest_held_keys_before_any_preemptible_job() -> None:
+    pre = tuple(facts.PreemptibleFact(f"{j:064x}", ("gpu0", "gpu1"), 100, 1024, j)
+                for j in range(13))
+    keys = tuple(i.to_bytes(facts.HELD_KEY_BYTES, "big") for i in range(facts.MAX_HELD))
+    f = facts.fit(facts.NodeFacts(preemptible=pre, held=keys), "n" * 60, 1, 1)
+    assert f.preemptible == pre  # all kept: the keys went first
+    assert 0 < len(f.held) < facts.MAX_HELD
+    assert f.held == keys[:len(f.held)]  # most recent first, kept in order
+    size = len(wire.encode_message(wire.Facts("n" * 60, 1, 1, f.encode())))
+    assert size + wire.packet_overhead(1) <= wire.UDP_BUDGET
+    roomy = facts.fit(facts.NodeFacts(held=keys), "n", 1, 1)
+    assert roomy.held == keys  # a full digest fits beside a few devices

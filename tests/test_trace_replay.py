@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from flexmesh.agent import trace_replay
+from flexmesh.agent.holdsim import MAX_BYTES, MIN_BYTES, HoldSim
 from flexmesh.policies import DEFAULT_POLICY
+from flexmesh.protocol.facts import MAX_HELD
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "openb"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no trace data in {DATA}")
@@ -217,3 +219,44 @@ def test_full_default_trace_beats_the_papers_fgd(capsys: pytest.CaptureFixture[s
     assert out["policy"] == DEFAULT_POLICY
     v = out["unallocated_gpu_pct_100"]
     assert isinstance(v, float) and v < 4.77
+
+
+# -- working directories (the holding bonus) ----------------------------------------------
+
+
+@needs_data
+def test_workdirs_the_holding_bonus_saves_bytes_without_fragmenting_more() -> None:
+    nodes = trace_replay.load_nodes(DATA / "openb_node_list_gpu_node.csv")[:60]
+    tasks = trace_replay.load_tasks(DATA / "openb_pod_list_default.csv")[:400]
+    off = trace_replay.replay(nodes, tasks, "fgd-plus", 5, workdirs=30, cache_bonus=0.0)
+    on = trace_replay.replay(nodes, tasks, "fgd-plus", 5, workdirs=30)
+    plain = trace_replay.replay(nodes, tasks, "fgd-plus", 5)
+    assert "workdirs" not in plain  # without working directories the figures are as before
+    assert off["unallocated_gpu_pct_100"] == plain["unallocated_gpu_pct_100"]
+    assert on["workdir_bytes_saved_pct"] > off["workdir_bytes_saved_pct"] + 2
+    assert on["unallocated_gpu_pct_100"] <= off["unallocated_gpu_pct_100"] + 0.2
+
+
+def test_a_node_holds_its_last_workdirs_only() -> None:
+    hold = HoldSim(100, 1)
+    for wd in range(MAX_HELD + 1):
+        hold.placed("n", wd)
+    assert hold.saved(0) == {}  # the oldest left the node's digest
+    assert hold.saved(MAX_HELD) == {"n": hold.sizes[MAX_HELD]}
+    hold.placed("n", MAX_HELD)
+    assert hold.saved_bytes == hold.sizes[MAX_HELD]
+    assert all(MIN_BYTES <= s <= MAX_BYTES for s in hold.sizes)
+    with pytest.raises(ValueError):
+        HoldSim(0, 1)
+
+
+def test_workdir_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, "n.csv", NODES_CSV + "a,8000,32768,2,T4\n")
+    pods = write(tmp_path, "p.csv", PODS_CSV + "t,1000,1024,1,500,\n")
+    base = ["--trace", str(pods), "--nodes", str(good)]
+    assert trace_replay.main([*base, "--workdirs", "-1"]) == 2
+    assert "--workdirs" in capsys.readouterr().err
+    assert trace_replay.main([*base, "--cache-bonus", "nan"]) == 2
+    assert "--cache-bonus" in capsys.readouterr().err
+    out = run_json(capsys, [*base, "--workdirs", "3"])
+    assert out["workdirs"] == 3 and "workdir_bytes_saved_pct" in out

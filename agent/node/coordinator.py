@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from flexmesh.agent.models import request_problem
 from flexmesh.agent.node.effects import PendingCall
+from flexmesh.agent.node.holdings import HeldIndex
 from flexmesh.agent.scheduler import Impossible, PreemptOrder, Proposal
 from flexmesh.policies import Candidate, RunningJob
 from flexmesh.protocol import facts, wire
@@ -103,6 +104,7 @@ class Coordinator:
         members_by_name = self.node.membership.members
         self.scheduler.no_runtime = frozenset(
             n for n in view if not self.node.facts_of(members_by_name[n]).runtimes)
+        self.scheduler.saved_for = HeldIndex(self.node)  # (built if a request asks)
         for prop in self.scheduler.propose(view, now):
             if isinstance(prop, PreemptOrder):
                 self._send_preempt(prop, now)

@@ -83,6 +83,7 @@ class Node:
         self.scheduler.never_fit.grace = config.impossible_grace
         self.enforcement = "none"  # how this node holds jobs to their fractions (runtime)
         self.runtimes: tuple[str, ...] = ()  # container runtimes that work here (runtime)
+        self.held: tuple[bytes, ...] = ()  # digest of bundles and images here (``holdings``)
         self.belief, self.claim, self.max_term = Belief(None, 0), 0, max_term
         self.owner: Owner = Owner(self)
         self.power = Power(self)
@@ -350,7 +351,7 @@ class Node:
         ours = facts.NodeFacts(
             self.owner.device_facts(self.enforcement), self.config.priority,
             self.config.eligible, self.claim, self.max_term, self.owner.preemptible_facts(),
-            battery=self.power.fact(), runtimes=self.runtimes)
+            battery=self.power.fact(), runtimes=self.runtimes, held=self.held)
         me = self.membership.me
         data = facts.fit(ours, self.name, me.incarnation, me.facts_version + 1).encode()
         if data != me.facts:  # unchanged facts are not news to gossip

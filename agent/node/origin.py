@@ -153,7 +153,8 @@ class Origin:
             return
         msg = wire.Submit(job.id, self.node.name, job.compute_milli, job.memory_mib, job.kind,
                           job.priority, job.attempts, job.count, job.preemptible, job.gang,
-                          job.gang_size, job.rank, job.wait_for_capacity, bool(job.image))
+                          job.gang_size, job.rank, job.wait_for_capacity, bool(job.image),
+                          job.bundle, job.bundle_size, job.image)
         self.node.call(coordinator, msg, now)
 
     def on_submit_reply(self, call: PendingCall, reply: wire.Message | None, error: str,

@@ -89,12 +89,13 @@ class Views:
     def nodes(self) -> list[dict[str, Any]]:
         """Every member; ``battery`` is None on mains power, else its ``level`` (percent,
         None where this node's own source cannot be read), ``charging``, the ``floor`` it
-        lends at now and whether it is ``lending`` to other nodes."""
+        lends at now and whether it is ``lending`` to other nodes; ``held``: how many
+        bundles and images it gossips that it holds."""
         n = self.node
         return [
             {"name": m.name, "address": m.addr, "state": m.state, "incarnation": m.incarnation,
              "coordinator": m.name == n.belief.coordinator,
-             "devices": len(n.facts_of(m).devices),
+             "devices": len(n.facts_of(m).devices), "held": len(n.facts_of(m).held),
              "battery": n.power.view() if m.name == n.name
              else battery_view(n.facts_of(m).battery)}
             for m in sorted(n.membership.members.values(), key=lambda m: m.name)

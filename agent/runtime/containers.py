@@ -38,6 +38,7 @@ from flexmesh.agent.containers import (
 )
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import RunRecord
+from flexmesh.agent.node.holdings import image_refs
 
 if TYPE_CHECKING:
     from flexmesh.agent.runtime.agent import Agent
@@ -134,6 +135,18 @@ class Containers:
         self.agent.node.publish_facts()
         if self.runtime:
             await self.reconcile(set(keep()))
+            await self.refresh_images()
+
+    async def refresh_images(self) -> None:
+        """Tell the node which images the runtime holds (at start, and after each run,
+        which may have pulled one): a job that needs one prefers a node that holds it."""
+        done = await asyncio.to_thread(_call, [
+            self.runtime, "images", "--format", "{{.Repository}}:{{.Tag}}"])
+        if done is None or done.returncode != 0:
+            return
+        payload = self.agent.payload
+        payload.tell_held(payload.holdings.set_images(image_refs(done.stdout.decode(
+            errors="replace"))))
 
     async def reconcile(self, keep: set[str]) -> list[str]:
         """Remove the containers of this node whose job is not in ``keep``."""
@@ -198,6 +211,7 @@ class Containers:
             return
         if self.runtime:
             await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            await self.refresh_images()
         try:
             (job_dir / ENV_FILE).unlink()
         except FileNotFoundError:

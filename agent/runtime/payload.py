@@ -28,6 +28,7 @@ from flexmesh.agent import bundlefetch
 from flexmesh.agent.bundle import BundleError, Packed, Reader, pack, remove_tree, unpack
 from flexmesh.agent.bundlecache import BundleCache, valid_sha
 from flexmesh.agent.models import PLACED, RUNNING, JobRecord, RunRecord, job_id_problem
+from flexmesh.agent.node.holdings import Holdings
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Payload:
         s = agent.settings
         self.cache = BundleCache(agent.state_dir / "bundles", s.cache_bytes())
         self.work_root = s.work_dir()
+        self.holdings = Holdings()  # what this node gossips it holds (bundles and images)
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
 
@@ -55,6 +57,7 @@ class Payload:
         """Read the store; remove the directories of runs here that ended while the agent
         was down (only those: ``work_dir`` may be a directory shared with others)."""
         await asyncio.to_thread(self.cache.load)
+        self.tell_held(self.holdings.set_bundles(self.cache.recent()))
         if not self.work_root.exists():
             await asyncio.to_thread(self.work_root.mkdir, 0o711, True, True)
             await asyncio.to_thread(os.chmod, self.work_root, 0o711)  # (jobs' users enter)
@@ -73,6 +76,13 @@ class Payload:
         for sha in self.cache.evict(self._in_use()):
             self.agent.count("bundles_evicted")
             log.info("bundle_evicted bundle=%s", sha)
+        self.tell_held(self.holdings.set_bundles(self.cache.recent()))
+
+    def tell_held(self, changed: bool) -> None:
+        """What this node holds changed: gossip it (placement prefers a holder)."""
+        if changed and self.agent.node is not None:
+            self.agent.node.held = self.holdings.digest()
+            self.agent.node.publish_facts()
 
     # --- origin: pack at submit, serve to owners ------------------------------------------
 
@@ -144,6 +154,8 @@ class Payload:
         async with self._locks[job.bundle]:  # a second run of the same bundle waits
             if self.cache.use(job.bundle):
                 self.agent.count("bundle_cache_hits")
+                log.info("bundle_cache_hit bundle=%s job=%s", job.bundle, job.id)
+                self.tell_held(self.holdings.set_bundles(self.cache.recent()))
                 return
             if job.origin == self.agent.settings.name:
                 raise PayloadError(f"bundle {job.bundle} is gone from this node's store")
