@@ -65,7 +65,7 @@ class BundleCache:
 
     def recent(self, limit: int = 32) -> list[str]:
         """The bundles here, most recently used first, at most ``limit``."""
-        out = []
+        out: list[str] = []
         for sha in reversed(self._lru):
             if len(out) >= limit:
                 break

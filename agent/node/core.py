@@ -95,8 +95,7 @@ class Node:
         self._call_seq = 0
         self.electorate = Electorate(self.membership)
         self._joining_until = 0.0
-        self._dirty_election = True
-        self._dirty_schedule = False
+        self._dirty_election, self._dirty_schedule = True, False
         self._next_housekeeping = now
         self._next_forget = now + FORGET_EVERY
         self.records = Records(self)
