@@ -266,7 +266,7 @@ def state_view(agent: Agent) -> dict[str, Any]:
     st = node.views.status()
     rows = node.views.devices()
     for row in rows:
-        if row["node"] == st.name:
+        if row["node"] == st.name and row["enforcement"] != VNPU:  # (vnpu: per device)
             row["enforcement"] = agent.enforcement
     jobs: dict[str, int] = {}
     for (state, role), n in st.jobs.items():

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.devices.enforcement import effective_mode
 from flexmesh.agent.units import MILLI
+from flexmesh.policies.proportional import fill
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +118,26 @@ def lease_shape(device: Device, compute_milli: int, memory_mib: int) -> tuple[in
     ask unchanged where the device has no vNPUs (not an Ascend NPU with templates)."""
     if device.backend != "ascend" or family(device.model) is None:
         return compute_milli, memory_mib
-    if compute_milli >= device.compute_milli:
-        return compute_milli, memory_mib
+    if compute_milli >= device.compute_milli or memory_mib > device.memory_mib:
+        return compute_milli, memory_mib  # (whole already, or more than the chip has)
     fit = choose(device.model, compute_milli, memory_mib, device.memory_mib)
     if fit is None:
         return device.compute_milli, device.memory_mib
     return fit.compute_milli, fit.memory_mib
+
+
+def leased(device: Device, compute_milli: int, memory_mib: int,
+           container: bool) -> tuple[int, int]:
+    """What an owner leases of ``device`` for an ask: a zero compute or memory (a request
+    in proportion) filled in from the device, and an NPU fraction in a ``container`` made
+    a template's share (``lease_shape``). More memory than the device has is left as
+    asked, for the books to refuse."""
+    filled = fill(compute_milli, memory_mib, device.compute_milli, device.memory_mib)
+    if filled is not None:
+        compute_milli, memory_mib = filled
+    if container:
+        return lease_shape(device, compute_milli, memory_mib)
+    return compute_milli, memory_mib
 
 
 def wants_vnpu(device: Device, compute_milli: int) -> bool:

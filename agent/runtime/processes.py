@@ -41,7 +41,8 @@ class Processes:
         self.agent = agent
         self.runner = JobRunner(agent.state_dir, self._on_exit)
         self.containers = Containers(agent)
-        self.vnpus = Vnpus(find_npu_smi(agent.settings.npu_smi or None), agent.state_dir)
+        self.vnpus = Vnpus(find_npu_smi(agent.settings.npu_smi or None), agent.state_dir,
+                           Path(agent.settings.npu_dev_dir))
         self._runs: dict[str, str] = {}  # job -> lease of the process it has here
         self._workdirs: dict[str, Path] = {}  # job -> the working directory of that process
         self._starting: set[str] = set()  # jobs whose start is not yet told to the node
