@@ -24,6 +24,7 @@ from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
 from flexmesh.agent.config import is_loopback_host
+from flexmesh.agent.devices.vnpu import VNPU
 from flexmesh.agent.models import PLACED, QUEUED, RUNNING
 
 if TYPE_CHECKING:  # imported by api; the key is looked up when a request comes
