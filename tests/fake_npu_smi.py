@@ -193,7 +193,9 @@ def main(argv: list[str]) -> int:
         except (Refused, Syntax) as exc:
             print(f"Error: {exc}")
             code = exc.code
-        path.write_text(json.dumps(state, indent=1))
+        tmp = path.with_name(f".{path.name}.tmp")  # whole, for readers that take no lock
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path)
     return code
 
 
