@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 from collections.abc import Sequence
 from dataclasses import replace
@@ -18,7 +19,9 @@ import pytest
 from flexmesh.agent.containers import ContainerRun, build
 from flexmesh.agent.devices import vnpu
 from flexmesh.agent.devices.base import Device
+from flexmesh.agent.node import Node, NodeConfig
 from flexmesh.agent.runtime.vnpu import CREATED, STATE_FILE, VnpuError, Vnpus, run_npu_smi
+from flexmesh.protocol import wire
 
 FAKE = Path(__file__).parent / "fake_npu_smi.py"
 
@@ -268,3 +271,30 @@ def test_without_npu_smi_a_fraction_in_a_container_fails_clearly(host: Host) -> 
     v = Vnpus(None, host.state_dir, host.dev)
     with pytest.raises(VnpuError, match="npu-smi was not found"):
         asyncio.run(v.acquire("j1", "l1", [npu(0)], 250, 1))
+
+
+# --- the owner's books --------------------------------------------------------------------
+
+def test_the_owner_leases_an_npu_fraction_in_a_container_as_its_template() -> None:
+    node = Node(NodeConfig("owner", "127.0.0.1:7946"), random.Random(1), 0.0)
+    node.set_devices([npu(0)], {}, 0.0)
+    node.drain()
+
+    def ask(job: str, compute: int, container: bool) -> wire.LeaseReply:
+        req = wire.LeaseRequest(job, "origin", "npu0", compute, 1024, 1, "coord", [], 0,
+                                False, container)
+        reply = node.handle_request(req, 1.0)
+        assert isinstance(reply, wire.LeaseReply)
+        return reply
+
+    assert ask("c1", 200, True).granted
+    assert node.leases.used("npu0") == (250, 16384)  # vir05_1c_16g: 5 of 20 cores
+    assert ask("p1", 200, False).granted
+    assert node.leases.used("npu0") == (450, 17408)  # a plain process: as asked
+    assert ask("c2", 300, True).granted  # vir10_3c_32g
+    assert node.leases.used("npu0") == (950, 50176)
+    refused = ask("c3", 10, True)  # 50 milli are free, the smallest template is 250
+    assert not refused.granted
+    assert [d.enforcement for d in node.owner.device_facts("none")] == ["none"]
+    node.runtimes = ("podman",)
+    assert [d.enforcement for d in node.owner.device_facts("none")] == ["vnpu"]
