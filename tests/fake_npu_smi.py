@@ -59,7 +59,8 @@ def _options(args: list[str], kind: str) -> dict[str, str]:
 
 
 def _chip(state: dict[str, Any], opts: dict[str, str]) -> dict[str, Any]:
-    for c in state["chips"]:
+    chips: list[dict[str, Any]] = state["chips"]
+    for c in chips:
         if c["npu"] == int(opts["-i"]) and c["chip"] == int(opts["-c"]):
             return c
     raise Refused(f"the device {opts['-i']} chip {opts['-c']} does not exist")

@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 FAKE_NPU_SMI = Path(__file__).parent / "fake_npu_smi.py"
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
-CHIPS = [{"npu": n, "chip": 0, "phy": n + 4, "logic": n, "name": "910B3", "cores": 20,
-          "memory_mib": 65536} for n in (0, 1)]
+CHIPS: list[dict[str, Any]] = [
+    {"npu": n, "chip": 0, "phy": n + 4, "logic": n, "name": "910B3", "cores": 20,
+     "memory_mib": 65536} for n in (0, 1)]
 
 # The fake podman: `info`, `ps`, `stop`, `rm` answer; `run` appends its argv and env file
 # to the log, fails (125) when told to or when a vNPU it is given is not there, else binds
