@@ -32,7 +32,7 @@ CHIPS: list[dict[str, Any]] = [
 # to the log, fails (125) when told to or when a vNPU it is given is not there, else binds
 # the vNPU for the container's life and prints what the command would.
 PODMAN = r'''#!PYTHON
-import fcntl, json, re, sys, time
+import fcntl, json, re, signal, sys, time
 from pathlib import Path
 conf = json.loads((Path(__file__).parent / "podman.json").read_text())
 args = sys.argv[1:]
@@ -62,6 +62,10 @@ missing = bind(True)
 if missing:
     print(f"Error: no vNPU {missing}", file=sys.stderr)
     sys.exit(125)
+def stopped(signum, frame):  # the container stopped: its vNPU is free again
+    bind(False)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stopped)
 print(f"in a container on vNPU {','.join(ids) or 'none'}", flush=True)
 time.sleep(float(conf["sleep"]))
 bind(False)
@@ -88,6 +92,10 @@ class FakeHost:
         (self.bin / "podman.json").write_text(json.dumps({
             "log": str(self.log), "npu_smi_state": str(self.state_file),
             "fail": str(self.fail), "sleep": 1.0}))
+
+    def set_sleep(self, seconds: float) -> None:
+        conf = json.loads((self.bin / "podman.json").read_text())
+        (self.bin / "podman.json").write_text(json.dumps({**conf, "sleep": seconds}))
 
     def config(self, mesh: LocalMesh, name: str) -> list[str]:
         path = mesh.root / f"{name}.toml"
@@ -171,6 +179,28 @@ def test_an_npu_fraction_in_a_container_runs_on_a_vnpu_of_its_template(
     mesh.wait_for("its vNPU to be destroyed, and its record",
                   lambda: json.loads(records.read_text()) == [], 30)
     assert not host.vnpus and len(host.calls("destroy-vnpu")) == 1
+
+
+def test_a_cancelled_container_job_gives_its_vnpu_back(
+        mesh: LocalMesh, host: FakeHost) -> None:
+    _start(mesh, host)
+    host.set_sleep(120)
+    job_id = _submit(mesh, "box", "--compute", "50", "--image", "localhost/img", "--", "x")
+    mesh.wait_for("the container to run", lambda: "in a container on vNPU" in mesh.cli(
+        "box", "logs", job_id).stdout, 60)
+    ((vid, v),) = host.vnpus.items()
+    assert v["bound"] and v["template"] == "vir10_3c_32g"
+    row = next(d for d in mesh.json("box", "devices") if job_id in (d["jobs"] or []))
+    assert row["leased_compute_milli"] == 500 and row["job_enforcement"] == {job_id: "vnpu"}
+    mesh.cli("box", "cancel", job_id)
+    job = mesh.wait_for("the job to end", lambda: _ended(mesh, "box", job_id), 60)
+    assert job["state"] == "cancelled", job
+    records = mesh.agents["box"].dir / "state" / "vnpus.json"
+    mesh.wait_for("its vNPU to be destroyed, and its record",
+                  lambda: json.loads(records.read_text()) == [], 30)
+    assert not host.vnpus
+    (destroy,) = host.calls("destroy-vnpu")
+    assert destroy[-1] == vid
 
 
 def test_a_failed_container_and_a_full_chip_leave_no_vnpu(
