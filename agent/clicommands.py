@@ -210,8 +210,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
                        f"{format_mib(r['leased_memory_mib'], 'table')}",
              "lendable": f"{_frac(r['lendable_compute_milli'])} / "
                          f"{format_mib(r['lendable_memory_mib'], 'table')}"} for r in rows]
-    for r in view:  # this node's devices name the jobs that lease them
-        r["jobs"] = "-" if r.get("jobs") is None else ",".join(r["jobs"]) or "-"
+    for r in view:  # this node's devices name the jobs that lease them (and how a job is
+        # held to its share, where not as the device says: an NPU fraction outside a
+        # container on a device whose fractions in containers get a vNPU)
+        modes = r.get("job_enforcement") or {}
+        r["jobs"] = "-" if r.get("jobs") is None else ",".join(
+            j if modes.get(j, r["enforcement"]) == r["enforcement"] else f"{j}({modes[j]})"
+            for j in r["jobs"]) or "-"
     _emit(args, rows, _table(view, ["node", "id", "kind", "model", "memory", "leased",
                                     "lendable", "backend", "enforcement", "jobs"]))
     return 0

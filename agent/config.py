@@ -38,6 +38,7 @@ class Settings:
     sim_devices: str = ""
     sim_load_file: str = ""
     npu_smi: str = ""
+    npu_dev_dir: str = "/dev"  # where the davinciN nodes are (N: a chip's physical id)
     nvml: bool = True
     jetson: str = "auto"  # the Jetson backend: auto, on or off (devices/discovery.py)
     jetson_memory_share: float = 0.5  # of MemTotal, lent as the Jetson GPU's memory
@@ -125,6 +126,7 @@ _TABLES: dict[str, dict[str, str]] = {
          "socket": "socket", "socket_group": "socket_group", "state_dir": "state_dir",
          "profile": "profile", "ui": "ui", "metrics": "metrics"},
     "devices": {"sim": "sim_devices", "sim_load_file": "sim_load_file", "npu_smi": "npu_smi",
+                "npu_dev_dir": "npu_dev_dir",
                 "nvml": "nvml", "reserve_memory_mib": "reserve_memory_mib", "jetson": "jetson",
                 "jetson_memory_share": "jetson_memory_share",
                 "jetson_tegrastats_log": "jetson_tegrastats_log",

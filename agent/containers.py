@@ -10,7 +10,8 @@ What goes in, and nothing else:
 * the leased devices: NVIDIA GPUs by UUID through CDI (``--device nvidia.com/gpu=UUID``)
   where the host's CDI spec names them, otherwise docker's own ``--gpus device=UUID``
   (podman has no such flag: without a CDI spec it refuses, saying how to make one); Ascend
-  NPUs as ``/dev/davinciN`` plus the manager devices, and the driver directories read-only;
+  NPUs as ``/dev/davinciN`` (a fraction: its vNPU, ``/dev/vdavinciV`` as ``/dev/davinciV``)
+  plus the manager devices, and the driver directories read-only;
   simulated devices only as their environment;
 * the job's working directory at ``/flexmesh/work`` (its ``--workdir``) and an output
   directory, where the job has one, at ``/flexmesh/output``; the HAMi-core library and
@@ -68,6 +69,7 @@ class ContainerRun:
     ascend_dirs: Sequence[str] = ()  # driver directories present on the host
     extra_args: Sequence[str] = ()
     rootless: bool = False  # the agent is not root: podman maps its user in (keep-id)
+    vnpus: Mapping[str, int] = field(default_factory=dict)  # NPU id -> its run's vNPU id
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,18 +159,22 @@ def _nvidia_args(run: ContainerRun, uuids: list[str]) -> list[str]:
 
 def _ascend_args(run: ContainerRun, npus: list[Device], env: dict[str, str]) -> list[str]:
     out: list[str] = []
+    ids: list[str] = []
     for d in npus:
         m = _NPU.fullmatch(d.id)
         if m is None:
             raise ContainerError(f"cannot tell the /dev/davinci node of NPU {d.id!r}")
-        out += ["--device", f"/dev/davinci{m.group(1)}"]
+        vid = run.vnpus.get(d.id)  # a fraction: its vNPU, at the name the driver wants
+        out += ["--device", f"/dev/vdavinci{vid}:/dev/davinci{vid}" if vid is not None
+                else f"/dev/davinci{m.group(1)}"]
+        ids.append(m.group(1) if vid is None else str(vid))
     for path in ASCEND_MANAGERS:
         out += ["--device", path]
     for path in run.ascend_dirs:
         out += ["--volume", f"{path}:{path}:ro"]
     # Inside, the NPUs passed in are numbered from 0, in the order given.
     env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(npus)))
-    env["ASCEND_VISIBLE_DEVICES"] = ",".join(_NPU.sub(r"\1", d.id) for d in npus)
+    env["ASCEND_VISIBLE_DEVICES"] = ",".join(ids)
     return out
 
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
+from flexmesh.agent.devices.vnpu import VNPU
 from flexmesh.agent.models import PLACED, QUEUED, RUNNING
 from flexmesh.agent.netaddr import is_loopback_host
 
@@ -266,7 +267,7 @@ def state_view(agent: Agent) -> dict[str, Any]:
     st = node.views.status()
     rows = node.views.devices()
     for row in rows:
-        if row["node"] == st.name:
+        if row["node"] == st.name and row["enforcement"] != VNPU:  # (vnpu: per device)
             row["enforcement"] = agent.enforcement
     jobs: dict[str, int] = {}
     for (state, role), n in st.jobs.items():

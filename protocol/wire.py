@@ -308,6 +308,8 @@ class LeaseRequest(Message):
     more: list[str] = field(default_factory=list)  # further devices, as much again on each
     priority: int = 0  # the job's, kept on the lease for preemption
     preemptible: bool = False
+    # Runs in a container: an NPU fraction is leased as the vNPU template that holds it.
+    container: bool = False
 
 
 @message(36)

@@ -24,12 +24,12 @@ Jobs see their chip through ``ASCEND_RT_VISIBLE_DEVICES=<logical id>``.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from flexmesh.agent.devices import vnpu
 from flexmesh.agent.devices.base import Device, DeviceSample
 from flexmesh.agent.devices.idle import foreign_compute_estimate
 from flexmesh.agent.units import MILLI
@@ -192,40 +192,11 @@ def parse_proc_mem(text: str) -> list[tuple[int, str, int]]:
     return [(int(m[1]), m[2].strip(), int(m[3])) for m in _PROC_RE.finditer(text)]
 
 
-# vNPU templates: (AI cores, MiB) per template, by model family. A request maps onto the
-# smallest template that covers both its cores and its memory.
-VNPU_TEMPLATES: dict[str, tuple[int, list[tuple[str, int, int]]]] = {
-    "310P": (8, [("vir01", 1, 3072), ("vir02", 2, 6144), ("vir04", 4, 12288)]),
-    "910B3": (20, [("vir05_1c_16g", 5, 16384), ("vir10_3c_32g", 10, 32768)]),
-    "910B4": (20, [("vir05_1c_8g", 5, 8192), ("vir10_3c_16g", 10, 16384)]),
-    "910B1": (24, [("vir06_1c_16g", 6, 16384), ("vir12_3c_32g", 12, 32768)]),
-    "910B2": (24, [("vir06_1c_16g", 6, 16384), ("vir12_3c_32g", 12, 32768)]),
-    "910": (32, [("vir02", 2, 2048), ("vir04", 4, 4096), ("vir08", 8, 8192), ("vir16", 16, 16384)]),
-}
-
-
-def _vnpu_family(model: str) -> str | None:
-    name = re.sub(r"^ASCEND", "", model.upper().replace(" ", ""))
-    if name.startswith("310P"):
-        return "310P"
-    for family in ("910B1", "910B2", "910B3", "910B4"):
-        if name.startswith(family):
-            return family
-    if name == "910" or re.fullmatch(r"910(A|PREMIUMA|PROA|PROB)", name):
-        return "910"
-    return None
-
-
 def vnpu_template(model: str, compute_milli: int, memory_mib: int) -> str | None:
-    """The smallest vNPU template covering the request, or None (no vNPU for this model,
-    or the request needs more than the largest template: use the whole chip)."""
-    family = _vnpu_family(model)
-    if family is None or compute_milli <= 0 or memory_mib < 0:
-        return None
-    cores_total, templates = VNPU_TEMPLATES[family]
-    cores = math.ceil(compute_milli * cores_total / MILLI)
-    fits = [t for t in templates if t[1] >= cores and t[2] >= memory_mib]
-    return min(fits, key=lambda t: (t[1], t[2]))[0] if fits else None
+    """The smallest vNPU template covering the request (nominal memory), or None (no vNPU
+    for this model, or more than the largest template: the whole chip). See ``vnpu``."""
+    fit = vnpu.choose(model, compute_milli, memory_mib)
+    return None if fit is None else fit.template
 
 
 def _run(argv: Sequence[str]) -> str:

@@ -23,7 +23,8 @@ No mode here gives a hard compute guarantee; MIG is the only hardware partition 
 instance is already its own device. Modes apply to NVIDIA GPUs only: on an Ascend NPU
 ``effective_mode`` falls back to ``watchdog`` (npu-smi reports per-process memory) and on
 a sim or Jetson device to ``none`` (a Jetson has neither MPS nor per-process GPU
-memory readings: jobs there share the GPU on trust).
+memory readings: jobs there share the GPU on trust). An NPU fraction in a container runs
+on a vNPU of its own instead (``vnpu``: hard, by the chip's partition; see ``vnpu``).
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class Coordinator:
         first, *more = prop.placement.devices
         req = wire.LeaseRequest(s.job_id, s.origin, first, asked.compute_milli, asked.memory_mib,
                                 self.node.belief.term, self.node.name, more, s.priority,
-                                s.preemptible)
+                                s.preemptible, s.container)
         owner = prop.placement.node
         self.out.log("propose", job=s.job_id, node=owner,
                      device=",".join(prop.placement.devices))

@@ -194,7 +194,8 @@ class Origin:
             return False
         lease = self.node.owner.lease(job.id, tuple(result.devices), req.compute_milli,
                                       req.memory_mib, self.node.leases.max_term, self.node.name,
-                                      self.node.name, job.priority, job.preemptible, now)
+                                      self.node.name, job.priority, job.preemptible, now,
+                                      container=bool(job.image))
         if isinstance(lease, Refusal):
             return False
         self.out.log("placed_locally", job=job.id, device=",".join(lease.devices))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from flexmesh.agent.devices import vnpu
 from flexmesh.agent.devices.base import Device
 from flexmesh.agent.models import (
     CANCELLED,
@@ -29,7 +30,6 @@ from flexmesh.agent.models import (
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
 from flexmesh.agent.node.orphans import Orphans
-from flexmesh.policies.proportional import fill
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import TERM_STEP, plausible_term
 from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, Refusal
@@ -83,7 +83,8 @@ class Owner:
             free_c, free_m = self.leases.free(d.id)
             out.append(facts.DeviceFact(d.id, d.kind, d.model, d.memory_mib, d.compute_milli,
                                         used_c, used_m, free_c, free_m, d.backend, d.healthy,
-                                        enforcement))
+                                        vnpu.device_enforcement(d, enforcement,
+                                                                bool(self.node.runtimes))))
         return tuple(out)
 
     def preemptible_facts(self) -> tuple[facts.PreemptibleFact, ...]:
@@ -134,15 +135,14 @@ class Owner:
 
     def lease(self, job_id: str, devices: tuple[str, ...], compute_milli: int,
               memory_mib: int, term: int, coordinator: str, origin: str, priority: int,
-              preemptible: bool, now: float) -> Lease | Refusal:
+              preemptible: bool, now: float, container: bool = False) -> Lease | Refusal:
         """Reserve a fraction of ``devices`` on this node's books (journaled and gossiped
         when granted). A zero compute or memory (a request in proportion, from an older
-        coordinator) is filled in from the device: nothing is leased at zero."""
+        coordinator) is filled in from the device: nothing is leased at zero. An NPU
+        fraction in a ``container`` is leased as its vNPU template (``devices.vnpu``)."""
         device = self.devices.get(devices[0])
-        filled = device and fill(compute_milli, memory_mib, device.compute_milli,
-                                 device.memory_mib)
-        if filled:  # (None: more memory than the device has, which the books refuse)
-            compute_milli, memory_mib = filled
+        if device is not None:
+            compute_milli, memory_mib = vnpu.leased(device, compute_milli, memory_mib, container)
         result = self.leases.request(
             job_id=job_id, device=devices[0], compute_milli=compute_milli,
             memory_mib=memory_mib, term=term, coordinator=coordinator, origin=origin, now=now,
@@ -166,7 +166,7 @@ class Owner:
             return wire.LeaseReply(False, "", 0, self.node.membership.me.facts_version, problem)
         result = self.lease(msg.job_id, (msg.device, *msg.more), msg.compute_milli,
                             msg.memory_mib, msg.term, msg.coordinator, msg.origin,
-                            msg.priority, msg.preemptible, now)
+                            msg.priority, msg.preemptible, now, msg.container)
         version = self.node.membership.me.facts_version
         if isinstance(result, Refusal):
             return wire.LeaseReply(False, "", 0, version, result.reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flexmesh.agent.devices import vnpu
 from flexmesh.agent.node.power import battery_view
 from flexmesh.protocol.membership import ALIVE
 
@@ -124,5 +125,22 @@ class Views:
                     "lendable_memory_mib": d.lendable_memory_mib,
                     "backend": d.backend, "healthy": d.healthy, "enforcement": d.enforcement,
                     "jobs": mine,  # None: another node's device (its jobs are its own)
+                    # How each of those jobs is held to its share (an NPU fraction: vnpu
+                    # in a container, none as a plain process).
+                    "job_enforcement": None if mine is None else self._job_modes(d.id, mine),
                 })
+        return out
+
+    def _job_modes(self, device_id: str, jobs: list[str]) -> dict[str, str]:
+        n = self.node
+        device = n.owner.devices.get(device_id)
+        if device is None:
+            return {}
+        leases = {x.job_id: x for x in n.leases.active() if x.holds(device_id)}
+        out = {}
+        for job in jobs:
+            run, lease = n.owner.runs.get(job), leases.get(job)
+            compute = lease.compute_milli if lease is not None else device.compute_milli
+            out[job] = vnpu.run_enforcement(device, n.enforcement, compute,
+                                            bool(run is not None and run.image))
         return out

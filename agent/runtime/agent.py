@@ -118,7 +118,7 @@ class Agent:
         dir, devices) is reported and left as it is."""
         old = self.settings
         fixed = [k for k in ("name", "bind", "advertise", "socket", "state_dir", "sim_devices",
-                             "npu_smi", "nvml", "payload_work_dir")
+                             "npu_smi", "npu_dev_dir", "nvml", "payload_work_dir")
                  if getattr(new, k) != getattr(old, k)]
         if fixed:
             log.warning("reload: %s change only with a restart", ", ".join(fixed))

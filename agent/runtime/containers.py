@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,7 +167,8 @@ class Containers:
         self.names[job.id] = container_name(job.id, job.lease_id)
 
     def command(self, job: RunRecord, devices: Sequence[Device], user: tuple[int, int],
-                env: dict[str, str], job_dir: Path) -> tuple[list[str], dict[str, str]]:
+                env: dict[str, str], job_dir: Path, vnpus: Mapping[str, int] | None = None,
+                ) -> tuple[list[str], dict[str, str]]:
         """(the argv of the run's client, the client's environment); writes the env file.
         Blocking: call off the loop. Raises ``ContainerError``."""
         if not self.runtime:
@@ -179,7 +180,7 @@ class Containers:
             self.runtime, job.image, job.command, job.id, job.lease_id, self.agent.node.name,
             user, devices, env, str(env_file), job.image_network or "none", cdi_gpu_names(),
             [d for d in ASCEND_DRIVER_DIRS if os.path.isdir(d)], s.containers_extra_args,
-            rootless=os.geteuid() != 0)
+            rootless=os.geteuid() != 0, vnpus=vnpus or {})
         cmd = build(run)
         job_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexmesh.agent import supervise
+from flexmesh.agent.devices.discovery import find_npu_smi
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobenv import base_env, job_environment
 from flexmesh.agent.jobprocs import describe_exit
@@ -26,6 +27,7 @@ from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.agent.node.owner import MAX_OFFSET
 from flexmesh.agent.runtime.containers import ContainerError, Containers
 from flexmesh.agent.runtime.payload import PayloadError
+from flexmesh.agent.runtime.vnpu import VnpuError, Vnpus
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ class Processes:
         self.agent = agent
         self.runner = JobRunner(agent.state_dir, self._on_exit)
         self.containers = Containers(agent)
+        self.vnpus = Vnpus(find_npu_smi(agent.settings.npu_smi or None), agent.state_dir,
+                           Path(agent.settings.npu_dev_dir))
         self._runs: dict[str, str] = {}  # job -> lease of the process it has here
         self._workdirs: dict[str, Path] = {}  # job -> the working directory of that process
         self._starting: set[str] = set()  # jobs whose start is not yet told to the node
@@ -93,22 +97,26 @@ class Processes:
                 env["FLEXMESH_WORKDIR"] = str(cwd)
             command: list[str] = job.command
             if job.image:  # the runtime's client runs as the agent; the job, as its user
+                vnpus = await self.vnpus.acquire(job.id, job.lease_id, eff.devices,
+                                                 job.compute_milli, job.memory_mib)
                 command, env = await asyncio.to_thread(
                     self.containers.command, job, eff.devices, user or (os.geteuid(), os.getegid()),
-                    env, self.runner.job_dir(job.id))
+                    env, self.runner.job_dir(job.id), vnpus)
                 user, cwd = None, None
             pid, pid_start = await self.runner.start(job.id, command, env, user=user,
                                                      cwd=None if cwd is None else str(cwd),
                                                      run=job.lease_id)
-        except (JobStartError, PayloadError, ContainerError, ValueError, OSError) as exc:
+        except (JobStartError, PayloadError, ContainerError, VnpuError, ValueError,
+                OSError) as exc:
             self._runs.pop(job.id, None)
             if job.bundle:
                 self._workdirs.pop(job.id, None)
                 await self.agent.payload.cleanup(self.agent.payload.job_dir(job))
-            await self.containers.ended(job.id, self.runner.job_dir(job.id))
+            await self._container_ended(job.id, job.lease_id)
             await self.agent.results.discard(job)
             why = (f"workdir: {exc}" if isinstance(exc, PayloadError) else f"container: {exc}"
-                   if isinstance(exc, ContainerError) else f"could not start: {exc}")
+                   if isinstance(exc, ContainerError) else f"vnpu: {exc}"
+                   if isinstance(exc, VnpuError) else f"could not start: {exc}")
             node.job_exited(job.id, None, why, loop.time(), state=FAILED)
         else:
             node.job_started(job.id, pid, pid_start, loop.time(), lease_id=job.lease_id)
@@ -181,7 +189,18 @@ class Processes:
         """At start, after the runs of the last instance were adopted (or not): find the
         container runtimes in the background (until then the node gossips none, so it is
         given no job with an image) and clean up the containers not adopted."""
-        self.agent.spawn(self.containers.start(lambda: list(self._runs)))
+        self.agent.spawn(self._start_containers())
+
+    async def _start_containers(self) -> None:
+        # The vNPUs of runs not adopted go once their containers are gone (a destroy
+        # fails while a container holds its vNPU).
+        await self.containers.start(lambda: list(self._runs))
+        await self.vnpus.reconcile_async(dict(self._runs))
+
+    async def _container_ended(self, job_id: str, lease_id: str | None) -> None:
+        """A run's container is over: remove it, then destroy its vNPUs."""
+        await self.containers.ended(job_id, self.runner.job_dir(job_id))
+        await self.vnpus.release_async(job_id, lease_id)
 
     async def shutdown(self, kill: bool, grace: float) -> None:
         """Stop watching jobs; with ``kill``, stop them (containers through the runtime)."""
@@ -223,12 +242,12 @@ class Processes:
         self._ended(run.id, exit_code, reason)
 
     def _ended(self, job_id: str, exit_code: int | None, reason: str) -> None:
-        self._runs.pop(job_id, None)
+        lease = self._runs.pop(job_id, None)
         workdir = self._workdirs.pop(job_id, None)
         if workdir is not None:
             self.agent.spawn(self.agent.payload.cleanup(workdir))
-        if job_id in self.containers.names:
-            self.agent.spawn(self.containers.ended(job_id, self.runner.job_dir(job_id)))
+        if job_id in self.containers.names or self.vnpus.of_run(job_id):
+            self.agent.spawn(self._container_ended(job_id, lease))
         state = LOST if exit_code is None else None
         self.agent.node.job_exited(job_id, exit_code, reason, self.agent.loop.time(),
                                    state=state)
