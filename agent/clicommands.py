@@ -143,7 +143,11 @@ def _human(key: str, value: Any) -> str:
 
 def cmd_results(args: argparse.Namespace) -> int:
     dest = args.dest or f"{args.job}-results"
-    files = Job(client(args), args.job).results(dest, attempt=args.attempt)
+    try:
+        files = Job(client(args), args.job).results(dest, attempt=args.attempt)
+    except OSError as exc:  # (the destination; the agent's errors are ClientErrors)
+        raise CliError(f"cannot write the results into {dest}: "
+                       f"{exc.strerror or exc}", 1) from None
     _emit(args, [str(f) for f in files],
           "\n".join(str(f) for f in files) or f"{args.job}: no files in its results")
     return 0

@@ -81,7 +81,8 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_submit(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--gpu", help="fraction of one device, e.g. 0.25")
+    s.add_argument("--gpu", help="fraction of one device (a GPU or an NPU: see --kind), "
+                   "e.g. 0.25")
     s.add_argument("--compute", help="percent of one device, e.g. 25")
     s.add_argument("--memory", help="device memory, e.g. 4GiB (per device)")
     s.add_argument("--devices", type=int, default=1,
@@ -89,7 +90,8 @@ def _add_submit(s: argparse.ArgumentParser) -> None:
     s.add_argument("--gang", type=int, default=1,
                    help="run on N nodes at once, one member each (all placed or none; "
                         "members are told FLEXMESH_GANG_RANK, _SIZE, _NODES, _ADDRS)")
-    s.add_argument("--kind", choices=["gpu", "npu", "any"], default="any")
+    s.add_argument("--kind", choices=["gpu", "npu", "any"], default="any",
+                   help="the kind of device (default any: a GPU or an NPU)")
     s.add_argument("--priority", type=int, default=0,
                    help="higher goes first, and may preempt lower preemptible jobs")
     s.add_argument("--no-requeue", action="store_true",

@@ -225,3 +225,17 @@ def config_problem(runtime: str, extra_args: Sequence[str]) -> str | None:
     if any("\0" in a for a in extra_args):
         return "extra_args may not hold a NUL byte"
     return None
+
+
+# What podman and docker exit with when the container could not be run (else the command's
+# own code): say so, since a host's runtime may need [containers] extra_args.
+_RUNTIME_CODES = {125: "the runtime could not run the container",
+                  126: "the runtime or the image could not invoke the command",
+                  127: "the command was not found in the image"}
+
+
+def exit_hint(exit_code: int | None) -> str:
+    """A note for a container run's exit code that may be its runtime's, or ""."""
+    what = _RUNTIME_CODES.get(exit_code or 0)
+    return (f" ({what}, or the command's own code; see the job's stderr, and "
+            "[containers] extra_args in the README)") if what else ""

@@ -12,6 +12,7 @@ from typing import IO, Any, NamedTuple
 
 from flexmesh.client.errors import (
     AgentUnavailable,
+    BadRequest,
     ClientError,
     NotFound,
     ProtocolError,
@@ -64,7 +65,10 @@ def submit_body(command: list[str], *, gpu: float | None, compute_milli: int | N
     from flexmesh.agent.units import parse_size
 
     if isinstance(memory, str):
-        memory = parse_size(memory)  # ValueError names what is wrong with it
+        try:
+            memory = parse_size(memory)
+        except ValueError as exc:  # (checked here, as the agent would: no status)
+            raise BadRequest(f"memory: {exc}") from None
     body: dict[str, Any] = {"command": list(command), "memory_mib": memory or 0,
                             "kind": kind, "priority": priority, "env": dict(env or {})}
     if not requeue:

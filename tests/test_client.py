@@ -122,12 +122,15 @@ def test_errors_carry_the_agents_message(agent: Client) -> None:
         agent.submit([])
     with pytest.raises(BadRequest, match="give either gpu"):
         agent.submit(["true"], gpu=0.5, compute_milli=500)
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(BadRequest, match="memory: .*size") as unread:
         agent.submit(["true"], memory="lots")  # checked here: never sent
+    assert unread.value.status is None
 
 
 @pytest.mark.integration
-def test_results_from_a_real_agent(agent: Client, tmp_path: Path) -> None:
+def test_results_from_a_real_agent(agent: Client, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     job = agent.submit(["sh", "-c", 'mkdir "$FLEXMESH_OUTPUT/d" && echo 42 > '
                         '"$FLEXMESH_OUTPUT/d/answer.txt"'], gpu=0.25)
     ended = job.wait(timeout=60)
@@ -138,6 +141,14 @@ def test_results_from_a_real_agent(agent: Client, tmp_path: Path) -> None:
     assert job.refresh()["results"]["files"] == [{"name": "d/answer.txt", "size": 3}]
     with pytest.raises(BadRequest, match="attempt must be a number from 0 to 0"):
         job.results(dest, attempt=1)
+    from flexmesh.agent.cli import main
+
+    monkeypatch.setenv("FLEXMESH_SOCKET", agent.socket)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    assert main(["results", job.id, str(blocked / "out")]) == 1  # (no traceback)
+    assert capsys.readouterr().err.startswith(
+        f"flexmesh: cannot write the results into {blocked / 'out'}: ")
     running = agent.submit(["sleep", "300"], gpu=0.25)
     with pytest.raises(ClientError, match="its results come when it ends") as early:
         running.results(tmp_path / "early")

@@ -228,3 +228,11 @@ def test_containers_config_keys(tmp_path: Path) -> None:
     conf.write_text('[containers]\nruntime = "lxc"\n')
     with pytest.raises(ConfigError, match=r"\[containers\] runtime must be"):
         load(str(conf), {}, env={})
+
+
+def test_an_exit_code_of_the_runtimes_says_what_it_may_mean() -> None:
+    from flexmesh.agent.containers import exit_hint
+
+    assert "could not run the container" in exit_hint(125)
+    assert "extra_args" in exit_hint(126) and "not found in the image" in exit_hint(127)
+    assert exit_hint(0) == exit_hint(3) == exit_hint(None) == ""

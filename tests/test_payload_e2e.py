@@ -147,3 +147,26 @@ def test_a_bundle_the_owner_will_not_take_fails_the_job_with_a_reason(
     # The owner is unharmed: a job without a workdir runs there as before.
     res = mesh.cli("d", "submit", "--gpu", "0.5", "--wait", "--", "echo", "fine")
     assert res.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root agent runs jobs as another user")
+def test_a_work_dir_the_jobs_user_cannot_reach_fails_the_job_saying_why(
+        mesh: LocalMesh, tmp_path: Path) -> None:
+    """A root agent whose work dir sits under a 0700 directory (pytest's own, as
+    ``mktemp -d`` makes): a borrowed job that runs in its workdir fails at once, and the
+    reason names the directory and the fix; the agent warned of it at start."""
+    src = tmp_path / "project"
+    src.mkdir()
+    (src / "main.sh").write_text("echo hi\n")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", closed))
+    mesh.start("d", join=["a"], extra=["--priority", "10"])
+    mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
+    job_id = mesh.cli("d", "submit", "--gpu", "0.25", "--workdir", str(src), "--",
+                      "sh", "main.sh").stdout.strip()
+    job = mesh.wait_for("the job to end", lambda: _ended(mesh, "d", job_id))
+    assert job["state"] == "failed", job
+    assert "out of reach of the job's user" in job["reason"], job
+    assert "chmod o+x" in job["reason"], job
+    assert "work_dir_unreachable" in mesh.agents["a"].log.read_text()

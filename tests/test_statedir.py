@@ -182,3 +182,34 @@ async def test_a_socket_a_running_agent_listens_on_is_not_taken(tmp_path: Path) 
     finally:
         await first.cleanup()
         await second.cleanup()
+
+
+def test_a_directory_jobs_cannot_search_is_named() -> None:
+    """Borrowed jobs run as ``nobody``: a 0700 parent of the work dir (``mktemp -d``)
+    keeps them out, and the reason says which directory and what to do."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="flexmesh-reach-"))  # (pytest's tmp is 0700 above)
+    try:
+        base.chmod(0o755)
+        _check_reach(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def _check_reach(base: Path) -> None:
+    closed = base / "closed"
+    work = closed / "node-work"
+    work.mkdir(parents=True)
+    closed.chmod(0o700)
+    owner = closed.stat().st_uid
+    stranger = (owner + 54321, owner + 54321)
+    assert statedir.closed_to(work, *stranger) == (closed, 0o700)
+    why = statedir.unreachable("the work dir", work, stranger, "nobody")
+    assert why is not None and f"{closed} has mode 0700" in why and "chmod o+x" in why
+    assert statedir.closed_to(work, owner, owner) is None  # its owner may
+    assert statedir.closed_to(work, 0, 0) is None  # root may
+    closed.chmod(0o711)
+    assert statedir.unreachable("the work dir", work, stranger) is None
+    assert statedir.closed_to(closed / "not-yet" / "x", *stranger) is None  # made later

@@ -29,6 +29,7 @@ from flexmesh.agent.bundle import BundleError, Packed, Reader, pack, remove_tree
 from flexmesh.agent.bundlecache import BundleCache, valid_sha
 from flexmesh.agent.models import PLACED, RUNNING, JobRecord, RunRecord, job_id_problem
 from flexmesh.agent.node.holdings import Holdings
+from flexmesh.agent.runtime.statedir import unreachable
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -61,6 +62,12 @@ class Payload:
         if not self.work_root.exists():
             await asyncio.to_thread(self.work_root.mkdir, 0o711, True, True)
             await asyncio.to_thread(os.chmod, self.work_root, 0o711)  # (jobs' users enter)
+        if os.geteuid() == 0:  # jobs run as other users: they must reach their directories
+            from flexmesh.agent.runtime.processes import lookup_user
+            name = self.agent.settings.borrowed_user
+            why = unreachable("the work dir", self.work_root, lookup_user(name), name)
+            if why:
+                log.warning("work_dir_unreachable %s; jobs run as that user fail to start", why)
         for run in list(self.agent.node.owner.runs.values()):
             if run.bundle and run.state not in (PLACED, RUNNING):
                 await self.cleanup(self.job_dir(run))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexmesh.agent import supervise
+from flexmesh.agent.containers import exit_hint
 from flexmesh.agent.devices.discovery import find_npu_smi
 from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobenv import base_env, job_environment
@@ -27,6 +28,7 @@ from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.agent.node.owner import MAX_OFFSET
 from flexmesh.agent.runtime.containers import ContainerError, Containers
 from flexmesh.agent.runtime.payload import PayloadError
+from flexmesh.agent.runtime.statedir import unreachable
 from flexmesh.agent.runtime.vnpu import VnpuError, Vnpus
 from flexmesh.protocol import wire
 
@@ -93,6 +95,7 @@ class Processes:
             env["FLEXMESH_OUTPUT"] = str(await asyncio.to_thread(self.agent.results.make, job,
                                                                  user))
             if job.bundle:
+                self._reachable(job, user)
                 cwd = await self._workdir(job, user)
                 env["FLEXMESH_WORKDIR"] = str(cwd)
             command: list[str] = job.command
@@ -136,6 +139,14 @@ class Processes:
             raise PayloadError("stopped before it had started")
         return path
 
+    def _reachable(self, job: RunRecord, user: tuple[int, int] | None) -> None:
+        """A job that runs in its workdir fails at once, saying why, where its user cannot
+        reach it (a container gets it mounted)."""
+        why = None if user is None or job.image else unreachable(
+            "the work dir", self.agent.payload.work_root, user)
+        if why:
+            raise PayloadError(why)
+
     def job_user(self, job: RunRecord) -> tuple[int, int] | None:
         """(uid, gid) a job runs as; None: as the agent (which then is not root).
 
@@ -147,7 +158,7 @@ class Processes:
         s = self.agent.settings
         uid = job.uid if job.origin == self.agent.node.name else None
         if uid is None or (uid == 0 and not s.allow_root):
-            return _lookup_user(s.borrowed_user)
+            return lookup_user(s.borrowed_user)
         try:
             return uid, pwd.getpwuid(uid).pw_gid
         except KeyError:
@@ -221,6 +232,8 @@ class Processes:
                                    lambda grace: self.runner.stop(eff.job_id, grace, eff.reason))
 
     def _on_exit(self, job_id: str, exit_code: int | None, reason: str) -> None:
+        if job_id in self.containers.names:
+            reason += exit_hint(exit_code)
         if job_id in self._starting:  # a quick job: its exit waits for its start to be told
             self._early_exits[job_id] = (exit_code, reason)
             return
@@ -304,7 +317,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _lookup_user(name: str) -> tuple[int, int]:
+def lookup_user(name: str) -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
         return entry.pw_uid, entry.pw_gid

@@ -80,3 +80,32 @@ async def open_journal(path: Path) -> AsyncJournal:
             f"jobs: mv {path} {path}.bad && rm -f {path}.id") from None
     mark_journal(path)
     return journal
+
+
+def closed_to(path: Path, uid: int, gid: int) -> tuple[Path, int] | None:
+    """The first directory on the way to ``path`` (``path`` included) that a process of
+    ``uid``/``gid`` (and no supplementary groups, as jobs run) may not search, and its
+    mode; None if it can reach ``path``, or a directory on the way does not exist yet."""
+    if uid == 0:
+        return None
+    for d in (*reversed(path.parents), path):
+        try:
+            st = os.stat(d)
+        except OSError:
+            return None  # made by the agent later, with a mode jobs can search
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return d, st.st_mode & 0o7777
+    return None
+
+
+def unreachable(what: str, path: Path, user: tuple[int, int], name: str = "") -> str | None:
+    """Why jobs of ``user`` cannot work in ``path`` (``what`` names it), or None."""
+    closed = closed_to(path, *user)
+    if closed is None:
+        return None
+    d, mode = closed
+    who = name or f"uid {user[0]}"
+    return (f"{what} {path} is out of reach of the job's user ({who}): {d} has mode "
+            f"{mode:04o}; let it search it (chmod o+x {d}) or set [payload] work_dir "
+            "elsewhere")
