@@ -122,7 +122,7 @@ def test_errors_carry_the_agents_message(agent: Client) -> None:
         agent.submit([])
     with pytest.raises(BadRequest, match="give either gpu"):
         agent.submit(["true"], gpu=0.5, compute_milli=500)
-    with pytest.raises(BadRequest, match="memory: .*size") as unread:
+    with pytest.raises(BadRequest, match=r"memory: .*size") as unread:
         agent.submit(["true"], memory="lots")  # checked here: never sent
     assert unread.value.status is None
 
