@@ -355,6 +355,7 @@ class JobSync(Message):
     stdout_offset: int
     stderr_offset: int
     wait_ms: int
+    accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
 
 
 @message(40)
@@ -366,6 +367,7 @@ class JobSyncReply(Message):
     stdout: bytes
     stderr: bytes
     complete: bool  # terminal, and no output beyond what this reply carries
+    encoding: str = ""  # "zlib": stdout and stderr are compressed ("": as they are)
 
 
 @message(41)
@@ -435,6 +437,7 @@ class FetchBundle(Message):
     offset: int
     length: int
     job_id: str = ""  # the job it is for (the origin serves only its jobs' bundles)
+    accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
 
 
 @message(48)
@@ -447,6 +450,7 @@ class BundleChunk(Message):
     offset: int
     data: bytes
     total: int
+    encoding: str = ""  # "zlib": ``data`` is compressed ("": as it is)
 
 
 # --- placement that can never be ------------------------------------------------------
