@@ -243,6 +243,12 @@ async def test_bulk_replies_are_paced_and_small_ones_are_not() -> None:
     await bulk.send(sink, chunk, b"y" * 300_000)
     assert clock.t == pytest.approx(100.0 + (300_000 - 2000) / 100_000)
     assert counts["bulk_paced_bytes"] == 300_000
+    small = wire.JobSyncReply("running", "", None, b"", b"", False)
+    before = clock.t
+    await bulk.send(sink, small, b"s" * 1000)  # a job's state: at once, though in debt
+    assert clock.t == before and sink.writes[-1][1] == b"s" * 1000
+    await bulk.send(sink, chunk, b"y" * 3000)  # ... and what it sent counts
+    assert clock.t == pytest.approx(before + 4000 / 100_000)
     rate[0] = 0  # a reload to no limit: at once
     before = clock.t
     await bulk.send(sink, chunk, b"z" * 300_000)

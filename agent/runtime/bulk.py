@@ -159,11 +159,15 @@ class Bulk:
             return None, f"bad reply: {exc}"
 
     async def send(self, writer: Writer, reply: wire.Message, frame: bytes) -> None:
-        """Write a reply's frame: bulk at the rate, anything else at once."""
+        """Write a reply's frame: bulk at the rate, anything else at once. A bulk reply
+        of one slice or less (an answer about a job's state, a few lines of output) goes
+        at once too, but its bytes count against the rate."""
         rate = self.rate()
         if rate != self.bucket.rate:
             self.bucket.set_rate(rate)
-        if not compress.is_bulk(reply) or rate <= 0:
+        if not compress.is_bulk(reply) or rate <= 0 or len(frame) <= slice_size(rate):
+            if compress.is_bulk(reply):
+                self.bucket.reserve(len(frame))  # at once (a job's state), but it counts
             writer.write(frame)
             await writer.drain()
             return
