@@ -176,12 +176,12 @@ class Run:
     def start_probe(self, seconds: float) -> None:
         sub = self.lab.net.hosts["sub"]
         g1 = self.lab.net.hosts["g1"]
-        self.probe = subprocess.Popen(
-            ["ip", "netns", "exec", sub.ns, sys.executable, __file__, "--probe",
-             "--bind", sub.addr, "--target", "g1", "--target-addr", f"{g1.addr}:{PORT}",
-             "--key-file", str(self.lab.key_file), "--duration", str(seconds),
-             "--every", str(self.args.every)],
-            stdout=open(self.samples_path, "wb"))  # noqa: SIM115 - the child's
+        with open(self.samples_path, "wb") as out:  # (the child's, from here on)
+            self.probe = subprocess.Popen(
+                ["ip", "netns", "exec", sub.ns, sys.executable, __file__, "--probe",
+                 "--bind", sub.addr, "--target", "g1", "--target-addr", f"{g1.addr}:{PORT}",
+                 "--key-file", str(self.lab.key_file), "--duration", str(seconds),
+                 "--every", str(self.args.every)], stdout=out)
 
     def samples(self) -> list[dict[str, Any]]:
         out = []
