@@ -77,6 +77,7 @@ class Transport:
     async def bind(self, host: str, port: int, handler: Handler) -> int:
         """Bind UDP and TCP on the same port; with port 0, one that is free for both."""
         memory.fix_mmap_threshold()  # before the first large frame comes in
+
         async def answer(msg: wire.Message) -> wire.Message:
             return await self.bulk.answer(msg, await handler(msg))
 
