@@ -87,6 +87,8 @@ class Settings:
     payload_max_files: int = 100_000  # entries in one workdir (or results), at most
     payload_max_results: str = "1GiB"  # a run's results archive, at most (cut beyond)
     payload_work_dir: str = ""  # jobs' unpacked workdirs; "": STATE_DIR-work
+    bulk_rate: str = ""  # [network] bytes/s of bulk sent (runtime/bulk.py); "": the profile's
+    compress: bool = True  # [network] bundle chunks and job output compressed where it saves
     power_source: str = "none"  # [power] (agent/power.py): none (mains), sysfs or file
     power_path: str = ""  # sysfs: /sys/class/power_supply or one supply; file: the file
     lend_floor: int = 20  # percent: on battery, below it lend nothing to other nodes
@@ -153,6 +155,7 @@ _TABLES: dict[str, dict[str, str]] = {
     "testing": {"fault_drop": "fault_drop", "fault_duplicate": "fault_duplicate",
                 "fault_delay_ms": "fault_delay_ms"},
     "log": {"format": "log_format", "level": "log_level"},
+    "network": {"bulk_rate": "bulk_rate", "compress": "compress"},
     "payload": {"cache_size": "payload_cache_size", "max_bundle": "payload_max_bundle",
                 "max_files": "payload_max_files", "work_dir": "payload_work_dir",
                 "max_results": "payload_max_results"},
@@ -250,7 +253,7 @@ def _apply_file(s: Settings, path: Path) -> list[str]:
                 attr = _TABLES[key].get(sub)
                 if attr is None:
                     raise ConfigError(f"{path}: unknown key [{key}] {sub}")
-                if attr in _SIZES and isinstance(v, int) and not isinstance(v, bool):
+                if attr in (*_SIZES, "bulk_rate") and type(v) is int:  # (not a bool)
                     v = str(v)
                 setattr(s, attr, _coerce(str(path), f"[{key}] {sub}", v, getattr(s, attr)))
                 applied.append(attr)
@@ -271,12 +274,17 @@ def validate(s: Settings, default_where: str, sources: dict[str, str] | None = N
     def at(*attrs: str) -> str:
         return next((sources[a] for a in attrs if a in sources), default_where)
 
-    from flexmesh.agent.configcheck import validate_jobs, validate_limits, validate_logs_and_devices
+    from flexmesh.agent.configcheck import (
+        validate_jobs,
+        validate_limits,
+        validate_logs_and_devices,
+        validate_network,
+    )
 
     # The first problem found is the one reported, so the order of the checks is kept.
     for check in (_validate_addresses, _validate_scheduling, validate_logs_and_devices,
                   _validate_security, _validate_testing, validate_jobs, validate_limits,
-                  _validate_payload, validate_power):
+                  _validate_payload, validate_power, validate_network):
         check(s, at)
 
 

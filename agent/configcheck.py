@@ -72,3 +72,30 @@ def validate_limits(s: Settings, at: Any) -> None:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{at(key)}: [limits] {key.removeprefix('tcp_')} must be a "
                               "positive number of seconds")
+
+
+# [network] bulk_rate by profile: a narrow radio link keeps most of itself for gossip,
+# calls and the jobs' own traffic; elsewhere bulk goes as fast as TCP takes it.
+BULK_RATES = {"local": "0", "lan": "0", "wan": "0", "edge": "2Mbit"}
+
+
+def bulk_rate_bytes(s: Settings) -> int:
+    """Bytes per second of bulk this agent sends at most (0: no limit)."""
+    from flexmesh.agent.units import parse_rate
+    try:
+        return parse_rate(s.bulk_rate or BULK_RATES.get(s.profile, "0"))
+    except ValueError:
+        return 0  # (validate_network refused it at load)
+
+
+def validate_network(s: Settings, at: Any) -> None:
+    from flexmesh.agent.units import parse_rate
+    if s.bulk_rate:
+        try:
+            rate = parse_rate(s.bulk_rate)
+        except ValueError as exc:
+            raise ConfigError(f"{at('bulk_rate')}: [network] bulk_rate: {exc}") from None
+        if 0 < rate < 1000:
+            raise ConfigError(f"{at('bulk_rate')}: [network] bulk_rate {s.bulk_rate!r} is "
+                              "below 1000 bytes/s (8kbit): a bundle would never arrive; "
+                              "0 means no limit")

@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from flexmesh.agent.rpcbudget import Budget
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import CryptoError, Sealer
 
@@ -117,27 +118,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-class Budget:
-    """Bytes reserved for frame bodies being read, across connections: at most ``limit``."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0  # the most ever reserved at once
-        self.total = 0  # bytes ever reserved
-
-    def reserve(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        self.peak = max(self.peak, self.used)
-        self.total += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.used -= n
 
 
 class CallError(Exception):
@@ -281,11 +261,14 @@ async def call(addr: str, msg: wire.Message, timeout: float,
 # --- answering ------------------------------------------------------------------------------
 
 Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+# Writes a reply's frame (the runtime paces bulk replies: runtime/bulk.py).
+Send = Callable[[asyncio.StreamWriter, wire.Message, bytes], Awaitable[None]]
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            handler: Handler, codec: Codec = PLAIN,
-                           limits: Limits = DEFAULT_LIMITS, budget: Budget | None = None) -> None:
+                           limits: Limits = DEFAULT_LIMITS, budget: Budget | None = None,
+                           send: Send | None = None) -> None:
     """Answer requests on one inbound connection until the peer closes it or goes idle.
 
     Raises ``RemoteError`` for bytes that are not frames of this protocol and
@@ -300,8 +283,11 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                     raise RemoteError("a Hello after the first frame")
             else:
                 reply = await handler(msg)
-                writer.write(codec.encode(reply))
-                await writer.drain()
+                if send is not None:
+                    await send(writer, reply, codec.encode(reply))
+                else:
+                    writer.write(codec.encode(reply))
+                    await writer.drain()
             first = False
     except ConnectionError:
         return
@@ -322,8 +308,10 @@ class Server:
     def __init__(self, handler: Handler, codec: Callable[[], Codec],
                  limits: Callable[[], Limits], count: Callable[[str], None],
                  trim: Callable[[], None] = lambda: None,
-                 dropped: Callable[[RemoteError, str], None] = lambda exc, ip: None) -> None:
+                 dropped: Callable[[RemoteError, str], None] = lambda exc, ip: None,
+                 send: Send | None = None) -> None:
         self.handler = handler
+        self.send = send  # writes each reply (None: at once)
         self.dropped = dropped  # told of every connection dropped for garbage (and from where)
         self.codec = codec
         self.limits = limits
@@ -349,7 +337,7 @@ class Server:
             return
         try:
             await serve_connection(reader, writer, self.handler, self.codec(), limits,
-                                   self.budget)
+                                   self.budget, self.send)
         except LimitError as exc:
             self.count(exc.counter)
             log.debug("closed a connection from %s: %s", ip, exc)

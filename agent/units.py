@@ -126,3 +126,24 @@ def format_milli(milli: int) -> str:
     """250 -> ``"25%"``, 125 -> ``"12.5%"`` (of one device)."""
     whole, tenth = divmod(milli, 10)
     return f"{whole}%" if tenth == 0 else f"{whole}.{tenth}%"
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmg]?)(bit|bps|b/s|ib/s)?\s*$",
+                      re.IGNORECASE)
+
+
+def parse_rate(text: str) -> int:
+    """A transfer rate in bytes per second, as ``tc`` writes them: ``"2Mbit"`` -> 250000
+    (bits, decimal: also ``kbit``, ``gbit``, ``mbps``), ``"300KB/s"`` -> 300000 (bytes,
+    decimal), ``"1MiB/s"`` -> 1048576 (bytes, binary); a plain number is bytes per second,
+    ``0`` none (no limit). A rate that is not a whole number of bytes is rounded down."""
+    match = _RATE_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"invalid rate {text!r}: expected a number with an optional unit "
+                         "such as 2Mbit, 500kbit, 300KB/s or 1MiB/s (a plain number is "
+                         "bytes per second; 0: no limit)")
+    number, prefix, unit = match.group(1), match.group(2).lower(), (match.group(3) or "").lower()
+    if (prefix and not unit) or (unit == "ib/s" and not prefix):
+        raise ValueError(f"invalid rate {text!r}: say which unit, such as 2Mbit or 2MB/s")
+    scale = (1024 if unit == "ib/s" else 1000) ** ("kmg".index(prefix) + 1) if prefix else 1
+    return math.floor(Fraction(number) * scale / (8 if unit in ("bit", "bps") else 1))

@@ -368,6 +368,7 @@ class JobSync(Message):
     stdout_offset: int
     stderr_offset: int
     wait_ms: int
+    accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
 
 
 @message(40)
@@ -385,6 +386,7 @@ class JobSyncReply(Message):
     results: str = ""
     results_size: int = 0
     results_note: str = ""
+    encoding: str = ""  # "zlib": stdout and stderr are compressed ("": as they are)
 
 
 @message(41)
@@ -454,6 +456,7 @@ class FetchBundle(Message):
     offset: int
     length: int
     job_id: str = ""  # the job it is for (the origin serves only its jobs' bundles)
+    accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
 
 
 @message(48)
@@ -466,6 +469,7 @@ class BundleChunk(Message):
     offset: int
     data: bytes
     total: int
+    encoding: str = ""  # "zlib": ``data`` is compressed ("": as it is)
 
 
 # --- results: what a run left under $FLEXMESH_OUTPUT, fetched by the origin ----------------
@@ -482,6 +486,7 @@ class FetchResults(Message):
     results: str
     offset: int
     length: int
+    accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
 
 
 @message(65)

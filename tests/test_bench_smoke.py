@@ -159,3 +159,23 @@ def test_bench_chaos_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert x["runs_completed"] >= 4 and x["succeeded_not_run"] == 0, x
     assert x["jobs_ran_concurrently"] == [] and x["jobs_completed_twice"] == 0, x
     assert 0 < x["max_lease_ratio"] <= 1 and x["max_concurrent_runs"] <= x["slots"] == 4, x
+
+
+@pytest.mark.integration
+def test_bench_narrow_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    from flexmesh.agent.fleetlab import available
+
+    why = available()
+    if why is not None:
+        pytest.skip(why)
+    bench = load("bench_narrow")
+    rc = bench.main(["--profile", "local", "--bundle-mib", "1", "--output-mib", "1",
+                     "--idle", "2", "--transfer-timeout", "120"])
+    assert rc == 0
+    (x,) = lines(capsys.readouterr().out)
+    assert x["bench"] == "narrow" and x["rate_mbit"] == 2.0
+    for run in ("uncapped", "capped"):
+        assert x[run]["job_state"] in ("running", "succeeded"), x
+        assert x[run]["idle"]["udp"]["n"] > 0 and x[run]["transfer_mbit_s"] > 0
+    assert all(x[r]["output_arrived"] for r in ("uncapped", "capped", "uncompressed"))
+    assert x["output_wire_ratio"] < 0.5  # text output compresses

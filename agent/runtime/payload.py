@@ -116,10 +116,11 @@ class Payload:
             return wire.Error(f"no job here that has not ended carries bundle {msg.bundle[:80]}")
         if not self.cache.has(msg.bundle):
             return wire.Error(f"bundle {msg.bundle} is gone from {self.agent.settings.name}")
+        cap = self.agent.transport.bulk.chunk_cap()  # (to go out at bulk_rate in time)
         try:
             data, total = await asyncio.to_thread(bundlefetch.read_chunk,
                                                   self.cache.path(msg.bundle), msg.offset,
-                                                  msg.length)
+                                                  min(msg.length, cap or msg.length))
         except OSError as exc:
             return wire.Error(f"cannot read bundle {msg.bundle}: {exc.strerror or exc}")
         self.agent.count("bundle_chunks_served")

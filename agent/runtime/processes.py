@@ -275,14 +275,15 @@ class Processes:
                                and 0 <= msg.stderr_offset < MAX_OFFSET):
             return node.sync_reply(msg, b"", b"", SYNC_CHUNK, loop.time())
         deadline = loop.time() + min(max(msg.wait_ms, 0), 10_000) / 1000
+        chunk = min(SYNC_CHUNK, self.agent.transport.bulk.chunk_cap(1.0) or SYNC_CHUNK)
         while True:
             state = job.state  # read before the output: output written before it counts
             out = await asyncio.to_thread(self.runner.read_log, job.id, "stdout",
-                                          msg.stdout_offset, SYNC_CHUNK)
+                                          msg.stdout_offset, chunk)
             err = await asyncio.to_thread(self.runner.read_log, job.id, "stderr",
-                                          msg.stderr_offset, SYNC_CHUNK)
+                                          msg.stderr_offset, chunk)
             if out or err or state in TERMINAL or loop.time() >= deadline:
-                return node.sync_reply(msg, out, err, SYNC_CHUNK, loop.time())
+                return node.sync_reply(msg, out, err, chunk, loop.time())
             ev = self.agent.job_event(job.id)
             ev.clear()
             with contextlib.suppress(TimeoutError):

@@ -132,9 +132,10 @@ class Results:
         if not node_results.served(self.agent.node, msg) or not valid_sha(msg.results):
             return wire.Error(f"no run of {msg.job_id[:80]} here has results "
                               f"{msg.results[:80]} to give")
+        cap = self.agent.transport.bulk.chunk_cap()  # (to go out at bulk_rate in time)
         try:
             data, total = await asyncio.to_thread(bundlefetch.read_chunk, self._archive(
-                msg.results), msg.offset, msg.length)
+                msg.results), msg.offset, min(msg.length, cap or msg.length))
         except OSError as exc:
             return wire.Error(f"cannot read results {msg.results}: {exc.strerror or exc}")
         self.agent.count("results_chunks_served")

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from flexmesh.agent import rpc
 from flexmesh.agent.config import Settings
+from flexmesh.agent.configcheck import bulk_rate_bytes
 from flexmesh.agent.runtime import memory
+from flexmesh.agent.runtime.bulk import Bulk
 from flexmesh.protocol import wire
 from flexmesh.protocol.crypto import OVERHEAD, SEAL_VERSION, CryptoError
 from flexmesh.protocol.membership import SendPacket
@@ -69,13 +71,19 @@ class Transport:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self.calls: rpc.Server | None = None
+        self.bulk = Bulk(lambda: bulk_rate_bytes(agent.settings),
+                         lambda: agent.settings.compress, agent.count, self.loop.time)
 
     async def bind(self, host: str, port: int, handler: Handler) -> int:
         """Bind UDP and TCP on the same port; with port 0, one that is free for both."""
         memory.fix_mmap_threshold()  # before the first large frame comes in
-        self.calls = rpc.Server(handler, lambda: self.agent.keys.codec,
+
+        async def answer(msg: wire.Message) -> wire.Message:
+            return await self.bulk.answer(msg, await handler(msg))
+
+        self.calls = rpc.Server(answer, lambda: self.agent.keys.codec,
                                 lambda: tcp_limits(self.agent.settings), self.agent.count,
-                                memory.trim, self._dropped)
+                                memory.trim, self._dropped, self.bulk.send)
         self._udp, port = await self._bind_udp(host, port)
         self._tcp = await asyncio.start_server(self.calls.serve, host, port)
         return port
@@ -157,11 +165,13 @@ class Transport:
                    to: str = "") -> tuple[wire.Message | None, str]:
         """Call another agent (named ``to``: the request is sealed for it, where known):
         (its reply, "") or (None, why there is none)."""
+        msg = self.bulk.offer(msg)
         try:
-            return await rpc.call(addr, msg, timeout, self.agent.keys.codec,
-                                  self.agent.settings.name, to), ""
+            reply = await rpc.call(addr, msg, timeout, self.agent.keys.codec,
+                                   self.agent.settings.name, to)
         except rpc.CallError as exc:
             return None, str(exc)
+        return await self.bulk.inflate(msg, reply)
 
 
 def tcp_limits(s: Settings) -> rpc.Limits:
