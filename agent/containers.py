@@ -41,6 +41,11 @@ CDI_GPU_KIND = "nvidia.com/gpu"
 # An image reference: registry/name:tag@digest characters only (no spaces, no option).
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
 MAX_IMAGE = 512
+# containers/image transports other than a registry's: podman takes "dir:/path",
+# "oci-archive:/path", "docker-archive:/path" ... as an image to read from the host, as the
+# agent's user (root), so a submitter could make it open any path of the owner.
+HOST_TRANSPORTS = frozenset({"containers-storage", "dir", "docker-archive", "docker-daemon",
+                             "oci", "oci-archive", "ostree", "sif", "tarball"})
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _NPU = re.compile(r"npu(\d+)")
 
@@ -82,6 +87,10 @@ def image_problem(image: str) -> str | None:
     if not image or len(image) > MAX_IMAGE or not _IMAGE.fullmatch(image):
         return (f"image must be an image reference (letters, digits and ._/:@+-, at most "
                 f"{MAX_IMAGE} characters, not starting with '-'): {image[:60]!r}")
+    transport, colon, _ = image.partition(":")
+    if colon and transport in HOST_TRANSPORTS:
+        return (f"image must name an image of a registry or of the runtime's store, not a "
+                f"{transport}: source on the node: {image[:60]!r}")
     return None
 
 

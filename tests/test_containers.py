@@ -149,7 +149,10 @@ def test_the_env_file_carries_each_variable_on_a_line_and_refuses_a_line_break()
         env_file_text({"A": "1\nB=2"})
 
 
-@pytest.mark.parametrize("image", ["", "-v", "--privileged", "a b", "x" * 600, "a;rm"])
+@pytest.mark.parametrize("image", ["", "-v", "--privileged", "a b", "x" * 600, "a;rm",
+                                   "oci:/tmp/img", "dir:/root", "docker-archive:/etc/shadow",
+                                   "oci-archive:img.tar", "containers-storage:busybox",
+                                   "docker-daemon:busybox:1", "sif:/x.sif"])
 def test_what_is_not_an_image_reference_is_refused(image: str) -> None:
     assert image_problem(image) is not None
     with pytest.raises(ContainerError):
@@ -158,7 +161,8 @@ def test_what_is_not_an_image_reference_is_refused(image: str) -> None:
 
 def test_real_image_references_pass() -> None:
     for image in ("busybox", "localhost/flexmesh-test:1", "nvcr.io/nvidia/pytorch:24.01-py3",
-                  "ghcr.io/a/b@sha256:" + "0" * 64):
+                  "ghcr.io/a/b@sha256:" + "0" * 64, "docker://busybox:1", "localhost/dir:1",
+                  "registry:5000/oci:2"):
         assert image_problem(image) is None
 
 
