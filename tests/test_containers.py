@@ -4,8 +4,11 @@ coordinator that never places an image where no runtime is."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +23,8 @@ from flexmesh.agent.containers import (
     image_problem,
 )
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.runtime.containers import cdi_gpu_names
+from flexmesh.agent.runtime import containers as runtime_containers
+from flexmesh.agent.runtime.containers import Containers, cdi_gpu_names
 from flexmesh.agent.scheduler import Proposal, Scheduler
 from flexmesh.policies import DEFAULT_POLICY, Candidate, get_policy, get_spec
 from flexmesh.protocol import facts, wire
@@ -232,3 +236,29 @@ def test_containers_config_keys(tmp_path: Path) -> None:
     conf.write_text('[containers]\nruntime = "lxc"\n')
     with pytest.raises(ConfigError, match=r"\[containers\] runtime must be"):
         load(str(conf), {}, env={})
+
+
+def test_strays_are_removed_before_the_node_says_it_has_a_runtime(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start the owner removes its containers that no adopted run names; until that is
+    done it gossips no runtime, so no image job is started here that the clean-up would
+    take for a stray (its container created between the listing and the removals)."""
+    node = SimpleNamespace(name="n1", runtimes=(), published=0)
+    node.publish_facts = lambda: setattr(node, "published", node.published + 1)
+    agent = SimpleNamespace(settings=SimpleNamespace(containers_runtime="auto"), node=node)
+    box = Containers(agent)  # type: ignore[arg-type]
+    box.names["kept"] = "flexmesh-kept-L1"  # adopted after the restart
+    calls: list[tuple[list[str], tuple[str, ...], str]] = []
+
+    def call(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+        calls.append((argv, node.runtimes, box.runtime))
+        out = b"flexmesh-kept-L1\nflexmesh-old-L0\n" if argv[1] == "ps" else b""
+        return subprocess.CompletedProcess(argv, 0, out, b"")
+
+    monkeypatch.setattr(runtime_containers, "detect", lambda choice: ["podman"])
+    monkeypatch.setattr(runtime_containers, "_call", call)
+    asyncio.run(box.start(lambda: ["kept"]))
+    assert [argv[:2] for argv, _, _ in calls] == [["podman", "ps"], ["podman", "rm"]]
+    assert calls[1][0][-1] == "flexmesh-old-L0"
+    assert all(gossiped == () and used == "" for _, gossiped, used in calls)
+    assert (node.runtimes, node.published, box.runtime) == (("podman",), 1, "podman")

@@ -127,18 +127,18 @@ class Containers:
     async def start(self, keep: Callable[[], Sequence[str]]) -> None:
         """Find the runtimes, gossip them, and remove this node's containers whose job is
         not among ``keep()`` (runs adopted after a restart)."""
-        self.runtimes = tuple(await asyncio.to_thread(
-            detect, self.agent.settings.containers_runtime))
-        log.info("containers: runtimes %s", ", ".join(self.runtimes) or "none")
+        found = tuple(await asyncio.to_thread(detect, self.agent.settings.containers_runtime))
+        log.info("containers: runtimes %s", ", ".join(found) or "none")
+        if found:  # before the node has a runtime (and is given image jobs): a container
+            await self.reconcile(set(keep()), found[0])  # started meanwhile is no stray
+        self.runtimes = found
         self.agent.node.runtimes = self.runtimes
         self.agent.node.publish_facts()
-        if self.runtime:
-            await self.reconcile(set(keep()))
 
-    async def reconcile(self, keep: set[str]) -> list[str]:
+    async def reconcile(self, keep: set[str], runtime: str) -> list[str]:
         """Remove the containers of this node whose job is not in ``keep``."""
         done = await asyncio.to_thread(_call, [
-            self.runtime, "ps", "-a", "--filter", f"label={LABEL_NODE}={self.agent.node.name}",
+            runtime, "ps", "-a", "--filter", f"label={LABEL_NODE}={self.agent.node.name}",
             "--filter", f"label={LABEL_JOB}", "--format", "{{.Names}}"])
         if done is None or done.returncode != 0:
             return []
@@ -146,7 +146,7 @@ class Containers:
         stale = [n for n in done.stdout.decode().split() if n not in wanted]
         for name in stale:
             log.info("containers: removing %s, whose run is not here any more", name)
-            await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            await asyncio.to_thread(_call, [runtime, "rm", "-f", name])
         return stale
 
     def track(self, job: JobRecord) -> None:
