@@ -101,8 +101,10 @@ def network_problem(network: str) -> str | None:
 
 
 def container_name(job_id: str, lease_id: str) -> str:
-    """One name per run: a later run of the job (requeued) never meets an earlier one."""
-    return _NAME_UNSAFE.sub("_", f"flexmesh-{job_id}-{lease_id[:12]}")
+    """One name per run: a later run of the job (requeued) never meets an earlier one. The
+    whole lease id (``NODE/TOKEN``): a prefix of it is the same for every lease of a node
+    whose name is that long."""
+    return _NAME_UNSAFE.sub("_", f"flexmesh-{job_id}-{lease_id}")
 
 
 def build(run: ContainerRun) -> ContainerCommand:

@@ -262,3 +262,11 @@ def test_strays_are_removed_before_the_node_says_it_has_a_runtime(
     assert calls[1][0][-1] == "flexmesh-old-L0"
     assert all(gossiped == () and used == "" for _, gossiped, used in calls)
     assert (node.runtimes, node.published, box.runtime) == (("podman",), 1, "podman")
+
+
+def test_each_run_of_a_job_has_a_container_name_of_its_own() -> None:
+    """Two leases of one node differ only in their token, after the node's name (up to
+    64 characters): a name cut to a prefix of the lease gave every run the same one."""
+    names = {container_name("0123456789ab", f"gpu-server-rack4-0017/{t}") for t in (7, 8)}
+    assert len(names) == 2
+    assert container_name("0123456789ab", "a1/9") == "flexmesh-0123456789ab-a1_9"
