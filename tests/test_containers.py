@@ -270,3 +270,28 @@ def test_each_run_of_a_job_has_a_container_name_of_its_own() -> None:
     names = {container_name("0123456789ab", f"gpu-server-rack4-0017/{t}") for t in (7, 8)}
     assert len(names) == 2
     assert container_name("0123456789ab", "a1/9") == "flexmesh-0123456789ab-a1_9"
+
+
+def test_a_failed_removal_of_an_ended_runs_container_is_tried_again(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The runtime failing ``rm -f`` once (a lock, a hiccup) must not leave the container
+    of a cancelled job running on the devices its lease gave back."""
+    agent = SimpleNamespace(settings=SimpleNamespace(), node=SimpleNamespace(name="n1"))
+    box = Containers(agent)  # type: ignore[arg-type]
+    box.runtimes = ("docker",)
+    answers = [None, (125, b"Error: storage is locked"), (1, b"Error: No such container: x")]
+    calls: list[list[str]] = []
+
+    def call(argv: list[str]) -> subprocess.CompletedProcess[bytes] | None:
+        calls.append(argv)
+        answer = answers.pop(0)
+        return None if answer is None else subprocess.CompletedProcess(argv, answer[0], b"",
+                                                                       answer[1])
+
+    monkeypatch.setattr(runtime_containers, "_call", call)
+    monkeypatch.setattr(runtime_containers, "RM_RETRIES", (0.0, 0.0, 0.0))
+    box.names["j1"] = "flexmesh-j1-n1_4"
+    asyncio.run(box.ended("j1", tmp_path))
+    assert calls == [["docker", "rm", "-f", "flexmesh-j1-n1_4"]] * 3 and answers == []
+    answers[:] = [(125, b"Error: storage is locked")] * 4
+    assert not asyncio.run(box.remove("flexmesh-j1-n1_5"))  # said so, after every try

@@ -53,6 +53,7 @@ _CLIENT_ENV = ("PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_HOS
 _PROBE_TIMEOUT = 30.0  # seconds for `info` at start (a first podman run sets up storage)
 _CALL_TIMEOUT = 60.0  # seconds for stop, rm, ps
 STOP_SLACK = 5.0  # seconds past the grace the client gets to exit once its container did
+RM_RETRIES = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)  # pauses between tries of a failed rm
 ENV_FILE = "container.env"
 _CDI_NAME = re.compile(r"""["']?name["']?\s*:\s*["']?([^"'\s,}]+)""")
 
@@ -191,13 +192,31 @@ class Containers:
         finally:
             await stopping
 
+    async def remove(self, name: str) -> bool:
+        """``rm -f NAME``, tried again while the runtime fails (a container left running
+        holds the devices its lease gave back); False if it never succeeded."""
+        for pause in (*RM_RETRIES, None):
+            done = await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            if done is not None and (done.returncode == 0 or b"no such container"
+                                     in done.stderr.lower()):
+                return True
+            why = "no answer" if done is None else done.stderr.decode(errors="replace")
+            if pause is None:
+                log.error("containers: cannot remove %s, which may still run: %s", name,
+                          why.strip()[-300:])
+                return False
+            log.warning("containers: cannot remove %s (again in %g s): %s", name, pause,
+                        why.strip()[-300:])
+            await asyncio.sleep(pause)
+        return False
+
     async def ended(self, job_id: str, job_dir: Path) -> None:
         """A run's client has ended: remove what is left of its container, and its env."""
         name = self.names.pop(job_id, None)
         if name is None:
             return
         if self.runtime:
-            await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            await self.remove(name)
         try:
             (job_dir / ENV_FILE).unlink()
         except FileNotFoundError:
