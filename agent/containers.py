@@ -213,10 +213,16 @@ def _path(path: str) -> str:
 
 def env_file_text(env: Mapping[str, str]) -> str:
     """``NAME=VALUE`` lines, as podman and docker read an ``--env-file``: a value on more
-    than one line cannot be written so, and is refused."""
+    than one line cannot be written so, and is refused, as is a name that the runtime
+    would read as another (blanks, '=')."""
     lines = []
     for k, v in env.items():
-        if "\n" in v or "\r" in v or "\n" in k:
+        # The runtime strips a name's leading blanks ("\tASCEND_VISIBLE_DEVICES" would set
+        # a name the owner keeps for itself, which a peer's start request may not).
+        if not k or "=" in k or not k.isprintable() or any(c.isspace() for c in k):
+            raise ContainerError(f"env name {k[:40]!r} is not a plain name (no '=', blanks "
+                                 "or control characters)")
+        if "\n" in v or "\r" in v:
             raise ContainerError(f"env {k} holds a line break, which a container's "
                                  "env file cannot carry")
         lines.append(f"{k}={v}\n")

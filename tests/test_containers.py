@@ -151,6 +151,11 @@ def test_the_env_file_carries_each_variable_on_a_line_and_refuses_a_line_break()
     assert env_file_text({"A": "1", "B": "x = y #z"}) == "A=1\nB=x = y #z\n"
     with pytest.raises(ContainerError, match="line break"):
         env_file_text({"A": "1\nB=2"})
+    # (podman strips a name's leading blanks: a peer's "\tASCEND_VISIBLE_DEVICES" would
+    # set the owner's own name past the reserved names' check)
+    for name in ("\tASCEND_VISIBLE_DEVICES", " NVIDIA_VISIBLE_DEVICES", "A=B", "A\rB", ""):
+        with pytest.raises(ContainerError, match="not a plain name"):
+            env_file_text({name: "0-7"})
 
 
 @pytest.mark.parametrize("image", ["", "-v", "--privileged", "a b", "x" * 600, "a;rm",
