@@ -42,6 +42,11 @@ CDI_GPU_KIND = "nvidia.com/gpu"
 # An image reference: registry/name:tag@digest characters only (no spaces, no option).
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
 MAX_IMAGE = 512
+# containers/image transports other than a registry's: podman takes "dir:/path",
+# "oci-archive:/path", "docker-archive:/path" ... as an image to read from the host, as the
+# agent's user (root), so a submitter could make it open any path of the owner.
+HOST_TRANSPORTS = frozenset({"containers-storage", "dir", "docker-archive", "docker-daemon",
+                             "oci", "oci-archive", "ostree", "sif", "tarball"})
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _NPU = re.compile(r"npu(\d+)")
 
@@ -84,6 +89,10 @@ def image_problem(image: str) -> str | None:
     if not image or len(image) > MAX_IMAGE or not _IMAGE.fullmatch(image):
         return (f"image must be an image reference (letters, digits and ._/:@+-, at most "
                 f"{MAX_IMAGE} characters, not starting with '-'): {image[:60]!r}")
+    transport, colon, _ = image.partition(":")
+    if colon and transport in HOST_TRANSPORTS:
+        return (f"image must name an image of a registry or of the runtime's store, not a "
+                f"{transport}: source on the node: {image[:60]!r}")
     return None
 
 
@@ -94,8 +103,10 @@ def network_problem(network: str) -> str | None:
 
 
 def container_name(job_id: str, lease_id: str) -> str:
-    """One name per run: a later run of the job (requeued) never meets an earlier one."""
-    return _NAME_UNSAFE.sub("_", f"flexmesh-{job_id}-{lease_id[:12]}")
+    """One name per run: a later run of the job (requeued) never meets an earlier one. The
+    whole lease id (``NODE/TOKEN``): a prefix of it is the same for every lease of a node
+    whose name is that long."""
+    return _NAME_UNSAFE.sub("_", f"flexmesh-{job_id}-{lease_id}")
 
 
 def build(run: ContainerRun) -> ContainerCommand:
@@ -208,10 +219,16 @@ def _path(path: str) -> str:
 
 def env_file_text(env: Mapping[str, str]) -> str:
     """``NAME=VALUE`` lines, as podman and docker read an ``--env-file``: a value on more
-    than one line cannot be written so, and is refused."""
+    than one line cannot be written so, and is refused, as is a name that the runtime
+    would read as another (blanks, '=')."""
     lines = []
     for k, v in env.items():
-        if "\n" in v or "\r" in v or "\n" in k:
+        # The runtime strips a name's leading blanks ("\tASCEND_VISIBLE_DEVICES" would set
+        # a name the owner keeps for itself, which a peer's start request may not).
+        if not k or "=" in k or not k.isprintable() or any(c.isspace() for c in k):
+            raise ContainerError(f"env name {k[:40]!r} is not a plain name (no '=', blanks "
+                                 "or control characters)")
+        if "\n" in v or "\r" in v:
             raise ContainerError(f"env {k} holds a line break, which a container's "
                                  "env file cannot carry")
         lines.append(f"{k}={v}\n")

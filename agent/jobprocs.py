@@ -98,6 +98,19 @@ def reap_child(pid: int, sweep_group: bool) -> tuple[int | None, str] | None:
     return describe_exit(os.waitstatus_to_exitcode(status))
 
 
+def sweep_adopted_group(pid: int, pid_start: int) -> None:
+    """SIGKILL what is left of the process group of an adopted job whose leader (``pid``,
+    started at ``pid_start``) has ended. The kernel gives no new process a pid that is
+    still a group's id, so while the group has members it is the job's; only a live
+    process at ``pid`` that started at another time (the group emptied, the pid reused)
+    makes it someone else's, and then nothing is sent."""
+    stat = read_stat(pid)
+    if stat is not None and stat.start != pid_start:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def reap_adopted(pid: int, pid_start: int) -> tuple[int | None, str]:
     """``(exit_code, reason)`` for an adopted process that has ended.
 

@@ -19,8 +19,10 @@ unavailable (``jobwatch``).
 
 When a child exits, the runner first SIGKILLs what is left of its process group (while the
 leader is still an unreaped zombie, so the group id cannot have been reused), then reaps it.
-A job's processes therefore never outlive it, except those that left the group with
-``setsid``; pass ``kill_group_on_exit=False`` to leave stragglers alone on a normal exit.
+An adopted job's group (an earlier agent instance started it) is swept likewise when its
+leader ends. A job's processes therefore never outlive it, except those that left the
+group with ``setsid``; pass ``kill_group_on_exit=False`` to leave stragglers alone on a
+normal exit.
 
 Exit codes and reasons
 ----------------------
@@ -59,6 +61,7 @@ from flexmesh.agent.jobprocs import (
     reap_adopted,
     reap_child,
     signal_job,
+    sweep_adopted_group,
 )
 from flexmesh.agent.jobspawn import JobStartError
 from flexmesh.agent.jobwatch import ExitWatch, JobProcess
@@ -247,6 +250,8 @@ class JobRunner:
                 return
             exit_code, reason = ended
         else:
+            if self._kill_group_on_exit or job.stop_reason is not None:
+                sweep_adopted_group(job.pid, job.pid_start)  # (before a reap frees its id)
             exit_code, reason = reap_adopted(job.pid, job.pid_start)
             recorded = supervise.recorded_exit(self.job_dir(job.job_id))
             if exit_code is None and recorded is not None:  # (its supervisor wrote it)

@@ -30,6 +30,7 @@ ZLIB = "zlib"
 LEVEL = 1  # zlib's fastest: most of the gain on text, a fraction of the CPU of level 6
 KEEP = 0.9  # compressed bytes are sent only if at most this share of the raw ones
 MIN_SIZE = 512  # bytes: below this a reply goes as it is (no gain worth the CPU)
+SAMPLE = 16 * 1024  # bytes of a large field tried first (see ``_may_save``)
 
 # Replies with bulk bytes, and the fields that hold them (the last one: ``encoding``).
 BULK: dict[type[wire.Message], tuple[str, ...]] = {
@@ -76,11 +77,24 @@ def deflate_reply(reply: wire.Message, level: int = LEVEL, keep: float = KEEP) -
     encoded: str = getattr(reply, "encoding", "")
     if names is None or encoded or raw_size(reply) < MIN_SIZE:
         return reply
+    if not any(_may_save(getattr(reply, f), level, keep) for f in names):
+        return reply  # (random or already compressed bytes: not worth the whole)
     packed = {f: zlib.compress(getattr(reply, f), level) if getattr(reply, f) else b""
               for f in names}
     if sum(len(v) for v in packed.values()) > keep * raw_size(reply):
         return reply
     return dataclasses.replace(reply, encoding=ZLIB, **packed)  # type: ignore[type-var]
+
+
+def _may_save(data: bytes, level: int, keep: float) -> bool:
+    """Whether compressing ``data`` may save: for a large field, judged on a sample from
+    its middle first, so an incompressible chunk (most of a workdir of data) costs a
+    sample's deflate, not a whole megabyte's."""
+    if len(data) <= 4 * SAMPLE:
+        return bool(data)
+    middle = len(data) // 2
+    sample = data[middle - SAMPLE // 2:middle + SAMPLE // 2]
+    return len(zlib.compress(sample, level)) <= keep * len(sample)
 
 
 def inflate(data: bytes, limit: int) -> bytes:

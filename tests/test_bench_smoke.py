@@ -128,13 +128,15 @@ def test_bench_fleet_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     bench = load("bench_fleet")
     rc = bench.main(["--agents", "3", "--loss", "10", "--rate", "2", "--profile", "local",
                      "--duration", "4", "--job-every", "2", "--job-seconds", "0", "--poll",
-                     "0.5", "--drain", "60", "--converge-timeout", "60"])
+                     "0.5", "--drain", "60", "--converge-timeout", "60", "--crashes", "1"])
     assert rc == 0
     (x,) = lines(capsys.readouterr().out)
     assert x["bench"] == "fleet" and x["agents"] == 3 and x["loss_pct"] == 10
     assert x["convergence_s"] > 0 and x["coordinators_seen"] == ["g0"]
     assert x["false_dead"] >= 0 and x["jobs_submitted"] >= 1
     assert x["jobs_completed"] == x["jobs_output_ok"] == x["jobs_submitted"], x
+    assert x["crash_victims"] == ["g0"] and x["crash_undetected"] == 0, x  # the coordinator
+    assert len(x["crash_detect_s"]) == 1 and x["crash_detect_s"][0] > 0, x
 
 
 def test_bench_vivaldi_smoke(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,8 +4,11 @@ coordinator that never places an image where no runtime is."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +23,8 @@ from flexmesh.agent.containers import (
     image_problem,
 )
 from flexmesh.agent.devices.base import Device
-from flexmesh.agent.runtime.containers import cdi_gpu_names
+from flexmesh.agent.runtime import containers as runtime_containers
+from flexmesh.agent.runtime.containers import Containers, cdi_gpu_names
 from flexmesh.agent.scheduler import Proposal, Scheduler
 from flexmesh.policies import DEFAULT_POLICY, Candidate, get_policy, get_spec
 from flexmesh.protocol import facts, wire
@@ -147,9 +151,17 @@ def test_the_env_file_carries_each_variable_on_a_line_and_refuses_a_line_break()
     assert env_file_text({"A": "1", "B": "x = y #z"}) == "A=1\nB=x = y #z\n"
     with pytest.raises(ContainerError, match="line break"):
         env_file_text({"A": "1\nB=2"})
+    # (podman strips a name's leading blanks: a peer's "\tASCEND_VISIBLE_DEVICES" would
+    # set the owner's own name past the reserved names' check)
+    for name in ("\tASCEND_VISIBLE_DEVICES", " NVIDIA_VISIBLE_DEVICES", "A=B", "A\rB", ""):
+        with pytest.raises(ContainerError, match="not a plain name"):
+            env_file_text({name: "0-7"})
 
 
-@pytest.mark.parametrize("image", ["", "-v", "--privileged", "a b", "x" * 600, "a;rm"])
+@pytest.mark.parametrize("image", ["", "-v", "--privileged", "a b", "x" * 600, "a;rm",
+                                   "oci:/tmp/img", "dir:/root", "docker-archive:/etc/shadow",
+                                   "oci-archive:img.tar", "containers-storage:busybox",
+                                   "docker-daemon:busybox:1", "sif:/x.sif"])
 def test_what_is_not_an_image_reference_is_refused(image: str) -> None:
     assert image_problem(image) is not None
     with pytest.raises(ContainerError):
@@ -158,7 +170,8 @@ def test_what_is_not_an_image_reference_is_refused(image: str) -> None:
 
 def test_real_image_references_pass() -> None:
     for image in ("busybox", "localhost/flexmesh-test:1", "nvcr.io/nvidia/pytorch:24.01-py3",
-                  "ghcr.io/a/b@sha256:" + "0" * 64):
+                  "ghcr.io/a/b@sha256:" + "0" * 64, "docker://busybox:1", "localhost/dir:1",
+                  "registry:5000/oci:2"):
         assert image_problem(image) is None
 
 
@@ -236,3 +249,72 @@ def test_an_exit_code_of_the_runtimes_says_what_it_may_mean() -> None:
     assert "could not run the container" in exit_hint(125)
     assert "extra_args" in exit_hint(126) and "not found in the image" in exit_hint(127)
     assert exit_hint(0) == exit_hint(3) == exit_hint(None) == ""
+
+
+def test_strays_are_removed_before_the_node_says_it_has_a_runtime(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start the owner removes its containers that no adopted run names; until that is
+    done it gossips no runtime, so no image job is started here that the clean-up would
+    take for a stray (its container created between the listing and the removals)."""
+    node = SimpleNamespace(name="n1", runtimes=(), published=0)
+    node.publish_facts = lambda: setattr(node, "published", node.published + 1)
+    agent = SimpleNamespace(settings=SimpleNamespace(containers_runtime="auto"), node=node)
+    box = Containers(agent)  # type: ignore[arg-type]
+    box.names["kept"] = "flexmesh-kept-L1"  # adopted after the restart
+    calls: list[tuple[list[str], tuple[str, ...], str]] = []
+
+    def call(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+        calls.append((argv, node.runtimes, box.runtime))
+        out = b"flexmesh-kept-L1\nflexmesh-old-L0\n" if argv[1] == "ps" else b""
+        return subprocess.CompletedProcess(argv, 0, out, b"")
+
+    monkeypatch.setattr(runtime_containers, "detect", lambda choice: ["podman"])
+    monkeypatch.setattr(runtime_containers, "_call", call)
+
+    async def no_images() -> None:
+        return None
+
+    monkeypatch.setattr(box, "refresh_images", no_images)  # (what it holds: another test)
+    asyncio.run(box.start(lambda: ["kept"]))
+    assert [argv[:2] for argv, _, _ in calls] == [["podman", "ps"], ["podman", "rm"]]
+    assert calls[1][0][-1] == "flexmesh-old-L0"
+    assert all(gossiped == () and used == "" for _, gossiped, used in calls)
+    assert (node.runtimes, node.published, box.runtime) == (("podman",), 1, "podman")
+
+
+def test_each_run_of_a_job_has_a_container_name_of_its_own() -> None:
+    """Two leases of one node differ only in their token, after the node's name (up to
+    64 characters): a name cut to a prefix of the lease gave every run the same one."""
+    names = {container_name("0123456789ab", f"gpu-server-rack4-0017/{t}") for t in (7, 8)}
+    assert len(names) == 2
+    assert container_name("0123456789ab", "a1/9") == "flexmesh-0123456789ab-a1_9"
+
+
+def test_a_failed_removal_of_an_ended_runs_container_is_tried_again(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The runtime failing ``rm -f`` once (a lock, a hiccup) must not leave the container
+    of a cancelled job running on the devices its lease gave back."""
+    agent = SimpleNamespace(settings=SimpleNamespace(), node=SimpleNamespace(name="n1"))
+    box = Containers(agent)  # type: ignore[arg-type]
+    box.runtimes = ("docker",)
+    answers = [None, (125, b"Error: storage is locked"), (1, b"Error: No such container: x")]
+    calls: list[list[str]] = []
+
+    def call(argv: list[str]) -> subprocess.CompletedProcess[bytes] | None:
+        calls.append(argv)
+        answer = answers.pop(0)
+        return None if answer is None else subprocess.CompletedProcess(argv, answer[0], b"",
+                                                                       answer[1])
+
+    monkeypatch.setattr(runtime_containers, "_call", call)
+    monkeypatch.setattr(runtime_containers, "RM_RETRIES", (0.0, 0.0, 0.0))
+
+    async def no_images() -> None:
+        return None
+
+    monkeypatch.setattr(box, "refresh_images", no_images)
+    box.names["j1"] = "flexmesh-j1-n1_4"
+    asyncio.run(box.ended("j1", tmp_path))
+    assert calls == [["docker", "rm", "-f", "flexmesh-j1-n1_4"]] * 3 and answers == []
+    answers[:] = [(125, b"Error: storage is locked")] * 4
+    assert not asyncio.run(box.remove("flexmesh-j1-n1_5"))  # said so, after every try

@@ -102,7 +102,8 @@ def test_a_borrowed_job_sees_a_clean_environment(mesh: LocalMesh,
     assert seen["FLEXMESH_MEMORY_MIB"] == "8192"  # half of 16 GiB: in proportion, not 0
     assert {k for k in seen if k.startswith("FLEXMESH_")} <= {
         "FLEXMESH_JOB_ID", "FLEXMESH_DEVICE", "FLEXMESH_COMPUTE_MILLI",
-        "FLEXMESH_MEMORY_MIB", "FLEXMESH_ORIGIN"}
+        "FLEXMESH_MEMORY_MIB", "FLEXMESH_ORIGIN", "FLEXMESH_OUTPUT"}
+    assert seen["FLEXMESH_OUTPUT"].endswith(f"/{job_id}/1.output")  # a fresh one per run
 
 
 def _ended(mesh: LocalMesh, job_id: str) -> dict[str, object] | None:

@@ -554,3 +554,31 @@ def test_records_of_the_previous_version_are_still_read(tmp_path: Path) -> None:
     assert supervise.recorded_exit(tmp_path, "n1/9") == -9
     (tmp_path / supervise.STATUS_FILE).write_text("run n1/9\n")  # the run has not ended
     assert supervise.recorded_exit(tmp_path, "n1/9") is None
+
+
+def test_an_adopted_jobs_leftover_processes_are_swept_when_it_ends(
+        run: Run[None], tmp_path: Path) -> None:
+    """A job started by an earlier agent instance (not this one's child) leaves a process
+    in its group behind when it exits: swept, as for a job this agent started, so nothing
+    of it runs on past its lease after an agent restart."""
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits, poll_interval_s=0.05)
+        code = ("import sys; from pathlib import Path; from flexmesh.agent import jobspawn\n"
+                "pid, start = jobspawn.spawn(sys.argv[1], Path(sys.argv[2]), sys.argv[3:], "
+                "{'PATH': '/usr/bin:/bin'}, None)\n"
+                "print(pid, start)\n")
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", code, "bg", str(runner.job_dir("bg")),
+                             "sh", "-c", "sleep 60 & echo $!; sleep 0.5"],
+            capture_output=True, check=True)
+        pid, start = map(int, done.stdout.split())
+        try:
+            assert runner.adopt("bg", pid, start)
+            assert await exits.wait("bg") == (0, "exited with code 0")
+            straggler = int((runner.job_dir("bg") / "stdout").read_text())
+            await wait_gone(straggler)
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())

@@ -84,6 +84,28 @@ def test_incompressible_or_small_chunks_go_as_they_are() -> None:
     assert compress.deflate_reply(small) is small
 
 
+def test_a_large_incompressible_chunk_is_judged_on_a_sample(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A megabyte of random bytes costs the deflate of a sample, not of the whole; a
+    chunk whose middle compresses is compressed whole."""
+    calls: list[int] = []
+    real = compress.zlib.compress
+
+    def counted(data: bytes, level: int = -1) -> bytes:
+        calls.append(len(data))
+        return real(data, level)
+
+    monkeypatch.setattr(compress.zlib, "compress", counted)
+    noise = os.urandom(1 << 20)
+    assert compress.deflate_reply(wire.BundleChunk(SHA, 0, noise, 1 << 20)).encoding == ""
+    assert calls == [compress.SAMPLE]
+    calls.clear()
+    mixed = noise[:300_000] + (TEXT * 4)[:400_000] + noise[:300_000]
+    packed = compress.deflate_reply(wire.BundleChunk(SHA, 0, mixed, len(mixed)))
+    assert calls == [compress.SAMPLE, len(mixed)] and packed.encoding == "zlib"
+    assert compress.inflate_reply(packed, len(mixed)).data == mixed
+
+
 def test_output_streams_are_compressed_together_and_an_empty_one_stays_empty() -> None:
     reply = wire.JobSyncReply("running", "", None, TEXT[:SYNC_CHUNK], b"", False)
     packed = compress.deflate_reply(reply)

@@ -355,3 +355,32 @@ def test_a_job_run_where_it_was_submitted_is_a_job_and_a_run() -> None:
     assert [e.job.state for e in written if isinstance(e, PersistJob)][-1] == "succeeded"
     assert [e.run.state for e in written if isinstance(e, PersistRun)][-1] == "succeeded"
     assert node.views.status().jobs == {("succeeded", "both"): 1}
+
+
+def test_a_cancel_of_a_job_run_here_is_journaled_and_resumed_after_a_restart() -> None:
+    """A local job's cancel stops its process at once, but the stop takes up to the grace
+    (a job that ignores SIGTERM all of it): an agent killed in between adopts the run back
+    and must stop it again, not let it run on to be reported succeeded."""
+    node = Node(NodeConfig("solo", "127.0.0.1:7946"), random.Random(1), 0.0)
+    node.set_devices([gpu(0)], {}, 0.0)
+    for _ in range(40):
+        node.tick(node.next_deadline())
+    node.submit(JobRecord(id="j1", origin="solo", command=["sleep", "99"],
+                          compute_milli=500, memory_mib=1024), node._now)
+    (start,) = [e for e in node.drain() if isinstance(e, RunJob)]
+    node.job_started("j1", 4242, 17, node._now, lease_id=start.job.lease_id)
+    node.drain()
+    assert node.cancel("j1", node._now) == "cancelling"
+    written = node.drain()
+    assert [e.job_id for e in written if isinstance(e, StopJob)] == ["j1"]
+    (job,) = [e.job for e in written if isinstance(e, PersistJob)]
+    assert job.cancel_requested and job.state == "running"
+    run, leases = node.owner.runs["j1"], list(node.leases.leases.values())
+    # kill -9 now; the process ignores SIGTERM and lives on: the next agent adopts it
+    after = Node(NodeConfig("solo", "127.0.0.1:7946"), random.Random(2), 10.0)
+    after.set_devices([gpu(0)], {}, 10.0)
+    after.recover([job], [run], leases, lambda r: True, 10.0)
+    stops = [e for e in after.drain() if isinstance(e, StopJob)]
+    assert [(s.job_id, s.state) for s in stops] == [("j1", CANCELLED)]
+    after.job_exited("j1", 137, "killed by signal 9 (SIGKILL)", 14.0)
+    assert after.origin.jobs["j1"].state == CANCELLED

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flexmesh.agent.config import Settings
-from flexmesh.agent.models import JobRecord
+from flexmesh.agent.models import RunRecord
 from flexmesh.agent.node import RunJob
 from flexmesh.agent.runtime.processes import Processes
 
@@ -19,6 +19,7 @@ class _Node:
         self.told: list[tuple[str, Any]] = []
         self.name = "n"
         self.origin = SimpleNamespace(jobs={})
+        self.owner = SimpleNamespace(runs={})  # (no run record: its end is told at once)
 
     def job_started(self, job_id: str, pid: int, *args: Any, **kw: Any) -> None:
         self.told.append(("started", pid))
@@ -37,7 +38,8 @@ def test_the_start_is_told_before_an_exit_that_came_first(tmp_path: Path) -> Non
 
         agent = SimpleNamespace(state_dir=tmp_path, node=node, loop=asyncio.get_running_loop(),
                                 settings=Settings(state_dir=str(tmp_path)), flush=flush,
-                                sampler=SimpleNamespace(enforcement="none"), kick=lambda: None)
+                                sampler=SimpleNamespace(enforcement="none"), kick=lambda: None,
+                                results=SimpleNamespace(make=lambda job, user: tmp_path / "out"))
         procs = Processes(agent)  # type: ignore[arg-type]
 
         async def start(job_id: str, *args: Any, **kw: Any) -> tuple[int, int]:
@@ -45,7 +47,7 @@ def test_the_start_is_told_before_an_exit_that_came_first(tmp_path: Path) -> Non
             return 4242, 1
 
         procs.runner.start = start  # type: ignore[method-assign]
-        job = JobRecord(id="j1", origin="o", command=["true"], compute_milli=1000,
+        job = RunRecord(id="j1", origin="o", command=["true"], compute_milli=1000,
                         memory_mib=0, lease_id="L1")
         job.uid = None
         await procs.run(RunJob(job, ()))

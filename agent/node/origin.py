@@ -27,6 +27,7 @@ from flexmesh.agent.models import (
     RUNNING,
     JobRecord,
 )
+from flexmesh.agent.node import cancels
 from flexmesh.agent.node.coordinator import device_candidates
 from flexmesh.agent.node.effects import ArchiveOutput, PendingCall
 from flexmesh.agent.node.follow import Follow
@@ -128,6 +129,7 @@ class Origin:
         for job in list(self.jobs.values()):
             if job.gang and job.terminal:
                 gang_ended(self, job, now)
+        cancels.resume(self, now)
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -346,6 +348,7 @@ class Origin:
             self.end(job, CANCELLED, reason, now)
             return CANCELLED
         if self.runs_here(job):
+            cancels.remember(self, job, reason)  # (a restart before it ends stops it again)
             self.node.owner.stop_job(job.id, reason, CANCELLED, now)
             return "cancelling"
         # Told to the owner until it answers: a cancel is never lost to a failed call or

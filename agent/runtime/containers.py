@@ -54,6 +54,7 @@ _CLIENT_ENV = ("PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_HOS
 _PROBE_TIMEOUT = 30.0  # seconds for `info` at start (a first podman run sets up storage)
 _CALL_TIMEOUT = 60.0  # seconds for stop, rm, ps
 STOP_SLACK = 5.0  # seconds past the grace the client gets to exit once its container did
+RM_RETRIES = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)  # pauses between tries of a failed rm
 ENV_FILE = "container.env"
 _CDI_NAME = re.compile(r"""["']?name["']?\s*:\s*["']?([^"'\s,}]+)""")
 
@@ -128,13 +129,14 @@ class Containers:
     async def start(self, keep: Callable[[], Sequence[str]]) -> None:
         """Find the runtimes, gossip them, and remove this node's containers whose job is
         not among ``keep()`` (runs adopted after a restart)."""
-        self.runtimes = tuple(await asyncio.to_thread(
-            detect, self.agent.settings.containers_runtime))
-        log.info("containers: runtimes %s", ", ".join(self.runtimes) or "none")
+        found = tuple(await asyncio.to_thread(detect, self.agent.settings.containers_runtime))
+        log.info("containers: runtimes %s", ", ".join(found) or "none")
+        if found:  # before the node has a runtime (and is given image jobs): a container
+            await self.reconcile(set(keep()), found[0])  # started meanwhile is no stray
+        self.runtimes = found
         self.agent.node.runtimes = self.runtimes
         self.agent.node.publish_facts()
         if self.runtime:
-            await self.reconcile(set(keep()))
             await self.refresh_images()
 
     async def refresh_images(self) -> None:
@@ -148,10 +150,10 @@ class Containers:
         payload.tell_held(payload.holdings.set_images(image_refs(done.stdout.decode(
             errors="replace"))))
 
-    async def reconcile(self, keep: set[str]) -> list[str]:
+    async def reconcile(self, keep: set[str], runtime: str) -> list[str]:
         """Remove the containers of this node whose job is not in ``keep``."""
         done = await asyncio.to_thread(_call, [
-            self.runtime, "ps", "-a", "--filter", f"label={LABEL_NODE}={self.agent.node.name}",
+            runtime, "ps", "-a", "--filter", f"label={LABEL_NODE}={self.agent.node.name}",
             "--filter", f"label={LABEL_JOB}", "--format", "{{.Names}}"])
         if done is None or done.returncode != 0:
             return []
@@ -159,7 +161,7 @@ class Containers:
         stale = [n for n in done.stdout.decode().split() if n not in wanted]
         for name in stale:
             log.info("containers: removing %s, whose run is not here any more", name)
-            await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            await asyncio.to_thread(_call, [runtime, "rm", "-f", name])
         return stale
 
     def track(self, job: RunRecord) -> None:
@@ -205,13 +207,31 @@ class Containers:
         finally:
             await stopping
 
+    async def remove(self, name: str) -> bool:
+        """``rm -f NAME``, tried again while the runtime fails (a container left running
+        holds the devices its lease gave back); False if it never succeeded."""
+        for pause in (*RM_RETRIES, None):
+            done = await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            if done is not None and (done.returncode == 0 or b"no such container"
+                                     in done.stderr.lower()):
+                return True
+            why = "no answer" if done is None else done.stderr.decode(errors="replace")
+            if pause is None:
+                log.error("containers: cannot remove %s, which may still run: %s", name,
+                          why.strip()[-300:])
+                return False
+            log.warning("containers: cannot remove %s (again in %g s): %s", name, pause,
+                        why.strip()[-300:])
+            await asyncio.sleep(pause)
+        return False
+
     async def ended(self, job_id: str, job_dir: Path) -> None:
         """A run's client has ended: remove what is left of its container, and its env."""
         name = self.names.pop(job_id, None)
         if name is None:
             return
         if self.runtime:
-            await asyncio.to_thread(_call, [self.runtime, "rm", "-f", name])
+            await self.remove(name)
             await self.refresh_images()
         try:
             (job_dir / ENV_FILE).unlink()
