@@ -131,7 +131,7 @@ def plain_python(src: Path, dest: Path) -> float:
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
-    failed: list[BaseException] = []
+    failed: list[OSError] = []
 
     def receive() -> None:
         try:
@@ -139,19 +139,19 @@ def plain_python(src: Path, dest: Path) -> float:
             with conn, open(dest, "wb") as out:
                 while data := conn.recv(MIB):
                     out.write(data)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except OSError as exc:  # reported below
             failed.append(exc)
 
     thread = threading.Thread(target=receive)
     thread.start()
-    tar = subprocess.Popen(["tar", "-c", "-C", str(src), "."], stdout=subprocess.PIPE)
-    assert tar.stdout is not None
-    with socket.create_connection(lsock.getsockname()) as conn:
+    with subprocess.Popen(["tar", "-c", "-C", str(src), "."], stdout=subprocess.PIPE) as tar, \
+            socket.create_connection(lsock.getsockname()) as conn:
+        assert tar.stdout is not None
         while data := tar.stdout.read(MIB):
             conn.sendall(data)
     thread.join()
     lsock.close()
-    if tar.wait() != 0 or failed:
+    if tar.returncode != 0 or failed:
         raise RuntimeError(f"plain copy failed: tar {tar.returncode}, {failed}")
     return time.perf_counter() - t0
 
@@ -249,6 +249,7 @@ def log_seconds(log: Path, event: str, job_id: str) -> float:
 
 def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mib * MIB
+    load = os.getloadavg()[0]
     src = root / "project"
     make_workdir(src, size, args.files, args.seed)
     work = root / "work"
@@ -292,6 +293,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
         "sealed": not args.insecure_plaintext, "bundle_bytes": bundle_bytes,
+        "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
         "fetch_s": round(fetch_s, 3), "fetch_mib_s": round(fetch_mib_s, 1),
         "unpack_s": round(unpack_s, 3),
         "plain_method": method, "plain_bytes": plain_bytes,

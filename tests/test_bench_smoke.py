@@ -159,3 +159,20 @@ def test_bench_chaos_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert x["runs_completed"] >= 4 and x["succeeded_not_run"] == 0, x
     assert x["jobs_ran_concurrently"] == [] and x["jobs_completed_twice"] == 0, x
     assert 0 < x["max_lease_ratio"] <= 1 and x["max_concurrent_runs"] <= x["slots"] == 4, x
+
+
+@pytest.mark.integration
+def test_bench_payload_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_payload")
+    assert bench.main(["--size-mib", "4", "--files", "2", "--plain", "python"]) == 0
+    (x,) = lines(capsys.readouterr().out)
+    assert x["bench"] == "payload" and x["size_mib"] == 4 and x["plain_method"] == "python"
+    assert x["bundle_bytes"] >= 4 * 1024 * 1024 and x["plain_bytes"] >= 4 * 1024 * 1024
+    assert x["fetch_s"] > 0 and x["fetch_mib_s"] > 0 and x["plain_mib_s"] > 0, x
+    assert x["ratio"] == pytest.approx(x["fetch_mib_s"] / x["plain_mib_s"], rel=0.01)
+    assert x["fetch_calls"] == 5 and x["unpack_s"] >= 0  # 4 MiB and the tar headers
+    assert x["origin_rss_before_mib"] > 0 and x["owner_rss_before_mib"] > 0
+    assert x["rss_samples"] > 0 and "owner_rss_increase_mib" in x
+    assert 0 < x["baseline_submit_to_start_s"] < x["first_submit_to_start_s"], x
+    assert x["cache_hit_fetched_bytes"] == 0 and x["cache_hits"] == 1, x
+    assert x["cache_hit_submit_to_start_s"] > 0
