@@ -26,6 +26,12 @@ bytes (``--files`` files, seeded) is made, and then, in this order:
    rise of the owner's ``bundle_fetch_bytes`` counter over that job (0 expected), with
    its submit-to-start.
 
+CPU: ``origin_cpu_ms_per_mib`` and ``owner_cpu_ms_per_mib`` are each agent's CPU time
+(``/proc/PID/stat``) from the first to the last sample that saw a file in the owner's
+``bundles/partial`` (the fetch runs while it is there), per MiB of bundle;
+``plain_cpu_ms_per_mib`` is tar's, socat's (or this process's pipe threads') over the
+plain copy. Unlike the times, these hardly move with what else the machine runs.
+
 Memory: a thread reads ``VmRSS`` of both agent processes from ``/proc/PID/status`` every
 ``--sample-ms`` (20) ms, from before the first job is submitted until it has ended; each
 agent's increase is its peak minus its RSS just before (the mean of the samples of the
@@ -41,6 +47,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -156,11 +163,21 @@ def plain_python(src: Path, dest: Path) -> float:
     return time.perf_counter() - t0
 
 
-def plain_copy(method: str, src: Path, dest: Path) -> tuple[float, int]:
+def _cpu_here() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                 resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def plain_copy(method: str, src: Path, dest: Path) -> tuple[float, int, float]:
+    """(seconds, bytes, CPU seconds of both ends) of one plain copy."""
+    cpu = _cpu_here()
     seconds = plain_socat(src, dest) if method == "socat" else plain_python(src, dest)
+    cpu = _cpu_here() - cpu
     size = dest.stat().st_size
     dest.unlink()
-    return seconds, size
+    return seconds, size, cpu
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -173,21 +190,40 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-class RssSampler(threading.Thread):
-    """Peak VmRSS of some processes, read every ``interval`` seconds until stopped."""
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, pids: dict[str, int], interval: float) -> None:
+
+class RssSampler(threading.Thread):
+    """Peak VmRSS of some processes, read every ``interval`` seconds until stopped; and
+    their CPU time while ``partial`` (the owner's folder of partial downloads) holds a
+    file, that is while the fetch runs."""
+
+    def __init__(self, pids: dict[str, int], interval: float, partial: Path) -> None:
         super().__init__(daemon=True)
-        self.pids, self.interval = pids, interval
+        self.pids, self.interval, self.partial = pids, interval, partial
         self.samples: dict[str, list[tuple[float, int]]] = {n: [] for n in pids}
+        self.fetching: dict[str, list[float]] = {n: [] for n in pids}  # CPU s, first/last
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             now = time.monotonic()
+            busy = self.partial.is_dir() and any(self.partial.iterdir())
             for name, pid in self.pids.items():
                 self.samples[name].append((now, rss_kib(pid)))
+                if busy:
+                    self.fetching[name][1:] = [cpu_s(pid)]
+                    if len(self.fetching[name]) == 1:
+                        self.fetching[name].insert(0, self.fetching[name][0])
             self.done.wait(self.interval)
+
+    def fetch_cpu_s(self, name: str) -> float:
+        """CPU seconds of ``name`` between the first and last sample that saw the fetch."""
+        seen = self.fetching[name]
+        return seen[-1] - seen[0] if seen else 0.0
 
     def increase_mib(self, name: str, mark: float) -> tuple[float, float]:
         """(RSS before ``mark``, peak after it minus that), in MiB."""
@@ -257,7 +293,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     work.chmod(0o711)
     method = args.plain if args.plain != "auto" else (
         "socat" if shutil.which("socat") else "python")
-    plain: list[tuple[float, int]] = []
+    plain: list[tuple[float, int, float]] = []
     with LocalMesh(root / "mesh", plaintext=args.insecure_plaintext) as mesh:
         mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work, size))
         mesh.start("d", join=["a"], extra=["--priority", "10",
@@ -267,7 +303,8 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         note(f"baseline submit-to-start {baseline:.3f}s; plain copy ({method})")
         plain.append(plain_copy(method, src, root / "plain.tar"))
         pids = {n: p.proc.pid for n, p in mesh.agents.items() if p.proc is not None}
-        sampler = RssSampler(pids, args.sample_ms / 1000)
+        partial = mesh.agents["a"].dir / "state" / "bundles" / "partial"
+        sampler = RssSampler(pids, args.sample_ms / 1000, partial)
         sampler.start()
         time.sleep(0.6)
         mark = time.monotonic()
@@ -285,7 +322,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         unpack_s = log_seconds(owner_log, "bundle_unpacked", first_id)
         bundle_bytes = int(mesh.json("d", "show", first_id)["bundle_size"])
     plain.append(plain_copy(method, src, root / "plain.tar"))
-    plain_s, plain_bytes = min(plain)
+    plain_s, plain_bytes, plain_cpu = min(plain)
     fetch_mib_s = bundle_bytes / MIB / fetch_s
     plain_mib_s = plain_bytes / MIB / plain_s
     origin_before, origin_up = sampler.increase_mib("d", mark)
@@ -296,9 +333,14 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
         "fetch_s": round(fetch_s, 3), "fetch_mib_s": round(fetch_mib_s, 1),
         "unpack_s": round(unpack_s, 3),
+        # CPU per MiB fetched, each side, while the owner's partial file existed: unlike
+        # the times, hardly moved by what else the machine runs.
+        "origin_cpu_ms_per_mib": round(sampler.fetch_cpu_s("d") * 1000 * MIB / bundle_bytes, 2),
+        "owner_cpu_ms_per_mib": round(sampler.fetch_cpu_s("a") * 1000 * MIB / bundle_bytes, 2),
         "plain_method": method, "plain_bytes": plain_bytes,
-        "plain_s": round(plain_s, 3), "plain_s_runs": [round(s, 3) for s, _ in plain],
+        "plain_s": round(plain_s, 3), "plain_s_runs": [round(p[0], 3) for p in plain],
         "plain_mib_s": round(plain_mib_s, 1),
+        "plain_cpu_ms_per_mib": round(plain_cpu * 1000 * MIB / plain_bytes, 2),
         "ratio": round(fetch_mib_s / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
         "fetch_calls": served,
         "origin_rss_before_mib": round(origin_before, 1),
