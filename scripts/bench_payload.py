@@ -6,8 +6,9 @@ bytes (``--files`` files, seeded) is made, and then, in this order:
 
 1. **Baseline**: a job without a workdir, to time submit-to-start with no bundle.
 2. **Plain copy** of the same bytes: ``tar -c DIR | socat - TCP:127.0.0.1:PORT`` into
-   ``socat TCP-LISTEN:PORT - > FILE`` (where socat is not installed: the same tar stream
-   through a Python socket pair, one thread each side; ``plain_method`` says which). Timed
+   ``socat TCP-LISTEN:PORT - > FILE`` (socat's default 8 KiB blocks; where socat is not
+   installed, or with ``--plain python``: the same tar stream through a Python socket
+   pair, 1 MiB at a time, one thread each side; ``plain_method`` says which). Timed
    from starting the receiver to both ends having exited, so it covers reading the tree,
    the loopback hop and writing the file, as the fetch covers reading the bundle, the hop
    and writing (and hashing) the partial file. It runs once before the agents' transfer
