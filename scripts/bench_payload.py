@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -284,66 +285,41 @@ def log_seconds(log: Path, event: str, job_id: str) -> float:
     raise RuntimeError(f"no {event} line for job {job_id} in {log}")
 
 
-def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    size = args.size_mib * MIB
-    load = os.getloadavg()[0]
-    src = root / "project"
-    make_workdir(src, size, args.files, args.seed)
-    work = root / "work"
-    work.mkdir(mode=0o711)
-    work.chmod(0o711)
-    method = args.plain if args.plain != "auto" else (
-        "socat" if shutil.which("socat") else "python")
-    plain: list[tuple[float, int, float]] = []
-    with LocalMesh(root / "mesh", plaintext=args.insecure_plaintext) as mesh:
-        mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work, size))
-        mesh.start("d", join=["a"], extra=["--priority", "10",
-                                           *_config(mesh, "d", work, size)])
-        mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
-        _, baseline = run_job(mesh, None, "/", args.timeout)
-        note(f"baseline submit-to-start {baseline:.3f}s; plain copy ({method})")
-        plain.append(plain_copy(method, src, root / "plain.tar"))
-        pids = {n: p.proc.pid for n, p in mesh.agents.items() if p.proc is not None}
-        partial = mesh.agents["a"].dir / "state" / "bundles" / "partial"
-        sampler = RssSampler(pids, args.sample_ms / 1000, partial)
-        sampler.start()
-        time.sleep(0.6)
-        mark = time.monotonic()
-        note(f"plain copy {plain[0][0]:.3f}s; first job with a {args.size_mib} MiB workdir")
-        first_id, first = run_job(mesh, src, "f0.bin", args.timeout)
-        sampler.done.set()
-        sampler.join()
-        fetched = counters(mesh, "a")
-        served = counters(mesh, "d").get("bundle_chunks_served", 0)
-        note("second job, the same workdir")
-        _, second = run_job(mesh, src, "f0.bin", args.timeout)
-        after = counters(mesh, "a")
-        owner_log = mesh.agents["a"].log
-        fetch_s = log_seconds(owner_log, "bundle_fetched", first_id)
-        unpack_s = log_seconds(owner_log, "bundle_unpacked", first_id)
-        bundle_bytes = int(mesh.json("d", "show", first_id)["bundle_size"])
-    plain.append(plain_copy(method, src, root / "plain.tar"))
-    plain_s, plain_bytes, plain_cpu = min(plain)
-    fetch_mib_s = bundle_bytes / MIB / fetch_s
-    plain_mib_s = plain_bytes / MIB / plain_s
+def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
+             copy_plain: Callable[[], None]) -> dict[str, Any]:
+    """The agents' side: a baseline job, ``copy_plain()``, the first and the second job
+    with the workdir; their figures."""
+    _, baseline = run_job(mesh, None, "/", args.timeout)
+    note(f"baseline submit-to-start {baseline:.3f}s; plain copy")
+    copy_plain()
+    pids = {n: p.proc.pid for n, p in mesh.agents.items() if p.proc is not None}
+    partial = mesh.agents["a"].dir / "state" / "bundles" / "partial"
+    sampler = RssSampler(pids, args.sample_ms / 1000, partial)
+    sampler.start()
+    time.sleep(0.6)
+    mark = time.monotonic()
+    note(f"first job with a {args.size_mib} MiB workdir")
+    first_id, first = run_job(mesh, src, "f0.bin", args.timeout)
+    sampler.done.set()
+    sampler.join()
+    fetched = counters(mesh, "a")
+    note("second job, the same workdir")
+    _, second = run_job(mesh, src, "f0.bin", args.timeout)
+    after = counters(mesh, "a")
+    owner_log = mesh.agents["a"].log
+    fetch_s = log_seconds(owner_log, "bundle_fetched", first_id)
+    size = int(mesh.json("d", "show", first_id)["bundle_size"])
     origin_before, origin_up = sampler.increase_mib("d", mark)
     owner_before, owner_up = sampler.increase_mib("a", mark)
     return {
-        "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
-        "sealed": not args.insecure_plaintext, "bundle_bytes": bundle_bytes,
-        "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
-        "fetch_s": round(fetch_s, 3), "fetch_mib_s": round(fetch_mib_s, 1),
-        "unpack_s": round(unpack_s, 3),
+        "bundle_bytes": size, "fetch_s": round(fetch_s, 3),
+        "fetch_mib_s": round(size / MIB / fetch_s, 1),
+        "unpack_s": round(log_seconds(owner_log, "bundle_unpacked", first_id), 3),
         # CPU per MiB fetched, each side, while the owner's partial file existed: unlike
         # the times, hardly moved by what else the machine runs.
-        "origin_cpu_ms_per_mib": round(sampler.fetch_cpu_s("d") * 1000 * MIB / bundle_bytes, 2),
-        "owner_cpu_ms_per_mib": round(sampler.fetch_cpu_s("a") * 1000 * MIB / bundle_bytes, 2),
-        "plain_method": method, "plain_bytes": plain_bytes,
-        "plain_s": round(plain_s, 3), "plain_s_runs": [round(p[0], 3) for p in plain],
-        "plain_mib_s": round(plain_mib_s, 1),
-        "plain_cpu_ms_per_mib": round(plain_cpu * 1000 * MIB / plain_bytes, 2),
-        "ratio": round(fetch_mib_s / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
-        "fetch_calls": served,
+        "origin_cpu_ms_per_mib": round(sampler.fetch_cpu_s("d") * 1000 * MIB / size, 2),
+        "owner_cpu_ms_per_mib": round(sampler.fetch_cpu_s("a") * 1000 * MIB / size, 2),
+        "fetch_calls": counters(mesh, "d").get("bundle_chunks_served", 0),
         "origin_rss_before_mib": round(origin_before, 1),
         "origin_rss_increase_mib": round(origin_up, 1),
         "owner_rss_before_mib": round(owner_before, 1),
@@ -357,6 +333,43 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "cache_hit_fetched_bytes": after.get("bundle_fetch_bytes", 0)
         - fetched.get("bundle_fetch_bytes", 0),
         "cache_hits": after.get("bundle_cache_hits", 0) - fetched.get("bundle_cache_hits", 0),
+    }
+
+
+def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size_mib * MIB
+    load = os.getloadavg()[0]
+    src = root / "project"
+    make_workdir(src, size, args.files, args.seed)
+    work = root / "work"
+    work.mkdir(mode=0o711)
+    work.chmod(0o711)
+    method = args.plain if args.plain != "auto" else (
+        "socat" if shutil.which("socat") else "python")
+    plain: list[tuple[float, int, float]] = []
+
+    def copy_plain() -> None:
+        plain.append(plain_copy(method, src, root / "plain.tar"))
+
+    with LocalMesh(root / "mesh", plaintext=args.insecure_plaintext) as mesh:
+        mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work, size))
+        mesh.start("d", join=["a"], extra=["--priority", "10",
+                                           *_config(mesh, "d", work, size)])
+        mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
+        agents = transfer(mesh, args, src, copy_plain)
+    copy_plain()
+    plain_s, plain_bytes, plain_cpu = min(plain)
+    plain_mib_s = plain_bytes / MIB / plain_s
+    return {
+        "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
+        "sealed": not args.insecure_plaintext,
+        "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
+        **agents,
+        "plain_method": method, "plain_bytes": plain_bytes,
+        "plain_s": round(plain_s, 3), "plain_s_runs": [round(p[0], 3) for p in plain],
+        "plain_mib_s": round(plain_mib_s, 1),
+        "plain_cpu_ms_per_mib": round(plain_cpu * 1000 * MIB / plain_bytes, 2),
+        "ratio": round(agents["fetch_mib_s"] / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
     }
 
 
