@@ -58,7 +58,7 @@ class Codec:
         return self.cluster + b"\0" + node.encode() if node else self.cluster
 
     def encode(self, msg: wire.Message, to: str = "") -> bytes:
-        body = wire.encode_frame(msg)[wire.FRAME_HEADER.size:]
+        body = bytes([wire.PROTOCOL_VERSION]) + wire.encode_message(msg)  # (one copy, not 3)
         if self.sealer is not None:
             body = self.sealer.seal(body, self._aad(to), self.now())
         return wire.FRAME_HEADER.pack(len(body)) + body

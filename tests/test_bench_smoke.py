@@ -181,3 +181,22 @@ def test_bench_narrow_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert x[run]["idle"]["udp"]["n"] > 0 and x[run]["transfer_mbit_s"] > 0
     assert all(x[r]["output_arrived"] for r in ("uncapped", "capped", "uncompressed"))
     assert x["output_wire_ratio"] < 0.5  # text output compresses
+
+
+@pytest.mark.integration
+def test_bench_payload_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_payload")
+    assert bench.main(["--size-mib", "4", "--files", "2", "--plain", "python"]) == 0
+    (x,) = lines(capsys.readouterr().out)
+    assert x["bench"] == "payload" and x["size_mib"] == 4 and x["plain_method"] == "python"
+    assert x["bundle_bytes"] >= 4 * 1024 * 1024 and x["plain_bytes"] >= 4 * 1024 * 1024
+    assert x["fetch_s"] > 0 and x["fetch_mib_s"] > 0 and x["plain_mib_s"] > 0, x
+    assert x["ratio"] == pytest.approx(x["fetch_mib_s"] / x["plain_mib_s"], rel=0.01)
+    assert x["fetch_calls"] == 5 and x["unpack_s"] >= 0  # 4 MiB and the tar headers
+    assert x["plain_cpu_ms_per_mib"] > 0 and x["owner_cpu_ms_per_mib"] >= 0
+    assert x["origin_cpu_ms_per_mib"] >= 0
+    assert x["origin_rss_before_mib"] > 0 and x["owner_rss_before_mib"] > 0
+    assert x["rss_samples"] > 0 and "owner_rss_increase_mib" in x
+    assert 0 < x["baseline_submit_to_start_s"] < x["first_submit_to_start_s"], x
+    assert x["cache_hit_fetched_bytes"] == 0 and x["cache_hits"] == 1, x
+    assert x["cache_hit_submit_to_start_s"] > 0

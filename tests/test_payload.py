@@ -251,9 +251,54 @@ def test_a_dropped_connection_costs_one_chunk(tmp_path: Path) -> None:
     got = asyncio.run(fetch(origin.call, want, tmp_path / "cache" / "p.part", dest,
                             chunk=3000, pause=0))
     assert dest.read_bytes() == path.read_bytes()
-    assert origin.asked == [0, 3000, 6000, 6000, 9000]  # the dropped one asked again
+    # Four calls in flight; the third is dropped, so it and the one behind it are asked
+    # again (what came after a gap is not kept).
+    assert origin.asked == [0, 3000, 6000, 9000, 6000, 9000]
     assert (got.bytes, got.retries, got.resumed_at) == (10_000, 1, 0)
     assert not (tmp_path / "cache" / "p.part").exists()
+
+
+def test_one_call_at_a_time_asks_each_chunk_once(tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path, 10_000)
+    origin = Origin(path, drop={3})
+    got = asyncio.run(fetch(origin.call, want, tmp_path / "p.part", tmp_path / "b.tar",
+                            chunk=3000, pause=0, depth=1))
+    assert origin.asked == [0, 3000, 6000, 6000, 9000]
+    assert got.retries == 1 and (tmp_path / "b.tar").read_bytes() == path.read_bytes()
+
+
+class Slow(Origin):
+    """Answers after a pause, at most ``short`` bytes a call; counts the calls in flight."""
+
+    def __init__(self, path: Path, short: int = 0) -> None:
+        super().__init__(path)
+        self.short, self.now, self.most = short, 0, 0
+
+    async def call(self, msg: wire.Message) -> tuple[wire.Message | None, str]:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.001)
+        self.now -= 1
+        reply, error = await super().call(msg)
+        if self.short and isinstance(reply, wire.BundleChunk):
+            reply = wire.BundleChunk(reply.bundle, reply.offset, reply.data[:self.short],
+                                     reply.total)
+        return reply, error
+
+
+def test_several_calls_are_in_flight_and_a_short_chunk_moves_the_window(
+        tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path, 20_000)
+    slow = Slow(path)
+    asyncio.run(fetch(slow.call, want, tmp_path / "p.part", tmp_path / "b.tar", chunk=2000,
+                      depth=3))
+    assert slow.most == 3 and slow.asked == list(range(0, 20_000, 2000))
+    short = Slow(path, short=1500)  # an origin that serves less than asked
+    got = asyncio.run(fetch(short.call, want, tmp_path / "p2.part", tmp_path / "b2.tar",
+                            chunk=2000, depth=3))
+    assert (tmp_path / "b2.tar").read_bytes() == path.read_bytes()
+    assert got.retries == 0 and got.bytes == 20_000
+    assert short.asked[:4] == [0, 2000, 4000, 1500]  # asked again from where it ended
 
 
 def test_a_fetch_cut_short_resumes_from_what_came(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import pwd
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,8 +148,11 @@ class Payload:
             dest = self.job_dir(job)
             await asyncio.to_thread(remove_tree, dest)  # left by an agent that died
             await asyncio.to_thread(dest.parent.mkdir, 0o711, False, True)
+            t0 = time.monotonic()
             await asyncio.to_thread(unpack, self.cache.path(job.bundle), dest,
                                     s.max_bundle_bytes(), s.payload_max_files, user)
+            log.info("bundle_unpacked bundle=%s job=%s seconds=%.3f", job.bundle, job.id,
+                     time.monotonic() - t0)
         except BundleError as exc:
             raise PayloadError(f"unsafe or corrupt bundle: {exc}") from None
         except OSError as exc:
@@ -167,6 +171,7 @@ class Payload:
                 return
             if job.origin == self.agent.settings.name:
                 raise PayloadError(f"bundle {job.bundle} is gone from this node's store")
+            t0 = time.monotonic()
             try:
                 got = await bundlefetch.fetch(
                     lambda msg: self._call(job.origin, msg),
@@ -180,8 +185,9 @@ class Payload:
             self.agent.count("bundle_fetch_bytes", got.bytes)
             self.agent.count("bundle_fetch_retries", got.retries)
             self.cache.add(job.bundle, job.bundle_size)
-            log.info("bundle_fetched bundle=%s job=%s bytes=%d resumed_at=%d retries=%d",
-                     job.bundle, job.id, got.bytes, got.resumed_at, got.retries)
+            log.info("bundle_fetched bundle=%s job=%s bytes=%d resumed_at=%d retries=%d "
+                     "calls=%d seconds=%.3f", job.bundle, job.id, got.bytes, got.resumed_at,
+                     got.retries, got.calls, time.monotonic() - t0)
             self._evict()
 
     async def _call(self, node: str, msg: wire.Message) -> tuple[wire.Message | None, str]:

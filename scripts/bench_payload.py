@@ -1,0 +1,398 @@
+"""A job's working directory sent to its owner over loopback, against a plain copy.
+
+Two real agents on 127.0.0.1 (``LocalMesh``): ``d``, the origin, with no device, and
+``a``, the owner, with one simulated GPU. A workdir of ``--size-mib`` MiB of incompressible
+bytes (``--files`` files, seeded) is made, and then, in this order:
+
+1. **Baseline**: a job without a workdir, to time submit-to-start with no bundle.
+2. **Plain copy** of the same bytes: ``tar -c DIR | socat - TCP:127.0.0.1:PORT`` into
+   ``socat TCP-LISTEN:PORT - > FILE`` (socat's default 8 KiB blocks; where socat is not
+   installed, or with ``--plain python``: the same tar stream through a Python socket
+   pair, 1 MiB at a time, one thread each side; ``plain_method`` says which). Timed
+   from starting the receiver to both ends having exited, so it covers reading the tree,
+   the loopback hop and writing the file, as the fetch covers reading the bundle, the hop
+   and writing (and hashing) the partial file. It runs once before the agents' transfer
+   and once after; the faster one counts (the comparison is then the stricter).
+3. **First job** with ``--workdir``: the owner fetches the bundle chunk by chunk. The
+   transfer time is the owner's own measure: its log line ``bundle_fetched ...
+   seconds=S`` is the monotonic time from the start of its fetch (before the first
+   ``FetchBundle`` call) to the verified bundle taking its place in the store;
+   ``bundle_unpacked ... seconds=U`` times the unpack that follows. Throughput is the
+   bundle's size over S. As a cross-check from outside, the job's own start time (it
+   prints ``date +%s.%N`` after checking that a file of the workdir is there) minus the
+   moment before ``flexmesh submit`` ran gives submit-to-start; minus the second job's
+   (which packs and unpacks the same, but fetches nothing) it is the fetch seen from
+   outside (``first_minus_cache_hit_s``).
+4. **Second job** with the same workdir: a cache hit. ``cache_hit_fetched_bytes`` is the
+   rise of the owner's ``bundle_fetch_bytes`` counter over that job (0 expected), with
+   its submit-to-start.
+
+CPU: ``origin_cpu_ms_per_mib`` and ``owner_cpu_ms_per_mib`` are each agent's CPU time
+(``/proc/PID/stat``) from the first to the last sample that saw a file in the owner's
+``bundles/partial`` (the fetch runs while it is there), per MiB of bundle;
+``plain_cpu_ms_per_mib`` is tar's, socat's (or this process's pipe threads') over the
+plain copy. Unlike the times, these hardly move with what else the machine runs.
+
+Memory: a thread reads ``VmRSS`` of both agent processes from ``/proc/PID/status`` every
+``--sample-ms`` (20) ms, from before the first job is submitted until it has ended; each
+agent's increase is its peak minus its RSS just before (the mean of the samples of the
+half second before submit). Targets (issue 13): ``ratio`` >= 0.70, each increase < 32 MiB.
+
+Prints one JSON line on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flexmesh.agent.localmesh import LocalMesh
+
+MIB = 1 << 20
+TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
+RATIO_TARGET = 0.70
+RSS_TARGET_MIB = 32
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the workdir ----------------------------------------------------------------------------
+
+
+def make_workdir(path: Path, size: int, files: int, seed: int) -> None:
+    """``files`` files (``f0.bin`` ...) of seeded random bytes, ``size`` bytes in all."""
+    rng = random.Random(seed)
+    path.mkdir(parents=True)
+    per, rest = divmod(size, files)
+    for i in range(files):
+        left = per + (rest if i == files - 1 else 0)
+        with open(path / f"f{i}.bin", "wb") as f:
+            while left > 0:
+                n = min(left, 4 * MIB)
+                f.write(rng.randbytes(n))
+                left -= n
+    path.chmod(0o755)
+
+
+# --- the plain copy -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (read from /proc/net/tcp, so the
+    check does not take the one connection socat accepts)."""
+    want = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == want and fields[3] == "0A":
+            return True
+    return False
+
+
+def plain_socat(src: Path, dest: Path) -> float:
+    port = _free_port()
+    t0 = time.perf_counter()
+    with open(dest, "wb") as out:
+        recv = subprocess.Popen(["socat", "-u", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+                                 "STDOUT"], stdout=out)
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            if recv.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("socat did not listen")
+            time.sleep(0.002)
+        subprocess.run(f"tar -c -C {src} . | socat -u - TCP:127.0.0.1:{port}", shell=True,
+                       check=True)
+        if recv.wait(timeout=600) != 0:
+            raise RuntimeError(f"socat receiver exited {recv.returncode}")
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+    return time.perf_counter() - t0
+
+
+def plain_python(src: Path, dest: Path) -> float:
+    """The tar stream through a loopback TCP connection, one thread each side."""
+    t0 = time.perf_counter()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    failed: list[OSError] = []
+
+    def receive() -> None:
+        try:
+            conn, _ = lsock.accept()
+            with conn, open(dest, "wb") as out:
+                while data := conn.recv(MIB):
+                    out.write(data)
+        except OSError as exc:  # reported below
+            failed.append(exc)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    with subprocess.Popen(["tar", "-c", "-C", str(src), "."], stdout=subprocess.PIPE) as tar, \
+            socket.create_connection(lsock.getsockname()) as conn:
+        assert tar.stdout is not None
+        while data := tar.stdout.read(MIB):
+            conn.sendall(data)
+    thread.join()
+    lsock.close()
+    if tar.returncode != 0 or failed:
+        raise RuntimeError(f"plain copy failed: tar {tar.returncode}, {failed}")
+    return time.perf_counter() - t0
+
+
+def _cpu_here() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                 resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def plain_copy(method: str, src: Path, dest: Path) -> tuple[float, int, float]:
+    """(seconds, bytes, CPU seconds of both ends) of one plain copy."""
+    cpu = _cpu_here()
+    seconds = plain_socat(src, dest) if method == "socat" else plain_python(src, dest)
+    cpu = _cpu_here() - cpu
+    size = dest.stat().st_size
+    dest.unlink()
+    return seconds, size, cpu
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler(threading.Thread):
+    """Peak VmRSS of some processes, read every ``interval`` seconds until stopped; and
+    their CPU time while ``partial`` (the owner's folder of partial downloads) holds a
+    file, that is while the fetch runs."""
+
+    def __init__(self, pids: dict[str, int], interval: float, partial: Path) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.interval, self.partial = pids, interval, partial
+        self.samples: dict[str, list[tuple[float, int]]] = {n: [] for n in pids}
+        self.fetching: dict[str, list[float]] = {n: [] for n in pids}  # CPU s, first/last
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            now = time.monotonic()
+            busy = self.partial.is_dir() and any(self.partial.iterdir())
+            for name, pid in self.pids.items():
+                self.samples[name].append((now, rss_kib(pid)))
+                if busy:
+                    self.fetching[name][1:] = [cpu_s(pid)]
+                    if len(self.fetching[name]) == 1:
+                        self.fetching[name].insert(0, self.fetching[name][0])
+            self.done.wait(self.interval)
+
+    def fetch_cpu_s(self, name: str) -> float:
+        """CPU seconds of ``name`` between the first and last sample that saw the fetch."""
+        seen = self.fetching[name]
+        return seen[-1] - seen[0] if seen else 0.0
+
+    def increase_mib(self, name: str, mark: float) -> tuple[float, float]:
+        """(RSS before ``mark``, peak after it minus that), in MiB."""
+        rows = self.samples[name]
+        before = [kib for t, kib in rows if mark - 0.5 <= t < mark] or [rows[0][1]]
+        base = statistics.mean(before)
+        peak = max(kib for t, kib in rows if t >= mark)
+        return base / 1024, (peak - base) / 1024
+
+
+# --- the agents -----------------------------------------------------------------------------
+
+
+def _config(mesh: LocalMesh, name: str, work: Path, size: int) -> list[str]:
+    max_bundle = max(1024, size // MIB + 64)
+    mesh.root.mkdir(parents=True, exist_ok=True)
+    path = mesh.root / f"{name}.toml"
+    path.write_text(f'[payload]\nwork_dir = "{work / name}"\nmax_bundle = "{max_bundle}MiB"\n'
+                    f'cache_size = "{4 * max_bundle}MiB"\n')
+    return ["--config", str(path)]
+
+
+def counters(mesh: LocalMesh, node: str) -> dict[str, int]:
+    found: dict[str, int] = mesh.json(node, "status")["status"]["counters"]
+    return found
+
+
+def run_job(mesh: LocalMesh, workdir: Path | None, probe: str,
+            timeout: float) -> tuple[str, float]:
+    """Submit a job that checks ``probe`` exists and prints when it started; (its id,
+    seconds from just before submit to its start)."""
+    script = f'test -e {probe} && date +%s.%N'
+    argv = ["submit", "--gpu", "0.25", "-o", "json"]
+    if workdir is not None:
+        argv += ["--workdir", str(workdir)]
+    t_submit = time.time()
+    res = mesh.cli("d", *argv, "--", "sh", "-c", script, timeout=timeout)
+    job_id = json.loads(res.stdout)["id"]
+
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = mesh.json("d", "show", job_id)
+        return job if job["state"] in TERMINAL else None
+
+    job = mesh.wait_for(f"job {job_id} to end", ended, timeout=timeout, interval=0.05)
+    if job["state"] != "succeeded" or job["node"] != "a":
+        raise RuntimeError(f"job {job_id} did not succeed on a: {job}")
+    started = float(mesh.cli("d", "logs", job_id).stdout.split()[-1])
+    return job_id, started - t_submit
+
+
+def log_seconds(log: Path, event: str, job_id: str) -> float:
+    """The ``seconds=`` of the owner's log line ``event`` for ``job_id``."""
+    pattern = re.compile(rf"\b{event} .*\bjob={re.escape(job_id)}\b.*\bseconds=([0-9.]+)")
+    for line in log.read_text(errors="replace").splitlines():
+        if m := pattern.search(line):
+            return float(m.group(1))
+    raise RuntimeError(f"no {event} line for job {job_id} in {log}")
+
+
+def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
+             copy_plain: Callable[[], None]) -> dict[str, Any]:
+    """The agents' side: a baseline job, ``copy_plain()``, the first and the second job
+    with the workdir; their figures."""
+    _, baseline = run_job(mesh, None, "/", args.timeout)
+    note(f"baseline submit-to-start {baseline:.3f}s; plain copy")
+    copy_plain()
+    pids = {n: p.proc.pid for n, p in mesh.agents.items() if p.proc is not None}
+    partial = mesh.agents["a"].dir / "state" / "bundles" / "partial"
+    sampler = RssSampler(pids, args.sample_ms / 1000, partial)
+    sampler.start()
+    time.sleep(0.6)
+    mark = time.monotonic()
+    note(f"first job with a {args.size_mib} MiB workdir")
+    first_id, first = run_job(mesh, src, "f0.bin", args.timeout)
+    sampler.done.set()
+    sampler.join()
+    fetched = counters(mesh, "a")
+    note("second job, the same workdir")
+    _, second = run_job(mesh, src, "f0.bin", args.timeout)
+    after = counters(mesh, "a")
+    owner_log = mesh.agents["a"].log
+    fetch_s = log_seconds(owner_log, "bundle_fetched", first_id)
+    size = int(mesh.json("d", "show", first_id)["bundle_size"])
+    origin_before, origin_up = sampler.increase_mib("d", mark)
+    owner_before, owner_up = sampler.increase_mib("a", mark)
+    return {
+        "bundle_bytes": size, "fetch_s": round(fetch_s, 3),
+        "fetch_mib_s": round(size / MIB / fetch_s, 1),
+        "unpack_s": round(log_seconds(owner_log, "bundle_unpacked", first_id), 3),
+        # CPU per MiB fetched, each side, while the owner's partial file existed: unlike
+        # the times, hardly moved by what else the machine runs.
+        "origin_cpu_ms_per_mib": round(sampler.fetch_cpu_s("d") * 1000 * MIB / size, 2),
+        "owner_cpu_ms_per_mib": round(sampler.fetch_cpu_s("a") * 1000 * MIB / size, 2),
+        "fetch_calls": counters(mesh, "d").get("bundle_chunks_served", 0),
+        "origin_rss_before_mib": round(origin_before, 1),
+        "origin_rss_increase_mib": round(origin_up, 1),
+        "owner_rss_before_mib": round(owner_before, 1),
+        "owner_rss_increase_mib": round(owner_up, 1),
+        "rss_target_mib": RSS_TARGET_MIB, "rss_samples": len(sampler.samples["a"]),
+        "baseline_submit_to_start_s": round(baseline, 3),
+        "first_submit_to_start_s": round(first, 3),
+        "first_minus_baseline_s": round(first - baseline, 3),
+        "cache_hit_submit_to_start_s": round(second, 3),
+        "first_minus_cache_hit_s": round(first - second, 3),
+        "cache_hit_fetched_bytes": after.get("bundle_fetch_bytes", 0)
+        - fetched.get("bundle_fetch_bytes", 0),
+        "cache_hits": after.get("bundle_cache_hits", 0) - fetched.get("bundle_cache_hits", 0),
+    }
+
+
+def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size_mib * MIB
+    load = os.getloadavg()[0]
+    src = root / "project"
+    make_workdir(src, size, args.files, args.seed)
+    work = root / "work"
+    work.mkdir(mode=0o711)
+    work.chmod(0o711)
+    method = args.plain if args.plain != "auto" else (
+        "socat" if shutil.which("socat") else "python")
+    plain: list[tuple[float, int, float]] = []
+
+    def copy_plain() -> None:
+        plain.append(plain_copy(method, src, root / "plain.tar"))
+
+    with LocalMesh(root / "mesh", plaintext=args.insecure_plaintext) as mesh:
+        mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work, size))
+        mesh.start("d", join=["a"], extra=["--priority", "10",
+                                           *_config(mesh, "d", work, size)])
+        mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
+        agents = transfer(mesh, args, src, copy_plain)
+    copy_plain()
+    plain_s, plain_bytes, plain_cpu = min(plain)
+    plain_mib_s = plain_bytes / MIB / plain_s
+    return {
+        "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
+        "sealed": not args.insecure_plaintext,
+        "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
+        **agents,
+        "plain_method": method, "plain_bytes": plain_bytes,
+        "plain_s": round(plain_s, 3), "plain_s_runs": [round(p[0], 3) for p in plain],
+        "plain_mib_s": round(plain_mib_s, 1),
+        "plain_cpu_ms_per_mib": round(plain_cpu * 1000 * MIB / plain_bytes, 2),
+        "ratio": round(agents["fetch_mib_s"] / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-mib", type=int, default=500, help="the workdir's size (500)")
+    p.add_argument("--files", type=int, default=4, help="files it is split into (4)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--plain", choices=["auto", "socat", "python"], default="auto",
+                   help="the plain copy: socat where installed (auto), or a Python pipe")
+    p.add_argument("--sample-ms", type=float, default=20.0, help="RSS sampling period")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for one job")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="agents without a key (default: sealed, as a real mesh is)")
+    args = p.parse_args(argv)
+    if args.size_mib < 1 or args.files < 1:
+        p.error("--size-mib and --files must be at least 1")
+    # Under /tmp: a borrowed job's user must be able to search the work directory's parents.
+    with tempfile.TemporaryDirectory(prefix="flexmesh-bench-payload-", dir="/tmp") as tmp:
+        print(json.dumps(bench(Path(tmp), args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
