@@ -307,7 +307,8 @@ def main(argv: list[str]) -> int:
         print(f"bench_narrow: {why}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="flexmesh-bench-narrow-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flexmesh-bench-narrow-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o711)  # a borrowed job's user searches the work dir's parents
         root = Path(tmp)
         workdir = _workdir(root, args.bundle_mib)
         runs = {"uncapped": run_one(root / "uncapped", args, "0", True, workdir),

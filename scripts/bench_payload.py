@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--size-mib and --files must be at least 1")
     # Under /tmp: a borrowed job's user must be able to search the work directory's parents.
     with tempfile.TemporaryDirectory(prefix="flexmesh-bench-payload-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o711)  # (mkdtemp makes it 0700)
         print(json.dumps(bench(Path(tmp), args)), flush=True)
     return 0
 
