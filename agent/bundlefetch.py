@@ -89,8 +89,9 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
                                          f"of {want.size}: {error or reply}")
                     await asyncio.sleep(pause * 2 ** (stats.retries - 1))
                     continue
-                if len(data) != length:
-                    window.drop()  # a short chunk: the next asks start where it ends
+                if len(data) != length:  # the server's cap (its bulk_rate): ask that much
+                    window.chunk = len(data)  # from now on, so the window stays in line
+                    window.drop()  # (what is in flight asks from the wrong offsets)
                 await asyncio.to_thread(_append, f, h, data)
                 have += len(data)
                 stats.bytes += len(data)

@@ -147,6 +147,8 @@ def device_args(run: ContainerRun, env: dict[str, str]) -> list[str]:
         out += _nvidia_args(run, [d.id for d in gpus])
     if npus:
         out += _ascend_args(run, npus, env)
+    else:  # (nor may an image's own ASCEND_VISIBLE_DEVICES, on an Ascend-runtime host)
+        env["ASCEND_VISIBLE_DEVICES"] = ""
     return out
 
 

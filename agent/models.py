@@ -152,6 +152,7 @@ class JobRecord:
     results_state: str = ""
     results_note: str = ""
     results_attempt: int = 0
+    results_node: str = ""  # the owner they are fetched from ("": ``node``, as before)
 
     @property
     def terminal(self) -> bool:

@@ -91,6 +91,7 @@ def test_nvidia_gpus_go_in_by_uuid_through_cdi_where_the_spec_names_them() -> No
     assert after(cmd.argv, "--device") == [f"nvidia.com/gpu={UUID}", f"nvidia.com/gpu={UUID2}"]
     assert "--gpus" not in cmd.argv
     assert cmd.env["NVIDIA_VISIBLE_DEVICES"] == f"{UUID},{UUID2}"  # never an image's "all"
+    assert cmd.env["ASCEND_VISIBLE_DEVICES"] == ""  # nor an image's NPUs on an Ascend host
     assert cmd.env["CUDA_VISIBLE_DEVICES"] == f"{UUID},{UUID2}"
 
 
@@ -124,7 +125,8 @@ def test_simulated_devices_pass_only_their_environment() -> None:
     sim = Device("gpu0", "gpu", "sim-gpu", 16384, "sim")
     cmd = build(run(devices=[sim], env={"FLEXMESH_DEVICE": "gpu0"}))
     assert "--device" not in cmd.argv and "--gpus" not in cmd.argv
-    assert cmd.env == {"FLEXMESH_DEVICE": "gpu0", "NVIDIA_VISIBLE_DEVICES": "void"}
+    assert cmd.env == {"FLEXMESH_DEVICE": "gpu0", "NVIDIA_VISIBLE_DEVICES": "void",
+                       "ASCEND_VISIBLE_DEVICES": ""}  # no image's own list widens either
 
 
 def test_workdir_output_and_enforcement_files_are_mounted_and_named_as_inside() -> None:

@@ -299,6 +299,10 @@ def test_several_calls_are_in_flight_and_a_short_chunk_moves_the_window(
     assert (tmp_path / "b2.tar").read_bytes() == path.read_bytes()
     assert got.retries == 0 and got.bytes == 20_000
     assert short.asked[:4] == [0, 2000, 4000, 1500]  # asked again from where it ended
+    # ... and from then on in chunks of what the origin serves (its cap under a bulk_rate),
+    # so the window is not thrown away again at every reply.
+    assert short.asked[3:] == list(range(1500, 20_000, 1500))
+    assert got.calls == 1 + len(range(1500, 20_000, 1500))  # (replies taken)
 
 
 def test_a_fetch_cut_short_resumes_from_what_came(tmp_path: Path) -> None:

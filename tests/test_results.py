@@ -142,6 +142,9 @@ def test_the_origin_fetches_the_results_the_ending_answer_names() -> None:
     assert [e for e in node.drain() if isinstance(e, CollectResults)] == [
         CollectResults("j1", 2, "owner", SHA, 10_240)]
     assert results.pending(node.origin) == [CollectResults("j1", 2, "owner", SHA, 10_240)]
+    job.node = ""  # requeued (a preempted run's results): a restart still asks their owner
+    assert results.pending(node.origin) == [CollectResults("j1", 2, "owner", SHA, 10_240)]
+    job.node = "owner"
     results.collected(node, "j1", 1, SHA, "")  # another attempt's: not this one's
     assert job.results_state == "fetching"
     results.collected(node, "j1", 2, SHA, "")

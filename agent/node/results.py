@@ -76,6 +76,7 @@ def learn(origin: Origin, job: JobRecord, owner: str, sha: str, size: int,
     job.results_attempt = job.attempts
     job.results_note = note[:MAX_NOTE]
     job.results, job.results_size, job.results_state = "", 0, ""
+    job.results_node = owner  # (``node`` moves on with a requeue; a restart asks here)
     if sha and (not _SHA256.fullmatch(sha) or size < 0):
         origin.out.count("results_invalid")
         job.results_state = RESULTS_FAILED
@@ -100,7 +101,8 @@ def collected(node: Node, job_id: str, attempt: int, sha: str, error: str) -> No
 
 def pending(origin: Origin) -> list[CollectResults]:
     """Origin, after a restart: the results still to be fetched, as when first learned."""
-    return [CollectResults(j.id, j.results_attempt, j.node, j.results, j.results_size)
+    return [CollectResults(j.id, j.results_attempt, j.results_node or j.node, j.results,
+                           j.results_size)
             for j in origin.jobs.values() if j.results_state == RESULTS_FETCHING]
 
 

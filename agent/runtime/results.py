@@ -53,6 +53,7 @@ class Results:
         self.agent = agent
         self.store = agent.state_dir / "results"
         self._collecting: set[tuple[str, int]] = set()
+        self._packing = 0  # packs in flight: their files are not the sweep's yet
 
     async def start(self) -> None:
         """Remove output directories of runs that ended (and were packed, or never will
@@ -90,6 +91,14 @@ class Results:
         src = self.output_dir(run)
         if job_id_problem(run.id) is not None or not await asyncio.to_thread(src.is_dir):
             return
+        self._packing += 1
+        try:
+            await self._pack(run, src)
+        finally:
+            self._packing -= 1
+        await self._remove(src)
+
+    async def _pack(self, run: RunRecord, src: Path) -> None:
         s = self.agent.settings
         try:
             reader = await asyncio.to_thread(self._reader, run)
@@ -109,7 +118,6 @@ class Results:
         node_results.packed(self.agent.node, run.id, run.lease_id,
                             packed.sha256 if packed else "", packed.size if packed else 0,
                             note)
-        await self._remove(src)
 
     def _reader(self, run: RunRecord) -> Reader:
         """Who the output is packed for: the job's user (none: the agent's own)."""
@@ -145,8 +153,12 @@ class Results:
         return self.store / f"{sha}.tar"
 
     async def sweep(self) -> None:
-        """Delete the archives no run here needs any more."""
+        """Delete the archives no run here needs any more; none while a pack is under
+        way (its temporary file, or its archive before the node has heard of it, would
+        look unwanted): a later sweep takes them."""
         node = self.agent.node
+        if self._packing:
+            return
         names = await asyncio.to_thread(os.listdir, self.store)
         for name in names:
             sha = name.removesuffix(".tar")
