@@ -203,6 +203,9 @@ class RunRecord:
     results_size: int = 0
     results_note: str = ""
     results_taken: bool = False
+    # Archives of earlier runs of the job here (preempted, placed here again) that their
+    # origin has not taken yet: still served and kept (SHA-256s, at most MAX_CARRIED).
+    earlier_results: list[str] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:

@@ -211,6 +211,31 @@ def test_the_owner_answers_with_its_results_and_keeps_them_until_taken() -> None
     assert not results.served(node, wire.FetchResults("j1", SHA, 0, 10))
 
 
+def test_an_earlier_runs_results_outlive_a_new_run_of_the_job_here() -> None:
+    """A run preempted here, its job placed here again before its origin fetched the
+    results: the new run's record replaces the earlier one's, but the archive is still
+    served and kept until the origin takes it."""
+    from tests.test_node import gpu, lease
+
+    node = _owner_with_run()
+    first = node.owner.runs["j1"]
+    assert results.packed(node, "j1", first.lease_id, SHA, 4096, "")
+    node.job_exited("j1", None, "preempted", 4.0, state="preempted")
+    node.drain()
+    reply = lease(node, "j1", gpu(0).id, compute=1000)
+    assert isinstance(reply, wire.LeaseReply)
+    start = wire.StartJob("j1", reply.lease_id, reply.token, "origin", ["true"], {}, 1000, 1024)
+    assert isinstance(node.handle_request(start, 5.0), wire.Ok)
+    second = node.owner.runs["j1"]
+    assert second is not first and second.results == "" and second.earlier_results == [SHA]
+    assert results.served(node, wire.FetchResults("j1", SHA, 0, 10))
+    assert results.wanted(node, SHA) and results.held(node, "j1")
+    assert isinstance(node.handle_request(wire.ResultsTaken("j1", SHA), 6.0), wire.Ok)
+    assert node.owner.runs["j1"].earlier_results == []
+    assert not results.served(node, wire.FetchResults("j1", SHA, 0, 10))
+    assert not results.wanted(node, SHA)
+
+
 def test_a_job_whose_owner_was_lost_has_none_and_says_why() -> None:
     from flexmesh.agent.apiresults import results_view
     from flexmesh.protocol.membership import DEAD

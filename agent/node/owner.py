@@ -1,10 +1,9 @@
 """The owner role: this node's devices, the leases on them and the jobs it runs.
 
-An owner is the authority over its own devices. It grants a lease only if the fraction is
-free on its own books (``protocol.lease``), starts a job only for the holder of a current
-lease, takes fractions back when its own workload grows (reclaim) or a coordinator asks
-for room (preemption), and tells a job's origin what became of it (``JobSync``). Every
-node is an owner, with or without devices.
+An owner is the authority over its own devices: it grants a lease only if the fraction is
+free on its own books (``protocol.lease``), starts a job only for a current lease's holder,
+takes fractions back when its own workload grows (reclaim) or a coordinator asks for room
+(preemption), and tells a job's origin what became of it (``JobSync``). Every node is one.
 
 ``runs`` holds the runs of jobs on this node's devices, whoever submitted them. A job
 submitted here hears of its run at once (``_tell_origin``); other origins follow theirs.
@@ -30,6 +29,7 @@ from flexmesh.agent.models import (
 )
 from flexmesh.agent.node.effects import PersistLease, RunJob, StopJob
 from flexmesh.agent.node.orphans import Orphans
+from flexmesh.agent.node.results import carried
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.election import TERM_STEP, plausible_term
 from flexmesh.protocol.lease import ACTIVE, RESERVED, Lease, Refusal
@@ -257,7 +257,7 @@ class Owner:
                         uid=mine.uid if mine is not None else None,
                         attempts=(earlier.attempts if earlier is not None else 0) + 1,
                         bundle=msg.bundle, bundle_size=msg.bundle_size, image=msg.image,
-                        image_network=msg.image_network)
+                        image_network=msg.image_network, earlier_results=carried(earlier))
         self.runs[run.id] = run
         return run
 

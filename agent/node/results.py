@@ -27,6 +27,7 @@ from flexmesh.agent.models import (
     RESULTS_HERE,
     TERMINAL,
     JobRecord,
+    RunRecord,
 )
 from flexmesh.agent.node.effects import CollectResults
 from flexmesh.protocol import wire
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from flexmesh.agent.node.origin import Origin
 
 MAX_NOTE = 1024  # characters of an owner's note on results taken at most
+MAX_CARRIED = 8  # earlier runs' archives a run keeps for its origin, at most
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -106,9 +108,24 @@ def pending(origin: Origin) -> list[CollectResults]:
             for j in origin.jobs.values() if j.results_state == RESULTS_FETCHING]
 
 
+def carried(earlier: RunRecord | None) -> list[str]:
+    """Owner, starting a new run of a job that ran here before: the earlier runs' archives
+    its origin has not taken yet (the new run's record replaces the earlier one's)."""
+    if earlier is None:
+        return []
+    shas = list(earlier.earlier_results)
+    if earlier.results and not earlier.results_taken and earlier.results not in shas:
+        shas.append(earlier.results)
+    return shas[-MAX_CARRIED:]
+
+
 def taken(node: Node, msg: wire.ResultsTaken) -> wire.Message:
     """Owner: the origin has the results of a run here; its copy may go."""
     run = node.owner.runs.get(msg.job_id)
+    if run is not None and msg.results in run.earlier_results:
+        run.earlier_results = [s for s in run.earlier_results if s != msg.results]
+        node.persist_run(run)
+        return wire.Ok("taken")
     if run is None or run.results != msg.results:
         return wire.Error(f"no run of {msg.job_id[:80]} here has results {msg.results[:80]}")
     if not run.results_taken:
@@ -120,19 +137,22 @@ def taken(node: Node, msg: wire.ResultsTaken) -> wire.Message:
 def held(node: Node, job_id: str) -> bool:
     """Owner: a run kept for its results (packed, not yet taken by its origin)."""
     run = node.owner.runs.get(job_id)
-    return run is not None and bool(run.results) and not run.results_taken
+    return run is not None and ((bool(run.results) and not run.results_taken)
+                                or bool(run.earlier_results))
 
 
 def wanted(node: Node, sha: str) -> bool:
     """Owner: whether a run here still needs the archive ``sha`` kept."""
-    return any(r.results == sha and not r.results_taken for r in node.owner.runs.values())
+    return any((r.results == sha and not r.results_taken) or sha in r.earlier_results
+               for r in node.owner.runs.values())
 
 
 def served(node: Node, msg: wire.FetchResults) -> bool:
     """Owner: whether ``msg`` asks for the results of a run here (not yet taken)."""
     run = node.owner.runs.get(msg.job_id)
-    return (run is not None and run.results == msg.results and bool(msg.results)
-            and not run.results_taken)
+    return run is not None and bool(msg.results) and (
+        (run.results == msg.results and not run.results_taken)
+        or msg.results in run.earlier_results)
 
 
 def owner_lost(job: JobRecord, why: str) -> None:
