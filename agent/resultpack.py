@@ -81,10 +81,13 @@ class _Walker:
         self.max_files = max_files
         self.files = self.packed = self.total = self.left_out = self.skipped = 0
 
-    def _fits(self, path: str, size: int = 0, link: str = "") -> bool:
-        # A header block, and for a long name or link a PAX header and its records.
-        names = len(path.encode()) + len(link.encode())
-        need = BLOCK + (2 * BLOCK + _padded(names + 64) if names > 100 else 0) + _padded(size)
+    def _fits(self, path: str, size: int = 0, link: str = "",
+              kind: bytes = tarfile.REGTYPE) -> bool:
+        # Its header as the archive writes it (with a PAX header for a long or non-ASCII
+        # name or link, or a size tar's field cannot hold), and its data, padded.
+        info = self._info(path, kind, 0, size, link)
+        header = len(info.tobuf(self.tar.format, self.tar.encoding, self.tar.errors))
+        need = header + _padded(size)
         if self.files >= self.max_files or need > self.room:
             self.left_out += 1
             return False
@@ -94,10 +97,14 @@ class _Walker:
 
     def _add(self, name: str, kind: bytes, mode: int, size: int = 0, link: str = "",
              f: IO[bytes] | None = None) -> None:
+        self.tar.addfile(self._info(name, kind, mode, size, link), f)
+
+    @staticmethod
+    def _info(name: str, kind: bytes, mode: int, size: int, link: str) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
         info.type, info.mode, info.size, info.linkname = kind, mode, size, link
         info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-        self.tar.addfile(info, f)
+        return info
 
     def walk(self, dirfd: int, rel: str, depth: int) -> None:
         with os.scandir(dirfd) as it:
@@ -127,7 +134,7 @@ class _Walker:
         try:
             if depth >= MAX_DEPTH or not may_read(os.fstat(fd), self.reader, True):
                 self.skipped += 1
-            elif self._fits(path):
+            elif self._fits(path, kind=tarfile.DIRTYPE):
                 self._add(path, tarfile.DIRTYPE, 0o755)
                 self.walk(fd, path, depth + 1)
         finally:
@@ -138,7 +145,7 @@ class _Walker:
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
         if posixpath.isabs(target) or resolved == ".." or resolved.startswith("../"):
             self.skipped += 1
-        elif self._fits(path, link=target):
+        elif self._fits(path, link=target, kind=tarfile.SYMTYPE):
             self._add(path, tarfile.SYMTYPE, 0o777, link=target)
 
     def _file(self, dirfd: int, name: str, path: str) -> None:

@@ -89,6 +89,20 @@ def test_a_long_name_still_fits_its_limit(tmp_path: Path) -> None:
     assert packed.size <= MIB // 16 and packed.left_out > 0
 
 
+def test_non_ascii_names_are_counted_with_their_pax_headers(tmp_path: Path) -> None:
+    """A short name that is not ASCII gets a PAX header too: counted, the archive stays
+    within the limit (else the origin, with the same limit, would refuse all of it)."""
+    out = tmp_path / "out"
+    (out / "données").mkdir(parents=True)
+    for i in range(200):
+        (out / "données" / f"résultat-{i:03d}.txt").write_bytes(b"r" * 700)
+    limit = 100 * 1024
+    packed = pack_results(out, tmp_path / "store", Reader(), limit, 1000)
+    assert packed.left_out > 0 and "results cut" in packed.note
+    assert (tmp_path / "store" / f"{packed.sha256}.tar").stat().st_size == packed.size
+    assert packed.size <= limit
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files of other users")
 def test_a_file_the_job_user_may_not_read_is_not_packed(tmp_path: Path) -> None:
     out = tmp_path / "out"
