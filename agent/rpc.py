@@ -57,11 +57,14 @@ class Codec:
     def _aad(self, node: str) -> bytes:
         return self.cluster + b"\0" + node.encode() if node else self.cluster
 
-    def encode(self, msg: wire.Message, to: str = "") -> bytes:
+    def encode(self, msg: wire.Message, to: str = "") -> bytes | bytearray:
         body = bytes([wire.PROTOCOL_VERSION]) + wire.encode_message(msg)  # (one copy, not 3)
-        if self.sealer is not None:
-            body = self.sealer.seal(body, self._aad(to), self.now())
-        return wire.FRAME_HEADER.pack(len(body)) + body
+        if self.sealer is None:
+            return wire.FRAME_HEADER.pack(len(body)) + body
+        n = wire.FRAME_HEADER.size  # sealed after the frame's length: no copy of the frame
+        frame = self.sealer.seal_after(n, body, self._aad(to), self.now())
+        wire.FRAME_HEADER.pack_into(frame, 0, len(frame) - n)
+        return frame
 
     def decode(self, body: bytes | bytearray, request: bool = True) -> wire.Message:
         """A frame's message; a request must be sealed for this node (or be one of
@@ -262,7 +265,7 @@ async def call(addr: str, msg: wire.Message, timeout: float,
 
 Handler = Callable[[wire.Message], Awaitable[wire.Message]]
 # Writes a reply's frame (the runtime paces bulk replies: runtime/bulk.py).
-Send = Callable[[asyncio.StreamWriter, wire.Message, bytes], Awaitable[None]]
+Send = Callable[[asyncio.StreamWriter, wire.Message, bytes | bytearray], Awaitable[None]]
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -78,12 +78,12 @@ def slice_size(rate: int) -> int:
 
 
 class Writer(Protocol):
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | bytearray) -> None: ...
 
     def drain(self) -> Awaitable[None]: ...
 
 
-async def paced_write(writer: Writer, frame: bytes, bucket: TokenBucket,
+async def paced_write(writer: Writer, frame: bytes | bytearray, bucket: TokenBucket,
                       sleep: Callable[[float], Awaitable[None]]) -> float:
     """Write ``frame`` a slice at a time as ``bucket`` allows; the seconds waited."""
     view = memoryview(frame)
@@ -158,7 +158,7 @@ class Bulk:
             self.count(f"bulk_dropped_{exc.reason}", 1)
             return None, f"bad reply: {exc}"
 
-    async def send(self, writer: Writer, reply: wire.Message, frame: bytes) -> None:
+    async def send(self, writer: Writer, reply: wire.Message, frame: bytes | bytearray) -> None:
         """Write a reply's frame: bulk at the rate, anything else at once. A bulk reply
         of one slice or less (an answer about a job's state, a few lines of output) goes
         at once too, but its bytes count against the rate."""

@@ -25,8 +25,13 @@ import time
 
 log = logging.getLogger("flexmesh.agent")
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 2 * 1024 * 1024  # bytes: a body above this (a bundle chunk is 1 MiB) is mapped
+# Free memory at the heap's top kept rather than given back at each free: without it a
+# chunk's buffers, freed, shrink the heap and the next chunk's fault their pages in again.
+# ``trim`` still gives it back once large frames are gone.
+TRIM_THRESHOLD = 16 * 1024 * 1024
 TRIM_INTERVAL = 1.0  # seconds: malloc_trim walks the heap, so not more often than this
 
 _last_trim = 0.0
@@ -50,7 +55,8 @@ def fix_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold at ``MMAP_THRESHOLD``; False where it cannot be."""
     libc = _glibc()
     try:
-        done = libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        done = (libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     except (OSError, ctypes.ArgumentError):
         done = False
     log.debug("mmap threshold %s", f"fixed at {MMAP_THRESHOLD}" if done else "left as it is")
