@@ -22,7 +22,7 @@ from flexmesh.agent.devices.enforcement import job_env_many, visible_env
 from flexmesh.agent.jobenv import base_env, job_environment
 from flexmesh.agent.jobprocs import describe_exit
 from flexmesh.agent.jobs import JobRunner, JobStartError
-from flexmesh.agent.models import FAILED, LOST, TERMINAL, RunRecord, job_id_problem
+from flexmesh.agent.models import FAILED, LOST, PREEMPTED, TERMINAL, RunRecord, job_id_problem
 from flexmesh.agent.node import JobOutput, RunJob, StopJob
 from flexmesh.agent.node.follow import SYNC_CHUNK
 from flexmesh.agent.node.owner import MAX_OFFSET
@@ -120,7 +120,11 @@ class Processes:
             why = (f"workdir: {exc}" if isinstance(exc, PayloadError) else f"container: {exc}"
                    if isinstance(exc, ContainerError) else f"vnpu: {exc}"
                    if isinstance(exc, VnpuError) else f"could not start: {exc}")
-            node.job_exited(job.id, None, why, loop.time(), state=FAILED)
+            # An image job given before this node found its runtime (just restarted, facts
+            # of before): handed back to be placed again, not failed.
+            again = isinstance(exc, ContainerError) and not self.containers.runtime
+            node.job_exited(job.id, None, why, loop.time(), state=PREEMPTED if again
+                            else FAILED)
         else:
             node.job_started(job.id, pid, pid_start, loop.time(), lease_id=job.lease_id)
             early = self._early_exits.pop(job.id, None)
@@ -249,6 +253,10 @@ class Processes:
 
     async def _pack_then_end(self, run: RunRecord, exit_code: int | None, reason: str) -> None:
         try:
+            # Its container goes before its output is packed: one whose client was killed
+            # while the runtime's stop hung could still be writing to it.
+            if run.id in self.containers.names:
+                await self.containers.ended(run.id, self.runner.job_dir(run.id))
             await self.agent.results.pack(run)
         except Exception as exc:  # (never the end lost; a cancel at shutdown packs again)
             log.error("results_pack_failed job=%s error=%r", run.id, exc)
