@@ -36,8 +36,9 @@ from typing import Any
 
 from flexmesh.agent.holdsim import HoldSim, add_arguments, arguments_problem
 from flexmesh.policies import DEFAULT_POLICY, SPECS, get_spec
-from flexmesh.policies.cluster import Cluster, DeviceSpec, NodeSpec
+from flexmesh.policies.cluster import Cluster
 from flexmesh.policies.engine import Placer
+from flexmesh.policies.nodes import DeviceSpec, NodeSpec
 from flexmesh.policies.types import WHOLE, NoFit, Request
 from flexmesh.policies.workload import Workload
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from flexmesh.policies.bestfit import best_fit
-from flexmesh.policies.cluster import Cluster, DeviceSpec, NodeClass, NodeSpec
-from flexmesh.policies.engine import CACHE_BONUS, Placer, PolicySpec, parse_spec
+from flexmesh.policies.cluster import Cluster
+from flexmesh.policies.engine import Placer
 from flexmesh.policies.gang import place_gang
+from flexmesh.policies.nodes import DeviceSpec, NodeClass, NodeSpec
 from flexmesh.policies.preempt import Preemption, RunningJob, choose_victims
 from flexmesh.policies.scores import SCORES
+from flexmesh.policies.spec import CACHE_BONUS, PolicySpec, parse_spec
 from flexmesh.policies.types import (
     Candidate,
     GangPlacement,

@@ -7,15 +7,7 @@ devices scores best; the answer is cached on the class, which is immutable (a no
 changes state moves to another class). A decision is therefore one cached lookup per live
 class, independent of how many requests are waiting.
 
-Locality: the submitting node and nodes with a known round-trip time get a bonus of up to
-``locality`` score units: the origin the full bonus, a lender with RTT ``r`` ms
-``locality * 50 / (50 + r)``, everyone else none. Only those few nodes are scored one by one.
-
-Holding: a node that already holds what the request needs (its working directory's
-bundle, its container image: ``saved`` bytes it need not fetch) gets a bonus of
-``cache * saved / (saved + 256 MiB)`` score units, bounded by ``cache``. The scores are in
-devices of fragmentation, so with the default 0.02 a holder wins only among nodes within
-20 milli of the best; it never takes a placement that fragments more than that.
+The bonuses a few nodes get (near the submitter, holding what it needs): see ``bonuses``.
 """
 
 from __future__ import annotations
@@ -25,197 +17,35 @@ import itertools
 import random
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from flexmesh.policies.cluster import Cluster, NodeClass
+from flexmesh.policies.bonuses import holding_bonuses, locality_bonuses
+from flexmesh.policies.cluster import Cluster
 from flexmesh.policies.filters import Choice, choices, node_passes, node_reject_reason
+from flexmesh.policies.nodes import NodeClass
 from flexmesh.policies.scores import SCORES, Score, ScoreContext
-from flexmesh.policies.types import MultiPlacement, NoFit, PlaceResult, Placement, Request
+from flexmesh.policies.shapes import (
+    TIE_EPS,
+    ShapeState,
+    best_not_excluded,
+    draw_tied_with_top,
+)
+from flexmesh.policies.spec import PolicySpec
+from flexmesh.policies.types import (
+    REASONS,
+    MultiPlacement,
+    NoFit,
+    PlaceResult,
+    Placement,
+    Request,
+    describe,
+)
 from flexmesh.policies.workload import PRIOR, Workload, WorkloadWindow
 
-_WORKLOAD_SCORES = frozenset({"fgd", "cfgd", "frag-after", "strand", "scarcity"})
-RTT_SCALE_MS = 50.0
-CACHE_SCALE_BYTES = 256 * 2**20  # bytes saved that earn half the holding bonus
-CACHE_BONUS = 0.02  # the most the holding bonus is worth (devices of fragmentation)
-MAX_HOLDERS = 64  # holders a decision scores one by one at most (most bytes saved first)
-TIE_EPS = 1e-9
 SCAN_BELOW = 48  # with fewer live classes than this a decision looks at each of them
 MAX_SHAPES = 512  # request shapes a placer keeps a heap for (least recently used go)
 _SHAPE_IDS = itertools.count(1)  # unique across placers: cached scores never collide
 _MISSING: Any = object()
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySpec:
-    """A named, weighted sum of scores; ``locality`` is the most the origin bonus is worth,
-    ``cache`` the most the bonus of a node holding what the request needs is."""
-
-    name: str
-    terms: tuple[tuple[str, float], ...]
-    locality: float = 0.0
-    cache: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.terms:
-            raise ValueError(f"policy {self.name!r} has no scores")
-        for score, _ in self.terms:
-            if score not in SCORES:
-                known = ", ".join(sorted(SCORES))
-                raise ValueError(
-                    f"unknown score {score!r} in policy {self.name!r} (known: {known})"
-                )
-
-    @property
-    def uses_workload(self) -> bool:
-        return any(s in _WORKLOAD_SCORES for s, _ in self.terms)
-
-
-def parse_spec(
-    text: str,
-    named: Mapping[str, PolicySpec],
-    weights: Mapping[str, float] | None = None,
-) -> PolicySpec:
-    """``"fgd"`` (a named policy), or scores with optional weights:
-    ``"fgd+packing:0.05"``; ``weights`` overrides or adds per-score weights."""
-    text = text.strip()
-    if text in named and not weights:
-        return named[text]
-    if text in named:
-        terms = dict(named[text].terms)
-        locality = named[text].locality
-        cache = named[text].cache
-    else:
-        terms = {}
-        locality = 0.1
-        cache = CACHE_BONUS
-        for part in text.split("+"):
-            part = part.strip()
-            if not part:
-                raise ValueError(f"empty score in policy {text!r}")
-            score, _, raw = part.partition(":")
-            try:
-                terms[score.strip()] = float(raw) if raw else 1.0
-            except ValueError:
-                raise ValueError(f"bad weight {raw!r} in policy {text!r}") from None
-    for score, weight in (weights or {}).items():
-        if score == "locality":
-            locality = float(weight)
-        elif score == "cache":
-            cache = float(weight)
-        else:
-            terms[score] = float(weight)
-    return PolicySpec(text, tuple((s, w) for s, w in terms.items() if w != 0.0), locality,
-                      cache)
-
-
-# a scored class in a shape's heap: (score, class seq, class, device choice); of equal
-# scores the older class comes first
-_Entry = tuple[float, int, NodeClass, Choice]
-
-
-class _ShapeState:
-    """A request shape's scored classes: a heap of entries, live and dead."""
-
-    __slots__ = ("cursor", "heap", "relevant")
-
-    def __init__(self) -> None:
-        self.heap: list[_Entry] = []
-        self.cursor = 0
-        self.relevant: dict[tuple[tuple[str, str], ...], bool] = {}
-
-    def compact(self) -> None:
-        """Drop the entries of classes no node is in any more."""
-        self.heap = [e for e in self.heap if e[2].members]
-        heapq.heapify(self.heap)
-
-
-def _draw_tied_with_top(st: _ShapeState, rng: random.Random) -> _Entry:
-    """One of the live entries tied with the top, each of their nodes equally likely.
-    The tied entries form a subtree at the root: walk it in place rather than pop."""
-    heap = st.heap
-    limit = heap[0][0] + TIE_EPS
-    tied: list[tuple[_Entry, int]] = []
-    total = 0
-    dead = 0
-    stack = [0]
-    size = len(heap)
-    while stack:
-        i = stack.pop()
-        e = heap[i]
-        if e[0] > limit:
-            continue
-        n = len(e[2].members)
-        if n:
-            tied.append((e, n))
-            total += n
-        else:
-            dead += 1
-        j = 2 * i + 1
-        if j < size:
-            stack.append(j)
-            if j + 1 < size:
-                stack.append(j + 1)
-    if dead > 32 and dead > len(tied):  # walks through the dead cost: compact
-        st.compact()
-    drawn = _draw(tied, rng.random() * total)
-    return drawn if drawn is not None else tied[-1][0]
-
-
-def _best_not_excluded(
-    heap: list[_Entry], exclude: frozenset[str], rng: random.Random | None
-) -> _Entry | None:
-    """The best entry with a node not excluded; with an rng, drawn from those tied with
-    it, each of their nodes not excluded equally likely."""
-    cands = _tied_not_excluded(heap, exclude, first_only=rng is None)
-    if not cands:
-        return None
-    if rng is not None and len(cands) > 1:
-        drawn = _draw(cands, rng.random() * sum(n for _, n in cands))
-        if drawn is not None:
-            return drawn
-    return cands[0][0]
-
-
-def _tied_not_excluded(
-    heap: list[_Entry], exclude: frozenset[str], first_only: bool
-) -> list[tuple[_Entry, int]]:
-    """The live entries tied with the best one that has a node not excluded, each with its
-    count of such nodes (only that best one with ``first_only``). They are found by popping
-    and then pushed back; the dead entries on the way stay off."""
-    popped: list[_Entry] = []
-    cands: list[tuple[_Entry, int]] = []
-    top: float | None = None
-    while heap:
-        e = heap[0]
-        if not e[2].members:
-            heapq.heappop(heap)
-            continue
-        if top is not None and e[0] > top + TIE_EPS:
-            break
-        heapq.heappop(heap)
-        popped.append(e)
-        n = len(e[2].members) - sum(1 for m in e[2].members if m in exclude)
-        if n <= 0:
-            continue
-        if top is None:
-            top = e[0]
-        cands.append((e, n))
-        if first_only:
-            break
-    for e in popped:
-        heapq.heappush(heap, e)
-    return cands
-
-
-def _draw(weighted: list[tuple[_Entry, int]], x: float) -> _Entry | None:
-    """The entry that ``x``, uniform below the total weight, falls on (each as likely as
-    its weight); None if rounding took ``x`` up to the total."""
-    for e, n in weighted:
-        x -= n
-        if x < 0:
-            return e
-    return None
 
 
 class Placer:
@@ -247,7 +77,7 @@ class Placer:
         self._epoch = self.ctx.workload.version
         self._bucket_memo: dict[tuple[str, tuple[str, ...], int], list[dict[int, NodeClass]]] = {}
         self._shape_ids: dict[tuple[Any, ...], int] = {}
-        self._shapes: OrderedDict[int, _ShapeState] = OrderedDict()
+        self._shapes: OrderedDict[int, ShapeState] = OrderedDict()
         self._token_seen = self.ctx.token
         self.scan_below = SCAN_BELOW
         self._bucket_version = -1
@@ -354,9 +184,9 @@ class Placer:
             self.refresh_supply()  # before the shape id: it may make every score stale
         sid = self._shape_id(req)
         best = self._best_node(req, sid, exclude)
-        bonuses = self._locality_bonuses(req, rtt) if self.spec.locality > 0.0 else {}
+        bonuses = locality_bonuses(self.spec.locality, req, rtt) if self.spec.locality > 0.0 else {}
         if saved and self.spec.cache > 0.0:
-            bonuses = self._holding_bonuses(saved, bonuses)
+            bonuses = holding_bonuses(self.spec.cache, saved, bonuses)
         if bonuses:
             best = self._with_bonuses(req, bonuses, sid, exclude, best)
         if best is None:
@@ -413,31 +243,6 @@ class Placer:
                 best = (total, r[1], name)
         return best
 
-    def _locality_bonuses(
-        self, req: Request, rtt: Mapping[str, float] | None
-    ) -> dict[str, float]:
-        lw = self.spec.locality
-        bonuses: dict[str, float] = {}
-        if rtt:
-            for name, ms in rtt.items():
-                bonuses[name] = lw * RTT_SCALE_MS / (RTT_SCALE_MS + max(0.0, ms))
-        if req.origin:  # after the RTTs: the origin's own bonus is the full one
-            bonuses[req.origin] = lw
-        return bonuses
-
-    def _holding_bonuses(
-        self, saved: Mapping[str, int], bonuses: dict[str, float]
-    ) -> dict[str, float]:
-        """``bonuses`` plus each holder's (the ``MAX_HOLDERS`` that save the most)."""
-        cw = self.spec.cache
-        holders = [(n, b) for n, b in saved.items() if b > 0]
-        if len(holders) > MAX_HOLDERS:
-            holders = heapq.nlargest(MAX_HOLDERS, holders, key=lambda nb: nb[1])
-        out = dict(bonuses)
-        for name, b in holders:
-            out[name] = out.get(name, 0.0) + cw * b / (b + CACHE_SCALE_BYTES)
-        return out
-
     def _node_score(
         self, req: Request, cls: NodeClass, sid: int, own: bool
     ) -> tuple[float, Choice] | None:
@@ -486,7 +291,7 @@ class Placer:
                         best = (r[0], r[1], cls)
         return best
 
-    def _shape_state(self, req: Request, sid: int) -> _ShapeState:
+    def _shape_state(self, req: Request, sid: int) -> ShapeState:
         """The heap of classes scored for this request shape, caught up with the classes
         created since it was last used (built from all live classes the first time)."""
         cl = self.cluster
@@ -499,7 +304,7 @@ class Placer:
                 del self._shapes[sid]
             while len(self._shapes) >= MAX_SHAPES:
                 self._shapes.popitem(last=False)
-            st = _ShapeState()
+            st = ShapeState()
             self._shapes[sid] = st
             new = [c for b in self._buckets(req) for c in b.values()]
         st.cursor = cl.created_base + len(cl.created)
@@ -539,13 +344,13 @@ class Placer:
         if not heap:
             return None
         if exclude:
-            e = _best_not_excluded(heap, exclude, self.rng)
+            e = best_not_excluded(heap, exclude, self.rng)
             if e is None:
                 return None
         elif self.rng is None:
             e = heap[0]
         else:
-            e = _draw_tied_with_top(st, self.rng)
+            e = draw_tied_with_top(st, self.rng)
         return (e[0], e[3], e[2])
 
     def place(self, req: Request, rtt: Mapping[str, float] | None = None) -> PlaceResult:
@@ -590,32 +395,5 @@ class Placer:
                 reason = "?"
             rejected[reason] = rejected.get(reason, 0) + n
         what = describe(req)
-        parts = ", ".join(f"{_REASONS.get(k, k)}: {v}" for k, v in sorted(rejected.items()))
+        parts = ", ".join(f"{REASONS.get(k, k)}: {v}" for k, v in sorted(rejected.items()))
         return f"no node can take {what} ({parts})"
-
-
-_REASONS = {
-    "healthy": "unhealthy",
-    "battery": "below battery floor",
-    "kind": "no device of that kind",
-    "model": "no device of an allowed model",
-    "cpu": "too little CPU",
-    "memory": "too little memory",
-    "capacity": "too little free compute",
-    "devices": "no device with enough free",
-}
-
-
-def describe(req: Request) -> str:
-    kind = "device" if req.kind == "any" else f"{req.kind}"
-    if req.count == 0:
-        what = "a CPU-only job"
-    elif req.count == 1:
-        what = f"{req.compute_milli} milli of one {kind}"
-    else:
-        what = f"{req.count} {kind}s of {req.compute_milli} milli"
-    if req.memory_mib:
-        what += f" with {req.memory_mib} MiB device memory"
-    if req.models:
-        what += f" (models {', '.join(req.models)})"
-    return what

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flexmesh.policies.cluster import UNKNOWN, DevState, NodeClass
+from flexmesh.policies.nodes import UNKNOWN, DevState, NodeClass
 from flexmesh.policies.types import Request
 
 Choice = tuple[int, ...]  # positions into NodeClass.devs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flexmesh.policies.engine import Placer, describe
+from flexmesh.policies.engine import Placer
 from flexmesh.policies.types import (
     GangPlacement,
     GangResult,
@@ -19,6 +19,7 @@ from flexmesh.policies.types import (
     NoFit,
     Placement,
     Request,
+    describe,
 )
 
 

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
-from flexmesh.policies.cluster import UNKNOWN, Cluster, DeviceSpec, NodeRec, NodeSpec
-from flexmesh.policies.engine import Placer, PolicySpec, describe
-from flexmesh.policies.types import MultiPlacement, NoFit, Placement, Request
+from flexmesh.policies.cluster import Cluster
+from flexmesh.policies.engine import Placer
+from flexmesh.policies.nodes import UNKNOWN, DeviceSpec, NodeRec, NodeSpec
+from flexmesh.policies.spec import PolicySpec
+from flexmesh.policies.types import MultiPlacement, NoFit, Placement, Request, describe
 from flexmesh.policies.workload import Workload
 
 EXACT_LIMIT = 10

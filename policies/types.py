@@ -116,3 +116,30 @@ class NoFit:
 
 PlaceResult = Placement | MultiPlacement | NoFit
 GangResult = GangPlacement | NoFit
+
+
+REASONS = {
+    "healthy": "unhealthy",
+    "battery": "below battery floor",
+    "kind": "no device of that kind",
+    "model": "no device of an allowed model",
+    "cpu": "too little CPU",
+    "memory": "too little memory",
+    "capacity": "too little free compute",
+    "devices": "no device with enough free",
+}
+
+
+def describe(req: Request) -> str:
+    kind = "device" if req.kind == "any" else f"{req.kind}"
+    if req.count == 0:
+        what = "a CPU-only job"
+    elif req.count == 1:
+        what = f"{req.compute_milli} milli of one {kind}"
+    else:
+        what = f"{req.count} {kind}s of {req.compute_milli} milli"
+    if req.memory_mib:
+        what += f" with {req.memory_mib} MiB device memory"
+    if req.models:
+        what += f" (models {', '.join(req.models)})"
+    return what

@@ -21,7 +21,7 @@ from flexmesh.agent.node.holdings import (
 )
 from flexmesh.agent.scheduler import Proposal, Scheduler
 from flexmesh.policies import DEFAULT_POLICY, Candidate, get_policy, get_spec
-from flexmesh.policies.engine import CACHE_BONUS
+from flexmesh.policies.spec import CACHE_BONUS
 from flexmesh.protocol import facts, wire
 from flexmesh.protocol.membership import ALIVE, DEAD, Member
 

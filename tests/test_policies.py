@@ -35,9 +35,10 @@ from flexmesh.policies import (
     place_gang,
 )
 from flexmesh.policies import filters as F
+from flexmesh.policies import fragplan as FP
 from flexmesh.policies import scores as S
-from flexmesh.policies.cluster import UNKNOWN
-from flexmesh.policies.engine import parse_spec
+from flexmesh.policies.nodes import UNKNOWN
+from flexmesh.policies.spec import parse_spec
 from flexmesh.policies.workload import PRIOR, Shape, shape_key
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -290,19 +291,19 @@ def test_frag_amount_matches_the_papers_definition() -> None:
             Shape(1000, 0, 0, (), 0.25),  # CPU only: all idle GPU is fragment
         )
     )
-    plan = S.FragPlan(wl, ("A",))
+    plan = FP.FragPlan(wl, ("A",))
     # free 1000, 300: shape 1 fits, fragment = 300 (the GPU below 500); shape 2 does not
     # fit (one whole GPU): all 1300; CPU-only: all 1300
-    assert S.frag_amount((1000, 300), UNKNOWN, plan) == pytest.approx(
+    assert FP.frag_amount((1000, 300), UNKNOWN, plan) == pytest.approx(
         0.5 * 300 + 0.25 * 1300 + 0.25 * 1300
     )
-    assert S.frag_amount((0, 0), UNKNOWN, plan) == 0.0
+    assert FP.frag_amount((0, 0), UNKNOWN, plan) == 0.0
     # no CPU left for any GPU shape that asks for some
     wl2 = Workload((Shape(500, 500, 1, (), 1.0),))
-    assert S.frag_amount((1000,), 100, S.FragPlan(wl2, ("A",))) == 1000
+    assert FP.frag_amount((1000,), 100, FP.FragPlan(wl2, ("A",))) == 1000
     # a shape bound to another model cannot use this node at all
     wl3 = Workload((Shape(0, 500, 1, ("B",), 1.0),))
-    assert S.frag_amount((1000,), UNKNOWN, S.FragPlan(wl3, ("A",))) == 1000
+    assert FP.frag_amount((1000,), UNKNOWN, FP.FragPlan(wl3, ("A",))) == 1000
 
 
 def test_fgd_prefers_the_gpu_that_leaves_a_usable_remainder() -> None:
@@ -320,10 +321,10 @@ def test_fgd_prefers_the_gpu_that_leaves_a_usable_remainder() -> None:
 
 def test_cap_frag_counts_cpu_limited_copies() -> None:
     wl = Workload((Shape(4000, 1000, 1, (), 1.0),))
-    plan = S.CapPlan(wl, ("A",))
+    plan = FP.CapPlan(wl, ("A",))
     # 4 free GPUs but CPU for only 2 copies: half the idle compute is out of reach
-    assert S.cap_frag_amount((1000,) * 4, 8000, UNKNOWN, plan) == pytest.approx(2000)
-    assert S.cap_frag_amount((1000,) * 4, 16000, UNKNOWN, plan) == pytest.approx(0)
+    assert FP.cap_frag_amount((1000,) * 4, 8000, UNKNOWN, plan) == pytest.approx(2000)
+    assert FP.cap_frag_amount((1000,) * 4, 16000, UNKNOWN, plan) == pytest.approx(0)
 
 
 def test_strand_penalises_eating_cpu_a_gpu_needs() -> None:
