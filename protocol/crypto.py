@@ -346,28 +346,33 @@ class Sealer:
 
     def seal(self, plaintext: bytes, aad: bytes, now: float, *, limit: int | None = None) -> bytes:
         """``plaintext`` sealed under the primary key, binding ``aad`` (the cluster name)."""
-        return bytes(self.seal_after(0, plaintext, aad, now, limit=limit))
+        aead, nonce, header = self._next(len(plaintext), now, limit)
+        return header + aead.encrypt(nonce, plaintext, header + aad)
 
     def seal_after(self, reserve: int, plaintext: bytes, aad: bytes, now: float, *,
                    limit: int | None = None) -> bytearray:
         """As ``seal``, into one new buffer that starts with ``reserve`` bytes left for the
         caller (a frame's length): a large frame is sealed without copies of it."""
-        if len(plaintext) + OVERHEAD > (self.max_packet if limit is None else limit):
-            raise CryptoError("oversized", f"{len(plaintext)} bytes + {OVERHEAD} overhead")
+        aead, nonce, header = self._next(len(plaintext), now, limit)
+        into = getattr(aead, "encrypt_into", None)  # (cryptography 47 and later)
+        if into is None:
+            return bytearray(reserve) + header + aead.encrypt(nonce, plaintext, header + aad)
+        out = bytearray(reserve + HEADER_SIZE + len(plaintext) + TAG_SIZE)
+        out[reserve:reserve + HEADER_SIZE] = header
+        into(nonce, plaintext, header + aad, memoryview(out)[reserve + HEADER_SIZE:])
+        return out
+
+    def _next(self, size: int, now: float,
+              limit: int | None) -> tuple[ChaCha20Poly1305, bytes, bytes]:
+        """(the primary key's AEAD, the next nonce, the sealed header) for ``size`` bytes."""
+        if size + OVERHEAD > (self.max_packet if limit is None else limit):
+            raise CryptoError("oversized", f"{size} bytes + {OVERHEAD} overhead")
         entry = self.keyring._primary()
         if entry is None:
             raise KeyringError("the keyring is empty; add a key (`flexmesh keygen`)")
         self._seq = max(_now_ms(now) << 16, self._seq + 1)
         nonce = self._seq.to_bytes(8, "big") + self._salt
-        header = bytes([SEAL_VERSION]) + entry.key_id + nonce
-        into = getattr(entry.aead, "encrypt_into", None)  # (cryptography 47 and later)
-        if into is None:
-            return bytearray(reserve) + header + entry.aead.encrypt(nonce, plaintext,
-                                                                    header + aad)
-        out = bytearray(reserve + HEADER_SIZE + len(plaintext) + TAG_SIZE)
-        out[reserve:reserve + HEADER_SIZE] = header
-        into(nonce, plaintext, header + aad, memoryview(out)[reserve + HEADER_SIZE:])
-        return out
+        return entry.aead, nonce, bytes([SEAL_VERSION]) + entry.key_id + nonce
 
     def open(self, packet: bytes | bytearray, aad: bytes, now: float, *,
              limit: int | None = None) -> bytes:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +33,15 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
         yield m
     finally:
         m.close()
+
+
+@pytest.fixture
+def work_root() -> Iterator[Path]:
+    """Where owners unpack runs (``[payload] work_dir``): under /tmp and searchable by the
+    user a borrowed job runs as (pytest's own temporary directories are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,16 +66,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield ref
     finally:
         _podman("rmi", "-f", ref)
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
-    path.chmod(0o711)  # searchable by the borrowed user the job runs as
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(mesh: LocalMesh, name: str, work: Path, runtime: str = "podman") -> list[str]:

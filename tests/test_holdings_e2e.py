@@ -5,9 +5,6 @@ placement would otherwise prefer, and is not fetched again."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +16,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
 BIG = 256 * 2**20  # bytes: a holding bonus of 0.01, twice what packing weighs (see below)
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    """Where owners unpack runs: searchable by the user a borrowed job runs as."""
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(mesh: LocalMesh, name: str, work: Path) -> list[str]:

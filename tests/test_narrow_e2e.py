@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +26,6 @@ h = hashlib.sha256(open("noise.bin", "rb").read()).hexdigest()
 for i in range({LINES}):
     print("step", i, "loss", 1 / (1 + i % 97), h[:8])
 """
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(mesh: LocalMesh, name: str, work: Path, network: str) -> list[str]:

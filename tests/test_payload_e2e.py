@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +25,6 @@ with open("data.txt") as f:
     print("read", f.read().strip())
 print("cwd is workdir", os.getcwd() == os.environ["FLEXMESH_WORKDIR"])
 """
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    """Where owners unpack runs: searchable by the user a borrowed job runs as (pytest's
-    own temporary directories are not)."""
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(mesh: LocalMesh, name: str, work: Path) -> list[str]:

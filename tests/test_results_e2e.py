@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +35,6 @@ with open(os.path.join(out, "sub", "big.bin"), "wb") as f:
 os.symlink("/etc/passwd", os.path.join(out, "escape"))
 print("wrote to", out)
 """
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(mesh: LocalMesh, name: str, work: Path, extra: str = "") -> list[str]:

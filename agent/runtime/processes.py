@@ -95,7 +95,7 @@ class Processes:
             env["FLEXMESH_OUTPUT"] = str(await asyncio.to_thread(self.agent.results.make, job,
                                                                  user))
             if job.bundle:
-                self._reachable(job, user)
+                await asyncio.to_thread(self._reachable, job, user)  # (stats: off the loop)
                 cwd = await self._workdir(job, user)
                 env["FLEXMESH_WORKDIR"] = str(cwd)
             command: list[str] = job.command
