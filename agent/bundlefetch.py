@@ -1,22 +1,30 @@
 """An owner fetching a bundle from a job's origin: chunk by chunk, to a file, resumable.
 
-``FetchBundle`` calls ask for consecutive chunks from what the partial file already
-holds, ``DEPTH`` of them in flight at once and their replies written in order, so a
-dropped connection (or an agent restarted half-way) costs only the chunks in flight, and
-neither side holds more than ``DEPTH`` chunks of the bundle in memory. The whole is checked
-against its SHA-256 before it takes its place in the store; a mismatch deletes what came.
-Consecutive failed calls are retried a few times with a growing pause, then the fetch
-fails: it never waits forever. The caller gives ``call`` (one request, one reply or None
-and why) and ``alive`` (whether the job still wants the bundle).
+Where the answerer can (``opener`` given, and it streams), one call brings the whole:
+a ``FetchBundle`` with ``through`` is answered by consecutive chunks on one connection,
+each written (and hashed) on a thread while the next one comes. Otherwise (a peer one
+version behind, which answers one chunk without ``more``) ``FetchBundle`` calls ask for
+consecutive chunks from what the partial file already holds, ``DEPTH`` of them in flight
+at once and their replies written in order. Either way a dropped connection (or an agent
+restarted half-way) costs only the chunks in flight, neither side holds more than a few
+chunks of the bundle in memory, and the next try starts from what the partial file holds.
+The whole is checked against its SHA-256 before it takes its place in the store; a
+mismatch deletes what came. Failed tries are retried a few times with a growing pause,
+then the fetch fails: it never waits forever. The caller gives ``call`` (one request, one
+reply or None and why), ``opener`` (a stream: its replies one by one, likewise) and
+``alive`` (whether the job still wants the bundle).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -26,6 +34,7 @@ from flexmesh.protocol import wire
 CHUNK = 1 << 20  # bytes asked for per call: far below wire.MAX_FRAME
 RETRIES = 5  # failed calls in a row before the fetch gives up
 PAUSE = 0.2  # seconds before the first retry; doubled for each one after
+AHEAD = 4  # chunks of a stream that may wait to be written and hashed
 DEPTH = 4  # calls in flight at once: the origin reads and seals the next chunks while this
 # node opens, hashes and writes one (a single call at a time left both sides mostly waiting)
 
@@ -58,50 +67,142 @@ class Want:
 
 
 Asker = Callable[[int, int], wire.Message]  # (offset, length) -> the request for them
+Receive = Callable[[], Awaitable[tuple[wire.Message | None, str]]]  # a stream's next reply
+Opener = Callable[[wire.Message], AbstractAsyncContextManager[Receive]]  # a stream, open
 
 
 async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
                 alive: Callable[[], bool] = lambda: True, chunk: int = CHUNK,
                 retries: int = RETRIES, pause: float = PAUSE, depth: int = DEPTH,
-                ask: Asker | None = None) -> Fetched:
+                ask: Asker | None = None, opener: Opener | None = None) -> Fetched:
     """Bring bundle ``want`` to ``dest`` through ``partial``; FetchError if it cannot.
     ``ask`` makes each request (default: a ``FetchBundle`` of ``want``); the answers are
-    ``BundleChunk``s of ``want.sha``. Up to ``depth`` requests are in flight at once."""
+    ``BundleChunk``s of ``want.sha``. With ``opener``, a stream is tried first; else (or
+    from an answerer that does not stream) up to ``depth`` requests are in flight at once."""
     ask = ask or (lambda offset, length: wire.FetchBundle(want.sha, offset, length,
                                                           want.job_id))
     partial.parent.mkdir(parents=True, exist_ok=True)
     h, have = await asyncio.to_thread(_resume, partial, want.size)
     stats = Fetched(resumed_at=have)
-    window = _Window(call, ask, want.size, chunk, depth)
-    try:
-        with open(partial, "ab") as f:
-            while have < want.size:
-                if not alive():
-                    raise FetchError("the job stopped while its bundle was fetched")
-                (offset, length), reply, error = await window.next(have)
-                stats.calls += 1
-                data = _chunk(reply, offset, length, want)
-                if data is None:
-                    window.drop()  # (what is in flight asks from the wrong offset now)
-                    stats.retries += 1
-                    if stats.retries > retries:
-                        raise FetchError(f"gave up after {retries} retries at byte {have} "
-                                         f"of {want.size}: {error or reply}")
-                    await asyncio.sleep(pause * 2 ** (stats.retries - 1))
+    with open(partial, "ab") as f:
+        sink = _Sink(f, h, have, stats)
+        try:
+            while sink.have < want.size:
+                if opener is not None:
+                    error, streams = await _by_stream(opener, ask, want, sink, chunk, alive)
+                    opener = opener if streams else None
+                else:
+                    error = await _by_calls(_Window(call, ask, want.size, chunk, depth),
+                                            want, sink, alive)
+                await sink.written()
+                if error is None:
                     continue
-                if len(data) != length:  # the server's cap (its bulk_rate): ask that much
-                    window.chunk = len(data)  # from now on, so the window stays in line
-                    window.drop()  # (what is in flight asks from the wrong offsets)
-                await asyncio.to_thread(_append, f, h, data)
-                have += len(data)
-                stats.bytes += len(data)
-    finally:
-        window.drop()
+                stats.retries += 1
+                if stats.retries > retries:
+                    raise FetchError(f"gave up after {retries} retries at byte {sink.have} "
+                                     f"of {want.size}: {error}")
+                await asyncio.sleep(pause * 2 ** (stats.retries - 1))
+        finally:
+            await sink.written(quiet=True)  # (no thread writes to the file once it closes)
+            sink.close()
     if h.hexdigest() != want.sha:
         partial.unlink(missing_ok=True)
         raise FetchError(f"the bundle that came does not match its SHA-256 {want.sha}")
     os.replace(partial, dest)
     return stats
+
+
+class _Sink:
+    """The partial file and the hash of what it holds. Each chunk is written on one
+    thread and hashed on another, in order, while the next ones come; up to ``AHEAD``
+    chunks may wait for them (so a slow write does not stop the stream at once, and
+    memory stays bounded). ``have`` counts a chunk as soon as it is handed over. Once a
+    write fails, the chunks behind it are not written (the partial stays a prefix)."""
+
+    def __init__(self, f: IO[bytes], h: hashlib._Hash, have: int, stats: Fetched) -> None:
+        self.f, self.h, self.have, self.stats = f, h, have, stats
+        self.pending: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.writer = ThreadPoolExecutor(1, "fetch-write")
+        self.hasher = ThreadPoolExecutor(1, "fetch-hash")
+        self.failed = False
+
+    async def add(self, data: bytes) -> None:
+        while len(self.pending) >= 2 * AHEAD:
+            await self._oldest()
+        loop = asyncio.get_running_loop()  # (on their threads at once, not at the next await)
+        self.pending.append(loop.run_in_executor(self.writer, self._write, data))
+        self.pending.append(loop.run_in_executor(self.hasher, self.h.update, data))
+        self.have += len(data)
+        self.stats.bytes += len(data)
+        self.stats.calls += 1
+
+    def _write(self, data: bytes) -> None:
+        if self.failed:
+            return
+        try:
+            self.f.write(data)
+            self.f.flush()
+        except BaseException:
+            self.failed = True
+            raise
+
+    async def _oldest(self) -> None:
+        await self.pending.popleft()
+
+    async def written(self, quiet: bool = False) -> None:
+        """Wait for the chunks being written (the first OSError raised, unless
+        ``quiet``)."""
+        pending, self.pending = list(self.pending), collections.deque()
+        if pending:
+            await asyncio.wait(pending)
+        for future in pending:
+            error = None if future.cancelled() else future.exception()
+            if error is not None and not quiet:
+                raise error
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.hasher.shutdown(wait=True)
+
+
+async def _by_stream(opener: Opener, ask: Asker, want: Want, sink: _Sink, chunk: int,
+                     alive: Callable[[], bool]) -> tuple[str | None, bool]:
+    """Take the rest of the bundle from one stream: (None, or why it broke off; whether
+    the answerer streams)."""
+    request = dataclasses.replace(ask(sink.have, chunk),  # type: ignore[type-var]
+                                  through=want.size)
+    async with opener(request) as receive:
+        while sink.have < want.size:
+            if not alive():
+                raise FetchError("the job stopped while its bundle was fetched")
+            reply, error = await receive()
+            data = _chunk(reply, sink.have, chunk, want)
+            if data is None:
+                return error or f"an unexpected {type(reply).__name__} at byte {sink.have}", True
+            await sink.add(data)
+            if sink.have < want.size and not getattr(reply, "more", False):
+                return None, False  # (one version behind: chunk by chunk from here)
+    return None, True
+
+
+async def _by_calls(window: _Window, want: Want, sink: _Sink,
+                    alive: Callable[[], bool]) -> str | None:
+    """Take the rest of the bundle a call per chunk: None, or why a call failed."""
+    try:
+        while sink.have < want.size:
+            if not alive():
+                raise FetchError("the job stopped while its bundle was fetched")
+            (offset, length), reply, error = await window.next(sink.have)
+            data = _chunk(reply, offset, length, want)
+            if data is None:
+                return str(error or reply)
+            if len(data) != length:  # the server's cap (its bulk_rate): ask that much
+                window.chunk = len(data)  # from now on, so the window stays in line
+                window.drop()  # (what is in flight asks from the wrong offsets)
+            await sink.add(data)
+    finally:
+        window.drop()
+    return None
 
 
 Reply = tuple[wire.Message | None, str]
@@ -168,12 +269,6 @@ def _resume(partial: Path, size: int) -> tuple[hashlib._Hash, int]:
     return h, have
 
 
-def _append(f: IO[bytes], h: hashlib._Hash, data: bytes) -> None:
-    f.write(data)
-    f.flush()
-    h.update(data)
-
-
 def read_chunk(path: Path, offset: int, length: int) -> tuple[bytes, int]:
     """The origin's side: at most ``length`` bytes (and at most ``CHUNK``) of ``path``
     from ``offset``, and the file's size."""
@@ -181,3 +276,42 @@ def read_chunk(path: Path, offset: int, length: int) -> tuple[bytes, int]:
         total = os.fstat(f.fileno()).st_size
         f.seek(min(offset, total))
         return f.read(min(length, CHUNK)), total
+
+
+async def chunks(f: IO[bytes], name: str, offset: int, through: int, length: int,
+                 served: Callable[[], None] = lambda: None,
+                 ) -> AsyncGenerator[wire.Message, None]:
+    """The answering side of a stream: ``BundleChunk``s of ``name`` from open file ``f``,
+    from ``offset`` up to ``through`` (or its end), each at most ``length`` (and ``CHUNK``)
+    bytes, each but the last with ``more``; the next is read on a thread while the last
+    goes out. A read that fails ends the stream with an ``Error``. Closes ``f``."""
+    ahead: asyncio.Future[bytes] | None = None
+    try:
+        total = os.fstat(f.fileno()).st_size
+        end, step = min(through, total), max(1, min(length, CHUNK))
+        pos = min(offset, end)
+        ahead = _read_ahead(f, pos, min(step, end - pos))
+        while ahead is not None:
+            try:
+                data = await ahead
+            except OSError as exc:
+                ahead = None
+                yield wire.Error(f"cannot read {name}: {exc.strerror or exc}")
+                return
+            after = pos + len(data)
+            more = bool(data) and after < end
+            ahead = _read_ahead(f, after, min(step, end - after)) if more else None
+            served()
+            yield wire.BundleChunk(name, pos, data, total, more=more)
+            pos = after
+    finally:
+        if ahead is not None:  # (a thread may still read from the file: not closed under it)
+            await asyncio.wait([ahead])
+            if not ahead.cancelled():
+                ahead.exception()
+        f.close()
+
+
+def _read_ahead(f: IO[bytes], pos: int, n: int) -> asyncio.Future[bytes]:
+    """A read started on a thread now (a task would start it only at the next await)."""
+    return asyncio.get_running_loop().run_in_executor(None, os.pread, f.fileno(), n, pos)

@@ -22,12 +22,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from flexmesh.agent.rpcbudget import Budget
+from flexmesh.agent.rpccodec import PLAIN as PLAIN
+from flexmesh.agent.rpccodec import UNBOUND_OK as UNBOUND_OK
+from flexmesh.agent.rpccodec import Codec as Codec
+from flexmesh.agent.rpccodec import RemoteError as RemoteError
 from flexmesh.protocol import wire
-from flexmesh.protocol.crypto import CryptoError, Sealer
 
 log = logging.getLogger("flexmesh.agent")
 
@@ -35,72 +38,9 @@ READ_TIMEOUT = 30.0  # an idle inbound connection is closed after this long
 CHUNK = 64 * 1024  # bytes taken from the stream at a time while a body is read
 TRIM_AFTER = 1024 * 1024  # bytes of bodies read before memory is handed back (Server)
 DROP_LOG_EVERY = 10.0  # seconds between log lines about connections dropped for garbage
+STREAM_AHEAD = 2 * 1024 * 1024  # bytes of a stream's replies that may wait to go out
 
 
-# Requests that may be sealed for no node: a push-pull to a seed, whose name is not known.
-UNBOUND_OK = (wire.PushPull, wire.Hello)
-
-
-class Codec:
-    """Frames on the wire, sealed under the cluster keyring when there is one. A request
-    is sealed for the node it goes to (its name bound with the cluster's), so one captured
-    on its way to a node does not open at another; ``me`` is this node's name. Push-pulls
-    (``UNBOUND_OK``) and replies are sealed for no node."""
-
-    def __init__(self, sealer: Sealer | None = None, cluster: bytes = b"",
-                 now: Callable[[], float] = time.time, me: str = "") -> None:
-        self.sealer = sealer
-        self.cluster = cluster
-        self.now = now
-        self.me = me
-
-    def _aad(self, node: str) -> bytes:
-        return self.cluster + b"\0" + node.encode() if node else self.cluster
-
-    def encode(self, msg: wire.Message, to: str = "") -> bytes | bytearray:
-        body = bytes([wire.PROTOCOL_VERSION]) + wire.encode_message(msg)  # (one copy, not 3)
-        if self.sealer is None:
-            return wire.FRAME_HEADER.pack(len(body)) + body
-        n = wire.FRAME_HEADER.size  # sealed after the frame's length: no copy of the frame
-        frame = self.sealer.seal_after(n, body, self._aad(to), self.now())
-        wire.FRAME_HEADER.pack_into(frame, 0, len(frame) - n)
-        return frame
-
-    def decode(self, body: bytes | bytearray, request: bool = True) -> wire.Message:
-        """A frame's message; a request must be sealed for this node (or be one of
-        ``UNBOUND_OK``), a reply is sealed for none."""
-        unbound = not (request and self.me)
-        if self.sealer is not None:
-            try:
-                body, unbound = self._open(body, unbound)
-            except CryptoError as exc:
-                raise RemoteError(f"frame dropped: {exc.reason}", exc.reason) from None
-        elif body[:1] != bytes([wire.PROTOCOL_VERSION]):
-            raise RemoteError("a sealed frame, and this agent has no key", "no_key")
-        try:
-            msg = wire.decode_frame_body(body)
-        except wire.DecodeError as exc:
-            raise RemoteError(str(exc), "malformed") from None
-        if request and self.sealer is not None and self.me and unbound \
-                and not isinstance(msg, UNBOUND_OK):
-            raise RemoteError(f"a {type(msg).__name__} sealed for another node (replayed "
-                              "or misdirected)", "misdirected")
-        return msg
-
-    def _open(self, body: bytes | bytearray, unbound: bool) -> tuple[bytes, bool]:
-        """(the plaintext, whether it was sealed for no node in particular)."""
-        assert self.sealer is not None
-        if not unbound:
-            try:
-                return self.sealer.open(body, self._aad(self.me), self.now()), False
-            except CryptoError as exc:
-                if exc.reason != "tampered":
-                    raise
-                # Sealed for no node, or for another one (then this fails "tampered" too).
-        return self.sealer.open(body, self._aad(""), self.now()), True
-
-
-PLAIN = Codec()
 
 
 @dataclass(frozen=True)
@@ -125,14 +65,6 @@ DEFAULT_LIMITS = Limits()
 
 class CallError(Exception):
     """A call failed: unreachable, timed out, or the reply was not understood."""
-
-
-class RemoteError(Exception):
-    """The peer sent bytes that are not a valid frame; ``reason`` is for counters."""
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class LimitError(Exception):
@@ -177,9 +109,11 @@ async def read_frame(reader: asyncio.StreamReader, codec: Codec = PLAIN) -> wire
     n = await _read_header(reader)
     if n is None:
         raise EOFError
-    buf = bytearray(n)
-    await _read_into(reader, buf)
-    return codec.decode(buf, request=False)
+    try:
+        body = await reader.readexactly(n)  # (one copy out of the stream's buffer)
+    except asyncio.IncompleteReadError:
+        raise RemoteError("connection closed inside a frame") from None
+    return codec.decode(body, request=False)
 
 
 async def _next_header(reader: asyncio.StreamReader, limits: Limits, first: bool) -> int | None:
@@ -223,7 +157,7 @@ async def _read_body(reader: asyncio.StreamReader, n: int, codec: Codec, limits:
 # --- calling --------------------------------------------------------------------------------
 
 
-def _split(addr: str) -> tuple[str, int]:
+def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
 
@@ -234,7 +168,7 @@ async def call(addr: str, msg: wire.Message, timeout: float,
     sealed for it) and return its reply; ``source`` names the caller in the ``Hello`` that
     goes before a request over ``wire.FIRST_FRAME``."""
     async def run() -> wire.Message:
-        host, port = _split(addr)
+        host, port = split_addr(addr)
         reader, writer = await asyncio.open_connection(host, port)
         try:
             frame = codec.encode(msg, to)
@@ -250,22 +184,56 @@ async def call(addr: str, msg: wire.Message, timeout: float,
 
     try:
         return await asyncio.wait_for(run(), timeout)
-    except TimeoutError:
-        raise CallError(f"call to {addr} timed out after {timeout:g}s") from None
-    except EOFError:
-        raise CallError(f"{addr} closed the connection without answering (a different "
-                        "cluster key or name?)") from None
-    except (OSError, ValueError) as exc:
-        raise CallError(f"call to {addr} failed: {str(exc) or type(exc).__name__}") from None
-    except RemoteError as exc:
-        raise CallError(f"bad reply from {addr}: {exc}") from None
+    except (TimeoutError, EOFError, OSError, ValueError, RemoteError) as exc:
+        raise failure(addr, exc, timeout) from None
+
+
+def failure(addr: str, exc: Exception, timeout: float) -> CallError:
+    """What a call to ``addr`` that raised ``exc`` failed of, for a person."""
+    if isinstance(exc, TimeoutError):
+        return CallError(f"call to {addr} timed out after {timeout:g}s")
+    if isinstance(exc, EOFError):
+        return CallError(f"{addr} closed the connection without answering (a different "
+                         "cluster key or name?)")
+    if isinstance(exc, RemoteError):
+        return CallError(f"bad reply from {addr}: {exc}")
+    return CallError(f"call to {addr} failed: {str(exc) or type(exc).__name__}")
 
 
 # --- answering ------------------------------------------------------------------------------
 
-Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+# A handler's answer: one reply, or a stream of them (each its own frame: rpcstream.py).
+Replies = AsyncGenerator[wire.Message, None]
+Handler = Callable[[wire.Message], Awaitable[wire.Message | Replies]]
 # Writes a reply's frame (the runtime paces bulk replies: runtime/bulk.py).
 Send = Callable[[asyncio.StreamWriter, wire.Message, bytes | bytearray], Awaitable[None]]
+
+
+async def _write(writer: asyncio.StreamWriter, reply: wire.Message,
+                 frame: bytes | bytearray) -> None:
+    writer.write(frame)
+    await writer.drain()
+
+
+async def _send_all(writer: asyncio.StreamWriter, replies: Replies, codec: Codec,
+                    send: Send, limits: Limits) -> None:
+    """Each reply of a stream as its own frame, the next made only once the last was
+    taken by the socket; a caller that stops taking them is dropped (``LimitError``).
+    Up to ``STREAM_AHEAD`` bytes may wait in the transport, so the next reply is made
+    while the last one is still going out."""
+    writer.transport.set_write_buffer_limits(high=STREAM_AHEAD)
+    try:
+        async for reply in replies:
+            frame = codec.encode(reply)
+            deadline = limits.idle_timeout + limits.body_deadline(len(frame))
+            try:
+                async with asyncio.timeout(deadline):
+                    await send(writer, reply, frame)
+            except TimeoutError:
+                raise LimitError("tcp_stream_stalls", f"a reply of {len(frame)} bytes not "
+                                 f"taken within {deadline:g}s") from None
+    finally:
+        await replies.aclose()  # (it may hold a file open)
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -286,11 +254,10 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                     raise RemoteError("a Hello after the first frame")
             else:
                 reply = await handler(msg)
-                if send is not None:
-                    await send(writer, reply, codec.encode(reply))
+                if not isinstance(reply, wire.Message):
+                    await _send_all(writer, reply, codec, send or _write, limits)
                 else:
-                    writer.write(codec.encode(reply))
-                    await writer.drain()
+                    await (send or _write)(writer, reply, codec.encode(reply))
             first = False
     except ConnectionError:
         return

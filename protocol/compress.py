@@ -32,12 +32,12 @@ KEEP = 0.9  # compressed bytes are sent only if at most this share of the raw on
 MIN_SIZE = 512  # bytes: below this a reply goes as it is (no gain worth the CPU)
 SAMPLE = 16 * 1024  # bytes of a large field tried first (see ``_may_save``)
 
-# Replies with bulk bytes, and the fields that hold them (the last one: ``encoding``).
+# Replies with bulk bytes, and the fields that hold them (each has an ``encoding`` field).
 BULK: dict[type[wire.Message], tuple[str, ...]] = {
     wire.BundleChunk: ("data",),
     wire.JobSyncReply: ("stdout", "stderr"),
 }
-# Requests whose caller may say what it accepts (their last field: ``accept``).
+# Requests whose caller may say what it accepts (each has an ``accept`` field).
 ASKS: tuple[type[wire.Message], ...] = (wire.FetchBundle, wire.FetchResults, wire.JobSync)
 
 

@@ -121,7 +121,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     **dict.fromkeys(("count", "gang_size", "rank"), (0, 4096)),
     **dict.fromkeys(("stdout_offset", "stderr_offset"), (0, MAX_OFFSET)),
     "wait_ms": (0, 3_600_000),
-    **dict.fromkeys(("offset", "total", "bundle_size"), (0, MAX_OFFSET)),  # bytes of a bundle
+    **dict.fromkeys(("offset", "total", "bundle_size", "through"), (0, MAX_OFFSET)),  # bytes
     "length": (0, MAX_FRAME),
     "exit_code": (-(2**31), 2**31 - 1),
 }
@@ -450,13 +450,20 @@ class Hello(Message):
 @dataclass(frozen=True, slots=True)
 class FetchBundle(Message):
     """Owner -> origin: up to ``length`` bytes of bundle ``bundle`` (a SHA-256, hex) from
-    ``offset``. Answered with a ``BundleChunk`` or an ``Error``."""
+    ``offset``. Answered with a ``BundleChunk`` or an ``Error``.
+
+    With ``through`` (appended; 0: one chunk), a stream: consecutive ``BundleChunk``s on
+    this connection, each at most ``length`` bytes, from ``offset`` up to ``through`` (or
+    the end), each but the last with ``more``. A peer one version behind ignores
+    ``through`` and answers one chunk without ``more``: the caller then asks chunk by
+    chunk."""
 
     bundle: str
     offset: int
     length: int
     job_id: str = ""  # the job it is for (the origin serves only its jobs' bundles)
     accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
+    through: int = 0  # stream up to this byte (exclusive); 0: one chunk
 
 
 @message(48)
@@ -470,6 +477,7 @@ class BundleChunk(Message):
     data: bytes
     total: int
     encoding: str = ""  # "zlib": ``data`` is compressed ("": as it is)
+    more: bool = False  # in a stream: further chunks follow on this connection
 
 
 # --- results: what a run left under $FLEXMESH_OUTPUT, fetched by the origin ----------------
@@ -480,13 +488,14 @@ class BundleChunk(Message):
 class FetchResults(Message):
     """Origin -> owner: up to ``length`` bytes from ``offset`` of the results archive
     ``results`` (a SHA-256, hex) of a run of ``job_id``. Answered with a ``BundleChunk``
-    (its ``bundle`` the archive's SHA-256) or an ``Error``."""
+    (its ``bundle`` the archive's SHA-256) or an ``Error``; a stream with ``through``."""
 
     job_id: str
     results: str
     offset: int
     length: int
     accept: str = ""  # encodings the caller can inflate ("zlib"; see compress.py)
+    through: int = 0  # stream up to this byte, as ``FetchBundle``'s; 0: one chunk
 
 
 @message(65)

@@ -44,6 +44,7 @@ from flexmesh.agent.node import (
     StopJob,
 )
 from flexmesh.agent.node.config import DEAD_GRACE
+from flexmesh.agent.rpc import Replies
 from flexmesh.agent.runtime import statedir
 from flexmesh.agent.runtime.commit import GroupCommit, Persist, describe, journal
 from flexmesh.agent.runtime.eventlog import log_event
@@ -336,7 +337,7 @@ class Agent:
         self.node.pushpull_reply(reply, self.loop.time())
         await self.flush()
 
-    async def _handle_call(self, msg: wire.Message) -> wire.Message:
+    async def _handle_call(self, msg: wire.Message) -> wire.Message | Replies:
         if isinstance(msg, wire.JobSync):
             return await self.processes.job_sync(msg)
         if isinstance(msg, wire.FetchBundle):

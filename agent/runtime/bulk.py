@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 from flexmesh.agent.node.follow import SYNC_CHUNK
@@ -31,6 +31,7 @@ MAX_SLICE = 64 * 1024
 CHUNK_SECONDS = 2.0  # a served chunk goes out at the rate in at most about this long
 MIN_CHUNK = 16 * 1024  # bytes: a chunk is never cut below this (very low rates)
 OFF_LOOP = 64 * 1024  # bytes: compressing or inflating more than this runs on a thread
+MAX_SKIP = 15  # a stream's replies sent untried after some that did not compress
 
 
 class TokenBucket:
@@ -142,6 +143,26 @@ class Bulk:
         self.count("bulk_raw_bytes", raw)
         self.count("bulk_packed_bytes", compress.raw_size(packed))
         return packed
+
+    async def answers(self, request: wire.Message,
+                      replies: AsyncGenerator[wire.Message, None],
+                      ) -> AsyncGenerator[wire.Message, None]:
+        """A stream's ``replies``, each compressed as ``answer`` would. After a reply that
+        did not compress, the next 1, then 3, 7, ... (at most ``MAX_SKIP``) go as they are
+        untried: a stream of incompressible chunks pays the sample of one in 16."""
+        skip = misses = 0
+        try:
+            async for reply in replies:
+                if skip:
+                    skip -= 1
+                    yield reply
+                    continue
+                packed = await self.answer(request, reply)
+                misses = misses + 1 if packed is reply else 0
+                skip = min(2 ** misses - 1, MAX_SKIP)
+                yield packed
+        finally:
+            await replies.aclose()
 
     async def inflate(self, request: wire.Message,
                       reply: wire.Message) -> tuple[wire.Message | None, str]:

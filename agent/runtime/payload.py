@@ -30,6 +30,7 @@ from flexmesh.agent.bundle import BundleError, Packed, Reader, pack, remove_tree
 from flexmesh.agent.bundlecache import BundleCache, valid_sha
 from flexmesh.agent.models import PLACED, RUNNING, JobRecord, RunRecord, job_id_problem
 from flexmesh.agent.node.holdings import Holdings
+from flexmesh.agent.rpc import Replies
 from flexmesh.agent.runtime.statedir import unreachable
 from flexmesh.protocol import wire
 
@@ -110,18 +111,25 @@ class Payload:
     def unpin(self, sha: str) -> None:
         self.cache.unpin(sha)
 
-    async def serve(self, msg: wire.FetchBundle) -> wire.Message:
-        """A chunk of a bundle of a job submitted here and not ended."""
+    async def serve(self, msg: wire.FetchBundle) -> wire.Message | Replies:
+        """A chunk of a bundle of a job submitted here and not ended (with ``through``:
+        a stream of them)."""
         jobs = self.agent.node.origin.jobs
         if not any(j.bundle == msg.bundle and not j.terminal for j in jobs.values()):
             return wire.Error(f"no job here that has not ended carries bundle {msg.bundle[:80]}")
         if not self.cache.has(msg.bundle):
             return wire.Error(f"bundle {msg.bundle} is gone from {self.agent.settings.name}")
         cap = self.agent.transport.bulk.chunk_cap()  # (to go out at bulk_rate in time)
+        length = min(msg.length, cap or msg.length)
+        path = self.cache.path(msg.bundle)
         try:
-            data, total = await asyncio.to_thread(bundlefetch.read_chunk,
-                                                  self.cache.path(msg.bundle), msg.offset,
-                                                  min(msg.length, cap or msg.length))
+            if msg.through:
+                f = await asyncio.to_thread(open, path, "rb")
+                self.agent.count("bundle_streams_served")
+                return bundlefetch.chunks(f, msg.bundle, msg.offset, msg.through, length,
+                                          lambda: self.agent.count("bundle_chunks_served"))
+            data, total = await asyncio.to_thread(bundlefetch.read_chunk, path, msg.offset,
+                                                  length)
         except OSError as exc:
             return wire.Error(f"cannot read bundle {msg.bundle}: {exc.strerror or exc}")
         self.agent.count("bundle_chunks_served")
@@ -177,7 +185,9 @@ class Payload:
                     lambda msg: self._call(job.origin, msg),
                     bundlefetch.Want(job.bundle, job.bundle_size, job.id),
                     self.cache.partial(job.bundle), self.cache.path(job.bundle),
-                    alive=lambda: self.wanted(job))
+                    alive=lambda: self.wanted(job),
+                    opener=lambda msg: self.agent.transport.stream(job.origin, msg,
+                                                                   FETCH_CALL_TIMEOUT))
             except (bundlefetch.FetchError, OSError) as exc:
                 self.agent.count("bundle_fetches_failed")
                 raise PayloadError(f"cannot fetch its bundle from {job.origin}: {exc}") from None

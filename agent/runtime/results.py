@@ -35,6 +35,7 @@ from flexmesh.agent.models import TERMINAL, RunRecord, job_id_problem
 from flexmesh.agent.node import CollectResults
 from flexmesh.agent.node import results as node_results
 from flexmesh.agent.resultpack import ResultsPacked, pack_results
+from flexmesh.agent.rpc import Replies
 from flexmesh.protocol import wire
 
 if TYPE_CHECKING:
@@ -135,15 +136,22 @@ class Results:
         with contextlib.suppress(OSError):  # (the job's directory, once it is empty)
             await asyncio.to_thread(path.parent.rmdir)
 
-    async def serve(self, msg: wire.FetchResults) -> wire.Message:
-        """A chunk of the results of a run here, for its origin."""
+    async def serve(self, msg: wire.FetchResults) -> wire.Message | Replies:
+        """A chunk of the results of a run here, for its origin (with ``through``: a
+        stream of them)."""
         if not node_results.served(self.agent.node, msg) or not valid_sha(msg.results):
             return wire.Error(f"no run of {msg.job_id[:80]} here has results "
                               f"{msg.results[:80]} to give")
         cap = self.agent.transport.bulk.chunk_cap()  # (to go out at bulk_rate in time)
+        length = min(msg.length, cap or msg.length)
+        path = self._archive(msg.results)
         try:
-            data, total = await asyncio.to_thread(bundlefetch.read_chunk, self._archive(
-                msg.results), msg.offset, min(msg.length, cap or msg.length))
+            if msg.through:
+                f = await asyncio.to_thread(open, path, "rb")
+                return bundlefetch.chunks(f, msg.results, msg.offset, msg.through, length,
+                                          lambda: self.agent.count("results_chunks_served"))
+            data, total = await asyncio.to_thread(bundlefetch.read_chunk, path, msg.offset,
+                                                  length)
         except OSError as exc:
             return wire.Error(f"cannot read results {msg.results}: {exc.strerror or exc}")
         self.agent.count("results_chunks_served")
@@ -219,7 +227,9 @@ class Results:
                 got = await bundlefetch.fetch(
                     lambda msg: self._call(eff.node, msg), want, partial, dest,
                     ask=lambda offset, length: wire.FetchResults(eff.job_id, eff.sha, offset,
-                                                                 length))
+                                                                 length),
+                    opener=lambda msg: self.agent.transport.stream(eff.node, msg,
+                                                                   CALL_TIMEOUT))
             except bundlefetch.FetchError as exc:
                 if exc.refused or round_ == COLLECT_ROUNDS - 1:
                     return f"results could not be fetched from {eff.node}: {exc}"

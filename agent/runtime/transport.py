@@ -9,10 +9,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from flexmesh.agent import rpc
+from flexmesh.agent import rpc, rpcstream
 from flexmesh.agent.config import Settings
 from flexmesh.agent.configcheck import bulk_rate_bytes
 from flexmesh.agent.runtime import memory
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flexmesh.agent")
 
-Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+Handler = Callable[[wire.Message], Awaitable[wire.Message | rpc.Replies]]
 Send = Callable[[str, bytes], None]
+Receive = Callable[[], Awaitable[tuple[wire.Message | None, str]]]
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -78,8 +79,11 @@ class Transport:
         """Bind UDP and TCP on the same port; with port 0, one that is free for both."""
         memory.fix_mmap_threshold()  # before the first large frame comes in
 
-        async def answer(msg: wire.Message) -> wire.Message:
-            return await self.bulk.answer(msg, await handler(msg))
+        async def answer(msg: wire.Message) -> wire.Message | rpc.Replies:
+            reply = await handler(msg)
+            if isinstance(reply, wire.Message):
+                return await self.bulk.answer(msg, reply)
+            return self.bulk.answers(msg, reply)  # (a stream)
 
         self.calls = rpc.Server(answer, lambda: self.agent.keys.codec,
                                 lambda: tcp_limits(self.agent.settings), self.agent.count,
@@ -172,6 +176,37 @@ class Transport:
         except rpc.CallError as exc:
             return None, str(exc)
         return await self.bulk.inflate(msg, reply)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, node: str, msg: wire.Message,
+                     timeout: float) -> AsyncIterator[Receive]:
+        """A call to member ``node`` answered by a stream (``rpcstream``): its replies, one
+        per call of what is given, each (the reply, "") or (None, why there is none); a
+        stream that could not be opened gives (None, why) at once. It closes when the
+        block is left."""
+        msg = self.bulk.offer(msg)
+        member = self.agent.node.membership.members.get(node)
+        async with contextlib.AsyncExitStack() as stack:
+            opened: rpcstream.Stream | None = None
+            why = f"{node} is not a member"
+            try:
+                if member is not None:
+                    opened = await stack.enter_async_context(rpcstream.stream(
+                        member.addr, msg, timeout, self.agent.keys.codec,
+                        self.agent.settings.name, node))
+            except rpc.CallError as exc:
+                why = str(exc)
+
+            async def receive() -> tuple[wire.Message | None, str]:
+                if opened is None:
+                    return None, why
+                try:
+                    reply = await opened.next()
+                except rpc.CallError as exc:
+                    return None, str(exc)
+                return await self.bulk.inflate(msg, reply)
+
+            yield receive
 
 
 def tcp_limits(s: Settings) -> rpc.Limits:
