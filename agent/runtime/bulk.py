@@ -32,6 +32,7 @@ CHUNK_SECONDS = 2.0  # a served chunk goes out at the rate in at most about this
 MIN_CHUNK = 16 * 1024  # bytes: a chunk is never cut below this (very low rates)
 OFF_LOOP = 64 * 1024  # bytes: compressing or inflating more than this runs on a thread
 MAX_SKIP = 15  # a stream's replies sent untried after some that did not compress
+MAX_STREAMS = 4  # streams served at once; a caller beyond gets one chunk per call
 
 
 class TokenBucket:
@@ -122,6 +123,7 @@ class Bulk:
         self.count = count
         self.sleep = sleep
         self.bucket = TokenBucket(rate(), clock)
+        self.streams = 0  # streams being served
 
     def chunk_cap(self, seconds: float = CHUNK_SECONDS) -> int:
         """The most bytes one bulk reply should carry (0: no cap beyond the asker's)."""
@@ -151,6 +153,7 @@ class Bulk:
         did not compress, the next 1, then 3, 7, ... (at most ``MAX_SKIP``) go as they are
         untried: a stream of incompressible chunks pays the sample of one in 16."""
         skip = misses = 0
+        self.streams += 1
         try:
             async for reply in replies:
                 if skip:
@@ -162,7 +165,13 @@ class Bulk:
                 skip = min(2 ** misses - 1, MAX_SKIP)
                 yield packed
         finally:
+            self.streams -= 1
             await replies.aclose()
+
+    def may_stream(self) -> bool:
+        """Whether one more stream may be served (else a chunk per call: each stream
+        holds a few megabytes going out)."""
+        return self.streams < MAX_STREAMS
 
     async def inflate(self, request: wire.Message,
                       reply: wire.Message) -> tuple[wire.Message | None, str]:

@@ -123,7 +123,7 @@ class Payload:
         length = min(msg.length, cap or msg.length)
         path = self.cache.path(msg.bundle)
         try:
-            if msg.through:
+            if msg.through and self.agent.transport.bulk.may_stream():
                 f = await asyncio.to_thread(open, path, "rb")
                 self.agent.count("bundle_streams_served")
                 return bundlefetch.chunks(f, msg.bundle, msg.offset, msg.through, length,

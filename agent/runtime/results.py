@@ -146,7 +146,7 @@ class Results:
         length = min(msg.length, cap or msg.length)
         path = self._archive(msg.results)
         try:
-            if msg.through:
+            if msg.through and self.agent.transport.bulk.may_stream():
                 f = await asyncio.to_thread(open, path, "rb")
                 return bundlefetch.chunks(f, msg.results, msg.offset, msg.through, length,
                                           lambda: self.agent.count("results_chunks_served"))
