@@ -1,0 +1,281 @@
+"""Streamed bundle and results fetches: one request, consecutive chunks on one connection.
+
+The owner's side (``bundlefetch.fetch`` with an ``opener``) against an origin in memory;
+the origin's side (``bundlefetch.chunks``); streams of frames over real sockets on
+127.0.0.1 (``rpc.serve_connection`` and ``rpcstream.stream``), plain and sealed; a
+stream's compression (``Bulk.answers``); and the fields the wire grew for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import pytest
+
+from flexmesh.agent import bundlefetch, rpc, rpcstream
+from flexmesh.agent.bundlefetch import FetchError, Want, chunks, fetch, read_chunk
+from flexmesh.agent.runtime.bulk import MAX_SKIP, Bulk
+from flexmesh.protocol import compress, wire
+from flexmesh.protocol.crypto import Keyring, Sealer
+
+KEY = os.urandom(32)
+SIZE = 10_000
+STEP = 3000  # bytes asked for per chunk in the fetches below
+
+
+def _bundle(tmp_path: Path, size: int = SIZE) -> tuple[Path, Want]:
+    path = tmp_path / "origin.tar"
+    path.write_bytes(os.urandom(size))
+    return path, Want(hashlib.sha256(path.read_bytes()).hexdigest(), size, "job1")
+
+
+class Origin:
+    """An origin in memory. Its streams are what an agent serves (``chunks``), or with
+    ``behind`` what a peer one version behind answers (one chunk, no ``more``), or with
+    ``refuse`` an ``Error``; its first stream breaks after ``break_after`` replies."""
+
+    def __init__(self, path: Path, partial: Path, behind: bool = False, refuse: str = "",
+                 break_after: int | None = None) -> None:
+        self.path, self.partial, self.behind, self.refuse = path, partial, behind, refuse
+        self.break_after = break_after
+        self.requests: list[wire.Message] = []
+        self.held: list[int] = []  # the partial file's size as each stream opened
+        self.asked: list[int] = []  # offsets asked for a call each
+
+    async def call(self, msg: wire.Message) -> tuple[wire.Message | None, str]:
+        assert isinstance(msg, wire.FetchBundle) and not msg.through
+        self.asked.append(msg.offset)
+        data, total = read_chunk(self.path, msg.offset, msg.length)
+        return wire.BundleChunk(msg.bundle, msg.offset, data, total), ""
+
+    async def _replies(self, msg: wire.FetchBundle) -> AsyncGenerator[wire.Message, None]:
+        if self.refuse:
+            yield wire.Error(self.refuse)
+        elif self.behind:
+            reply, _ = await self.call(unstreamed(msg))
+            assert reply is not None
+            yield reply
+        else:
+            served = chunks(open(self.path, "rb"), msg.bundle, msg.offset, msg.through,
+                            msg.length)
+            try:
+                async for reply in served:
+                    yield reply
+            finally:
+                await served.aclose()
+
+    @contextlib.asynccontextmanager
+    async def open(self, msg: wire.Message) -> AsyncIterator[bundlefetch.Receive]:
+        assert isinstance(msg, wire.FetchBundle)
+        self.requests.append(msg)
+        self.held.append(self.partial.stat().st_size if self.partial.exists() else 0)
+        replies, n, first = self._replies(msg), 0, len(self.requests) == 1
+
+        async def receive() -> tuple[wire.Message | None, str]:
+            nonlocal n
+            n += 1
+            if first and self.break_after is not None and n > self.break_after:
+                return None, "connection reset by peer"
+            try:
+                return await anext(replies), ""
+            except StopAsyncIteration:
+                return None, "the origin closed the connection"
+
+        try:
+            yield receive
+        finally:
+            await replies.aclose()
+
+
+def unstreamed(msg: wire.FetchBundle) -> wire.FetchBundle:
+    """The request as a peer one version behind reads it: without ``through``."""
+    return wire.FetchBundle(msg.bundle, msg.offset, msg.length, msg.job_id, msg.accept)
+
+
+async def no_call(msg: wire.Message) -> tuple[wire.Message | None, str]:
+    raise AssertionError(f"a call per chunk where a stream was served: {msg}")
+
+
+# --- the owner's side: fetch with an opener ----------------------------------------------
+
+
+async def test_a_whole_bundle_comes_in_one_stream(tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path)
+    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    origin = Origin(path, partial)
+    got = await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=origin.open)
+    assert dest.read_bytes() == path.read_bytes() and not partial.exists()
+    assert origin.requests == [wire.FetchBundle(want.sha, 0, STEP, "job1", through=SIZE)]
+    assert (got.calls, got.bytes, got.retries, got.resumed_at) == (4, SIZE, 0, 0)
+
+
+async def test_a_broken_stream_is_reopened_from_what_the_partial_holds(tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path)
+    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    origin = Origin(path, partial, break_after=2)
+    got = await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=origin.open)
+    assert [(r.offset, r.through) for r in origin.requests  # type: ignore[attr-defined]
+            ] == [(0, SIZE), (6000, SIZE)]
+    assert origin.held == [0, 6000]  # the two chunks that came were written before
+    assert got.retries == 1 and got.bytes == SIZE
+    assert dest.read_bytes() == path.read_bytes()
+
+
+async def test_a_fetch_given_up_resumes_by_stream_from_the_partial(tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path)
+    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    with pytest.raises(FetchError, match="gave up after 0 retries at byte 3000"):
+        await fetch(no_call, want, partial, dest, chunk=STEP, retries=0, pause=0,
+                    opener=Origin(path, partial, break_after=1).open)
+    assert partial.read_bytes() == path.read_bytes()[:3000] and not dest.exists()
+    back = Origin(path, partial)
+    got = await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=back.open)
+    assert [r.offset for r in back.requests] == [3000]  # type: ignore[attr-defined]
+    assert (got.resumed_at, got.bytes) == (3000, SIZE - 3000)
+    assert dest.read_bytes() == path.read_bytes()
+
+
+async def test_an_answerer_one_version_behind_is_asked_chunk_by_chunk(tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path)
+    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    origin = Origin(path, partial, behind=True)
+    got = await fetch(origin.call, want, partial, dest, chunk=STEP, pause=0,
+                      opener=origin.open)
+    assert len(origin.requests) == 1  # the stream is not tried again
+    assert origin.asked == [0, 3000, 6000, 9000]  # (its one reply, then calls from 3000)
+    assert got.retries == 0 and dest.read_bytes() == path.read_bytes()
+
+
+async def test_a_refusal_or_a_stopped_job_ends_a_streamed_fetch(tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path)
+    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    refusing = Origin(path, partial, refuse="no job here carries it")
+    with pytest.raises(FetchError, match="refused: no job here carries it") as info:
+        await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=refusing.open)
+    assert info.value.refused and len(refusing.requests) == 1
+    asked: list[int] = []
+
+    def alive() -> bool:  # the job stops once the first chunk came
+        asked.append(1)
+        return len(asked) < 2
+
+    origin = Origin(path, partial)
+    with pytest.raises(FetchError, match="job stopped"):
+        await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, alive=alive,
+                    opener=origin.open)
+    assert len(origin.requests) == 1 and partial.stat().st_size == 3000
+    assert not dest.exists()
+
+
+class FailingFile:
+    """A partial file whose ``fail_at``-th write fails as a full disk does."""
+
+    def __init__(self, f: IO[bytes], fail_at: int) -> None:
+        self.f, self.fail_at, self.writes = f, fail_at, 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __enter__(self) -> FailingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+async def test_a_failed_write_ends_the_fetch_and_leaves_a_prefix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, want = _bundle(tmp_path)
+    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    opened: list[FailingFile] = []
+
+    def failing_open(name: Any, mode: str = "r", *args: Any) -> Any:
+        f = open(name, mode, *args)
+        if mode != "ab":
+            return f
+        opened.append(FailingFile(f, fail_at=2))
+        return opened[-1]
+
+    monkeypatch.setattr(bundlefetch, "open", failing_open, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        await fetch(no_call, want, partial, dest, chunk=1000, pause=0,
+                    opener=Origin(path, partial).open)
+    assert opened[0].writes == 2  # nothing written after the write that failed
+    assert partial.read_bytes() == path.read_bytes()[:1000] and not dest.exists()
+
+
+# --- the origin's side: chunks() -----------------------------------------------------------
+
+
+async def _all(gen: AsyncGenerator[wire.Message, None]) -> list[wire.Message]:
+    return [reply async for reply in gen]
+
+
+def _spans(replies: list[wire.Message]) -> list[tuple[int, int, bool, int]]:
+    return [(r.offset, len(r.data), r.more, r.total) for r in replies
+            if isinstance(r, wire.BundleChunk)]
+
+
+async def test_chunks_cover_the_span_asked_for(tmp_path: Path) -> None:
+    path, _ = _bundle(tmp_path)
+    data = path.read_bytes()
+    served: list[int] = []
+    whole = await _all(chunks(open(path, "rb"), "n", 0, SIZE, STEP, lambda: served.append(1)))
+    assert _spans(whole) == [(0, 3000, True, SIZE), (3000, 3000, True, SIZE),
+                             (6000, 3000, True, SIZE), (9000, 1000, False, SIZE)]
+    assert b"".join(r.data for r in whole) == data and len(served) == 4  # type: ignore
+    part = await _all(chunks(open(path, "rb"), "n", 2000, 7000, STEP))
+    assert _spans(part) == [(2000, 3000, True, SIZE), (5000, 2000, False, SIZE)]
+    past = await _all(chunks(open(path, "rb"), "n", 9500, 50 * SIZE, STEP))
+    assert _spans(past) == [(9500, 500, False, SIZE)]
+    assert await _all(chunks(open(path, "rb"), "n", SIZE, SIZE, STEP)) == [
+        wire.BundleChunk("n", SIZE, b"", SIZE, more=False)]
+
+
+async def test_chunks_are_at_most_a_chunk_however_much_is_asked(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * (bundlefetch.CHUNK + 10))
+    replies = await _all(chunks(open(path, "rb"), "n", 0, 1 << 40, 1 << 30))
+    assert [len(r.data) for r in replies] == [bundlefetch.CHUNK, 10]  # type: ignore
+
+
+async def test_a_read_error_ends_the_stream_with_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = _bundle(tmp_path)
+    real = os.pread
+
+    def pread(fd: int, n: int, pos: int) -> bytes:
+        if pos >= STEP:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, n, pos)
+
+    monkeypatch.setattr(bundlefetch.os, "pread", pread)
+    f = open(path, "rb")
+    replies = await _all(chunks(f, "n", 0, SIZE, STEP))
+    assert _spans(replies) == [(0, STEP, True, SIZE)]
+    assert replies[1:] == [wire.Error("cannot read n: Input/output error")]
+    assert f.closed
+
+
+async def test_a_stream_left_early_closes_its_file(tmp_path: Path) -> None:
+    path, _ = _bundle(tmp_path)
+    f = open(path, "rb")
+    gen = chunks(f, "n", 0, SIZE, STEP)
+    first = await anext(gen)
+    assert isinstance(first, wire.BundleChunk) and first.more and not f.closed
+    await gen.aclose()  # (the next chunk was being read on a thread)
+    assert f.closed
