@@ -279,3 +279,177 @@ async def test_a_stream_left_early_closes_its_file(tmp_path: Path) -> None:
     assert isinstance(first, wire.BundleChunk) and first.more and not f.closed
     await gen.aclose()  # (the next chunk was being read on a thread)
     assert f.closed
+
+
+# --- streams of frames over real sockets ---------------------------------------------------
+
+
+def keyed(me: str) -> rpc.Codec:
+    """A codec of its own (its own nonces and replay window), as another agent has."""
+    return rpc.Codec(Sealer(Keyring([KEY])), b"test", me=me)
+
+
+CODECS: dict[str, Callable[[str], rpc.Codec]] = {"plain": lambda me: rpc.PLAIN,
+                                                 "sealed": keyed}
+
+
+class Answerer:
+    """An agent's TCP end: a ``FetchBundle`` is answered by ``count`` BundleChunks of
+    ``size`` bytes each; anything else by one ``Error``. ``outcome`` is how the last
+    connection ended (None, or what serve_connection raised)."""
+
+    def __init__(self, codec: rpc.Codec, count: int, size: int,
+                 limits: rpc.Limits = rpc.DEFAULT_LIMITS) -> None:
+        self.codec, self.count, self.limits = codec, count, limits
+        self.data = os.urandom(size)
+        self.made = 0  # replies made
+        self.closed = asyncio.Event()  # the stream's generator ran its finally
+        self.ended: asyncio.Future[BaseException | None] = asyncio.Future()
+        self.addr = ""
+
+    async def handler(self, msg: wire.Message) -> wire.Message | rpc.Replies:
+        if isinstance(msg, wire.FetchBundle):
+            return self.replies(msg)
+        return wire.Error(f"not a stream: {type(msg).__name__}")
+
+    async def replies(self, msg: wire.FetchBundle) -> AsyncGenerator[wire.Message, None]:
+        try:
+            for i in range(self.count):
+                self.made += 1
+                yield wire.BundleChunk(msg.bundle, i, self.data, self.count,
+                                       more=i < self.count - 1)
+        finally:
+            self.closed.set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await rpc.serve_connection(reader, writer, self.handler, self.codec, self.limits)
+        except (rpc.LimitError, rpc.RemoteError) as exc:
+            self.ended.set_result(exc)
+        else:
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+
+@contextlib.asynccontextmanager
+async def answering(answerer: Answerer) -> AsyncIterator[Answerer]:
+    server = await asyncio.start_server(answerer.serve, "127.0.0.1", 0)
+    answerer.addr = "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    try:
+        yield answerer
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("kind", list(CODECS))
+async def test_a_stream_brings_every_frame_and_a_call_still_one(kind: str) -> None:
+    async with answering(Answerer(CODECS[kind]("server"), count=5, size=100_000)) as a:
+        codec = CODECS[kind]("client")
+        ask = wire.FetchBundle("b" * 64, 0, 100_000, "j", through=500_000)
+        async with rpcstream.stream(a.addr, ask, 5, codec, "client", "server") as s:
+            got = [await s.next() for _ in range(5)]
+        assert [(r.offset, r.more, r.data == a.data) for r in got  # type: ignore[attr-defined]
+                ] == [(0, True, True), (1, True, True), (2, True, True), (3, True, True),
+                      (4, False, True)]
+        await asyncio.wait_for(a.closed.wait(), 5)
+        reply = await rpc.call(a.addr, wire.Cancel("j", "x"), 5, codec, "client", "server")
+        assert reply == wire.Error("not a stream: Cancel")
+
+
+async def test_a_caller_that_leaves_early_closes_the_answerers_stream() -> None:
+    async with answering(Answerer(rpc.PLAIN, count=10_000, size=64 * 1024)) as a:
+        ask = wire.FetchBundle("b" * 64, 0, 64 * 1024, "j", through=1 << 40)
+        async with rpcstream.stream(a.addr, ask, 5) as s:
+            first = await s.next()
+            assert isinstance(first, wire.BundleChunk) and first.more
+        await asyncio.wait_for(a.closed.wait(), 5)  # (its finally ran: its file is closed)
+        assert a.made < 10_000
+        assert await asyncio.wait_for(a.ended, 5) is None
+
+
+async def test_a_caller_that_stops_reading_is_dropped() -> None:
+    limits = rpc.Limits(idle_timeout=0.2, body_timeout=0.2, body_rate=1 << 30)
+    size = 1 << 20  # (socket buffers on both sides fill within a few dozen of these)
+    async with answering(Answerer(rpc.PLAIN, count=500, size=size, limits=limits)) as a:
+        ask = wire.FetchBundle("b" * 64, 0, size, "j", through=1 << 40)
+        async with rpcstream.stream(a.addr, ask, 5):
+            ended = await asyncio.wait_for(a.ended, 10)  # (nothing read meanwhile)
+        assert isinstance(ended, rpc.LimitError) and ended.counter == "tcp_stream_stalls"
+        assert a.closed.is_set() and a.made < 500
+
+
+# --- a stream's compression ----------------------------------------------------------------
+
+
+async def test_a_streams_incompressible_chunks_are_sampled_ever_more_rarely(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = {i for i in range(62, 70)}  # compressible; the rest random
+    n, size = 73, 4096
+    random_bytes = [os.urandom(size) for _ in range(n)]
+    tried: list[int] = []
+    deflate = compress.deflate_reply
+
+    def counted(reply: wire.Message, *args: Any) -> wire.Message:
+        tried.append(reply.offset)  # type: ignore[attr-defined]
+        return deflate(reply, *args)
+
+    monkeypatch.setattr(compress, "deflate_reply", counted)
+    counts: list[tuple[str, int]] = []
+    bulk = Bulk(lambda: 0, lambda: True, lambda name, k: counts.append((name, k)),
+                asyncio.get_running_loop().time)
+    closed = asyncio.Event()
+
+    async def replies() -> AsyncGenerator[wire.Message, None]:
+        try:
+            for i in range(n):
+                data = b"a" * size if i in texts else random_bytes[i]
+                yield wire.BundleChunk("s", i, data, n, more=i < n - 1)
+        finally:
+            closed.set()
+
+    request = wire.FetchBundle("s", 0, size, accept="zlib", through=n * size)
+    out = await _all(bulk.answers(request, replies()))
+    # After misses the next 1, 3, 7, 15, 15 go untried; a chunk that compressed resets
+    # that, so the random one after it is tried and only the one after that is skipped.
+    assert tried == [0, 2, 6, 14, 30, 46, 62, 63, 64, 65, 66, 67, 68, 69, 70, 72]
+    assert 46 - 30 - 1 == MAX_SKIP
+    assert [r.offset for r in out if r.encoding] == sorted(texts)  # type: ignore
+    assert [r.offset for r in out] == list(range(n)) and closed.is_set()  # type: ignore
+    assert sum(1 for name, _ in counts if name == "bulk_raw_bytes") == len(tried)
+    closed.clear()
+    early = bulk.answers(request, replies())
+    await anext(early)
+    await early.aclose()
+    assert closed.is_set()  # (the stream under it is closed too: it may hold a file)
+
+
+# --- the wire ------------------------------------------------------------------------------
+
+
+def _old(cls: type[wire.Message], fields: list[Any]) -> wire.Message:
+    """A message as a peer one version behind encodes it (the new last field left out)."""
+    body = msgpack.packb([cls.TYPE_ID, fields], use_bin_type=True)
+    return wire.decode_frame_body(bytes([wire.PROTOCOL_VERSION]) + body)
+
+
+def test_requests_and_chunks_of_the_previous_layout_do_not_stream() -> None:
+    sha = "c" * 64
+    assert _old(wire.FetchBundle, [sha, 10, 100, "j", "zlib"]) == wire.FetchBundle(
+        sha, 10, 100, "j", "zlib", through=0)
+    assert _old(wire.FetchResults, ["j", sha, 10, 100, ""]) == wire.FetchResults(
+        "j", sha, 10, 100, "", through=0)
+    old = _old(wire.BundleChunk, [sha, 10, b"xy", 12, ""])
+    assert isinstance(old, wire.BundleChunk) and old.more is False
+    for msg in (wire.FetchBundle(sha, 10, 100, "j", "zlib", through=1 << 40),
+                wire.FetchResults("j", sha, 10, 100, through=110),
+                wire.BundleChunk(sha, 10, b"xy", 12, more=True)):
+        assert wire.decode_frame_body(wire.encode_frame(msg)[wire.FRAME_HEADER.size:]) == msg
+
+
+@pytest.mark.parametrize("through", [-1, wire.MAX_OFFSET + 1])
+def test_a_through_out_of_range_is_refused(through: int) -> None:
+    with pytest.raises(wire.DecodeError):
+        _old(wire.FetchBundle, ["c" * 64, 0, 100, "j", "", through])
+    with pytest.raises(wire.DecodeError):
+        _old(wire.FetchResults, ["j", "c" * 64, 0, 100, "", through])
