@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import io
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -31,10 +32,12 @@ SIZE = 10_000
 STEP = 3000  # bytes asked for per chunk in the fetches below
 
 
-def _bundle(tmp_path: Path, size: int = SIZE) -> tuple[Path, Want]:
+def _bundle(tmp_path: Path, size: int = SIZE) -> tuple[Path, Want, Path, Path]:
+    """The origin's file, what is wanted of it, the partial file and where it goes."""
     path = tmp_path / "origin.tar"
     path.write_bytes(os.urandom(size))
-    return path, Want(hashlib.sha256(path.read_bytes()).hexdigest(), size, "job1")
+    want = Want(hashlib.sha256(path.read_bytes()).hexdigest(), size, "job1")
+    return path, want, tmp_path / "p.part", tmp_path / "b.tar"
 
 
 class Origin:
@@ -46,31 +49,25 @@ class Origin:
                  break_after: int | None = None) -> None:
         self.path, self.partial, self.behind, self.refuse = path, partial, behind, refuse
         self.break_after = break_after
-        self.requests: list[wire.Message] = []
+        self.requests: list[wire.FetchBundle] = []
         self.held: list[int] = []  # the partial file's size as each stream opened
         self.asked: list[int] = []  # offsets asked for a call each
 
     async def call(self, msg: wire.Message) -> tuple[wire.Message | None, str]:
         assert isinstance(msg, wire.FetchBundle) and not msg.through
+        return self._chunk(msg), ""
+
+    def _chunk(self, msg: wire.FetchBundle) -> wire.BundleChunk:
         self.asked.append(msg.offset)
         data, total = read_chunk(self.path, msg.offset, msg.length)
-        return wire.BundleChunk(msg.bundle, msg.offset, data, total), ""
+        return wire.BundleChunk(msg.bundle, msg.offset, data, total)
 
-    async def _replies(self, msg: wire.FetchBundle) -> AsyncGenerator[wire.Message, None]:
+    def _replies(self, msg: wire.FetchBundle) -> AsyncGenerator[wire.Message, None]:
         if self.refuse:
-            yield wire.Error(self.refuse)
-        elif self.behind:
-            reply, _ = await self.call(unstreamed(msg))
-            assert reply is not None
-            yield reply
-        else:
-            served = chunks(open(self.path, "rb"), msg.bundle, msg.offset, msg.through,
-                            msg.length)
-            try:
-                async for reply in served:
-                    yield reply
-            finally:
-                await served.aclose()
+            return one(wire.Error(self.refuse))
+        if self.behind:  # (it reads no 'through')
+            return one(self._chunk(msg))
+        return chunks(reading(self.path), msg.bundle, msg.offset, msg.through, msg.length)
 
     @contextlib.asynccontextmanager
     async def open(self, msg: wire.Message) -> AsyncIterator[bundlefetch.Receive]:
@@ -95,9 +92,8 @@ class Origin:
             await replies.aclose()
 
 
-def unstreamed(msg: wire.FetchBundle) -> wire.FetchBundle:
-    """The request as a peer one version behind reads it: without ``through``."""
-    return wire.FetchBundle(msg.bundle, msg.offset, msg.length, msg.job_id, msg.accept)
+async def one(msg: wire.Message) -> AsyncGenerator[wire.Message, None]:
+    yield msg
 
 
 async def no_call(msg: wire.Message) -> tuple[wire.Message | None, str]:
@@ -108,8 +104,7 @@ async def no_call(msg: wire.Message) -> tuple[wire.Message | None, str]:
 
 
 async def test_a_whole_bundle_comes_in_one_stream(tmp_path: Path) -> None:
-    path, want = _bundle(tmp_path)
-    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    path, want, partial, dest = _bundle(tmp_path)
     origin = Origin(path, partial)
     got = await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=origin.open)
     assert dest.read_bytes() == path.read_bytes() and not partial.exists()
@@ -118,34 +113,30 @@ async def test_a_whole_bundle_comes_in_one_stream(tmp_path: Path) -> None:
 
 
 async def test_a_broken_stream_is_reopened_from_what_the_partial_holds(tmp_path: Path) -> None:
-    path, want = _bundle(tmp_path)
-    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    path, want, partial, dest = _bundle(tmp_path)
     origin = Origin(path, partial, break_after=2)
     got = await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=origin.open)
-    assert [(r.offset, r.through) for r in origin.requests  # type: ignore[attr-defined]
-            ] == [(0, SIZE), (6000, SIZE)]
+    assert [(r.offset, r.through) for r in origin.requests] == [(0, SIZE), (6000, SIZE)]
     assert origin.held == [0, 6000]  # the two chunks that came were written before
     assert got.retries == 1 and got.bytes == SIZE
     assert dest.read_bytes() == path.read_bytes()
 
 
 async def test_a_fetch_given_up_resumes_by_stream_from_the_partial(tmp_path: Path) -> None:
-    path, want = _bundle(tmp_path)
-    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    path, want, partial, dest = _bundle(tmp_path)
     with pytest.raises(FetchError, match="gave up after 0 retries at byte 3000"):
         await fetch(no_call, want, partial, dest, chunk=STEP, retries=0, pause=0,
                     opener=Origin(path, partial, break_after=1).open)
     assert partial.read_bytes() == path.read_bytes()[:3000] and not dest.exists()
     back = Origin(path, partial)
     got = await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=back.open)
-    assert [r.offset for r in back.requests] == [3000]  # type: ignore[attr-defined]
+    assert [r.offset for r in back.requests] == [3000]
     assert (got.resumed_at, got.bytes) == (3000, SIZE - 3000)
     assert dest.read_bytes() == path.read_bytes()
 
 
 async def test_an_answerer_one_version_behind_is_asked_chunk_by_chunk(tmp_path: Path) -> None:
-    path, want = _bundle(tmp_path)
-    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    path, want, partial, dest = _bundle(tmp_path)
     origin = Origin(path, partial, behind=True)
     got = await fetch(origin.call, want, partial, dest, chunk=STEP, pause=0,
                       opener=origin.open)
@@ -155,8 +146,7 @@ async def test_an_answerer_one_version_behind_is_asked_chunk_by_chunk(tmp_path: 
 
 
 async def test_a_refusal_or_a_stopped_job_ends_a_streamed_fetch(tmp_path: Path) -> None:
-    path, want = _bundle(tmp_path)
-    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    path, want, partial, dest = _bundle(tmp_path)
     refusing = Origin(path, partial, refuse="no job here carries it")
     with pytest.raises(FetchError, match="refused: no job here carries it") as info:
         await fetch(no_call, want, partial, dest, chunk=STEP, pause=0, opener=refusing.open)
@@ -175,39 +165,27 @@ async def test_a_refusal_or_a_stopped_job_ends_a_streamed_fetch(tmp_path: Path) 
     assert not dest.exists()
 
 
-class FailingFile:
-    """A partial file whose ``fail_at``-th write fails as a full disk does."""
+class FailingFile(io.FileIO):
+    """A partial file whose second write fails as on a full disk."""
 
-    def __init__(self, f: IO[bytes], fail_at: int) -> None:
-        self.f, self.fail_at, self.writes = f, fail_at, 0
+    writes = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: Any) -> int:
         self.writes += 1
-        if self.writes == self.fail_at:
+        if self.writes == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def __enter__(self) -> FailingFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
+        return super().write(data)
 
 
 async def test_a_failed_write_ends_the_fetch_and_leaves_a_prefix(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, want = _bundle(tmp_path)
-    partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
+    path, want, partial, dest = _bundle(tmp_path)
     opened: list[FailingFile] = []
 
     def failing_open(name: Any, mode: str = "r", *args: Any) -> Any:
-        f = open(name, mode, *args)
         if mode != "ab":
-            return f
-        opened.append(FailingFile(f, fail_at=2))
+            return open(name, mode, *args)
+        opened.append(FailingFile(name, mode))
         return opened[-1]
 
     monkeypatch.setattr(bundlefetch, "open", failing_open, raising=False)
@@ -221,41 +199,46 @@ async def test_a_failed_write_ends_the_fetch_and_leaves_a_prefix(
 # --- the origin's side: chunks() -----------------------------------------------------------
 
 
+def reading(path: Path) -> IO[bytes]:
+    """A file for ``chunks``, which closes it."""
+    return open(path, "rb")
+
+
 async def _all(gen: AsyncGenerator[wire.Message, None]) -> list[wire.Message]:
     return [reply async for reply in gen]
 
 
+def _chunked(replies: list[wire.Message]) -> list[wire.BundleChunk]:
+    return [r for r in replies if isinstance(r, wire.BundleChunk)]
+
+
 def _spans(replies: list[wire.Message]) -> list[tuple[int, int, bool, int]]:
-    return [(r.offset, len(r.data), r.more, r.total) for r in replies
-            if isinstance(r, wire.BundleChunk)]
+    return [(r.offset, len(r.data), r.more, r.total) for r in _chunked(replies)]
 
 
 async def test_chunks_cover_the_span_asked_for(tmp_path: Path) -> None:
-    path, _ = _bundle(tmp_path)
+    path, *_ = _bundle(tmp_path)
     data = path.read_bytes()
     served: list[int] = []
-    whole = await _all(chunks(open(path, "rb"), "n", 0, SIZE, STEP, lambda: served.append(1)))
+    whole = await _all(chunks(reading(path), "n", 0, SIZE, STEP, lambda: served.append(1)))
     assert _spans(whole) == [(0, 3000, True, SIZE), (3000, 3000, True, SIZE),
                              (6000, 3000, True, SIZE), (9000, 1000, False, SIZE)]
-    assert b"".join(r.data for r in whole) == data and len(served) == 4  # type: ignore
-    part = await _all(chunks(open(path, "rb"), "n", 2000, 7000, STEP))
+    assert b"".join(r.data for r in _chunked(whole)) == data and len(served) == 4
+    part = await _all(chunks(reading(path), "n", 2000, 7000, STEP))
     assert _spans(part) == [(2000, 3000, True, SIZE), (5000, 2000, False, SIZE)]
-    past = await _all(chunks(open(path, "rb"), "n", 9500, 50 * SIZE, STEP))
+    past = await _all(chunks(reading(path), "n", 9500, 50 * SIZE, STEP))
     assert _spans(past) == [(9500, 500, False, SIZE)]
-    assert await _all(chunks(open(path, "rb"), "n", SIZE, SIZE, STEP)) == [
+    assert await _all(chunks(reading(path), "n", SIZE, SIZE, STEP)) == [
         wire.BundleChunk("n", SIZE, b"", SIZE, more=False)]
-
-
-async def test_chunks_are_at_most_a_chunk_however_much_is_asked(tmp_path: Path) -> None:
-    path = tmp_path / "big"
-    path.write_bytes(b"x" * (bundlefetch.CHUNK + 10))
-    replies = await _all(chunks(open(path, "rb"), "n", 0, 1 << 40, 1 << 30))
-    assert [len(r.data) for r in replies] == [bundlefetch.CHUNK, 10]  # type: ignore
+    big = tmp_path / "big"  # (however much is asked, at most a CHUNK a reply)
+    big.write_bytes(b"x" * (bundlefetch.CHUNK + 10))
+    replies = await _all(chunks(reading(big), "n", 0, 1 << 40, 1 << 30))
+    assert [n for _, n, _, _ in _spans(replies)] == [bundlefetch.CHUNK, 10]
 
 
 async def test_a_read_error_ends_the_stream_with_an_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, _ = _bundle(tmp_path)
+    path, *_ = _bundle(tmp_path)
     real = os.pread
 
     def pread(fd: int, n: int, pos: int) -> bytes:
@@ -263,8 +246,8 @@ async def test_a_read_error_ends_the_stream_with_an_error(
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, n, pos)
 
-    monkeypatch.setattr(bundlefetch.os, "pread", pread)
-    f = open(path, "rb")
+    monkeypatch.setattr(os, "pread", pread)
+    f = reading(path)
     replies = await _all(chunks(f, "n", 0, SIZE, STEP))
     assert _spans(replies) == [(0, STEP, True, SIZE)]
     assert replies[1:] == [wire.Error("cannot read n: Input/output error")]
@@ -272,8 +255,8 @@ async def test_a_read_error_ends_the_stream_with_an_error(
 
 
 async def test_a_stream_left_early_closes_its_file(tmp_path: Path) -> None:
-    path, _ = _bundle(tmp_path)
-    f = open(path, "rb")
+    path, *_ = _bundle(tmp_path)
+    f = reading(path)
     gen = chunks(f, "n", 0, SIZE, STEP)
     first = await anext(gen)
     assert isinstance(first, wire.BundleChunk) and first.more and not f.closed
@@ -294,8 +277,8 @@ CODECS: dict[str, Callable[[str], rpc.Codec]] = {"plain": lambda me: rpc.PLAIN,
 
 
 class Answerer:
-    """An agent's TCP end: a ``FetchBundle`` is answered by ``count`` BundleChunks of
-    ``size`` bytes each; anything else by one ``Error``. ``outcome`` is how the last
+    """An agent's TCP end: a ``FetchBundle`` is answered by a stream of ``count`` chunks
+    of ``size`` bytes, anything else by one ``Error``; ``ended``: how the first
     connection ended (None, or what serve_connection raised)."""
 
     def __init__(self, codec: rpc.Codec, count: int, size: int,
@@ -322,19 +305,19 @@ class Answerer:
             self.closed.set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        outcome: BaseException | None = None
         try:
             await rpc.serve_connection(reader, writer, self.handler, self.codec, self.limits)
         except (rpc.LimitError, rpc.RemoteError) as exc:
-            self.ended.set_result(exc)
-        else:
-            if not self.ended.done():
-                self.ended.set_result(None)
+            outcome = exc
+        if not self.ended.done():
+            self.ended.set_result(outcome)
 
 
 @contextlib.asynccontextmanager
 async def answering(answerer: Answerer) -> AsyncIterator[Answerer]:
     server = await asyncio.start_server(answerer.serve, "127.0.0.1", 0)
-    answerer.addr = "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    answerer.addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         yield answerer
     finally:
@@ -348,10 +331,9 @@ async def test_a_stream_brings_every_frame_and_a_call_still_one(kind: str) -> No
         codec = CODECS[kind]("client")
         ask = wire.FetchBundle("b" * 64, 0, 100_000, "j", through=500_000)
         async with rpcstream.stream(a.addr, ask, 5, codec, "client", "server") as s:
-            got = [await s.next() for _ in range(5)]
-        assert [(r.offset, r.more, r.data == a.data) for r in got  # type: ignore[attr-defined]
-                ] == [(0, True, True), (1, True, True), (2, True, True), (3, True, True),
-                      (4, False, True)]
+            got = _chunked([await s.next() for _ in range(5)])
+        assert [(r.offset, r.more) for r in got] == [(i, i < 4) for i in range(5)]
+        assert all(r.data == a.data for r in got)
         await asyncio.wait_for(a.closed.wait(), 5)
         reply = await rpc.call(a.addr, wire.Cancel("j", "x"), 5, codec, "client", "server")
         assert reply == wire.Error("not a stream: Cancel")
@@ -391,7 +373,8 @@ async def test_a_streams_incompressible_chunks_are_sampled_ever_more_rarely(
     deflate = compress.deflate_reply
 
     def counted(reply: wire.Message, *args: Any) -> wire.Message:
-        tried.append(reply.offset)  # type: ignore[attr-defined]
+        assert isinstance(reply, wire.BundleChunk)
+        tried.append(reply.offset)
         return deflate(reply, *args)
 
     monkeypatch.setattr(compress, "deflate_reply", counted)
@@ -409,13 +392,13 @@ async def test_a_streams_incompressible_chunks_are_sampled_ever_more_rarely(
             closed.set()
 
     request = wire.FetchBundle("s", 0, size, accept="zlib", through=n * size)
-    out = await _all(bulk.answers(request, replies()))
+    out = _chunked(await _all(bulk.answers(request, replies())))
     # After misses the next 1, 3, 7, 15, 15 go untried; a chunk that compressed resets
     # that, so the random one after it is tried and only the one after that is skipped.
     assert tried == [0, 2, 6, 14, 30, 46, 62, 63, 64, 65, 66, 67, 68, 69, 70, 72]
-    assert 46 - 30 - 1 == MAX_SKIP
-    assert [r.offset for r in out if r.encoding] == sorted(texts)  # type: ignore
-    assert [r.offset for r in out] == list(range(n)) and closed.is_set()  # type: ignore
+    assert MAX_SKIP == 46 - 30 - 1
+    assert [r.offset for r in out if r.encoding] == sorted(texts)
+    assert [r.offset for r in out] == list(range(n)) and closed.is_set()
     assert sum(1 for name, _ in counts if name == "bulk_raw_bytes") == len(tried)
     closed.clear()
     early = bulk.answers(request, replies())
