@@ -230,6 +230,9 @@ async def _send_all(writer: asyncio.StreamWriter, replies: Replies, codec: Codec
                 async with asyncio.timeout(deadline):
                     await send(writer, reply, frame)
             except TimeoutError:
+                # Dropped at once: a close would wait for the caller to take what the
+                # transport holds, which it does not (and hold its slot meanwhile).
+                writer.transport.abort()
                 raise LimitError("tcp_stream_stalls", f"a reply of {len(frame)} bytes not "
                                  f"taken within {deadline:g}s") from None
     finally:
