@@ -47,7 +47,7 @@ class Codec:
         wire.FRAME_HEADER.pack_into(frame, 0, len(frame) - n)
         return frame
 
-    def decode(self, body: bytes | bytearray, request: bool = True) -> wire.Message:
+    def decode(self, body: bytes | bytearray | memoryview, request: bool = True) -> wire.Message:
         """A frame's message; a request must be sealed for this node (or be one of
         ``UNBOUND_OK``), a reply is sealed for none."""
         unbound = not (request and self.me)
@@ -68,7 +68,7 @@ class Codec:
                               "or misdirected)", "misdirected")
         return msg
 
-    def _open(self, body: bytes | bytearray, unbound: bool) -> tuple[bytes, bool]:
+    def _open(self, body: bytes | bytearray | memoryview, unbound: bool) -> tuple[bytes, bool]:
         """(the plaintext, whether it was sealed for no node in particular)."""
         assert self.sealer is not None
         if not unbound:

@@ -374,7 +374,7 @@ class Sealer:
         nonce = self._seq.to_bytes(8, "big") + self._salt
         return entry.aead, nonce, bytes([SEAL_VERSION]) + entry.key_id + nonce
 
-    def open(self, packet: bytes | bytearray, aad: bytes, now: float, *,
+    def open(self, packet: bytes | bytearray | memoryview, aad: bytes, now: float, *,
              limit: int | None = None) -> bytes:
         """The plaintext of a sealed ``packet``, or ``CryptoError`` saying why it was dropped.
 

@@ -587,7 +587,7 @@ def _unpack(data: bytes | memoryview) -> Any:
         raise DecodeError(f"not msgpack: {exc.__class__.__name__}") from None
 
 
-def _check_version(data: bytes | bytearray) -> None:
+def _check_version(data: bytes | bytearray | memoryview) -> None:
     if not data:
         raise DecodeError("empty packet")
     if data[0] != PROTOCOL_VERSION:
@@ -624,7 +624,7 @@ def decode_packet(data: bytes) -> list[Message]:
     return [decode_message(item) for item in items]
 
 
-def decode_frame_body(data: bytes | bytearray) -> Message:
+def decode_frame_body(data: bytes | bytearray | memoryview) -> Message:
     """Decode a TCP frame's body (after the length prefix), or raise DecodeError."""
     _check_version(data)
     return decode_message(_unpack(memoryview(data)[1:]))  # a view: no copy of a large body
