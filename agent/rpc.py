@@ -30,7 +30,7 @@ from flexmesh.agent.rpccodec import PLAIN as PLAIN
 from flexmesh.agent.rpccodec import UNBOUND_OK as UNBOUND_OK
 from flexmesh.agent.rpccodec import Codec as Codec
 from flexmesh.agent.rpccodec import RemoteError as RemoteError
-from flexmesh.protocol import wire
+from flexmesh.protocol import compress, wire
 
 log = logging.getLogger("flexmesh.agent")
 
@@ -216,7 +216,7 @@ async def _write(writer: asyncio.StreamWriter, reply: wire.Message,
 
 
 async def _send_all(writer: asyncio.StreamWriter, replies: Replies, codec: Codec,
-                    send: Send, limits: Limits) -> None:
+                    send: Send, limits: Limits, bulk: bool = False) -> None:
     """Each reply of a stream as its own frame, the next made only once the last was
     taken by the socket; a caller that stops taking them is dropped (``LimitError``).
     Up to ``STREAM_AHEAD`` bytes may wait in the transport, so the next reply is made
@@ -224,7 +224,7 @@ async def _send_all(writer: asyncio.StreamWriter, replies: Replies, codec: Codec
     writer.transport.set_write_buffer_limits(high=STREAM_AHEAD)
     try:
         async for reply in replies:
-            frame = codec.encode(reply)
+            frame = codec.encode(reply, bulk=bulk)
             deadline = limits.idle_timeout + limits.body_deadline(len(frame))
             try:
                 async with asyncio.timeout(deadline):
@@ -258,7 +258,8 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             else:
                 reply = await handler(msg)
                 if not isinstance(reply, wire.Message):
-                    await _send_all(writer, reply, codec, send or _write, limits)
+                    bulk = compress.accepts(msg, compress.AES)
+                    await _send_all(writer, reply, codec, send or _write, limits, bulk)
                 else:
                     await (send or _write)(writer, reply, codec.encode(reply))
             first = False

@@ -29,21 +29,26 @@ class Codec:
     (``UNBOUND_OK``) and replies are sealed for no node."""
 
     def __init__(self, sealer: Sealer | None = None, cluster: bytes = b"",
-                 now: Callable[[], float] = time.time, me: str = "") -> None:
+                 now: Callable[[], float] = time.time, me: str = "",
+                 aes: bool = False) -> None:
         self.sealer = sealer
         self.cluster = cluster
         self.now = now
         self.me = me
+        self.aes = aes and sealer is not None  # bulk frames may go under AES-256-GCM
 
     def _aad(self, node: str) -> bytes:
         return self.cluster + b"\0" + node.encode() if node else self.cluster
 
-    def encode(self, msg: wire.Message, to: str = "") -> bytes | bytearray:
+    def encode(self, msg: wire.Message, to: str = "", bulk: bool = False) -> bytes | bytearray:
+        """A frame of ``msg``; ``bulk``: for a caller that said it opens the bulk cipher
+        (sealed with it where this node has AES instructions: ``aes``)."""
         body = bytes([wire.PROTOCOL_VERSION]) + wire.encode_message(msg)  # (one copy, not 3)
         if self.sealer is None:
             return wire.FRAME_HEADER.pack(len(body)) + body
         n = wire.FRAME_HEADER.size  # sealed after the frame's length: no copy of the frame
-        frame = self.sealer.seal_after(n, body, self._aad(to), self.now())
+        frame = self.sealer.seal_after(n, body, self._aad(to), self.now(),
+                                       bulk=bulk and self.aes)
         wire.FRAME_HEADER.pack_into(frame, 0, len(frame) - n)
         return frame
 

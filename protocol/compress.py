@@ -27,6 +27,7 @@ import zlib
 from flexmesh.protocol import wire
 
 ZLIB = "zlib"
+AES = "aes-gcm"  # not an encoding: the caller opens frames sealed with AES-256-GCM (crypto.py)
 LEVEL = 1  # zlib's fastest: most of the gain on text, a fraction of the CPU of level 6
 KEEP = 0.9  # compressed bytes are sent only if at most this share of the raw ones
 MIN_SIZE = 512  # bytes: below this a reply goes as it is (no gain worth the CPU)
@@ -50,15 +51,18 @@ class InflateError(Exception):
         self.reason = reason
 
 
-def offer(request: wire.Message) -> wire.Message:
-    """``request``, saying that this caller can inflate zlib where its type may."""
-    if isinstance(request, ASKS) and not getattr(request, "accept", ""):
-        return dataclasses.replace(request, accept=ZLIB)  # type: ignore[type-var]
-    return request
+def offer(request: wire.Message, what: str = ZLIB) -> wire.Message:
+    """``request``, saying that this caller takes ``what`` (zlib: it can inflate; ``AES``:
+    it opens bulk frames sealed with AES-256-GCM) where its type may say so."""
+    if not isinstance(request, ASKS) or accepts(request, what):
+        return request
+    said = str(getattr(request, "accept", ""))
+    return dataclasses.replace(request,  # type: ignore[type-var]
+                               accept=f"{said},{what}" if said else what)
 
 
-def accepts(request: wire.Message) -> bool:
-    return ZLIB in str(getattr(request, "accept", "")).split(",")
+def accepts(request: wire.Message, what: str = ZLIB) -> bool:
+    return what in str(getattr(request, "accept", "")).split(",")
 
 
 def is_bulk(msg: wire.Message) -> bool:

@@ -17,7 +17,7 @@ from flexmesh.agent.config import Settings
 from flexmesh.agent.configcheck import bulk_rate_bytes
 from flexmesh.agent.runtime import memory
 from flexmesh.agent.runtime.bulk import Bulk
-from flexmesh.protocol import wire
+from flexmesh.protocol import compress, wire
 from flexmesh.protocol.crypto import OVERHEAD, SEAL_VERSION, CryptoError
 from flexmesh.protocol.membership import SendPacket
 
@@ -185,6 +185,8 @@ class Transport:
         stream that could not be opened gives (None, why) at once. It closes when the
         block is left."""
         msg = self.bulk.offer(msg)
+        if self.agent.keys.codec.aes:  # (frames sealed with AES-256-GCM open here)
+            msg = compress.offer(msg, compress.AES)
         member = self.agent.node.membership.members.get(node)
         async with contextlib.AsyncExitStack() as stack:
             opened: rpcstream.Stream | None = None
