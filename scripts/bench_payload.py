@@ -11,15 +11,19 @@ bytes (``--files`` files, seeded) is made, and then, in this order:
    pair, 1 MiB at a time, one thread each side; ``plain_method`` says which). Timed
    from starting the receiver to both ends having exited, so it covers reading the tree,
    the loopback hop and writing the file, as the fetch covers reading the bundle, the hop
-   and writing (and hashing) the partial file. The copies go in pairs, the second written
-   while the first's file is kept, as the fetch writes right after the origin has packed
-   the same bytes into a file of its own: on a VM that hands freed memory back to its
-   host (virtio-balloon free page reporting, as here), a write into pages the guest did
-   not just free costs a host fault per page (``page_write_ms_per_mib``: about ten times
-   the CPU), and the fetch's writes always are such writes; a lone plain copy's are or
-   are not by chance. A pair runs before the agents' transfer and one after; the faster
-   second copy counts (``ratio``). ``ratio_best_plain`` compares with the fastest copy
-   of all, whatever pages it wrote into.
+   and writing (and hashing) the partial file. Each is timed with the page cache's
+   pool of just-freed pages drained (below), as the fetch is; one more copy runs as the
+   machine happens to be, for ``ratio_best_plain``. A drained copy runs before the
+   agents' transfer and one after; the faster counts (``ratio``).
+
+   Why drain: on a VM that hands freed memory back to its host (virtio-balloon free page
+   reporting, as here), a write into a page the guest did not just free costs a host
+   fault (``page_write_ms_per_mib``: about ten times the CPU of a write into a page just
+   freed), and some of what a deleted file freed stays unreported for many seconds, so
+   the same copy ran in 0.45 s or 1.7 s by what was deleted before it. ``drained`` writes
+   a scratch file until its writes cost what a fresh page costs, and keeps it while the
+   copy (or the first job) runs: both then write into fresh pages, whatever was freed
+   before (``drained_mib`` says how much it took; ``--drain-mib`` caps it).
 3. **First job** with ``--workdir``: the owner fetches the bundle chunk by chunk. The
    transfer time is the owner's own measure: its log line ``bundle_fetched ...
    seconds=S`` is the monotonic time from the start of its fetch (before the first
@@ -51,6 +55,7 @@ Prints one JSON line on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -64,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +79,10 @@ MIB = 1 << 20
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
 RATIO_TARGET = 0.70
 RSS_TARGET_MIB = 32
-QUIET = 4.0  # seconds after which memory freed in the guest is back with the host (VMs)
+FRESH_MS = 1.0  # CPU ms per MiB written above which a write went into fresh pages (here:
+# 0.2-0.3 into pages just freed, 2.3-3.5 into fresh ones)
+DRAIN_BLOCK = 32  # MiB written at a time while draining
+SLOW_BLOCKS = 4  # blocks in a row at the cost of fresh pages that end a drain
 
 
 def note(msg: str) -> None:
@@ -181,20 +189,13 @@ def _cpu_here() -> float:
 
 
 def plain_copy(method: str, src: Path, dest: Path) -> tuple[float, int, float]:
-    """(seconds, bytes, CPU seconds of both ends) of one plain copy; ``dest`` is kept."""
+    """(seconds, bytes, CPU seconds of both ends) of one plain copy."""
     cpu = _cpu_here()
     seconds = plain_socat(src, dest) if method == "socat" else plain_python(src, dest)
     cpu = _cpu_here() - cpu
-    return seconds, dest.stat().st_size, cpu
-
-
-def plain_pair(method: str, src: Path, root: Path) -> list[tuple[float, int, float]]:
-    """Two plain copies, the second while the first's file is kept (see the top)."""
-    first = plain_copy(method, src, root / "plain-1.tar")
-    second = plain_copy(method, src, root / "plain-2.tar")
-    for name in ("plain-1.tar", "plain-2.tar"):
-        (root / name).unlink()
-    return [first, second]
+    size = dest.stat().st_size
+    dest.unlink()
+    return seconds, size, cpu
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -314,7 +315,8 @@ def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
     time.sleep(0.6)
     mark = time.monotonic()
     note(f"first job with a {args.size_mib} MiB workdir")
-    first_id, first = run_job(mesh, src, "f0.bin", args.timeout)
+    with drained(src.parent / "drain-fetch", args.drain_mib) as held:
+        first_id, first = run_job(mesh, src, "f0.bin", args.timeout)
     sampler.done.set()
     sampler.join()
     fetched = counters(mesh, "a")
@@ -328,6 +330,7 @@ def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
     owner_before, owner_up = sampler.increase_mib("a", mark)
     return {
         "bundle_bytes": size, "fetch_s": round(fetch_s, 3),
+        "fetch_drained_mib": held["mib"], "fetch_drain_reached_fresh": held["fresh"],
         "fetch_mib_s": round(size / MIB / fetch_s, 1),
         "unpack_s": round(log_seconds(owner_log, "bundle_unpacked", first_id), 3),
         # CPU per MiB fetched, each side, while the owner's partial file existed: unlike
@@ -361,10 +364,15 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     work.chmod(0o711)
     method = args.plain if args.plain != "auto" else (
         "socat" if shutil.which("socat") else "python")
-    pairs: list[list[tuple[float, int, float]]] = []
+    plain: list[tuple[float, int, float]] = []
+    loose: list[tuple[float, int, float]] = []
+    held: list[dict[str, Any]] = []
 
     def copy_plain() -> None:
-        pairs.append(plain_pair(method, src, root))
+        loose.append(plain_copy(method, src, root / "plain.tar"))  # (as the machine is)
+        with drained(root / "drain-plain", args.drain_mib) as pool:
+            plain.append(plain_copy(method, src, root / "plain.tar"))
+        held.append(pool)
 
     with LocalMesh(root / "mesh", plaintext=args.insecure_plaintext) as mesh:
         mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work, size))
@@ -373,31 +381,58 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
         agents = transfer(mesh, args, src, copy_plain)
     copy_plain()
-    plain_s, plain_bytes, plain_cpu = min(pair[1] for pair in pairs)
+    plain_s, plain_bytes, plain_cpu = min(plain)
     plain_mib_s = plain_bytes / MIB / plain_s
-    best_mib_s = plain_bytes / MIB / min(run[0] for pair in pairs for run in pair)
+    best_mib_s = plain_bytes / MIB / min(run[0] for run in plain + loose)
     return {
         "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
         "sealed": not args.insecure_plaintext,
         "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
         **agents,
         "plain_method": method, "plain_bytes": plain_bytes,
-        "plain_s": round(plain_s, 3),
-        "plain_s_pairs": [[round(run[0], 3) for run in pair] for pair in pairs],
+        "plain_s": round(plain_s, 3), "plain_s_runs": [round(run[0], 3) for run in plain],
         "plain_mib_s": round(plain_mib_s, 1),
         "plain_cpu_ms_per_mib": round(plain_cpu * 1000 * MIB / plain_bytes, 2),
-        "plain_cpu_ms_per_mib_pairs": [[round(run[2] * 1000 * MIB / run[1], 2)
-                                        for run in pair] for pair in pairs],
+        "plain_cpu_ms_per_mib_runs": [round(run[2] * 1000 * MIB / run[1], 2)
+                                      for run in plain],
+        "plain_drained_mib": [pool["mib"] for pool in held],
+        "plain_drains_reached_fresh": [pool["fresh"] for pool in held],
         "ratio": round(agents["fetch_mib_s"] / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
+        "plain_undrained_s_runs": [round(run[0], 3) for run in loose],
         "ratio_best_plain": round(agents["fetch_mib_s"] / best_mib_s, 3),
-        "page_write_ms_per_mib": page_probe(root / "probe.bin"),
+        "page_write_ms_per_mib": page_probe(root / "probe.bin", min(args.size_mib, 128),
+                                            args.drain_mib),
     }
 
 
-def page_probe(path: Path, mib: int = 128) -> dict[str, float]:
-    """CPU per MiB written into the page cache: into pages freed a moment before (a file
-    of the same size written and deleted just before), and into pages not touched for
-    ``QUIET`` seconds (fresh, on a VM whose host takes freed memory back)."""
+@contextlib.contextmanager
+def drained(path: Path, cap_mib: int) -> Iterator[dict[str, Any]]:
+    """The page cache's pool of just-freed pages held while the block runs (see the top):
+    a scratch file is written ``DRAIN_BLOCK`` MiB at a time until ``SLOW_BLOCKS`` in a row
+    cost at least ``FRESH_MS`` per MiB or ``cap_mib`` were written, flushed to disk (no
+    writeback of it runs meanwhile) and kept until the block ends."""
+    block = os.urandom(MIB)
+    held = {"mib": 0, "fresh": False}
+    try:
+        with open(path, "wb", buffering=0) as f:
+            slow = 0
+            while held["mib"] < cap_mib and slow < SLOW_BLOCKS:
+                cpu = time.thread_time()
+                for _ in range(DRAIN_BLOCK):
+                    f.write(block)
+                ms = (time.thread_time() - cpu) * 1000 / DRAIN_BLOCK
+                slow = slow + 1 if ms >= FRESH_MS else 0
+                held["mib"] += DRAIN_BLOCK
+            os.fsync(f.fileno())
+        held["fresh"] = slow >= SLOW_BLOCKS
+        yield held
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def page_probe(path: Path, mib: int, cap_mib: int) -> dict[str, float]:
+    """CPU per MiB written into the page cache: into fresh pages (drained) and into
+    pages a file of the same size freed just before."""
     block = os.urandom(MIB)
 
     def write() -> float:
@@ -405,14 +440,13 @@ def page_probe(path: Path, mib: int = 128) -> dict[str, float]:
         with open(path, "wb", buffering=0) as f:
             for _ in range(mib):
                 f.write(block)
-        spent = time.thread_time() - cpu
-        return round(spent * 1000 / mib, 2)
+        return round((time.thread_time() - cpu) * 1000 / mib, 2)
 
-    time.sleep(QUIET)  # (what was freed before is handed back meanwhile)
-    fresh = write()
-    path.unlink()
-    recycled = write()  # (into the pages just freed)
-    path.unlink()
+    with drained(path.with_suffix(".drain"), cap_mib):
+        fresh = write()
+        path.unlink()
+        recycled = write()  # (into the pages just freed)
+        path.unlink()
     return {"fresh": fresh, "recycled": recycled}
 
 
@@ -426,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the plain copy: socat where installed (auto), or a Python pipe")
     p.add_argument("--sample-ms", type=float, default=20.0, help="RSS sampling period")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for one job")
+    p.add_argument("--drain-mib", type=int, default=8192,
+                   help="most MiB written to drain the pool of just-freed pages before a "
+                        "timed transfer (8192; 0: none; see the top)")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="agents without a key (default: sealed, as a real mesh is)")
     args = p.parse_args(argv)

@@ -186,7 +186,8 @@ def test_bench_narrow_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.integration
 def test_bench_payload_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     bench = load("bench_payload")
-    assert bench.main(["--size-mib", "4", "--files", "2", "--plain", "python"]) == 0
+    assert bench.main(["--size-mib", "4", "--files", "2", "--plain", "python",
+                       "--drain-mib", "64"]) == 0
     (x,) = lines(capsys.readouterr().out)
     assert x["bench"] == "payload" and x["size_mib"] == 4 and x["plain_method"] == "python"
     assert x["bundle_bytes"] >= 4 * 1024 * 1024 and x["plain_bytes"] >= 4 * 1024 * 1024
@@ -200,3 +201,7 @@ def test_bench_payload_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < x["baseline_submit_to_start_s"] < x["first_submit_to_start_s"], x
     assert x["cache_hit_fetched_bytes"] == 0 and x["cache_hits"] == 1, x
     assert x["cache_hit_submit_to_start_s"] > 0
+    assert len(x["plain_s_runs"]) == len(x["plain_undrained_s_runs"]) == 2
+    assert all(0 < mib <= 64 for mib in [x["fetch_drained_mib"], *x["plain_drained_mib"]])
+    assert 0 < x["ratio_best_plain"] <= x["ratio"]
+    assert set(x["page_write_ms_per_mib"]) == {"fresh", "recycled"}
