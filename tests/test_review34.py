@@ -1,0 +1,98 @@
+"""Review 34 (streamed bulk fetches, AES-GCM bulk frames): repro tests of findings. Each
+test fails on 8c38b58 and states the behaviour the review asks for."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from flexmesh.agent import bundlefetch, rpc
+from flexmesh.agent.runtime.bulk import MAX_STREAMS, MIN_CHUNK, Bulk
+from flexmesh.agent.runtime.payload import Payload
+from flexmesh.protocol import wire
+from flexmesh.protocol.crypto import CryptoError, Keyring, Sealer
+
+KEY = os.urandom(32)
+SIZE = 256 * 1024
+
+
+def _origin(tmp_path: Path) -> tuple[Payload, Bulk, str]:
+    """A Payload serving one bundle of a live job, with the agent's parts it reads."""
+    path = tmp_path / "bundle.tar"
+    path.write_bytes(os.urandom(SIZE))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    bulk = Bulk(lambda: 0, lambda: False, lambda name, n=1: None, time.monotonic)
+    payload = Payload.__new__(Payload)
+    payload.agent = SimpleNamespace(  # type: ignore[assignment]
+        node=SimpleNamespace(origin=SimpleNamespace(
+            jobs={"j": SimpleNamespace(bundle=sha, terminal=False)})),
+        transport=SimpleNamespace(bulk=bulk), count=lambda *a: None,
+        settings=SimpleNamespace(name="origin"))
+    payload.cache = SimpleNamespace(has=lambda s: True,  # type: ignore[assignment]
+                                    path=lambda s: path)
+    return payload, bulk, sha
+
+
+async def test_stream_requests_arriving_together_are_held_to_max_streams(
+        tmp_path: Path) -> None:
+    """bulk.py may_stream / answers: the gate is checked in serve() but the count is
+    raised only when the generator first runs, after serve's await (the file's open):
+    requests that arrive together all pass it."""
+    payload, bulk, sha = _origin(tmp_path)
+    msg = wire.FetchBundle(sha, 0, bundlefetch.CHUNK, "j", through=SIZE)
+    answers: list[Any] = await asyncio.gather(
+        *(payload.serve(msg) for _ in range(2 * MAX_STREAMS)))
+    streams = [bulk.answers(msg, a) for a in answers if not isinstance(a, wire.Message)]
+    try:
+        for s in streams:  # (as serve_connection starts each at once)
+            await anext(s)
+        assert bulk.streams <= MAX_STREAMS, f"{bulk.streams} streams served at once"
+    finally:
+        for s in streams:
+            await s.aclose()
+
+
+@pytest.mark.parametrize("length", [0, 1])
+async def test_a_stream_is_not_cut_into_tiny_chunks(tmp_path: Path, length: int) -> None:
+    """bundlefetch.chunks: step = max(1, min(length, CHUNK)): one request with length
+    0 or 1 makes the origin read, seal and send a frame per byte (a million for 1 MiB)."""
+    path = tmp_path / "b"
+    path.write_bytes(os.urandom(SIZE))
+    gen = bundlefetch.chunks(open(path, "rb"), "b", 0, SIZE, length)  # noqa: SIM115
+    try:
+        first = await anext(gen)
+    finally:
+        await gen.aclose()
+    assert isinstance(first, wire.BundleChunk)
+    assert len(first.data) >= MIN_CHUNK or not first.more, \
+        f"a stream of {len(first.data)}-byte chunks"
+
+
+def _codec(me: str) -> rpc.Codec:
+    return rpc.Codec(Sealer(Keyring([KEY])), b"test", me=me, aes=True)
+
+
+def test_a_request_sealed_with_the_bulk_cipher_does_not_open() -> None:
+    """crypto.Sealer.open opens SEAL_BULK wherever it opens SEAL_VERSION: a request, not
+    only a stream's reply. The AES subkey (GCM: a repeated nonce gives away its hash key,
+    for every nonce) should be good for nothing but what it was made for."""
+    frame = _codec("a").encode(wire.FetchBundle("c" * 64, 0, 10, "j"), to="b", bulk=True)
+    assert frame[wire.FRAME_HEADER.size] == 0x82
+    with pytest.raises(rpc.RemoteError):
+        _codec("b").decode(frame[wire.FRAME_HEADER.size:], request=True)
+
+
+def test_a_datagram_sealed_with_the_bulk_cipher_does_not_open() -> None:
+    """transport.on_datagram opens UDP with Sealer.open: SEAL_BULK opens there too."""
+    packet = wire.encode_packet([wire.Hello("a")])
+    now = time.time()
+    sealed = bytes(Sealer(Keyring([KEY])).seal_after(0, packet, b"test", now, bulk=True))
+    with pytest.raises(CryptoError):
+        Sealer(Keyring([KEY])).open(sealed, b"test", now)
