@@ -4,8 +4,11 @@ test fails on 8c38b58 and states the behaviour the review asks for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,3 +99,46 @@ def test_a_datagram_sealed_with_the_bulk_cipher_does_not_open() -> None:
     sealed = bytes(Sealer(Keyring([KEY])).seal_after(0, packet, b"test", now, bulk=True))
     with pytest.raises(CryptoError):
         Sealer(Keyring([KEY])).open(sealed, b"test", now)
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning",
+                            "ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_read_ahead_never_runs_on_a_closed_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bundlefetch.chunks: the thread reads by fd number; a cancel that lands while the
+    finally waits for that read skips f.close(), and the file object, no longer held,
+    closes the fd under the read (which may read another file that took the number)."""
+    path = tmp_path / "b"
+    path.write_bytes(os.urandom(SIZE))
+    real, go, fds_ok = os.pread, threading.Event(), []
+    calls = 0
+
+    def pread(fd: int, n: int, pos: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the read-ahead: held until the stream was torn down
+            go.wait(10)
+            try:
+                os.fstat(fd)
+                fds_ok.append(True)
+            except OSError:
+                fds_ok.append(False)
+        return real(fd, n, pos)
+
+    monkeypatch.setattr(bundlefetch.os, "pread", pread)
+    gen = bundlefetch.chunks(open(path, "rb"), "b", 0, SIZE, 1000)  # noqa: SIM115
+    await anext(gen)  # (the next chunk is being read ahead now)
+    closing = asyncio.ensure_future(gen.aclose())
+    await asyncio.sleep(0.05)  # (aclose waits for the read-ahead in the finally)
+    assert not closing.done() and calls == 2
+    closing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    del gen, closing
+    for _ in range(3):
+        await asyncio.sleep(0)
+        gc.collect()
+    go.set()
+    while not fds_ok:
+        await asyncio.sleep(0.01)
+    assert fds_ok == [True], "the file was closed while a thread still read from it"
