@@ -9,10 +9,10 @@ at once and their replies written in order. Either way a dropped connection (or 
 restarted half-way) costs only the chunks in flight, neither side holds more than a few
 chunks of the bundle in memory, and the next try starts from what the partial file holds.
 The whole is checked against its SHA-256 before it takes its place in the store; a
-mismatch deletes what came. Failed tries are retried a few times with a growing pause,
-then the fetch fails: it never waits forever. The caller gives ``call`` (one request, one
-reply or None and why), ``opener`` (a stream: its replies one by one, likewise) and
-``alive`` (whether the job still wants the bundle).
+mismatch deletes what came. A try that brings nothing is retried with a growing pause, a
+few times in a row, then the fetch fails: it never waits forever. The caller gives ``call``
+(one request, one reply or None and why), ``opener`` (a stream: its replies one by one,
+likewise) and ``alive`` (whether the job still wants the bundle).
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
     stats = Fetched(resumed_at=have)
     with open(partial, "ab") as f:
         sink = _Sink(f, h, have, stats)
+        failures = 0  # tries in a row that brought nothing
         try:
             while sink.have < want.size:
+                start = sink.have
                 if opener is not None:
                     error, streams = await _by_stream(opener, ask, want, sink, chunk, alive)
                     opener = opener if streams else None
@@ -98,10 +100,11 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
                 if error is None:
                     continue
                 stats.retries += 1
-                if stats.retries > retries:
+                failures = 1 if sink.have > start else failures + 1
+                if failures > retries:
                     raise FetchError(f"gave up after {retries} retries at byte {sink.have} "
                                      f"of {want.size}: {error}")
-                await asyncio.sleep(pause * 2 ** (stats.retries - 1))
+                await asyncio.sleep(pause * 2 ** (failures - 1))
         finally:
             await sink.written(quiet=True)  # (no thread writes to the file once it closes)
             sink.close()
@@ -147,7 +150,9 @@ class _Sink:
             raise
 
     async def _oldest(self) -> None:
-        await self.pending.popleft()
+        oldest = self.pending.popleft()
+        await asyncio.wait([oldest])  # (a cancel here must not cancel a queued write:
+        oldest.result()  # the ones behind it would leave a gap in the partial file)
 
     async def written(self, quiet: bool = False) -> None:
         """Wait for the chunks being written (the first OSError raised, unless
@@ -305,13 +310,18 @@ async def chunks(f: IO[bytes], name: str, offset: int, through: int, length: int
             yield wire.BundleChunk(name, pos, data, total, more=more)
             pos = after
     finally:
-        if ahead is not None:  # (a thread may still read from the file: not closed under it)
-            await asyncio.wait([ahead])
-            if not ahead.cancelled():
-                ahead.exception()
-        f.close()
+        if ahead is not None and not ahead.done():  # a thread still reads from the file:
+            ahead.add_done_callback(lambda done: _close(f, done))  # closed once it is done
+        else:
+            f.close()
 
 
 def _read_ahead(f: IO[bytes], pos: int, n: int) -> asyncio.Future[bytes]:
     """A read started on a thread now (a task would start it only at the next await)."""
     return asyncio.get_running_loop().run_in_executor(None, os.pread, f.fileno(), n, pos)
+
+
+def _close(f: IO[bytes], done: asyncio.Future[bytes]) -> None:
+    if not done.cancelled():
+        done.exception()  # (retrieved: nobody reads it any more)
+    f.close()

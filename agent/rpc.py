@@ -55,6 +55,9 @@ class Limits:
     body_timeout: float = 10.0  # seconds for a body, plus its size at body_rate
     body_rate: int = 64 * 1024  # bytes/s: the slowest link an honest peer may be on
     idle_timeout: float = READ_TIMEOUT  # seconds between frames
+    # Bytes of a stream's replies that may wait to go out (sealed: each must reach its
+    # caller well within the replay window, so the runtime sizes it to the bulk rate).
+    stream_ahead: int = STREAM_AHEAD
 
     def body_deadline(self, n: int) -> float:
         return self.body_timeout + n / self.body_rate
@@ -219,11 +222,12 @@ async def _send_all(writer: asyncio.StreamWriter, replies: Replies, codec: Codec
                     send: Send, limits: Limits, bulk: bool = False) -> None:
     """Each reply of a stream as its own frame, the next made only once the last was
     taken by the socket; a caller that stops taking them is dropped (``LimitError``).
-    Up to ``STREAM_AHEAD`` bytes may wait in the transport, so the next reply is made
-    while the last one is still going out."""
-    writer.transport.set_write_buffer_limits(high=STREAM_AHEAD)
+    Up to ``limits.stream_ahead`` bytes may wait in the transport, so the next reply is
+    made while the last one is still going out. ``replies`` is started at once (no await
+    before: what it holds is let go in its ``finally``) and closed whatever happens."""
     try:
         async for reply in replies:
+            writer.transport.set_write_buffer_limits(high=limits.stream_ahead)
             frame = codec.encode(reply, bulk=bulk)
             deadline = limits.idle_timeout + limits.body_deadline(len(frame))
             try:

@@ -52,13 +52,15 @@ class Codec:
         wire.FRAME_HEADER.pack_into(frame, 0, len(frame) - n)
         return frame
 
-    def decode(self, body: bytes | bytearray | memoryview, request: bool = True) -> wire.Message:
+    def decode(self, body: bytes | bytearray | memoryview, request: bool = True,
+               bulk: bool = False) -> wire.Message:
         """A frame's message; a request must be sealed for this node (or be one of
-        ``UNBOUND_OK``), a reply is sealed for none."""
+        ``UNBOUND_OK``), a reply is sealed for none; ``bulk``: a stream's reply, which
+        may be sealed with the bulk cipher."""
         unbound = not (request and self.me)
         if self.sealer is not None:
             try:
-                body, unbound = self._open(body, unbound)
+                body, unbound = self._open(body, unbound, bulk)
             except CryptoError as exc:
                 raise RemoteError(f"frame dropped: {exc.reason}", exc.reason) from None
         elif body[:1] != bytes([wire.PROTOCOL_VERSION]):
@@ -73,17 +75,19 @@ class Codec:
                               "or misdirected)", "misdirected")
         return msg
 
-    def _open(self, body: bytes | bytearray | memoryview, unbound: bool) -> tuple[bytes, bool]:
+    def _open(self, body: bytes | bytearray | memoryview, unbound: bool,
+              bulk: bool) -> tuple[bytes, bool]:
         """(the plaintext, whether it was sealed for no node in particular)."""
         assert self.sealer is not None
         if not unbound:
             try:
-                return self.sealer.open(body, self._aad(self.me), self.now()), False
+                return self.sealer.open(body, self._aad(self.me), self.now(),
+                                        bulk=bulk), False
             except CryptoError as exc:
                 if exc.reason != "tampered":
                     raise
                 # Sealed for no node, or for another one (then this fails "tampered" too).
-        return self.sealer.open(body, self._aad(""), self.now()), True
+        return self.sealer.open(body, self._aad(""), self.now(), bulk=bulk), True
 
 
 PLAIN = Codec()

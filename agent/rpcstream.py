@@ -82,6 +82,8 @@ class _Frames(asyncio.BufferedProtocol):
         self.size, self.pos = n, 0
 
     def eof_received(self) -> bool:
+        if (self.size or self.pos) and self.failed is None:  # (inside a frame)
+            self.failed = rpc.RemoteError("connection closed inside a frame")
         self.ended = True
         self._wake()
         return False
@@ -142,7 +144,7 @@ async def stream(addr: str, msg: wire.Message, timeout: float, codec: rpc.Codec 
     """Send ``msg`` to the agent at ``addr`` (named ``to``: sealed for it, where known) and
     take its replies from the ``Stream`` given; the connection closes when the block is
     left. ``rpc.CallError`` if the connection cannot be made within ``timeout``."""
-    frames = _Frames(lambda body: codec.decode(body, request=False))
+    frames = _Frames(lambda body: codec.decode(body, request=False, bulk=True))
     loop = asyncio.get_running_loop()
     try:
         host, port = rpc.split_addr(addr)

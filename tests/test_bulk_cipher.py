@@ -30,9 +30,9 @@ def _pair() -> tuple[Sealer, Sealer]:
     return Sealer(Keyring([KEY])), Sealer(Keyring([KEY]))
 
 
-def _reason(sealer: Sealer, packet: bytes | bytearray) -> str:
+def _reason(sealer: Sealer, packet: bytes | bytearray, bulk: bool = False) -> str:
     with pytest.raises(CryptoError) as info:
-        sealer.open(packet, CLUSTER, T0)
+        sealer.open(packet, CLUSTER, T0, bulk=bulk)
     return info.value.reason
 
 
@@ -41,7 +41,8 @@ def test_a_bulk_frame_is_sealed_with_the_aes_subkey_and_opens_anywhere() -> None
     frame = a.seal_after(4, b"chunk" * 1000, CLUSTER, T0, bulk=True)
     packet = bytes(frame[4:])
     assert packet[0] == crypto.SEAL_BULK and len(packet) == 5000 + crypto.OVERHEAD
-    assert b.open(packet, CLUSTER, T0) == b"chunk" * 1000
+    assert _reason(b, packet) == "version"  # (only where a stream's reply is expected)
+    assert b.open(packet, CLUSTER, T0, bulk=True) == b"chunk" * 1000
     plain = a.seal_after(0, b"chunk", CLUSTER, T0)
     assert plain[0] == crypto.SEAL_VERSION and b.open(plain, CLUSTER, T0) == b"chunk"
     # The subkey is not the key: AES-GCM under the key itself does not open it.
@@ -53,21 +54,22 @@ def test_a_bulk_frame_is_sealed_with_the_aes_subkey_and_opens_anywhere() -> None
 def test_a_bulk_frame_changed_replayed_or_relabelled_does_not_open() -> None:
     a, b = _pair()
     packet = bytearray(a.seal_after(0, b"x" * 100, CLUSTER, T0, bulk=True))
-    assert b.open(packet, CLUSTER, T0) == b"x" * 100
-    assert _reason(b, packet) == "replayed"
+    assert b.open(packet, CLUSTER, T0, bulk=True) == b"x" * 100
+    assert _reason(b, packet, bulk=True) == "replayed"
     relabelled = bytearray(a.seal_after(0, b"x" * 100, CLUSTER, T0, bulk=True))
     relabelled[0] = crypto.SEAL_VERSION  # (as if a ChaCha20 frame: it is not one)
-    assert _reason(b, relabelled) == "tampered"
+    assert _reason(b, relabelled, bulk=True) == "tampered"
     chacha = bytearray(a.seal(b"x" * 100, CLUSTER, T0))
     chacha[0] = crypto.SEAL_BULK
-    assert _reason(b, chacha) == "tampered"
+    assert _reason(b, chacha, bulk=True) == "tampered"
     flipped = bytearray(a.seal_after(0, b"x" * 100, CLUSTER, T0, bulk=True))
     flipped[40] ^= 1
-    assert _reason(b, flipped) == "tampered"
+    assert _reason(b, flipped, bulk=True) == "tampered"
     other = Sealer(Keyring([bytes(32)]))
-    assert _reason(other, a.seal_after(0, b"x", CLUSTER, T0, bulk=True)) == "unknown_key"
+    assert _reason(other, a.seal_after(0, b"x", CLUSTER, T0, bulk=True),
+                   bulk=True) == "unknown_key"
     wrong_cluster = a.seal_after(0, b"x", b"other", T0, bulk=True)
-    assert _reason(b, wrong_cluster) == "tampered"
+    assert _reason(b, wrong_cluster, bulk=True) == "tampered"
 
 
 def test_one_nonce_sequence_serves_both_ciphers() -> None:
@@ -110,9 +112,10 @@ class Recording(rpc.Codec):
         super().__init__(sealer, CLUSTER, me=me)
         self.firsts: list[int] = []
 
-    def decode(self, body: bytes | bytearray | memoryview, request: bool = True) -> wire.Message:
+    def decode(self, body: bytes | bytearray | memoryview, request: bool = True,
+               bulk: bool = False) -> wire.Message:
         self.firsts.append(body[0])
-        return super().decode(body, request)
+        return super().decode(body, request, bulk)
 
 
 @contextlib.asynccontextmanager

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hashlib
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from flexmesh.agent import bundlefetch, rpc
+from flexmesh.agent import bundlefetch, rpc, rpcstream
 from flexmesh.agent.runtime.bulk import MAX_STREAMS, MIN_CHUNK, Bulk
 from flexmesh.agent.runtime.payload import Payload
 from flexmesh.protocol import wire
@@ -104,13 +104,11 @@ def test_a_datagram_sealed_with_the_bulk_cipher_does_not_open() -> None:
         Sealer(Keyring([KEY])).open(sealed, b"test", now)
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning",
-                            "ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_read_ahead_never_runs_on_a_closed_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bundlefetch.chunks: the thread reads by fd number; a cancel that lands while the
-    finally waits for that read skips f.close(), and the file object, no longer held,
-    closes the fd under the read (which may read another file that took the number)."""
+    """bundlefetch.chunks: a stream closed while its next chunk is read on a thread
+    leaves its file open until that read is done, then closes it (a cancel can no
+    longer skip the close, nor close the fd under the read)."""
     path = tmp_path / "b"
     path.write_bytes(os.urandom(SIZE))
     real, go, fds_ok = os.pread, threading.Event(), []
@@ -119,7 +117,7 @@ async def test_a_read_ahead_never_runs_on_a_closed_file(
     def pread(fd: int, n: int, pos: int) -> bytes:
         nonlocal calls
         calls += 1
-        if calls > 1:  # the read-ahead: held until the stream was torn down
+        if calls > 1:  # the read-ahead: held until the stream was closed
             go.wait(10)
             try:
                 os.fstat(fd)
@@ -129,19 +127,84 @@ async def test_a_read_ahead_never_runs_on_a_closed_file(
         return real(fd, n, pos)
 
     monkeypatch.setattr(bundlefetch.os, "pread", pread)
-    gen = bundlefetch.chunks(open(path, "rb"), "b", 0, SIZE, 1000)  # noqa: SIM115
+    f = open(path, "rb")  # noqa: SIM115
+    gen = bundlefetch.chunks(f, "b", 0, SIZE, 1000)
     await anext(gen)  # (the next chunk is being read ahead now)
-    closing = asyncio.ensure_future(gen.aclose())
-    await asyncio.sleep(0.05)  # (aclose waits for the read-ahead in the finally)
-    assert not closing.done() and calls == 2
-    closing.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await closing
-    del gen, closing
-    for _ in range(3):
-        await asyncio.sleep(0)
-        gc.collect()
+    await gen.aclose()
+    assert not f.closed  # (the read-ahead still has it)
     go.set()
-    while not fds_ok:
+    for _ in range(1000):  # (closed by the read's done callback, on this loop)
+        if f.closed:
+            break
         await asyncio.sleep(0.01)
-    assert fds_ok == [True], "the file was closed while a thread still read from it"
+    assert f.closed and fds_ok == [True], "the file was closed while a thread read from it"
+
+
+# --- fixes of the review's risks and nits ------------------------------------------------
+
+
+async def test_tries_that_bring_something_do_not_count_toward_giving_up(
+        tmp_path: Path) -> None:
+    """Consecutive failures give a fetch up, not failures in all: a stream that breaks
+    after every chunk still brings the whole with retries=1."""
+    path = tmp_path / "b"
+    data = os.urandom(10 * 3000)
+    path.write_bytes(data)
+    want = bundlefetch.Want(hashlib.sha256(data).hexdigest(), len(data), "j")
+    opened = 0
+
+    @contextlib.asynccontextmanager
+    async def opener(msg: wire.Message) -> AsyncIterator[bundlefetch.Receive]:
+        nonlocal opened
+        opened += 1
+        assert isinstance(msg, wire.FetchBundle)
+        sent = False
+
+        async def receive() -> tuple[wire.Message | None, str]:
+            nonlocal sent
+            if sent:
+                return None, "connection reset by peer"
+            sent = True
+            chunk, total = bundlefetch.read_chunk(path, msg.offset, msg.length)
+            return wire.BundleChunk(msg.bundle, msg.offset, chunk, total, more=True), ""
+
+        yield receive
+
+    async def no_call(msg: wire.Message) -> tuple[wire.Message | None, str]:
+        raise AssertionError("a call per chunk")
+
+    got = await bundlefetch.fetch(no_call, want, tmp_path / "p", tmp_path / "d", chunk=3000,
+                                  retries=1, pause=0.0, opener=opener)
+    assert (tmp_path / "d").read_bytes() == data
+    assert got.retries == 9 and opened == 10
+
+
+@pytest.mark.parametrize(("rate", "ahead"), [
+    ("", rpc.STREAM_AHEAD), ("1Mbit", 4 * 125_000), ("64kbit", 64 * 1024),
+    ("1Gbit", rpc.STREAM_AHEAD)])
+def test_a_stream_queues_seconds_of_the_bulk_rate_not_more(rate: str, ahead: int) -> None:
+    """Frames are sealed before they wait to go out: at a low bulk rate a 2 MiB queue would
+    take longer than the replay window (60 s) to drain, and its frames arrive stale."""
+    from flexmesh.agent.config import Settings
+    from flexmesh.agent.runtime.transport import tcp_limits
+
+    assert tcp_limits(Settings(bulk_rate=rate)).stream_ahead == ahead
+
+
+async def test_a_stream_cut_inside_a_frame_says_so() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(wire.FRAME_HEADER.pack(1000) + b"\x01" * 10)  # (then gone)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with rpcstream.stream(addr, wire.FetchBundle("b" * 64, 0, 10, "j", through=10),
+                                    5) as s:
+            with pytest.raises(rpc.CallError, match="inside a frame"):
+                await s.next()
+    finally:
+        server.close()
+        await server.wait_closed()

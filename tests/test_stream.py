@@ -260,7 +260,11 @@ async def test_a_stream_left_early_closes_its_file(tmp_path: Path) -> None:
     gen = chunks(f, "n", 0, SIZE, STEP)
     first = await anext(gen)
     assert isinstance(first, wire.BundleChunk) and first.more and not f.closed
-    await gen.aclose()  # (the next chunk was being read on a thread)
+    await gen.aclose()  # (the next chunk was being read on a thread: closed after it)
+    for _ in range(1000):
+        if f.closed:
+            break
+        await asyncio.sleep(0.01)
     assert f.closed
 
 

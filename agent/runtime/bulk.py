@@ -149,11 +149,11 @@ class Bulk:
     async def answers(self, request: wire.Message,
                       replies: AsyncGenerator[wire.Message, None],
                       ) -> AsyncGenerator[wire.Message, None]:
-        """A stream's ``replies``, each compressed as ``answer`` would. After a reply that
+        """A stream's ``replies`` (counted by ``reserve_stream``; the count is given back
+        when it ends), each compressed as ``answer`` would. After a reply that
         did not compress, the next 1, then 3, 7, ... (at most ``MAX_SKIP``) go as they are
         untried: a stream of incompressible chunks pays the sample of one in 16."""
         skip = misses = 0
-        self.streams += 1
         try:
             async for reply in replies:
                 if skip:
@@ -168,10 +168,16 @@ class Bulk:
             self.streams -= 1
             await replies.aclose()
 
-    def may_stream(self) -> bool:
-        """Whether one more stream may be served (else a chunk per call: each stream
-        holds a few megabytes going out)."""
-        return self.streams < MAX_STREAMS
+    def reserve_stream(self, length: int) -> bool:
+        """Whether one more stream of chunks of ``length`` bytes may be served, and if so
+        it is counted until ``answers`` for it ends (the caller hands it over at once,
+        with no await between). No: a chunk per call instead, for a caller over
+        ``MAX_STREAMS`` (each stream holds a few megabytes going out) or one asking for
+        chunks under ``MIN_CHUNK`` (a frame per few bytes would be all CPU)."""
+        if self.streams >= MAX_STREAMS or length < MIN_CHUNK:
+            return False
+        self.streams += 1
+        return True
 
     async def inflate(self, request: wire.Message,
                       reply: wire.Message) -> tuple[wire.Message | None, str]:

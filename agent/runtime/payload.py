@@ -123,11 +123,13 @@ class Payload:
         length = min(msg.length, cap or msg.length)
         path = self.cache.path(msg.bundle)
         try:
-            if msg.through and self.agent.transport.bulk.may_stream():
+            if msg.through:
                 f = await asyncio.to_thread(open, path, "rb")
-                self.agent.count("bundle_streams_served")
-                return bundlefetch.chunks(f, msg.bundle, msg.offset, msg.through, length,
-                                          lambda: self.agent.count("bundle_chunks_served"))
+                if self.agent.transport.bulk.reserve_stream(length):  # (no await after)
+                    self.agent.count("bundle_streams_served")
+                    return bundlefetch.chunks(f, msg.bundle, msg.offset, msg.through, length,
+                                              lambda: self.agent.count("bundle_chunks_served"))
+                f.close()
             data, total = await asyncio.to_thread(bundlefetch.read_chunk, path, msg.offset,
                                                   length)
         except OSError as exc:

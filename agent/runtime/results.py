@@ -146,10 +146,14 @@ class Results:
         length = min(msg.length, cap or msg.length)
         path = self._archive(msg.results)
         try:
-            if msg.through and self.agent.transport.bulk.may_stream():
+            if msg.through:
                 f = await asyncio.to_thread(open, path, "rb")
-                return bundlefetch.chunks(f, msg.results, msg.offset, msg.through, length,
-                                          lambda: self.agent.count("results_chunks_served"))
+                if self.agent.transport.bulk.reserve_stream(length):  # (no await after)
+                    self.agent.count("results_streams_served")
+                    return bundlefetch.chunks(f, msg.results, msg.offset, msg.through,
+                                              length, lambda: self.agent.count(
+                                                  "results_chunks_served"))
+                f.close()
             data, total = await asyncio.to_thread(bundlefetch.read_chunk, path, msg.offset,
                                                   length)
         except OSError as exc:

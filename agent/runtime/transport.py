@@ -29,6 +29,7 @@ log = logging.getLogger("flexmesh.agent")
 Handler = Callable[[wire.Message], Awaitable[wire.Message | rpc.Replies]]
 Send = Callable[[str, bytes], None]
 Receive = Callable[[], Awaitable[tuple[wire.Message | None, str]]]
+AHEAD_SECONDS = 4  # of the bulk rate a stream may queue to go out (the replay window: 60)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -212,8 +213,12 @@ class Transport:
 
 
 def tcp_limits(s: Settings) -> rpc.Limits:
-    """The ``[limits]`` settings as the TCP server takes them."""
-    return rpc.Limits(budget=s.tcp_frame_budget_mib * 1024 * 1024,
+    """The ``[limits]`` settings as the TCP server takes them; under a bulk rate, a stream
+    queues at most ``AHEAD_SECONDS`` of it (its frames are sealed before they wait)."""
+    rate = bulk_rate_bytes(s)
+    ahead = rpc.STREAM_AHEAD if rate <= 0 else max(64 * 1024, min(rpc.STREAM_AHEAD,
+                                                                  rate * AHEAD_SECONDS))
+    return rpc.Limits(stream_ahead=ahead, budget=s.tcp_frame_budget_mib * 1024 * 1024,
                       max_connections=s.tcp_max_connections,
                       max_per_ip=s.tcp_max_connections_per_ip,
                       header_timeout=s.tcp_header_timeout, body_timeout=s.tcp_body_timeout,
