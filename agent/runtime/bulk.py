@@ -165,7 +165,7 @@ class Bulk:
                 skip = min(2 ** misses - 1, MAX_SKIP)
                 yield packed
         finally:
-            self.streams -= 1
+            self.streams = max(0, self.streams - 1)  # (one not reserved must not go below)
             await replies.aclose()
 
     def reserve_stream(self, length: int) -> bool:
