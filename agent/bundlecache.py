@@ -7,7 +7,9 @@ A bundle in use is never evicted: one that a job submitted here and not yet ende
 one pinned while it is packed. What is in use may exceed the capacity; what is not is
 evicted, least recently used first, until the store fits again. Use is remembered across
 restarts through each file's mtime. A partial download lives in ``partial/SHA.part`` until
-it is complete and verified. Methods here touch the disk only through small calls (a
+it is complete and verified; one not written to for ``PARTIAL_MAX_AGE`` (a fetch given
+up, cancelled, or of a job placed elsewhere since) is removed at the next load or
+eviction, so they cannot pile up. Methods here touch the disk only through small calls (a
 stat, an unlink, a utime).
 """
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PARTIAL_MAX_AGE = 3600.0  # seconds a partial download unwritten is kept (to resume it)
 
 
 def valid_sha(text: str) -> bool:
@@ -38,6 +41,7 @@ class BundleCache:
     def load(self) -> None:
         """Read what the store holds (oldest use first); leftovers of a pack are removed."""
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        self.drop_stale_partials()
         found = []
         for path in self.root.iterdir():
             if path.name.startswith(".pack-"):
@@ -98,6 +102,17 @@ class BundleCache:
         self._pins[sha] -= 1
         if self._pins[sha] <= 0:
             del self._pins[sha]
+
+    def drop_stale_partials(self, now: float | None = None) -> list[str]:
+        """Remove partial downloads unwritten for ``PARTIAL_MAX_AGE``; their names."""
+        cutoff = (time.time() if now is None else now) - PARTIAL_MAX_AGE
+        dropped = []
+        for path in (self.root / "partial").glob("*.part"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    dropped.append(path.name)
+        return dropped
 
     def evict(self, in_use: set[str]) -> list[str]:
         """Remove least recently used bundles not in use until the store fits its

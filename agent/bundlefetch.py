@@ -35,6 +35,7 @@ CHUNK = 1 << 20  # bytes asked for per call: far below wire.MAX_FRAME
 RETRIES = 5  # failed calls in a row before the fetch gives up
 PAUSE = 0.2  # seconds before the first retry; doubled for each one after
 AHEAD = 4  # chunks of a stream that may wait to be written and hashed
+STREAM_AGAIN = 32 * CHUNK  # bytes fetched a call per chunk before a stream is asked again
 DEPTH = 4  # calls in flight at once: the origin reads and seals the next chunks while this
 # node opens, hashes and writes one (a single call at a time left both sides mostly waiting)
 
@@ -53,7 +54,7 @@ class FetchError(Exception):
 @dataclass(slots=True)
 class Fetched:
     bytes: int = 0  # bytes that came over the network (a resumed fetch: only the rest)
-    calls: int = 0
+    chunks: int = 0  # chunks that came (in streams or a call each)
     retries: int = 0
     resumed_at: int = 0  # bytes the partial file held when this fetch began
 
@@ -82,20 +83,33 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
     ask = ask or (lambda offset, length: wire.FetchBundle(want.sha, offset, length,
                                                           want.job_id))
     partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return await _fetch(call, want, partial, dest, alive, chunk, retries, pause, depth,
+                            ask, opener)
+    except OSError:  # (a full disk, say: what came must not stay to fill it)
+        partial.unlink(missing_ok=True)
+        raise
+
+
+async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
+                 alive: Callable[[], bool], chunk: int, retries: int, pause: float,
+                 depth: int, ask: Asker, opener: Opener | None) -> Fetched:
     h, have = await asyncio.to_thread(_resume, partial, want.size)
     stats = Fetched(resumed_at=have)
+    streams = opener is not None  # (until the answerer shows it does not, for a while)
     with open(partial, "ab") as f:
         sink = _Sink(f, h, have, stats)
         failures = 0  # tries in a row that brought nothing
         try:
             while sink.have < want.size:
                 start = sink.have
-                if opener is not None:
+                if opener is not None and streams:
                     error, streams = await _by_stream(opener, ask, want, sink, chunk, alive)
-                    opener = opener if streams else None
-                else:
-                    error = await _by_calls(_Window(call, ask, want.size, chunk, depth),
-                                            want, sink, alive)
+                else:  # (an answerer at its cap of streams is asked for one again later)
+                    until = want.size if opener is None else sink.have + STREAM_AGAIN
+                    error = await _by_calls(_Window(call, ask, min(until, want.size), chunk,
+                                                    depth), want, sink, alive)
+                    streams = opener is not None
                 await sink.written()
                 if error is None:
                     continue
@@ -137,7 +151,7 @@ class _Sink:
         self.pending.append(loop.run_in_executor(self.hasher, self.h.update, data))
         self.have += len(data)
         self.stats.bytes += len(data)
-        self.stats.calls += 1
+        self.stats.chunks += 1
 
     def _write(self, data: bytes) -> None:
         if self.failed:
@@ -192,9 +206,10 @@ async def _by_stream(opener: Opener, ask: Asker, want: Want, sink: _Sink, chunk:
 
 async def _by_calls(window: _Window, want: Want, sink: _Sink,
                     alive: Callable[[], bool]) -> str | None:
-    """Take the rest of the bundle a call per chunk: None, or why a call failed."""
+    """Take the bundle up to ``window.size`` a call per chunk: None, or why a call
+    failed."""
     try:
-        while sink.have < want.size:
+        while sink.have < window.size:
             if not alive():
                 raise FetchError("the job stopped while its bundle was fetched")
             (offset, length), reply, error = await window.next(sink.have)

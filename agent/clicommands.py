@@ -142,9 +142,12 @@ def _human(key: str, value: Any) -> str:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    dest = args.dest or f"{args.job}-results"
+    job = Job(client(args), args.job)
+    if not args.dest:  # (named by the whole id, not the prefix typed)
+        job.id = str(job.refresh().get("id") or args.job)
+    dest = args.dest or f"{job.id}-results"
     try:
-        files = Job(client(args), args.job).results(dest, attempt=args.attempt)
+        files = job.results(dest, attempt=args.attempt)
     except OSError as exc:  # (the destination; the agent's errors are ClientErrors)
         raise CliError(f"cannot write the results into {dest}: "
                        f"{exc.strerror or exc}", 1) from None

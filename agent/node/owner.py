@@ -90,21 +90,17 @@ class Owner:
     def preemptible_facts(self) -> tuple[facts.PreemptibleFact, ...]:
         """Jobs a higher-priority request may preempt here, cheapest first (lowest
         priority, then least device share, then newest)."""
-        pre = sorted(
-            (x for x in self.leases.active()
-             if x.preemptible and x.job_id not in self._stopping),
-            key=lambda x: (x.priority, x.compute_milli * len(x.devices), -x.token),
-        )[:facts.MAX_PREEMPTIBLE]
+        pre = sorted((x for x in self.leases.active()
+                      if x.preemptible and x.job_id not in self._stopping),
+                     key=lambda x: (x.priority, x.compute_milli * len(x.devices), -x.token),
+                     )[:facts.MAX_PREEMPTIBLE]
         return tuple(facts.PreemptibleFact(x.job_id, x.devices, x.compute_milli, x.memory_mib,
                                            x.priority) for x in pre)
 
     def _reclaim(self, device: str, now: float) -> None:
-        """The owner's own use grew into what was lent: take fractions back.
-
-        Victims are the lowest-priority, then newest, jobs on the device, until what stays
-        leased fits what the owner can lend now. Reserved leases whose job has not started
-        go first: nothing runs on them yet.
-        """
+        """The owner's own use grew into what was lent: take fractions back. Victims are
+        the lowest-priority, then newest, jobs on the device, until what stays leased fits
+        what the owner can lend now. Reserved leases whose job has not started go first."""
         lend_c, lend_m = self.leases.lendable(device)
         used_c, used_m = self.leases.used(device, excluding=set(self._stopping))
         if used_c <= lend_c and used_m <= lend_m:
@@ -379,14 +375,18 @@ class Owner:
                 self.leases.restore(lease)
 
     def recover_run(self, run: RunRecord, adopted: bool, now: float) -> None:
-        """A run read from the journal: ended, re-adopted, or lost with the agent."""
+        """A run read from the journal: ended, re-adopted, lost with the agent, or (never
+        started: its workdir was still coming, say) handed back to be placed again."""
         self.runs[run.id] = run
         if run.state in (PLACED, RUNNING) and adopted:
             self._live[run.id] = run.lease_id
             self.orphans.heard(run.id, run.origin, now)
-        if run.state in (PLACED, RUNNING) and not adopted:
-            self.out.log("job_lost", job=run.id, reason="process vanished")
-            self._end_run(run, None, "process vanished while the agent was down", now, LOST)
+        elif run.state in (PLACED, RUNNING):
+            state, why = ((PREEMPTED, "not started before the agent restarted")
+                          if run.state == PLACED and run.pid is None
+                          else (LOST, "process vanished while the agent was down"))
+            self.out.log("job_lost" if state == LOST else "job_requeued", job=run.id, reason=why)
+            self._end_run(run, None, why, now, state)
 
     def stopping(self) -> set[str]:
         return set(self._stopping)

@@ -85,6 +85,8 @@ class Payload:
         for sha in self.cache.evict(self._in_use()):
             self.agent.count("bundles_evicted")
             log.info("bundle_evicted bundle=%s", sha)
+        for name in self.cache.drop_stale_partials():
+            log.info("bundle_partial_dropped file=%s", name)
         self.tell_held(self.holdings.set_bundles(self.cache.recent()))
 
     def tell_held(self, changed: bool) -> None:
@@ -198,8 +200,8 @@ class Payload:
             self.agent.count("bundle_fetch_retries", got.retries)
             self.cache.add(job.bundle, job.bundle_size)
             log.info("bundle_fetched bundle=%s job=%s bytes=%d resumed_at=%d retries=%d "
-                     "calls=%d seconds=%.3f", job.bundle, job.id, got.bytes, got.resumed_at,
-                     got.retries, got.calls, time.monotonic() - t0)
+                     "chunks=%d seconds=%.3f", job.bundle, job.id, got.bytes, got.resumed_at,
+                     got.retries, got.chunks, time.monotonic() - t0)
             self._evict()
 
     async def _call(self, node: str, msg: wire.Message) -> tuple[wire.Message | None, str]:
