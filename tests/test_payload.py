@@ -302,7 +302,7 @@ def test_several_calls_are_in_flight_and_a_short_chunk_moves_the_window(
     # ... and from then on in chunks of what the origin serves (its cap under a bulk_rate),
     # so the window is not thrown away again at every reply.
     assert short.asked[3:] == list(range(1500, 20_000, 1500))
-    assert got.calls == 1 + len(range(1500, 20_000, 1500))  # (replies taken)
+    assert got.chunks == 1 + len(range(1500, 20_000, 1500))  # (replies taken)
 
 
 def test_a_fetch_cut_short_resumes_from_what_came(tmp_path: Path) -> None:

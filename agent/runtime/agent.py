@@ -300,7 +300,10 @@ class Agent:
                 await self.processes.write_output(eff)
             case CollectResults():
                 self.spawn(self.results.collect(eff))
-            case LogEvent() | MemberEvent() | NameConflict():
+            case MemberEvent():
+                log_event(eff)
+                self.transport.members_changed()
+            case LogEvent() | NameConflict():
                 log_event(eff)
             case ForgetJob() | ForgetRun():
                 # Its journal row is gone: its output goes too, unless the job's run here

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flexmesh.agent")
 
 FETCH_CALL_TIMEOUT = 30.0  # seconds for one chunk's call
+MEMBER_WAIT = 60.0  # seconds a fetch waits for its origin to be a member (a push-pull)
 
 
 class PayloadError(Exception):
@@ -184,6 +185,9 @@ class Payload:
             if job.origin == self.agent.settings.name:
                 raise PayloadError(f"bundle {job.bundle} is gone from this node's store")
             t0 = time.monotonic()
+            # An agent just restarted may be asked to run a job before it has heard of
+            # the job's origin (it learns members as they gossip or push-pull with it).
+            await self.agent.transport.member_addr(job.origin, MEMBER_WAIT)
             try:
                 got = await bundlefetch.fetch(
                     lambda msg: self._call(job.origin, msg),

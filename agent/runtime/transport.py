@@ -73,6 +73,7 @@ class Transport:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self.calls: rpc.Server | None = None
+        self._members_changed = asyncio.Event()  # set (and replaced) at each MemberEvent
         self.bulk = Bulk(lambda: bulk_rate_bytes(agent.settings),
                          lambda: agent.settings.compress, agent.count, self.loop.time)
 
@@ -178,6 +179,24 @@ class Transport:
             return None, str(exc)
         return await self.bulk.inflate(msg, reply)
 
+    async def member_addr(self, node: str, wait: float) -> str | None:
+        """The address of member ``node``; where it is not one (yet), up to ``wait``
+        seconds for it to become one: an agent just restarted learns the others only as
+        they gossip or push-pull with it, while they may already ask it to run a job."""
+        deadline = self.loop.time() + wait
+        while (member := self.agent.node.membership.members.get(node)) is None:
+            left, changed = deadline - self.loop.time(), self._members_changed
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        return member.addr
+
+    def members_changed(self) -> None:
+        """Wakes whoever waits for a member (``member_addr``)."""
+        self._members_changed.set()
+        self._members_changed = asyncio.Event()
+
     @contextlib.asynccontextmanager
     async def stream(self, node: str, msg: wire.Message,
                      timeout: float) -> AsyncIterator[Receive]:
@@ -189,13 +208,14 @@ class Transport:
         if self.agent.keys.codec.aes:  # (frames sealed with AES-256-GCM open here)
             msg = compress.offer(msg, compress.AES)
         member = self.agent.node.membership.members.get(node)
+        addr = member.addr if member is not None else None
         async with contextlib.AsyncExitStack() as stack:
             opened: rpcstream.Stream | None = None
             why = f"{node} is not a member"
             try:
-                if member is not None:
+                if addr is not None:
                     opened = await stack.enter_async_context(rpcstream.stream(
-                        member.addr, msg, timeout, self.agent.keys.codec,
+                        addr, msg, timeout, self.agent.keys.codec,
                         self.agent.settings.name, node))
             except rpc.CallError as exc:
                 why = str(exc)
