@@ -107,9 +107,9 @@ async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
                     error, streams = await _by_stream(opener, ask, want, sink, chunk, alive)
                 else:  # (an answerer at its cap of streams is asked for one again later)
                     until = want.size if opener is None else sink.have + STREAM_AGAIN
-                    error = await _by_calls(_Window(call, ask, min(until, want.size), chunk,
-                                                    depth), want, sink, alive)
-                    streams = opener is not None
+                    window = _Window(call, ask, min(until, want.size), chunk, depth)
+                    error = await _by_calls(window, want, sink, alive)
+                    chunk, streams = window.chunk, opener is not None  # (a cap: kept)
                 await sink.written()
                 if error is None:
                     continue
@@ -280,6 +280,7 @@ def _resume(partial: Path, size: int) -> tuple[hashlib._Hash, int]:
     h = hashlib.sha256()
     have = 0
     if partial.exists() and partial.stat().st_size <= size:
+        os.utime(partial)  # (in use again: not one to drop as stale)
         with open(partial, "rb") as f:
             while block := f.read(CHUNK):
                 h.update(block)

@@ -175,6 +175,15 @@ def recorded_pid(job_dir: Path, run: str | None = None) -> tuple[int, int] | Non
     return None
 
 
+def began(job_dir: Path, run: str) -> bool:
+    """Whether run ``run`` (a lease id) was ever handed to a supervisor here: its ``exit``
+    file, opened before the spawn, names it, or its pid was recorded."""
+    with contextlib.suppress(OSError), open(job_dir / STATUS_FILE) as f:
+        if f.readline() == f"run {run}\n":
+            return True
+    return recorded_pid(job_dir, run) is not None
+
+
 def forget_records(job_dir: Path) -> None:
     """A new run starts: what an earlier one recorded must not be taken for its own."""
     for name in (PID_FILE, STATUS_FILE):

@@ -252,14 +252,14 @@ class Node:
         self._after_input(now)
 
     def recover(self, jobs: list[JobRecord], runs: list[RunRecord], leases: list[Lease],
-                adopt: Callable[[RunRecord], bool], now: float,
+                adopt: Callable[[RunRecord], bool | None], now: float,
                 output: Callable[[str], tuple[int, int]] | None = None) -> None:
         """After a restart: take back the journal's leases and jobs.
 
-        A job this node ran whose process is gone (``adopt`` says whether it could be
-        re-watched) ends ``lost`` and gives its lease back; queued jobs are submitted again
-        and remote ones followed again, from the output already here (``output``: bytes
-        of stdout and stderr kept for a job).
+        A job this node ran whose process is gone (``adopt``: whether it could be re-watched,
+        None: it never started) ends ``lost`` (``preempted``: placed again) and gives its
+        lease back; queued jobs are submitted again and remote ones followed again, from
+        the output already here (``output``: bytes of stdout and stderr kept for a job).
         """
         self._now = now
         self.owner.restore(leases)

@@ -374,7 +374,7 @@ class Owner:
             if lease.state in ACTIVE:
                 self.leases.restore(lease)
 
-    def recover_run(self, run: RunRecord, adopted: bool, now: float) -> None:
+    def recover_run(self, run: RunRecord, adopted: bool | None, now: float) -> None:
         """A run read from the journal: ended, re-adopted, lost with the agent, or (never
         started: its workdir was still coming, say) handed back to be placed again."""
         self.runs[run.id] = run
@@ -383,7 +383,7 @@ class Owner:
             self.orphans.heard(run.id, run.origin, now)
         elif run.state in (PLACED, RUNNING):
             state, why = ((PREEMPTED, "not started before the agent restarted")
-                          if run.state == PLACED and run.pid is None
+                          if run.state == PLACED and adopted is None and run.pid is None
                           else (LOST, "process vanished while the agent was down"))
             self.out.log("job_lost" if state == LOST else "job_requeued", job=run.id, reason=why)
             self._end_run(run, None, why, now, state)

@@ -276,6 +276,8 @@ class Agent:
                     self.transport.send_packet(eff, leaving=self.node.membership.left)
                 elif not isinstance(eff, FactsEvent):
                     log_event(eff)
+                    if isinstance(eff, MemberEvent):
+                        self.transport.members_changed()
             self.ticker.retime()
             return
         self.spawn(self.flush(effects))

@@ -155,6 +155,8 @@ class Payload:
         if job.bundle_size > s.max_bundle_bytes():
             raise PayloadError(f"its bundle ({job.bundle_size} bytes) is larger than this "
                                f"node's max_bundle ({s.payload_max_bundle})")
+        if not self.cache.has(job.bundle) and job.origin != s.name:
+            await self._origin_known(job)
         self.cache.pin(job.bundle)
         try:
             await self._present(job)
@@ -185,9 +187,6 @@ class Payload:
             if job.origin == self.agent.settings.name:
                 raise PayloadError(f"bundle {job.bundle} is gone from this node's store")
             t0 = time.monotonic()
-            # An agent just restarted may be asked to run a job before it has heard of
-            # the job's origin (it learns members as they gossip or push-pull with it).
-            await self.agent.transport.member_addr(job.origin, MEMBER_WAIT)
             try:
                 got = await bundlefetch.fetch(
                     lambda msg: self._call(job.origin, msg),
@@ -207,6 +206,16 @@ class Payload:
                      "chunks=%d seconds=%.3f", job.bundle, job.id, got.bytes, got.resumed_at,
                      got.retries, got.chunks, time.monotonic() - t0)
             self._evict()
+
+    async def _origin_known(self, job: RunRecord) -> None:
+        """An agent just restarted may be asked to run a job before it has heard of the
+        job's origin (it learns members as they gossip or push-pull with it): up to
+        ``MEMBER_WAIT`` seconds for it, while the run is still wanted."""
+        loop = self.agent.loop
+        deadline = loop.time() + MEMBER_WAIT
+        while self.wanted(job) and (left := deadline - loop.time()) > 0:
+            if await self.agent.transport.member_addr(job.origin, min(1.0, left)):
+                return
 
     async def _call(self, node: str, msg: wire.Message) -> tuple[wire.Message | None, str]:
         member = self.agent.node.membership.members.get(node)

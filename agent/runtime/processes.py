@@ -168,10 +168,11 @@ class Processes:
         except KeyError:
             return uid, uid  # no passwd entry: a group of the same number
 
-    def adopt(self, job: RunRecord) -> bool:
+    def adopt(self, job: RunRecord) -> bool | None:
         """A process an earlier instance of the agent started, still running? Or one that
         ended while the agent was down, whose supervisor recorded how: its end is told
-        as soon as the node has read the journal back. False: it is gone, unknown how."""
+        as soon as the node has read the journal back. False: it is gone, unknown how;
+        None: it was never started (no supervisor was ever given it)."""
         pid, start, job_dir = job.pid, job.pid_start, self.runner.job_dir(job.id)
         if pid is None or start is None:  # started, not yet journaled: its supervisor says
             pid, start = supervise.recorded_pid(job_dir, job.lease_id) or (0, 0)
@@ -182,7 +183,7 @@ class Processes:
         if not pid or not self.runner.adopt(job.id, pid, start):
             code = supervise.recorded_exit(job_dir, job.lease_id)
             if code is None:
-                return False
+                return False if supervise.began(job_dir, job.lease_id) else None
             exit_code, reason = describe_exit(code)
             self.agent.loop.call_soon(self._exited, job.id, exit_code,
                                       f"{reason} (while the agent was down)")
