@@ -105,7 +105,7 @@ def test_a_member_event_in_an_inline_turn_wakes_a_fetch_waiting_for_it() -> None
         transport._members_changed = asyncio.Event()
         agent.transport = transport
         waiter = asyncio.ensure_future(transport.member_addr("origin", 30.0))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # (it waits on the event now)
         members["origin"] = SimpleNamespace(addr="127.0.0.1:1")  # a gossip datagram
         Agent._kick_now(agent)  # type: ignore[arg-type]
         # Woken by the event at once, not after the 30 s wait.
