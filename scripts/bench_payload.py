@@ -303,14 +303,13 @@ def log_seconds(log: Path, event: str, job_id: str) -> float:
 
 def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
              copy_plain: Callable[[], None]) -> dict[str, Any]:
-    """The agents' side: a baseline job, ``copy_plain()``, the first and the second job
-    with the workdir; their figures."""
+    """The agents' side (a baseline job, ``copy_plain()``, two jobs with the workdir)."""
     _, baseline = run_job(mesh, None, "/", args.timeout)
     note(f"baseline submit-to-start {baseline:.3f}s; plain copy")
     copy_plain()
-    pids = {n: p.proc.pid for n, p in mesh.agents.items() if p.proc is not None}
     partial = mesh.agents["a"].dir / "state" / "bundles" / "partial"
-    sampler = RssSampler(pids, args.sample_ms / 1000, partial)
+    sampler = RssSampler({n: p.proc.pid for n, p in mesh.agents.items() if p.proc},
+                         args.sample_ms / 1000, partial)
     sampler.start()
     time.sleep(0.6)
     mark = time.monotonic()
@@ -322,8 +321,7 @@ def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
     fetched = counters(mesh, "a")
     note("second job, the same workdir")
     _, second = run_job(mesh, src, "f0.bin", args.timeout)
-    after = counters(mesh, "a")
-    owner_log = mesh.agents["a"].log
+    after, owner_log = counters(mesh, "a"), mesh.agents["a"].log
     fetch_s = log_seconds(owner_log, "bundle_fetched", first_id)
     size = int(mesh.json("d", "show", first_id)["bundle_size"])
     origin_before, origin_up = sampler.increase_mib("d", mark)
