@@ -4,11 +4,32 @@ into a plan. Pure functions over plain numbers; ``scores`` builds on them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from flexmesh.policies.nodes import UNKNOWN
-from flexmesh.policies.workload import Workload
+from flexmesh.policies.workload import Shape, Workload
 
 # (per-device milli threshold, [(cpu_milli, count, weight), ...]) for one node model
 FragGroup = tuple[int, tuple[tuple[int, int, float], ...]]
+Item = TypeVar("Item", bound=tuple[Any, ...])
+Groups = tuple[tuple[int, tuple[Item, ...]], ...]
+
+
+def _grouped(workload: Workload, node_models: tuple[str, ...],
+             item: Callable[[Shape], Item]) -> tuple[float, Groups[Item]]:
+    """(the weight of shapes a node of ``node_models`` cannot serve at all, the others'
+    ``item``s grouped by per-device threshold, largest first)."""
+    blind = 0.0
+    groups: dict[int, list[Item]] = {}
+    for s in workload.shapes:
+        if (s.count <= 0 or s.compute_milli <= 0
+                or (s.models and not any(m in s.models for m in node_models))):
+            blind += s.weight
+        else:
+            groups.setdefault(s.compute_milli, []).append(item(s))
+    return blind, tuple((milli, tuple(items))
+                        for milli, items in sorted(groups.items(), reverse=True))
 
 
 class FragPlan:
@@ -19,21 +40,9 @@ class FragPlan:
     __slots__ = ("blind", "groups")
 
     def __init__(self, workload: Workload, node_models: tuple[str, ...]) -> None:
-        blind = 0.0
-        groups: dict[int, list[tuple[int, int, float]]] = {}
-        for s in workload.shapes:
-            if (
-                s.count <= 0
-                or s.compute_milli <= 0
-                or (s.models and not any(m in s.models for m in node_models))
-            ):
-                blind += s.weight
-            else:
-                groups.setdefault(s.compute_milli, []).append((s.cpu_milli, s.count, s.weight))
-        self.blind = blind
-        self.groups: tuple[FragGroup, ...] = tuple(
-            (milli, tuple(items)) for milli, items in sorted(groups.items(), reverse=True)
-        )
+        self.blind, groups = _grouped(workload, node_models,
+                                      lambda s: (s.cpu_milli, s.count, s.weight))
+        self.groups: tuple[FragGroup, ...] = groups
 
 
 def frag_amount(free: tuple[int, ...], cpu_free: int, plan: FragPlan) -> float:
@@ -70,23 +79,10 @@ class CapPlan:
     __slots__ = ("blind", "groups")
 
     def __init__(self, workload: Workload, node_models: tuple[str, ...]) -> None:
-        blind = 0.0
-        groups: dict[int, list[tuple[int, int, float, float]]] = {}
-        for s in workload.shapes:
-            if (
-                s.count <= 0
-                or s.compute_milli <= 0
-                or (s.models and not any(m in s.models for m in node_models))
-            ):
-                blind += s.weight
-            else:
-                groups.setdefault(s.compute_milli, []).append(
-                    (s.cpu_milli, s.count, s.weight, s.host_memory_mib)
-                )
-        self.blind = blind
-        self.groups: tuple[CapGroup, ...] = tuple(
-            (milli, tuple(items)) for milli, items in sorted(groups.items(), reverse=True)
-        )
+        self.blind, groups = _grouped(
+            workload, node_models,
+            lambda s: (s.cpu_milli, s.count, s.weight, s.host_memory_mib))
+        self.groups: tuple[CapGroup, ...] = groups
 
 
 def cap_frag_amount(free: tuple[int, ...], cpu_free: int, mem_free: int, plan: CapPlan) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +36,24 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
 
 
 @pytest.fixture
-def work_root() -> Iterator[Path]:
-    """Where owners unpack runs (``[payload] work_dir``): under /tmp and searchable by the
-    user a borrowed job runs as (pytest's own temporary directories are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-work-", dir="/tmp"))
-    path.chmod(0o711)
+def open_tmp() -> Iterator[Callable[[str, int], Path]]:
+    """Makes directories under /tmp with a mode others may enter (pytest's own temporary
+    directories are 0700, shut to the user a borrowed job runs as); removed after."""
+    made: list[Path] = []
+
+    def make(prefix: str, mode: int) -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
+        made[-1].chmod(mode)
+        return made[-1]
+
     try:
-        yield path
+        yield make
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def work_root(open_tmp: Callable[[str, int], Path]) -> Path:
+    """Where owners unpack runs (``[payload] work_dir``): searchable by a job's user."""
+    return open_tmp("flexmesh-work-", 0o711)

@@ -3,9 +3,7 @@ floor stops lending, and the job it had borrowed is requeued and finishes elsewh
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +15,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
-def shared() -> Iterator[Path]:
+def shared(open_tmp: Callable[[str, int], Path]) -> Path:
     """A directory the jobs can see into (as root, the agents run them as nobody)."""
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-battery-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return open_tmp("flexmesh-battery-", 0o755)
 
 
 def job_when(mesh: LocalMesh, job_id: str, state: str) -> dict[str, Any] | None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import shutil
 import stat
 import tarfile
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -96,14 +94,9 @@ def test_packing_refuses_what_cannot_travel(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def public_dir() -> Iterator[Path]:
+def public_dir(open_tmp: Callable[[str, int], Path]) -> Path:
     """A directory others may enter (pytest's temporary directories are private)."""
-    path = Path(tempfile.mkdtemp(prefix="flexmesh-pack-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return open_tmp("flexmesh-pack-", 0o755)
 
 
 def test_packing_reads_only_what_the_submitter_may(tmp_path: Path, public_dir: Path) -> None:
