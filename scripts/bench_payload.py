@@ -5,16 +5,23 @@ Two real agents on 127.0.0.1 (``LocalMesh``): ``d``, the origin, with no device,
 bytes (``--files`` files, seeded) is made, and then, in this order:
 
 1. **Baseline**: a job without a workdir, to time submit-to-start with no bundle.
-2. **Plain copy** of the same bytes: ``tar -c DIR | socat - TCP:127.0.0.1:PORT`` into
+2. ``--rounds`` (3) rounds, each a plain copy and then a job with the workdir (changed a
+   little each round: a new bundle, fetched). Single runs on this VM move by up to a
+   factor of two with what the memory pool holds (below), so the bench alternates the
+   two and reports medians: ``fetch_mib_s`` and ``plain_mib_s`` are medians, ``ratio``
+   is one over the other, and ``ratio_runs`` each round's fetch against the plain copy
+   just before it (the spread). A last plain copy runs after the agents have stopped.
+
+   **Plain copy** of the same bytes: ``tar -c DIR | socat - TCP:127.0.0.1:PORT`` into
    ``socat TCP-LISTEN:PORT - > FILE`` (socat's default 8 KiB blocks; where socat is not
    installed, or with ``--plain python``: the same tar stream through a Python socket
    pair, 1 MiB at a time, one thread each side; ``plain_method`` says which). Timed
    from starting the receiver to both ends having exited, so it covers reading the tree,
    the loopback hop and writing the file, as the fetch covers reading the bundle, the hop
    and writing (and hashing) the partial file. Each is timed with the page cache's
-   pool of just-freed pages drained (below), as the fetch is; one more copy runs as the
-   machine happens to be, for ``ratio_best_plain``. A drained copy runs before the
-   agents' transfer and one after; the faster counts (``ratio``).
+   pool of just-freed pages drained (below), as the fetch is; the first and the last
+   also run once as the machine happens to be, for ``ratio_best_plain`` (the median fetch
+   against the fastest copy of all).
 
    Why drain: on a VM that hands freed memory back to its host (virtio-balloon free page
    reporting, as here), a write into a page the guest did not just free costs a host
@@ -22,32 +29,38 @@ bytes (``--files`` files, seeded) is made, and then, in this order:
    freed), and some of what a deleted file freed stays unreported for many seconds, so
    the same copy ran in 0.45 s or 1.7 s by what was deleted before it. ``drained`` writes
    a scratch file until its writes cost what a fresh page costs, and keeps it while the
-   copy (or the first job) runs: both then write into fresh pages, whatever was freed
-   before (``drained_mib`` says how much it took; ``--drain-mib`` caps it).
-3. **First job** with ``--workdir``: the owner fetches the bundle chunk by chunk. The
-   transfer time is the owner's own measure: its log line ``bundle_fetched ...
-   seconds=S`` is the monotonic time from the start of its fetch (before the first
-   ``FetchBundle`` call) to the verified bundle taking its place in the store;
-   ``bundle_unpacked ... seconds=U`` times the unpack that follows. Throughput is the
-   bundle's size over S. As a cross-check from outside, the job's own start time (it
+   copy (or the job) runs: both then mostly write into fresh pages, whatever was freed
+   before (``drained_mib`` says how much it took; ``--drain-mib`` caps it). The drain is
+   a heuristic: a copy still lands on just-freed pages now and then (its CPU per MiB,
+   ``plain_cpu_ms_per_mib_runs``, then drops by half), hence the rounds.
+
+   **The job**: the owner fetches the bundle in one stream. The transfer time is the
+   owner's own measure: its log line ``bundle_fetched ... seconds=S`` is the monotonic
+   time from the start of its fetch to the verified bundle taking its place in the
+   store; ``bundle_unpacked ... seconds=U`` times the unpack that follows. Throughput is
+   the bundle's size over S. As a cross-check from outside, the job's own start time (it
    prints ``date +%s.%N`` after checking that a file of the workdir is there) minus the
-   moment before ``flexmesh submit`` ran gives submit-to-start; minus the second job's
-   (which packs and unpacks the same, but fetches nothing) it is the fetch seen from
-   outside (``first_minus_cache_hit_s``).
-4. **Second job** with the same workdir: a cache hit. ``cache_hit_fetched_bytes`` is the
-   rise of the owner's ``bundle_fetch_bytes`` counter over that job (0 expected), with
-   its submit-to-start.
+   moment before ``flexmesh submit`` ran gives submit-to-start; the last round's minus
+   the cache hit's (which packs and unpacks the same, but fetches nothing) is the fetch
+   seen from outside (``first_minus_cache_hit_s``). The bench waits for each job's end
+   with the API's long poll, from its own process: a ``flexmesh show`` every 50 ms took
+   about a third of both cores from the transfer being timed.
+3. **The last workdir again**: a cache hit. ``cache_hit_fetched_bytes`` is the rise of
+   the owner's ``bundle_fetch_bytes`` counter over that job (0 expected), with its
+   submit-to-start.
 
 CPU: ``origin_cpu_ms_per_mib`` and ``owner_cpu_ms_per_mib`` are each agent's CPU time
 (``/proc/PID/stat``) from the first to the last sample that saw a file in the owner's
-``bundles/partial`` (the fetch runs while it is there), per MiB of bundle;
+``bundles/partial`` (the fetch runs while it is there), per MiB of bundle (medians of the
+rounds);
 ``plain_cpu_ms_per_mib`` is tar's, socat's (or this process's pipe threads') over the
 plain copy. Unlike the times, these hardly move with what else the machine runs.
 
 Memory: a thread reads ``VmRSS`` of both agent processes from ``/proc/PID/status`` every
 ``--sample-ms`` (20) ms, from before the first job is submitted until it has ended; each
 agent's increase is its peak minus its RSS just before (the mean of the samples of the
-half second before submit). Targets (issue 13): ``ratio`` >= 0.70, each increase < 32 MiB.
+half second before submit), the largest of the rounds. Targets (issue 13): ``ratio`` >=
+0.70, each increase < 32 MiB.
 
 Prints one JSON line on stdout; progress goes to stderr.
 """
@@ -298,52 +311,82 @@ def log_seconds(log: Path, event: str, job_id: str) -> float:
     raise RuntimeError(f"no {event} line for job {job_id} in {log}")
 
 
-def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
-             copy_plain: Callable[[], None]) -> dict[str, Any]:
-    """The agents' side (a baseline job, ``copy_plain()``, two jobs with the workdir)."""
-    _, baseline = run_job(mesh, None, "/", args.timeout)
-    note(f"baseline submit-to-start {baseline:.3f}s; plain copy")
-    copy_plain()
+def fetch_round(mesh: LocalMesh, args: argparse.Namespace, src: Path) -> dict[str, Any]:
+    """One job with workdir ``src`` (a bundle the owner does not hold yet), timed with
+    the pool of just-freed pages drained; its fetch's figures."""
     partial = mesh.agents["a"].dir / "state" / "bundles" / "partial"
     sampler = RssSampler({n: p.proc.pid for n, p in mesh.agents.items() if p.proc},
                          args.sample_ms / 1000, partial)
     sampler.start()
     time.sleep(0.6)
     mark = time.monotonic()
-    note(f"first job with a {args.size_mib} MiB workdir")
     with drained(src.parent / "drain-fetch", args.drain_mib) as held:
-        first_id, first = run_job(mesh, src, "f0.bin", args.timeout)
+        job_id, started = run_job(mesh, src, "f0.bin", args.timeout)
     sampler.done.set()
     sampler.join()
-    fetched = counters(mesh, "a")
-    note("second job, the same workdir")
-    _, second = run_job(mesh, src, "f0.bin", args.timeout)
-    after, owner_log = counters(mesh, "a"), mesh.agents["a"].log
-    fetch_s = log_seconds(owner_log, "bundle_fetched", first_id)
-    size = int(mesh.json("d", "show", first_id)["bundle_size"])
+    log = mesh.agents["a"].log
+    fetch_s = log_seconds(log, "bundle_fetched", job_id)
+    size = int(mesh.json("d", "show", job_id)["bundle_size"])
     origin_before, origin_up = sampler.increase_mib("d", mark)
     owner_before, owner_up = sampler.increase_mib("a", mark)
     return {
-        "bundle_bytes": size, "fetch_s": round(fetch_s, 3),
-        "fetch_drained_mib": held["mib"], "fetch_drain_reached_fresh": held["fresh"],
-        "fetch_mib_s": round(size / MIB / fetch_s, 1),
-        "unpack_s": round(log_seconds(owner_log, "bundle_unpacked", first_id), 3),
+        "size": size, "fetch_s": fetch_s, "mib_s": size / MIB / fetch_s,
+        "drained_mib": held["mib"], "drain_fresh": held["fresh"],
+        "unpack_s": log_seconds(log, "bundle_unpacked", job_id), "started": started,
         # CPU per MiB fetched, each side, while the owner's partial file existed: unlike
         # the times, hardly moved by what else the machine runs.
-        "origin_cpu_ms_per_mib": round(sampler.fetch_cpu_s("d") * 1000 * MIB / size, 2),
-        "owner_cpu_ms_per_mib": round(sampler.fetch_cpu_s("a") * 1000 * MIB / size, 2),
-        "fetch_chunks": counters(mesh, "d").get("bundle_chunks_served", 0),
-        "fetch_streams": counters(mesh, "d").get("bundle_streams_served", 0),
-        "origin_rss_before_mib": round(origin_before, 1),
-        "origin_rss_increase_mib": round(origin_up, 1),
-        "owner_rss_before_mib": round(owner_before, 1),
-        "owner_rss_increase_mib": round(owner_up, 1),
-        "rss_target_mib": RSS_TARGET_MIB, "rss_samples": len(sampler.samples["a"]),
+        "origin_cpu": sampler.fetch_cpu_s("d") * 1000 * MIB / size,
+        "owner_cpu": sampler.fetch_cpu_s("a") * 1000 * MIB / size,
+        "origin_before": origin_before, "origin_up": origin_up,
+        "owner_before": owner_before, "owner_up": owner_up,
+        "rss_samples": len(sampler.samples["a"]),
+    }
+
+
+def transfer(mesh: LocalMesh, args: argparse.Namespace, src: Path,
+             copy_plain: Callable[[bool], None]) -> dict[str, Any]:
+    """The agents' side: a baseline job; ``--rounds`` times a plain copy and then a job
+    with the workdir, changed a little each round (so each is a new bundle, fetched);
+    then the last workdir again (a cache hit)."""
+    _, baseline = run_job(mesh, None, "/", args.timeout)
+    note(f"baseline submit-to-start {baseline:.3f}s")
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        (src / "round.txt").write_text(f"{r}\n")
+        note(f"round {r + 1}: plain copy, then a job with the {args.size_mib} MiB workdir")
+        copy_plain(r == 0)
+        rounds.append(fetch_round(mesh, args, src))
+    fetched = counters(mesh, "a")
+    note("the same workdir again")
+    _, second = run_job(mesh, src, "f0.bin", args.timeout)
+    after, served = counters(mesh, "a"), counters(mesh, "d")
+
+    def median(key: str, digits: int = 2) -> float:
+        return round(float(statistics.median(r[key] for r in rounds)), digits)
+
+    return {
+        "bundle_bytes": rounds[-1]["size"], "fetch_s": median("fetch_s", 3),
+        "fetch_s_runs": [round(r["fetch_s"], 3) for r in rounds],
+        "fetch_mib_s": median("mib_s", 1),
+        "fetch_mib_s_runs": [round(r["mib_s"], 1) for r in rounds],
+        "fetch_drained_mib": [r["drained_mib"] for r in rounds],
+        "fetch_drains_reached_fresh": [r["drain_fresh"] for r in rounds],
+        "unpack_s": median("unpack_s", 3),
+        "origin_cpu_ms_per_mib": median("origin_cpu"),
+        "owner_cpu_ms_per_mib": median("owner_cpu"),
+        "owner_cpu_ms_per_mib_runs": [round(r["owner_cpu"], 2) for r in rounds],
+        "fetch_chunks": served.get("bundle_chunks_served", 0),  # (all rounds)
+        "fetch_streams": served.get("bundle_streams_served", 0),
+        "origin_rss_before_mib": round(rounds[0]["origin_before"], 1),
+        "origin_rss_increase_mib": round(max(r["origin_up"] for r in rounds), 1),
+        "owner_rss_before_mib": round(rounds[0]["owner_before"], 1),
+        "owner_rss_increase_mib": round(max(r["owner_up"] for r in rounds), 1),
+        "rss_target_mib": RSS_TARGET_MIB, "rss_samples": rounds[0]["rss_samples"],
         "baseline_submit_to_start_s": round(baseline, 3),
-        "first_submit_to_start_s": round(first, 3),
-        "first_minus_baseline_s": round(first - baseline, 3),
+        "first_submit_to_start_s": median("started", 3),
+        "first_minus_baseline_s": round(median("started", 3) - baseline, 3),
         "cache_hit_submit_to_start_s": round(second, 3),
-        "first_minus_cache_hit_s": round(first - second, 3),
+        "first_minus_cache_hit_s": round(rounds[-1]["started"] - second, 3),
         "cache_hit_fetched_bytes": after.get("bundle_fetch_bytes", 0)
         - fetched.get("bundle_fetch_bytes", 0),
         "cache_hits": after.get("bundle_cache_hits", 0) - fetched.get("bundle_cache_hits", 0),
@@ -364,8 +407,9 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     loose: list[tuple[float, int, float]] = []
     held: list[dict[str, Any]] = []
 
-    def copy_plain() -> None:
-        loose.append(plain_copy(method, src, root / "plain.tar"))  # (as the machine is)
+    def copy_plain(undrained: bool) -> None:
+        if undrained:  # (as the machine is, for ratio_best_plain)
+            loose.append(plain_copy(method, src, root / "plain.tar"))
         with drained(root / "drain-plain", args.drain_mib) as pool:
             plain.append(plain_copy(method, src, root / "plain.tar"))
         held.append(pool)
@@ -376,24 +420,28 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                                            *_config(mesh, "d", work, size)])
         mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
         agents = transfer(mesh, args, src, copy_plain)
-    copy_plain()
-    plain_s, plain_bytes, plain_cpu = min(plain)
-    plain_mib_s = plain_bytes / MIB / plain_s
-    best_mib_s = plain_bytes / MIB / min(run[0] for run in plain + loose)
+    copy_plain(True)
+    plain_mib_s = statistics.median(n / MIB / s for s, n, _ in plain)
+    best_mib_s = max(n / MIB / s for s, n, _ in plain + loose)
     return {
         "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
-        "sealed": not args.insecure_plaintext,
+        "rounds": args.rounds, "sealed": not args.insecure_plaintext,
         "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
         **agents,
-        "plain_method": method, "plain_bytes": plain_bytes,
-        "plain_s": round(plain_s, 3), "plain_s_runs": [round(run[0], 3) for run in plain],
+        "plain_method": method, "plain_bytes": plain[-1][1],
+        "plain_s_runs": [round(run[0], 3) for run in plain],
         "plain_mib_s": round(plain_mib_s, 1),
-        "plain_cpu_ms_per_mib": round(plain_cpu * 1000 * MIB / plain_bytes, 2),
+        "plain_cpu_ms_per_mib": round(statistics.median(
+            run[2] * 1000 * MIB / run[1] for run in plain), 2),
         "plain_cpu_ms_per_mib_runs": [round(run[2] * 1000 * MIB / run[1], 2)
                                       for run in plain],
         "plain_drained_mib": [pool["mib"] for pool in held],
         "plain_drains_reached_fresh": [pool["fresh"] for pool in held],
         "ratio": round(agents["fetch_mib_s"] / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
+        # each round's fetch against the plain copy just before it (the spread)
+        "ratio_runs": [round(f / (n / MIB / s), 3)
+                       for f, (s, n, _) in zip(agents["fetch_mib_s_runs"], plain[:-1],
+                                                 strict=True)],
         "plain_undrained_s_runs": [round(run[0], 3) for run in loose],
         "ratio_best_plain": round(agents["fetch_mib_s"] / best_mib_s, 3),
         "page_write_ms_per_mib": page_probe(root / "probe.bin", min(args.size_mib, 128),
@@ -452,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=500, help="the workdir's size (500)")
     p.add_argument("--files", type=int, default=4, help="files it is split into (4)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="plain copies and fetches, alternated; medians are reported (3)")
     p.add_argument("--plain", choices=["auto", "socat", "python"], default="auto",
                    help="the plain copy: socat where installed (auto), or a Python pipe")
     p.add_argument("--sample-ms", type=float, default=20.0, help="RSS sampling period")
@@ -462,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="agents without a key (default: sealed, as a real mesh is)")
     args = p.parse_args(argv)
-    if args.size_mib < 1 or args.files < 1:
-        p.error("--size-mib and --files must be at least 1")
+    if args.size_mib < 1 or args.files < 1 or args.rounds < 1:
+        p.error("--size-mib, --files and --rounds must be at least 1")
     # Under /tmp: a borrowed job's user must be able to search the work directory's parents.
     with tempfile.TemporaryDirectory(prefix="flexmesh-bench-payload-", dir="/tmp") as tmp:
         os.chmod(tmp, 0o711)  # (mkdtemp makes it 0700)
