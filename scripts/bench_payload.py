@@ -5,7 +5,7 @@ Two real agents on 127.0.0.1 (``LocalMesh``): ``d``, the origin, with no device,
 bytes (``--files`` files, seeded) is made, and then, in this order:
 
 1. **Baseline**: a job without a workdir, to time submit-to-start with no bundle.
-2. ``--rounds`` (3) rounds, each a plain copy and then a job with the workdir (changed a
+2. ``--rounds`` (5) rounds, each a plain copy and then a job with the workdir (changed a
    little each round: a new bundle, fetched). Single runs on this VM move by up to a
    factor of two with what the memory pool holds (below), so the bench alternates the
    two and reports medians: ``fetch_mib_s`` and ``plain_mib_s`` are medians, ``ratio``
@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=500, help="the workdir's size (500)")
     p.add_argument("--files", type=int, default=4, help="files it is split into (4)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3,
-                   help="plain copies and fetches, alternated; medians are reported (3)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="plain copies and fetches, alternated; medians are reported (5)")
     p.add_argument("--plain", choices=["auto", "socat", "python"], default="auto",
                    help="the plain copy: socat where installed (auto), or a Python pipe")
     p.add_argument("--sample-ms", type=float, default=20.0, help="RSS sampling period")
