@@ -10,7 +10,8 @@ restarted half-way) costs only the chunks in flight, neither side holds more tha
 chunks of the bundle in memory, and the next try starts from what the partial file holds.
 The whole is checked against its SHA-256 before it takes its place in the store; a
 mismatch deletes what came. A try that brings nothing is retried with a growing pause, a
-few times in a row, then the fetch fails: it never waits forever. The caller gives ``call``
+few times in a row and for at least ``patience`` seconds without a byte (a radio shadow
+should not fail a job), then the fetch fails: it never waits forever. The caller gives ``call``
 (one request, one reply or None and why), ``opener`` (a stream: its replies one by one,
 likewise) and ``alive`` (whether the job still wants the bundle).
 """
@@ -32,8 +33,9 @@ from typing import IO
 from flexmesh.protocol import wire
 
 CHUNK = 1 << 20  # bytes asked for per call: far below wire.MAX_FRAME
-RETRIES = 5  # failed calls in a row before the fetch gives up
-PAUSE = 0.2  # seconds before the first retry; doubled for each one after
+RETRIES = 5  # failed calls in a row before the fetch gives up (and ``patience`` has run)
+PAUSE = 0.2  # seconds before the first retry; doubled for each one after ...
+MAX_PAUSE = 5.0  # ... up to this
 AHEAD = 4  # chunks of a stream that may wait to be written and hashed
 STREAM_AGAIN = 32 * CHUNK  # bytes fetched a call per chunk before a stream is asked again
 DEPTH = 4  # calls in flight at once: the origin reads and seals the next chunks while this
@@ -44,11 +46,13 @@ Caller = Callable[[wire.Message], Awaitable[tuple[wire.Message | None, str]]]
 
 class FetchError(Exception):
     """The bundle could not be fetched; the message says why, for a person. ``refused``:
-    the other side answered that it will not serve it (asking again cannot help)."""
+    the other side answered that it will not serve it (asking again cannot help);
+    ``stopped``: the caller's ``alive()`` said the bundle is no longer wanted."""
 
-    def __init__(self, message: str, refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, stopped: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.stopped = stopped
 
 
 @dataclass(slots=True)
@@ -70,36 +74,39 @@ class Want:
 Asker = Callable[[int, int], wire.Message]  # (offset, length) -> the request for them
 Receive = Callable[[], Awaitable[tuple[wire.Message | None, str]]]  # a stream's next reply
 Opener = Callable[[wire.Message], AbstractAsyncContextManager[Receive]]  # a stream, open
+Retrying = Callable[[int, str, float], None]  # (at byte, why the try failed, pause before next)
 
 
 async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
                 alive: Callable[[], bool] = lambda: True, chunk: int = CHUNK,
                 retries: int = RETRIES, pause: float = PAUSE, depth: int = DEPTH,
-                ask: Asker | None = None, opener: Opener | None = None) -> Fetched:
+                ask: Asker | None = None, opener: Opener | None = None,
+                patience: float = 0.0, retrying: Retrying | None = None) -> Fetched:
     """Bring bundle ``want`` to ``dest`` through ``partial``; FetchError if it cannot.
     ``ask`` makes each request (default: a ``FetchBundle`` of ``want``); the answers are
     ``BundleChunk``s of ``want.sha``. With ``opener``, a stream is tried first; else (or
-    from an answerer that does not stream) up to ``depth`` requests are in flight at once."""
+    from an answerer that does not stream) up to ``depth`` requests are in flight at once.
+    Tries that bring nothing are retried until there were more than ``retries`` in a row
+    and ``patience`` seconds passed without a byte; ``retrying`` hears of each."""
     ask = ask or (lambda offset, length: wire.FetchBundle(want.sha, offset, length,
                                                           want.job_id))
     partial.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return await _fetch(call, want, partial, dest, alive, chunk, retries, pause, depth,
-                            ask, opener)
+        return await _fetch(call, want, partial, dest, alive, chunk,
+                            _Retries(retries, pause, patience, retrying), depth, ask, opener)
     except OSError:  # (a full disk, say: what came must not stay to fill it)
         partial.unlink(missing_ok=True)
         raise
 
 
 async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
-                 alive: Callable[[], bool], chunk: int, retries: int, pause: float,
+                 alive: Callable[[], bool], chunk: int, retries: _Retries,
                  depth: int, ask: Asker, opener: Opener | None) -> Fetched:
     h, have = await asyncio.to_thread(_resume, partial, want.size)
     stats = Fetched(resumed_at=have)
     streams = opener is not None  # (until the answerer shows it does not, for a while)
     with open(partial, "ab") as f:
         sink = _Sink(f, h, have, stats)
-        failures = 0  # tries in a row that brought nothing
         try:
             while sink.have < want.size:
                 start = sink.have
@@ -114,11 +121,7 @@ async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
                 if error is None:
                     continue
                 stats.retries += 1
-                failures = 1 if sink.have > start else failures + 1
-                if failures > retries:
-                    raise FetchError(f"gave up after {retries} retries at byte {sink.have} "
-                                     f"of {want.size}: {error}")
-                await asyncio.sleep(pause * 2 ** (failures - 1))
+                await retries.after(error, sink.have > start, sink.have, want.size, alive)
         finally:
             await sink.written(quiet=True)  # (no thread writes to the file once it closes)
             sink.close()
@@ -127,6 +130,34 @@ async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
         raise FetchError(f"the bundle that came does not match its SHA-256 {want.sha}")
     os.replace(partial, dest)
     return stats
+
+
+class _Retries:
+    """When a fetch tries again, and when it gives up (``after`` raises FetchError)."""
+
+    def __init__(self, retries: int, pause: float, patience: float,
+                 retrying: Retrying | None) -> None:
+        self.retries, self.pause, self.patience = retries, pause, patience
+        self.retrying = retrying
+        self.failures = 0  # tries in a row that brought nothing
+        self.since = 0.0  # (loop time) when the last try that brought bytes ended
+
+    async def after(self, error: str, progressed: bool, have: int, size: int,
+                    alive: Callable[[], bool]) -> None:
+        """A try failed with ``error`` (having brought bytes, or not): pause, or give up."""
+        now = asyncio.get_running_loop().time()
+        if progressed or not self.failures:
+            self.since = now
+        self.failures = 1 if progressed else self.failures + 1
+        if self.failures > self.retries and now - self.since >= self.patience:
+            raise FetchError(f"gave up after {self.failures - 1} retries in "
+                             f"{now - self.since:.1f} s at byte {have} of {size}: {error}")
+        pause = min(self.pause * 2 ** min(self.failures - 1, 16), MAX_PAUSE)
+        if self.retrying is not None:
+            self.retrying(have, error, pause)
+        await asyncio.sleep(pause)
+        if not alive():
+            raise FetchError("the job stopped while its bundle was fetched", stopped=True)
 
 
 class _Sink:
@@ -193,7 +224,7 @@ async def _by_stream(opener: Opener, ask: Asker, want: Want, sink: _Sink, chunk:
     async with opener(request) as receive:
         while sink.have < want.size:
             if not alive():
-                raise FetchError("the job stopped while its bundle was fetched")
+                raise FetchError("the job stopped while its bundle was fetched", stopped=True)
             reply, error = await receive()
             data = _chunk(reply, sink.have, chunk, want)
             if data is None:
@@ -211,7 +242,7 @@ async def _by_calls(window: _Window, want: Want, sink: _Sink,
     try:
         while sink.have < window.size:
             if not alive():
-                raise FetchError("the job stopped while its bundle was fetched")
+                raise FetchError("the job stopped while its bundle was fetched", stopped=True)
             (offset, length), reply, error = await window.next(sink.have)
             data = _chunk(reply, offset, length, want)
             if data is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from flexmesh.agent import bundlefetch
 from flexmesh.agent.bundle import BundleError, Reader, pack, sha256_file, unpack
 from flexmesh.agent.bundlecache import BundleCache
 from flexmesh.agent.bundlefetch import FetchError, Want, fetch, read_chunk
@@ -302,7 +303,7 @@ def test_a_fetch_cut_short_resumes_from_what_came(tmp_path: Path) -> None:
     path, want = _bundle(tmp_path, 10_000)
     partial, dest = tmp_path / "p.part", tmp_path / "b.tar"
     dead = Origin(path, drop=set(range(3, 100)))  # the origin goes away after two chunks
-    with pytest.raises(FetchError, match="gave up after 2 retries at byte 6000"):
+    with pytest.raises(FetchError, match=r"gave up after 2 retries in [0-9.]+ s at byte 6000"):
         asyncio.run(fetch(dead.call, want, partial, dest, chunk=3000, retries=2, pause=0))
     assert partial.stat().st_size == 6000 and not dest.exists()
     back = Origin(path)
@@ -331,6 +332,54 @@ def test_a_refusal_or_a_stopped_job_ends_the_fetch_at_once(tmp_path: Path) -> No
     with pytest.raises(FetchError, match="job stopped"):
         asyncio.run(fetch(Origin(path).call, want, tmp_path / "p.part", tmp_path / "b.tar",
                           alive=lambda: False, pause=0))
+
+
+def test_an_origin_out_of_reach_for_a_while_is_waited_for_within_the_patience(
+        tmp_path: Path) -> None:
+    """A radio shadow: far more failed tries in a row than ``retries``, and the fetch
+    goes on while ``patience`` lasts, telling of each retry; a stopped job ends it."""
+    path, want = _bundle(tmp_path, 10_000)
+    shadow = Origin(path, drop=set(range(2, 30)))  # gone after one chunk, for 28 tries
+    heard: list[tuple[int, str, float]] = []
+    got = asyncio.run(fetch(shadow.call, want, tmp_path / "p.part", tmp_path / "b.tar",
+                            chunk=3000, depth=1, retries=2, pause=0.0, patience=60.0,
+                            retrying=lambda at, why, pause: heard.append((at, why, pause))))
+    assert (tmp_path / "b.tar").read_bytes() == path.read_bytes()
+    assert got.retries == 28 and len(heard) == 28
+    assert heard[0] == (3000, "connection reset by peer", 0.0)
+    # Without the patience the same origin fails the fetch after the retries...
+    gone = Origin(path, drop=set(range(2, 30)))
+    with pytest.raises(FetchError, match=r"gave up after 2 retries in [0-9.]+ s at byte 3000"):
+        asyncio.run(fetch(gone.call, want, tmp_path / "q.part", tmp_path / "c.tar",
+                          chunk=3000, depth=1, retries=2, pause=0.0))
+    assert len(gone.asked) == 4
+    # ... and a job stopped during a pause ends the fetch after it, not at the patience.
+    live = [True]
+
+    def stop(at: int, why: str, pause: float) -> None:
+        live[0] = False
+
+    with pytest.raises(FetchError, match="job stopped") as info:
+        asyncio.run(fetch(Origin(path, drop=set(range(2, 30))).call, want,
+                          tmp_path / "r.part", tmp_path / "d.tar", chunk=3000, depth=1,
+                          pause=0.0, patience=3600.0, alive=lambda: live[0], retrying=stop))
+    assert info.value.stopped and not info.value.refused
+
+
+def test_the_pause_between_tries_grows_to_at_most_five_seconds(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path, want = _bundle(tmp_path, 3000)
+    pauses: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:  # (the pauses are only recorded)
+        pauses.append(seconds)
+
+    monkeypatch.setattr(bundlefetch.asyncio, "sleep", no_sleep)
+    got = asyncio.run(fetch(Origin(path, drop=set(range(1, 10))).call, want,
+                            tmp_path / "p.part", tmp_path / "b.tar", pause=0.2, depth=1,
+                            patience=3600.0))
+    assert got.retries == 9
+    assert pauses == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0]
 
 
 def test_an_origin_holding_another_size_is_not_believed(tmp_path: Path) -> None:

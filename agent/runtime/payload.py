@@ -8,8 +8,9 @@ this node's store: a job submitted here, or one fetched before; else fetched fro
 origin, see ``bundlefetch``), unpacks it into ``work_dir/JOB`` owned by the job's user,
 and only then starts the process there. While it fetches, the origin's ``JobSync`` hears
 ``placed``; a cancel or preemption meanwhile ends the run at once on the owner's books and
-stops the fetch at the next chunk. A fetch or unpack that fails ends the run ``failed``
-with the reason, as a command that cannot start does. The directory is removed when the
+stops the fetch at the next chunk. A fetch that cannot reach the origin keeps trying
+while the run is kept (see ``FETCH_PATIENCE``). A fetch or unpack that fails ends the run
+``failed`` with the reason, as a command that cannot start does. The directory is removed when the
 process has exited (or never started).
 """
 
@@ -41,6 +42,11 @@ log = logging.getLogger("flexmesh.agent")
 
 FETCH_CALL_TIMEOUT = 30.0  # seconds for one chunk's call
 MEMBER_WAIT = 60.0  # seconds a fetch waits for its origin to be a member (a push-pull)
+# A fetch keeps trying, with pauses of at most 5 s, until this many times [jobs]
+# orphan_limit passed without a byte. An origin cut off that long (a radio shadow) has
+# stopped following the run, so the orphan rule has ended it ``preempted`` first (to be
+# requeued once the origin is back); this bounds an origin that follows but cannot serve.
+FETCH_PATIENCE = 2
 
 
 class PayloadError(Exception):
@@ -194,9 +200,14 @@ class Payload:
                     self.cache.partial(job.bundle), self.cache.path(job.bundle),
                     alive=lambda: self.wanted(job),
                     opener=lambda msg: self.agent.transport.stream(job.origin, msg,
-                                                                   FETCH_CALL_TIMEOUT))
+                                                                   FETCH_CALL_TIMEOUT),
+                    patience=FETCH_PATIENCE * self.agent.node.config.orphan_limit,
+                    retrying=lambda at, why, pause: log.info(
+                        "bundle_fetch_retry bundle=%s job=%s at=%d pause=%.1f error=%s",
+                        job.bundle, job.id, at, pause, why))
             except (bundlefetch.FetchError, OSError) as exc:
-                self.agent.count("bundle_fetches_failed")
+                stopped = isinstance(exc, bundlefetch.FetchError) and exc.stopped
+                self.agent.count("bundle_fetches_stopped" if stopped else "bundle_fetches_failed")
                 raise PayloadError(f"cannot fetch its bundle from {job.origin}: {exc}") from None
             self.agent.count("bundle_fetches")
             self.agent.count("bundle_fetch_bytes", got.bytes)
