@@ -127,14 +127,65 @@ def reap_adopted(pid: int, pid_start: int) -> tuple[int | None, str]:
     return None, ADOPTED_EXIT_REASON
 
 
+ESCAPE_PASSES = 20  # rounds of SIGKILL for processes that left a job's group, at most
+
+
+def escaped(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (by ``/proc``'s parent links) that are not in its
+    process group: the job's processes that left it (``setsid``). A job's supervisor is a
+    child subreaper (``supervise``), so they stay its descendants when their parent ends."""
+    kids: dict[int, list[tuple[int, bool]]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            state, ppid, pgrp = data[data.rfind(b")") + 2:].split()[:3]
+            kids.setdefault(int(ppid), []).append(
+                (int(name), int(pgrp) != pid and state not in (b"Z", b"X")))
+        except (OSError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for kid, out in kids.get(todo.pop(), ()):
+            todo.append(kid)
+            if out:
+                found.append(kid)
+    return found
+
+
+def _signal_escaped(pid: int, sig: signal.Signals) -> None:
+    """``sig`` to the processes that left the group of ``pid``. A SIGKILL goes while the
+    group is stopped (none of it can make new ones), in passes until none is left: the
+    children of one killed come to the supervisor, and the next pass finds them."""
+    if sig != signal.SIGKILL:
+        for kid in escaped(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(kid, sig)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGSTOP)
+    for _ in range(ESCAPE_PASSES):
+        found = escaped(pid)
+        if not found:
+            return
+        for kid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(kid, signal.SIGKILL)
+
+
 def signal_job(job_id: str, pid: int, pid_start: int, pidfd: int | None, *, child: bool,
-               sig: signal.Signals) -> None:
-    """Send ``sig`` to the job's process group, and to its leader through the pidfd."""
+               sig: signal.Signals, tree: bool = False) -> None:
+    """Send ``sig`` to the job's process group, and to its leader through the pidfd; with
+    ``tree``, first to its processes that left the group (``escaped``)."""
     if not child:
         # Not our child: it may have ended and its pid been reused since we last looked.
         stat = read_stat(pid)
         if stat is None or stat.start != pid_start:
             return
+    if tree:
+        _signal_escaped(pid, sig)
     with contextlib.suppress(ProcessLookupError):
         try:
             os.killpg(pid, sig)

@@ -21,8 +21,9 @@ When a child exits, the runner first SIGKILLs what is left of its process group 
 leader is still an unreaped zombie, so the group id cannot have been reused), then reaps it.
 An adopted job's group (an earlier agent instance started it) is swept likewise when its
 leader ends. A job's processes therefore never outlive it, except those that left the
-group with ``setsid``; pass ``kill_group_on_exit=False`` to leave stragglers alone on a
-normal exit.
+group with ``setsid``, and those the job's supervisor keeps and kills (``supervise``:
+every job started with ``sweep``, the default; a stop signals them too, ``jobprocs.
+escaped``). Pass ``kill_group_on_exit=False`` to leave stragglers alone on a normal exit.
 
 Exit codes and reasons
 ----------------------
@@ -152,9 +153,12 @@ class JobRunner:
         cwd: str | None = None,
         user: tuple[int, int] | None = None,
         run: str = "",
+        sweep: bool = True,
     ) -> tuple[int, int]:
         """Spawn ``command`` with exactly the environment ``env`` (none of the agent's);
-        ``run`` names the run in the supervisor's records (``supervise``).
+        ``run`` names the run in the supervisor's records (``supervise``). With ``sweep``
+        the processes that leave the job's group end with it (not for a container's
+        runtime client, whose runtime keeps its own processes).
 
         Returns ``(pid, pid_start)``. Raises ``JobStartError`` when the command cannot be
         started, ``ValueError`` for a bad or already running job id. If the call is
@@ -177,8 +181,8 @@ class JobRunner:
         pending = _Pending(loop.create_future())
         self._starting[job_id] = pending
         spawn = loop.run_in_executor(self._executor, self._spawn, job_id, argv, dict(env), cwd,
-                                     user, run)
-        spawn.add_done_callback(functools.partial(self._on_spawned, job_id, pending))
+                                     user, run, sweep and self._kill_group_on_exit)
+        spawn.add_done_callback(functools.partial(self._on_spawned, job_id, pending, sweep))
         try:
             job = await asyncio.shield(pending.future)
         except asyncio.CancelledError:
@@ -193,19 +197,21 @@ class JobRunner:
 
     def _spawn(
         self, job_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
-        user: tuple[int, int] | None = None, run: str = "",
+        user: tuple[int, int] | None = None, run: str = "", sweep: bool = True,
     ) -> tuple[int, int, int | None]:
         """On a worker thread: spawn (see ``jobspawn.spawn``), then open a pidfd.
 
         The child is not reaped before the runner does it, so even if it has exited
         already it is a zombie, and pidfd_open cannot hit a reused pid."""
-        pid, start = jobspawn.spawn(job_id, self.job_dir(job_id), argv, env, cwd, user, run)
+        pid, start = jobspawn.spawn(job_id, self.job_dir(job_id), argv, env, cwd, user, run,
+                                    sweep)
         return pid, start, self._exits.open_pidfd(pid)
 
     def _on_spawned(
         self,
         job_id: str,
         pending: _Pending,
+        tree: bool,
         spawn: asyncio.Future[tuple[int, int, int | None]],
     ) -> None:
         """On the loop, when the spawn thread is done: register the process."""
@@ -221,7 +227,7 @@ class JobRunner:
                 pending.future.set_exception(exc)
             return
         pid, pid_start, pidfd = spawn.result()
-        job = self._watch(job_id, pid, pid_start, pidfd, child=True)
+        job = self._watch(job_id, pid, pid_start, pidfd, child=True, tree=tree)
         pending.future.set_result(job)
         if pending.cancelled:
             self._kill_now(job, _START_CANCELLED_REASON)
@@ -229,9 +235,10 @@ class JobRunner:
     # -- watching ------------------------------------------------------------------------
 
     def _watch(
-        self, job_id: str, pid: int, pid_start: int, pidfd: int | None, *, child: bool
+        self, job_id: str, pid: int, pid_start: int, pidfd: int | None, *, child: bool,
+        tree: bool,
     ) -> JobProcess:
-        job = JobProcess(job_id, pid, pid_start, child)
+        job = JobProcess(job_id, pid, pid_start, child, tree=tree)
         self._jobs[job_id] = job
         self._exits.watch(job, pidfd)
         return job
@@ -269,8 +276,8 @@ class JobRunner:
 
     # -- adopt ---------------------------------------------------------------------------
 
-    def adopt(self, job_id: str, pid: int, pid_start: int) -> bool:
-        """Watch a process a previous agent instance started.
+    def adopt(self, job_id: str, pid: int, pid_start: int, sweep: bool = True) -> bool:
+        """Watch a process a previous agent instance started (``sweep`` as for ``start``).
 
         False when the pid is gone, a zombie, or now names another process (its start time
         differs): the caller marks the job lost with ``VANISHED_REASON``. When True,
@@ -295,14 +302,15 @@ class JobRunner:
             if pidfd is not None:
                 os.close(pidfd)
             return False
-        self._watch(job_id, pid, pid_start, pidfd, child=False)
+        self._watch(job_id, pid, pid_start, pidfd, child=False, tree=sweep)
         return True
 
     # -- stop ----------------------------------------------------------------------------
 
     def _signal(self, job: JobProcess, sig: signal.Signals) -> None:
         if not job.finished:
-            signal_job(job.job_id, job.pid, job.pid_start, job.pidfd, child=job.child, sig=sig)
+            signal_job(job.job_id, job.pid, job.pid_start, job.pidfd, child=job.child, sig=sig,
+                       tree=job.tree)
 
     def _kill_now(self, job: JobProcess, reason: str) -> None:
         if job.stop_reason is None:

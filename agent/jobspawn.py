@@ -44,7 +44,8 @@ class _Spawned(subprocess.Popen[bytes]):
 
 
 def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd: str | None,
-          user: tuple[int, int] | None = None, run: str = "") -> tuple[int, int]:
+          user: tuple[int, int] | None = None, run: str = "",
+          sweep: bool = True) -> tuple[int, int]:
     """Open the logs, spawn under the job's supervisor (``supervise``), wait until the
     command is started, read the start time: ``(pid, pid_start)`` of the supervisor, the
     leader of the job's process group. ``run`` (a lease id) is written into the records
@@ -52,7 +53,8 @@ def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd:
 
     With ``user`` = (uid, gid) the command drops to that user and group (and no
     supplementary groups) before exec; the log files stay the agent's, open in the
-    command only as inherited descriptors. Raises ``JobStartError``."""
+    command only as inherited descriptors. ``sweep``: see ``supervise``. Raises
+    ``JobStartError``."""
     out, err = _open_logs(job_dir)
     try:
         status = supervise.open_status(job_dir, run)
@@ -65,7 +67,7 @@ def spawn(job_id: str, job_dir: Path, argv: list[str], env: dict[str, str], cwd:
     try:
         job_env = supervise.env_fd(env)
         fds.append(job_env)
-        wrapped = supervise.wrap(argv, status, ready_w, job_env, _switch_to(user))
+        wrapped = supervise.wrap(argv, status, ready_w, job_env, _switch_to(user), sweep)
         proc = _popen(wrapped, {}, cwd, out, err, (status, ready_w, job_env))
     except (JobStartError, ValueError, OSError) as e:
         os.close(ready_r)

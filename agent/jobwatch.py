@@ -30,6 +30,7 @@ class JobProcess:
     pid: int
     pid_start: int
     child: bool  # spawned by this runner (we reap it) or adopted
+    tree: bool = False  # a stop signals its processes out of its group too (``escaped``)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     pidfd: int | None = None
     poll_handle: asyncio.TimerHandle | None = None

@@ -2,7 +2,8 @@
 a restart of the agent and records how the job ended, so an agent that re-adopts a job
 after a restart (no longer its parent) still learns its exit status.
 
-``jobspawn`` starts ``python -I -S -c SCRIPT STATUS_FD READY_FD ENV_FD UID GID COMMAND...``
+``jobspawn`` starts ``python -I -S -c SCRIPT STATUS_FD READY_FD ENV_FD UID GID SWEEP
+COMMAND...``
 in the job's session, as the agent's user (the agent's interpreter may not be one the
 job's user can run) and with an empty environment: the job's (``ENV_FD``, a memfd of
 NUL-separated ``NAME=value``) goes to the command only, so nothing a submitter sets
@@ -12,9 +13,18 @@ before its exec, tells the agent through ``READY_FD`` whether it could be starte
 (``ok``, or the errno of the failed exec, so the agent gives the same message as for any
 command that cannot start), waits for it, writes its exit status to ``STATUS_FD`` (the
 ``exit`` file in the job's directory, opened by the agent) and ends the same way: with
-its exit code, or by the same signal. Signals sent to the job's process group reach the command; the
-supervisor only waits for it to end (its own handlers do nothing, and are not inherited
-by the command: exec resets them).
+its exit code, or by the same signal. Signals sent to the job's process group reach the
+command; the supervisor only waits for it to end (its own handlers do nothing, and are
+not inherited by the command: exec resets them).
+
+With ``SWEEP`` 1 (every job but a container's, whose runtime keeps its own processes) the
+supervisor is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process of the job that
+left its process group (``setsid``) and whose parent ended is re-parented to it rather
+than to init, so it stays among the supervisor's descendants, where ``jobprocs`` finds it
+when the job is stopped. Once the command has ended, the supervisor SIGKILLs whatever of
+its descendants is left (each pass kills its children; theirs come to it as they die)
+and reaps them, for at most ``SWEEP_S`` seconds, before it records the exit status: the
+job's processes do not outlive it, in its group or out of it.
 
 The script is isolated (``-I -S``: no site, no user environment) and imports only the
 standard library; it costs a few MiB of memory per job.
@@ -30,11 +40,19 @@ from pathlib import Path
 STATUS_FILE = "exit"  # in the job's directory: the exit status, as a return code
 PID_FILE = "pid"  # ... the supervisor's pid and start time, written once it started
 
-SCRIPT = r"""
-import os, signal, sys, warnings  # (all imported now: the job's user may not read them)
+SWEEP_S = 10  # seconds the supervisor spends killing the leftovers of an ended command
+
+SCRIPT = f"SWEEP_S = {SWEEP_S}\n" + r"""
+import os, signal, sys, time, warnings  # (all imported now: the job's user may not read them)
 status, ready, envfd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-uid, gid = sys.argv[4], sys.argv[5]
-argv = sys.argv[6:]
+uid, gid, sweep = sys.argv[4], sys.argv[5], sys.argv[6] == "1"
+argv = sys.argv[7:]
+if sweep:
+    try:
+        import ctypes
+        sweep = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # SUBREAPER
+    except Exception:
+        sweep = False
 chunks = []
 while True:
     chunk = os.read(envfd, 1 << 16)
@@ -83,6 +101,33 @@ while True:
     except ChildProcessError:
         os._exit(255)
 code = os.waitstatus_to_exitcode(st)
+
+def children():
+    me, found = str(os.getpid()).encode(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/" + name + "/stat", "rb") as f:
+                    data = f.read()
+                if data[data.rfind(b")") + 2:].split()[1] == me:
+                    found.append(int(name))
+            except (OSError, IndexError):
+                pass
+    return found
+
+deadline = time.monotonic() + SWEEP_S
+while sweep and time.monotonic() < deadline:
+    for kid in children():
+        try:
+            os.kill(kid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        break  # (none left)
+    time.sleep(0.005)
 try:
     os.write(status, b"%d\n" % code)
     os.close(status)
@@ -100,11 +145,12 @@ os._exit(code & 255 if code >= 0 else 255)
 
 
 def wrap(argv: list[str], status_fd: int, ready_fd: int, env_fd: int,
-         user: tuple[int, int] | None) -> list[str]:
-    """The supervisor's command line for ``argv``, run as ``user`` (None: as the agent)."""
+         user: tuple[int, int] | None, sweep: bool = True) -> list[str]:
+    """The supervisor's command line for ``argv``, run as ``user`` (None: as the agent);
+    with ``sweep``, it keeps and then kills the processes that leave the job's group."""
     uid, gid = ("-", "-") if user is None else (str(user[0]), str(user[1]))
-    return [sys.executable, "-I", "-S", "-c", SCRIPT, str(status_fd), str(ready_fd),
-            str(env_fd), uid, gid, *argv]
+    return [sys.executable, "-I", "-S", "-c", SCRIPT,
+            str(status_fd), str(ready_fd), str(env_fd), uid, gid, "1" if sweep else "0", *argv]
 
 
 def env_fd(env: dict[str, str]) -> int:

@@ -257,6 +257,44 @@ def test_stop_and_exit_sweep_the_process_group(run: Run[None], tmp_path: Path) -
     run(scenario())
 
 
+def test_processes_that_leave_the_group_end_with_the_job(run: Run[None], tmp_path: Path) -> None:
+    """``setsid`` does not take a process out of its job: the supervisor, a subreaper,
+    keeps it and kills it once the command has ended; a stop signals it too, and one that
+    ignores SIGTERM is SIGKILLed with the rest once the grace is over."""
+    daemon = tmp_path / "daemon.sh"  # leaves the group, and ignores SIGTERM
+    daemon.write_text('trap "" TERM\nwhile :; do sleep 0.1; done\n')
+
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            # The command ends at once, leaving a process in a session of its own ...
+            await runner.start("left", sh("setsid sleep 30 & echo $!"), {})
+            assert (await exits.wait("left"))[0] == 0
+            await wait_gone(int(runner.read_log("left", "stdout")))
+            # ... or one whose parent ended too (a daemon's double fork).
+            await runner.start("double", sh("(setsid sleep 30 & echo $!); exit 3"), {})
+            assert (await exits.wait("double"))[0] == 3
+            await wait_gone(int(runner.read_log("double", "stdout")))
+            # A stop: the command and the process that left both ignore SIGTERM.
+            await runner.start("stubborn", sh(f'trap "" TERM; setsid sh {daemon} & echo $!; '
+                                              "while :; do sleep 0.1; done"), {})
+            escapee = int(await wait_for_output(runner, "stubborn", b"\n"))
+            assert await runner.stop("stubborn", grace_s=0.5, reason="cancelled by user")
+            assert exits.calls[-1] == ("stubborn", 137, "cancelled by user")
+            await wait_gone(escapee)
+            # Left alone where asked (a container runtime's client keeps its own).
+            await runner.start("kept", sh("setsid sleep 30 & echo $!"), {}, sweep=False)
+            assert (await exits.wait("kept"))[0] == 0
+            kept = int(runner.read_log("kept", "stdout"))
+            assert pid_start_time(kept) is not None
+            os.kill(kept, signal.SIGKILL)
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+
+    run(scenario())
+
+
 def test_many_concurrent_jobs_beside_asyncio_subprocesses(run: Run[None], tmp_path: Path) -> None:
     async def scenario() -> None:
         exits = Exits()

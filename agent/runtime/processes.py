@@ -108,7 +108,7 @@ class Processes:
                 user, cwd = None, None
             pid, pid_start = await self.runner.start(job.id, command, env, user=user,
                                                      cwd=None if cwd is None else str(cwd),
-                                                     run=job.lease_id)
+                                                     run=job.lease_id, sweep=not job.image)
         except (JobStartError, PayloadError, ContainerError, VnpuError, ValueError,
                 OSError) as exc:
             self._runs.pop(job.id, None)
@@ -176,11 +176,11 @@ class Processes:
         pid, start, job_dir = job.pid, job.pid_start, self.runner.job_dir(job.id)
         if pid is None or start is None:  # started, not yet journaled: its supervisor says
             pid, start = supervise.recorded_pid(job_dir, job.lease_id) or (0, 0)
-            if pid and self.runner.adopt(job.id, pid, start):
+            if pid and self.runner.adopt(job.id, pid, start, sweep=not job.image):
                 self.agent.loop.call_soon(self._started_unjournaled, job, pid, start)
                 return self._adopted(job)
             pid, start = 0, 0
-        if not pid or not self.runner.adopt(job.id, pid, start):
+        if not pid or not self.runner.adopt(job.id, pid, start, sweep=not job.image):
             code = supervise.recorded_exit(job_dir, job.lease_id)
             if code is None:
                 return False if supervise.began(job_dir, job.lease_id) else None
