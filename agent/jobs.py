@@ -20,10 +20,10 @@ unavailable (``jobwatch``).
 When a child exits, the runner first SIGKILLs what is left of its process group (while the
 leader is still an unreaped zombie, so the group id cannot have been reused), then reaps it.
 An adopted job's group (an earlier agent instance started it) is swept likewise when its
-leader ends. A job's processes therefore never outlive it, except those that left the
-group with ``setsid``, and those the job's supervisor keeps and kills (``supervise``:
-every job started with ``sweep``, the default; a stop signals them too, ``jobprocs.
-escaped``). Pass ``kill_group_on_exit=False`` to leave stragglers alone on a normal exit.
+leader ends. Processes that left the group (``setsid``) are kept and then killed by the
+job's supervisor (``supervise``: every job started with ``sweep``, the default), and a stop
+signals them too (``jobprocs.escaped``), so a job's processes never outlive it. Pass
+``kill_group_on_exit=False`` to leave stragglers alone on a normal exit.
 
 Exit codes and reasons
 ----------------------
