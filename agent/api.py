@@ -7,7 +7,7 @@
     GET    /v1/jobs/{id}/logs        output: ``?stream=stdout|stderr`` as text, or
                                      ``?format=ndjson`` both streams; ``&follow=1`` to follow
     GET    /v1/nodes, /v1/devices    the mesh as this node sees it
-    GET    /v1/status                this agent: name, address, coordinator, counters
+    GET    /v1/status                this agent: name, address, coordinator, counters, journal
     GET    /v1/keys, POST /v1/keys   the keyring's fingerprints; add, promote or remove a key
     GET    /metrics                  Prometheus text format
     GET    /ui, /ui/state            the read-only page of the mesh and the JSON it polls
@@ -82,6 +82,8 @@ async def status(request: web.Request) -> web.Response:
         "queue": st.queue, "enforcement": agent.enforcement,
         "ui": agent.ui_url,
         "counters": {**st.counters, **agent.counters},
+        # Journal writes failing (a full disk): the node cannot record what it does.
+        "journal": agent.commits.health(agent.loop.time()),
     })
 
 

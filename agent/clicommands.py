@@ -247,13 +247,24 @@ def cmd_status(args: argparse.Namespace) -> int:
             color = sys.stdout.isatty()
             text = render(nodes, devices, width=width, color=color)
             head = (f"{st['name']} at {st['address']}: coordinator {st['coordinator'] or '-'}"
-                    f" (term {st['term']}), queue {st['queue']}")
+                    f" (term {st['term']}), queue {st['queue']}") + journal_warning(st)
             if args.watch and sys.stdout.isatty():
                 print("\033[H\033[2J", end="")
             print(head + "\n" + text, flush=True)
         if not args.watch:
             return 0
         time.sleep(args.interval)
+
+
+def journal_warning(st: dict[str, Any]) -> str:
+    """A line under the header when the agent's journal writes fail (a full disk): the
+    jobs it takes and changes are not recorded until they succeed again."""
+    j = st.get("journal")
+    if not isinstance(j, dict) or j.get("ok", True):
+        return ""
+    return (f"\nWARNING: journal writes failing for {j.get('failing_for_s')} s "
+            f"({j.get('error') or 'unknown error'}): submissions are refused and changes "
+            "wait until it is written")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

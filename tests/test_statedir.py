@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from flexmesh.agent import api
+from flexmesh.agent.clicommands import journal_warning
 from flexmesh.agent.localmesh import LocalMesh
 from flexmesh.agent.models import JobRecord
 from flexmesh.agent.runtime import commit, statedir
@@ -108,9 +109,19 @@ def test_a_failed_write_is_retried_until_it_succeeds_and_a_submit_hears_at_once(
         with pytest.raises(JournalWriteError) as info:
             await submit
         assert str(info.value).startswith("disk full")
+        now = asyncio.get_running_loop().time()
+        health = group.health(now + 5)  # (what `flexmesh status` shows meanwhile)
+        assert health["ok"] is False and health["failing_for_s"] >= 5
+        assert health["error"].startswith("disk full") and health["failed_tries"] >= 1
+        warning = journal_warning({"journal": health})
+        assert warning.startswith("\nWARNING: journal writes failing for")
+        assert "disk full" in warning
         later = asyncio.ensure_future(group.write([_job("b")], forget_jobs=["gone"]))
         await asyncio.gather(ended, later)
         assert group.failures == 3 and group.failing_since is None
+        assert group.health(now) == {"ok": True, "failed_tries": 3, "failing_for_s": None,
+                                     "error": ""}
+        assert journal_warning({"journal": group.health(now)}) == ""
         return journal
 
     with caplog.at_level(logging.WARNING, "flexmesh.agent"):

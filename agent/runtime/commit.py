@@ -122,6 +122,16 @@ class GroupCommit:
         self.batches = 0
         self.failures = 0  # failed tries, in all
         self.failing_since: float | None = None  # loop time of the first failed try
+        self.last_error = ""  # why the last try failed (while failing_since is set)
+
+    def health(self, now: float) -> dict[str, Any]:
+        """For the status API: whether writes succeed now, else for how long (``now``:
+        loop time) and why they fail; ``failed_tries`` counts them all, since the start."""
+        failing = self.failing_since is not None
+        return {"ok": not failing, "failed_tries": self.failures,
+                "failing_for_s": round(now - self.failing_since, 1)
+                if self.failing_since is not None else None,
+                "error": self.last_error if failing else ""}
 
     async def write(self, jobs: Iterable[JobRecord] = (),
                     leases: Iterable[dict[str, Any]] = (),
@@ -174,7 +184,7 @@ class GroupCommit:
             if self.failing_since is not None:
                 log.warning("journal writes succeed again (after %d failed tries)",
                             self.failures)
-                self.failing_since = None
+                self.failing_since, self.last_error = None, ""
             delay = RETRY_FIRST
             self.batches += 1
             for w in waiters:
@@ -186,6 +196,7 @@ class GroupCommit:
                 waiters: list[asyncio.Future[None]]) -> None:
         why = describe(exc)
         self.failures += 1
+        self.last_error = why
         if self.failing_since is None:
             self.failing_since = asyncio.get_running_loop().time()
             log.error("journal write failed: %s; trying again until it succeeds", why)
