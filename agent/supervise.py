@@ -94,12 +94,13 @@ os.close(ready)
 if err:
     os.waitpid(pid, 0)
     os._exit(127)
-while True:
+while True:  # (a subreaper reaps the orphans that come to it as they end, too)
     try:
-        _, st = os.waitpid(pid, 0)
-        break
+        got, st = os.waitpid(-1 if sweep else pid, 0)
     except ChildProcessError:
         os._exit(255)
+    if got == pid:
+        break
 code = os.waitstatus_to_exitcode(st)
 
 def children():

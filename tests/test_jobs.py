@@ -115,6 +115,21 @@ async def spawn_orphan(*argv: str) -> int:
     return int(done.stdout)
 
 
+def zombies_of(pid: int) -> list[int]:
+    """The children of ``pid`` that have ended and are not reaped yet."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            except (OSError, ValueError):
+                continue
+            if int(ppid) == pid and state == b"Z":
+                found.append(int(name))
+    return found
+
+
 def sh(script: str) -> list[str]:
     return ["/bin/sh", "-c", script]
 
@@ -283,6 +298,18 @@ def test_processes_that_leave_the_group_end_with_the_job(run: Run[None], tmp_pat
             assert await runner.stop("stubborn", grace_s=0.5, reason="cancelled by user")
             assert exits.calls[-1] == ("stubborn", 137, "cancelled by user")
             await wait_gone(escapee)
+            # Orphans that end while the command runs are reaped as they end, not left
+            # as zombies of the supervisor until the job does.
+            await runner.start("orphans", sh("for i in 1 2 3; do (setsid true &); done; "
+                                             "echo ready; sleep 30"), {})
+            await wait_for_output(runner, "orphans", b"ready\n")
+            supervisor = runner.running()["orphans"]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while zombies_of(supervisor):
+                assert loop.time() < deadline, zombies_of(supervisor)
+                await asyncio.sleep(0.01)
+            assert await runner.stop("orphans", grace_s=1)
             # Left alone where asked (a container runtime's client keeps its own).
             await runner.start("kept", sh("setsid sleep 30 & echo $!"), {}, sweep=False)
             assert (await exits.wait("kept"))[0] == 0
