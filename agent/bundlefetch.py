@@ -81,13 +81,16 @@ async def fetch(call: Caller, want: Want, partial: Path, dest: Path,
                 alive: Callable[[], bool] = lambda: True, chunk: int = CHUNK,
                 retries: int = RETRIES, pause: float = PAUSE, depth: int = DEPTH,
                 ask: Asker | None = None, opener: Opener | None = None,
-                patience: float = 0.0, retrying: Retrying | None = None) -> Fetched:
+                patience: float | Callable[[], float] = 0.0,
+                retrying: Retrying | None = None) -> Fetched:
     """Bring bundle ``want`` to ``dest`` through ``partial``; FetchError if it cannot.
     ``ask`` makes each request (default: a ``FetchBundle`` of ``want``); the answers are
     ``BundleChunk``s of ``want.sha``. With ``opener``, a stream is tried first; else (or
     from an answerer that does not stream) up to ``depth`` requests are in flight at once.
     Tries that bring nothing are retried until there were more than ``retries`` in a row
-    and ``patience`` seconds passed without a byte; ``retrying`` hears of each."""
+    and ``patience`` seconds (or what it returns, asked each time) passed since the first
+    of them; ``retrying`` hears of each. Cancelling the fetch leaves the partial file, to
+    be taken up again."""
     ask = ask or (lambda offset, length: wire.FetchBundle(want.sha, offset, length,
                                                           want.job_id))
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,8 @@ async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
                     chunk, streams = window.chunk, opener is not None  # (a cap: kept)
                 await sink.written()
                 if error is None:
+                    if sink.have > start:
+                        retries.progressed()
                     continue
                 stats.retries += 1
                 await retries.after(error, sink.have > start, sink.have, want.size, alive)
@@ -135,21 +140,28 @@ async def _fetch(call: Caller, want: Want, partial: Path, dest: Path,
 class _Retries:
     """When a fetch tries again, and when it gives up (``after`` raises FetchError)."""
 
-    def __init__(self, retries: int, pause: float, patience: float,
+    def __init__(self, retries: int, pause: float, patience: float | Callable[[], float],
                  retrying: Retrying | None) -> None:
         self.retries, self.pause, self.patience = retries, pause, patience
         self.retrying = retrying
         self.failures = 0  # tries in a row that brought nothing
-        self.since = 0.0  # (loop time) when the last try that brought bytes ended
+        self.since = 0.0  # (loop time) when the first of them ended
+
+    def progressed(self) -> None:
+        """A try brought bytes and ended well: the count starts again."""
+        self.failures = 0
 
     async def after(self, error: str, progressed: bool, have: int, size: int,
                     alive: Callable[[], bool]) -> None:
         """A try failed with ``error`` (having brought bytes, or not): pause, or give up."""
+        if not alive():
+            raise FetchError("the job stopped while its bundle was fetched", stopped=True)
         now = asyncio.get_running_loop().time()
         if progressed or not self.failures:
             self.since = now
         self.failures = 1 if progressed else self.failures + 1
-        if self.failures > self.retries and now - self.since >= self.patience:
+        patience = self.patience() if callable(self.patience) else self.patience
+        if self.failures > self.retries and now - self.since >= patience:
             raise FetchError(f"gave up after {self.failures - 1} retries in "
                              f"{now - self.since:.1f} s at byte {have} of {size}: {error}")
         pause = min(self.pause * 2 ** min(self.failures - 1, 16), MAX_PAUSE)

@@ -21,10 +21,11 @@ With ``SWEEP`` 1 (every job but a container's, whose runtime keeps its own proce
 supervisor is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process of the job that
 left its process group (``setsid``) and whose parent ended is re-parented to it rather
 than to init, so it stays among the supervisor's descendants, where ``jobprocs`` finds it
-when the job is stopped (the supervisor reaps such orphans as they end). Once the command has ended, the supervisor SIGKILLs whatever of
-its descendants is left (each pass kills its children; theirs come to it as they die)
-and reaps them, for at most ``SWEEP_S`` seconds, before it records the exit status: the
-job's processes do not outlive it, in its group or out of it.
+when the job is stopped (the supervisor reaps such orphans as they end). Once the command
+has ended, the supervisor SIGKILLs whatever of its descendants is left (each pass kills
+its children; theirs come to it as they die) and reaps them, for at most ``SWEEP_S``
+seconds, before it records the exit status: the job's processes do not outlive it, in its
+group or out of it.
 
 The script is isolated (``-I -S``: no site, no user environment) and imports only the
 standard library; it costs a few MiB of memory per job.

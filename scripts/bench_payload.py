@@ -10,7 +10,7 @@ bytes (``--files`` files, seeded) is made, and then, in this order:
    factor of two with what the memory pool holds (below), so the bench alternates the
    two and reports medians: ``fetch_mib_s`` and ``plain_mib_s`` are medians, ``ratio``
    is one over the other, and ``ratio_runs`` each round's fetch against the plain copy
-   just before it (the spread). A last plain copy runs after the agents have stopped.
+   just before it (the spread).
 
    **Plain copy** of the same bytes: ``tar -c DIR | socat - TCP:127.0.0.1:PORT`` into
    ``socat TCP-LISTEN:PORT - > FILE`` (socat's default 8 KiB blocks; where socat is not
@@ -19,9 +19,9 @@ bytes (``--files`` files, seeded) is made, and then, in this order:
    from starting the receiver to both ends having exited, so it covers reading the tree,
    the loopback hop and writing the file, as the fetch covers reading the bundle, the hop
    and writing (and hashing) the partial file. Each is timed with the page cache's
-   pool of just-freed pages drained (below), as the fetch is; the first and the last
-   also run once as the machine happens to be, for ``ratio_best_plain`` (the median fetch
-   against the fastest copy of all).
+   pool of just-freed pages drained (below), as the fetch is. One more copy runs as the
+   machine happens to be before the first round, and one after the last, for
+   ``ratio_best_plain`` (the median fetch against the fastest copy of all).
 
    Why drain: on a VM that hands freed memory back to its host (virtio-balloon free page
    reporting, as here), a write into a page the guest did not just free costs a host
@@ -407,12 +407,13 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     loose: list[tuple[float, int, float]] = []
     held: list[dict[str, Any]] = []
 
-    def copy_plain(undrained: bool) -> None:
+    def copy_plain(undrained: bool, drain: bool = True) -> None:
         if undrained:  # (as the machine is, for ratio_best_plain)
             loose.append(plain_copy(method, src, root / "plain.tar"))
-        with drained(root / "drain-plain", args.drain_mib) as pool:
-            plain.append(plain_copy(method, src, root / "plain.tar"))
-        held.append(pool)
+        if drain:  # (one a round, before its fetch)
+            with drained(root / "drain-plain", args.drain_mib) as pool:
+                plain.append(plain_copy(method, src, root / "plain.tar"))
+            held.append(pool)
 
     with LocalMesh(root / "mesh", plaintext=args.insecure_plaintext) as mesh:
         mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work, size))
@@ -420,7 +421,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                                            *_config(mesh, "d", work, size)])
         mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
         agents = transfer(mesh, args, src, copy_plain)
-    copy_plain(True)
+    copy_plain(True, drain=False)
     plain_mib_s = statistics.median(n / MIB / s for s, n, _ in plain)
     best_mib_s = max(n / MIB / s for s, n, _ in plain + loose)
     return {
@@ -440,7 +441,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "ratio": round(agents["fetch_mib_s"] / plain_mib_s, 3), "ratio_target": RATIO_TARGET,
         # each round's fetch against the plain copy just before it (the spread)
         "ratio_runs": [round(f / (n / MIB / s), 3)
-                       for f, (s, n, _) in zip(agents["fetch_mib_s_runs"], plain[:-1],
+                       for f, (s, n, _) in zip(agents["fetch_mib_s_runs"], plain,
                                                  strict=True)],
         "plain_undrained_s_runs": [round(run[0], 3) for run in loose],
         "ratio_best_plain": round(agents["fetch_mib_s"] / best_mib_s, 3),

@@ -109,3 +109,32 @@ def test_an_origin_down_longer_than_the_orphan_limit_has_its_job_run_again(
     job = _ended(mesh, job_id)
     assert job["state"] == "succeeded" and job["attempts"] == 1, job  # (requeued once)
     assert mesh.cli("d", "logs", job_id).stdout.strip() == str(40 << 20)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_run_stopped_while_its_fetch_hangs_ends_the_fetch_at_once(
+        mesh: LocalMesh, tmp_path: Path, work_root: Path) -> None:
+    """An origin frozen mid-stream (SIGSTOP: its connection open, silent): once the orphan
+    rule stops the run, its fetch ends then, not when the call's 30 s timeout runs out,
+    so the owner takes the job again as soon as the origin requeues it."""
+    job_id = _fetching(mesh, tmp_path, work_root,
+                       jobs="[jobs]\norphan_limit = 4\nowner_dead_grace = 60\n")
+    frozen = mesh.agents["d"].proc
+    assert frozen is not None
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        def counters() -> dict[str, int]:
+            found: dict[str, int] = mesh.json("a", "status")["status"]["counters"]
+            return found
+
+        mesh.wait_for("the owner to stop the run", lambda: counters().get("orphans_stopped"),
+                      timeout=60, interval=0.2)
+        # (within a third of the call's timeout: the stop ended it, not the timeout)
+        mesh.wait_for("the fetch to end", lambda: counters().get("bundle_fetches_stopped"),
+                      timeout=10, interval=0.1)
+        assert not counters().get("bundle_fetches_failed"), counters()
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    job = _ended(mesh, job_id)
+    assert job["state"] == "succeeded" and job["attempts"] == 1, job  # (requeued once)

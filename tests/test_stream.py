@@ -440,3 +440,33 @@ def test_a_through_out_of_range_is_refused(through: int) -> None:
         _old(wire.FetchBundle, ["c" * 64, 0, 100, "j", "", through])
     with pytest.raises(wire.DecodeError):
         _old(wire.FetchResults, ["j", "c" * 64, 0, 100, "", through])
+
+
+async def test_tries_that_bring_bytes_start_the_count_of_failures_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage runs the count of failed tries past ``retries`` (within the patience);
+    once the origin serves again, tries that end well, bringing bytes, start the count
+    again, so one failure later is retried rather than the end of the fetch."""
+    monkeypatch.setattr(bundlefetch, "STREAM_AGAIN", 2 * STEP)
+    path, want, partial, dest = _bundle(tmp_path, 30_000)
+    origin = Origin(path, partial, behind=True)  # a stream: one chunk, then calls
+    opened = 0
+    failing = {1, 2, 3, 4, 5, 8}  # stream opens that fail: five at first, one later
+
+    @contextlib.asynccontextmanager
+    async def flaky(msg: wire.Message) -> AsyncIterator[bundlefetch.Receive]:
+        nonlocal opened
+        opened += 1
+        if opened in failing:
+            async def refused() -> tuple[wire.Message | None, str]:
+                return None, "connection refused"
+
+            yield refused
+            return
+        async with origin.open(msg) as receive:
+            yield receive
+
+    got = await fetch(origin.call, want, partial, dest, chunk=STEP, retries=2, pause=0,
+                      opener=flaky, patience=lambda: 3600.0 if opened <= 5 else 0.0)
+    assert dest.read_bytes() == path.read_bytes()
+    assert got.retries == 6 and opened > 8

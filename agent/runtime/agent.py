@@ -241,6 +241,7 @@ class Agent:
                 break
             written = await journal(self.commits, self.node, [e for e in effects
                                                               if isinstance(e, Persist)])
+            self.payload.runs_changed(written)  # (a run stopped while its bundle comes)
             for job_id in written:
                 ev = self._job_events.get(job_id)
                 if ev is not None:

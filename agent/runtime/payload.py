@@ -34,6 +34,7 @@ from flexmesh.agent.node.holdings import Holdings
 from flexmesh.agent.rpc import Replies
 from flexmesh.agent.runtime.statedir import unreachable
 from flexmesh.protocol import wire
+from flexmesh.protocol.membership import LEFT
 
 if TYPE_CHECKING:
     from flexmesh.agent.runtime.agent import Agent
@@ -43,9 +44,11 @@ log = logging.getLogger("flexmesh.agent")
 FETCH_CALL_TIMEOUT = 30.0  # seconds for one chunk's call
 MEMBER_WAIT = 60.0  # seconds a fetch waits for its origin to be a member (a push-pull)
 # A fetch keeps trying, with pauses of at most 5 s, until this many times [jobs]
-# orphan_limit passed without a byte. An origin cut off that long (a radio shadow) has
+# orphan_limit (owner_away_limit for an origin that left the mesh: a restart) passed
+# since the first failed try in a row. An origin silent that long (a radio shadow) has
 # stopped following the run, so the orphan rule has ended it ``preempted`` first (to be
-# requeued once the origin is back); this bounds an origin that follows but cannot serve.
+# requeued once the origin is back) and the fetch with it; this bounds an origin that
+# follows the run but cannot serve it.
 FETCH_PATIENCE = 2
 
 
@@ -62,6 +65,8 @@ class Payload:
         self.holdings = Holdings()  # what this node gossips it holds (bundles and images)
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
+        # The fetches under way, by job id, with the run each is for.
+        self._fetches: dict[str, tuple[RunRecord, asyncio.Future[bundlefetch.Fetched]]] = {}
 
     async def start(self) -> None:
         """Read the store; remove the directories of runs here that ended while the agent
@@ -194,17 +199,7 @@ class Payload:
                 raise PayloadError(f"bundle {job.bundle} is gone from this node's store")
             t0 = time.monotonic()
             try:
-                got = await bundlefetch.fetch(
-                    lambda msg: self._call(job.origin, msg),
-                    bundlefetch.Want(job.bundle, job.bundle_size, job.id),
-                    self.cache.partial(job.bundle), self.cache.path(job.bundle),
-                    alive=lambda: self.wanted(job),
-                    opener=lambda msg: self.agent.transport.stream(job.origin, msg,
-                                                                   FETCH_CALL_TIMEOUT),
-                    patience=FETCH_PATIENCE * self.agent.node.config.orphan_limit,
-                    retrying=lambda at, why, pause: log.info(
-                        "bundle_fetch_retry bundle=%s job=%s at=%d pause=%.1f error=%s",
-                        job.bundle, job.id, at, pause, why))
+                got = await self._fetch(job)
             except (bundlefetch.FetchError, OSError) as exc:
                 stopped = isinstance(exc, bundlefetch.FetchError) and exc.stopped
                 self.agent.count("bundle_fetches_stopped" if stopped else "bundle_fetches_failed")
@@ -217,6 +212,50 @@ class Payload:
                      "chunks=%d seconds=%.3f", job.bundle, job.id, got.bytes, got.resumed_at,
                      got.retries, got.chunks, time.monotonic() - t0)
             self._evict()
+
+    async def _fetch(self, job: RunRecord) -> bundlefetch.Fetched:
+        """Fetch the bundle of ``job`` from its origin, on a task that ``runs_changed``
+        cancels once the run is stopped (a pause, or a call that hangs on an origin gone
+        silent, would keep it going and the job from being placed here again)."""
+        task = asyncio.ensure_future(bundlefetch.fetch(
+            lambda msg: self._call(job.origin, msg),
+            bundlefetch.Want(job.bundle, job.bundle_size, job.id),
+            self.cache.partial(job.bundle), self.cache.path(job.bundle),
+            alive=lambda: self.wanted(job),
+            opener=lambda msg: self.agent.transport.stream(job.origin, msg,
+                                                           FETCH_CALL_TIMEOUT),
+            patience=lambda: self._patience(job),
+            retrying=lambda at, why, pause: log.info(
+                "bundle_fetch_retry bundle=%s job=%s at=%d pause=%.1f error=%s",
+                job.bundle, job.id, at, pause, why)))
+        self._fetches[job.id] = (job, task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # (this coroutine was cancelled, not only the fetch)
+            raise bundlefetch.FetchError("the job stopped while its bundle was fetched",
+                                         stopped=True) from None
+        finally:
+            if self._fetches.get(job.id, (job, None))[1] is task:
+                del self._fetches[job.id]
+
+    def _patience(self, job: RunRecord) -> float:
+        """Seconds of failed tries before a fetch gives up: longer than the orphan rule
+        keeps the run while its origin is silent (``FETCH_PATIENCE``)."""
+        config = self.agent.node.config
+        origin = self.agent.node.membership.members.get(job.origin)
+        left = origin is not None and origin.state == LEFT
+        return FETCH_PATIENCE * (config.owner_away_limit if left else config.orphan_limit)
+
+    def runs_changed(self, job_ids: set[str]) -> None:
+        """The node wrote these runs (or jobs): the fetch of one no longer meant to start
+        (cancelled, preempted, its origin silent) ends now; its partial file stays."""
+        for job_id in job_ids & self._fetches.keys():
+            job, task = self._fetches[job_id]
+            if not self.wanted(job):
+                task.cancel()
 
     async def _origin_known(self, job: RunRecord) -> None:
         """An agent just restarted may be asked to run a job before it has heard of the
