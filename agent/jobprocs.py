@@ -155,37 +155,44 @@ def escaped(pid: int) -> list[int]:
     return found
 
 
-def _signal_escaped(pid: int, sig: signal.Signals) -> None:
-    """``sig`` to the processes that left the group of ``pid``. A SIGKILL goes while the
-    group is stopped (none of it can make new ones), in passes until none is left: the
-    children of one killed come to the supervisor, and the next pass finds them."""
+def signal_escaped(pid: int, pid_start: int, sig: signal.Signals) -> None:
+    """``sig`` to the processes that left the group of the job whose leader is ``pid``
+    (started at ``pid_start``: nothing is sent once that is not so). A SIGKILL goes while
+    the group is stopped, in passes until none is left, each stopping what it found before
+    it kills it (a stopped process forks nothing more; the children of one killed come to
+    the supervisor, and the next pass finds them). Reads all of ``/proc`` a pass: may run
+    on a thread. A process that forks anew faster than a pass may still get away."""
+
+    def found() -> list[int]:
+        kids = escaped(pid)
+        stat = read_stat(pid)
+        return kids if stat is not None and stat.start == pid_start else []
+
     if sig != signal.SIGKILL:
-        for kid in escaped(pid):
+        for kid in found():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(kid, sig)
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGSTOP)
     for _ in range(ESCAPE_PASSES):
-        found = escaped(pid)
-        if not found:
+        kids = found()
+        if not kids:
             return
-        for kid in found:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(kid, signal.SIGKILL)
+        for how in (signal.SIGSTOP, signal.SIGKILL):
+            for kid in kids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(kid, how)
 
 
 def signal_job(job_id: str, pid: int, pid_start: int, pidfd: int | None, *, child: bool,
-               sig: signal.Signals, tree: bool = False) -> None:
-    """Send ``sig`` to the job's process group, and to its leader through the pidfd; with
-    ``tree``, first to its processes that left the group (``escaped``)."""
+               sig: signal.Signals) -> None:
+    """Send ``sig`` to the job's process group, and to its leader through the pidfd."""
     if not child:
         # Not our child: it may have ended and its pid been reused since we last looked.
         stat = read_stat(pid)
         if stat is None or stat.start != pid_start:
             return
-    if tree:
-        _signal_escaped(pid, sig)
     with contextlib.suppress(ProcessLookupError):
         try:
             os.killpg(pid, sig)

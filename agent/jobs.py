@@ -61,6 +61,7 @@ from flexmesh.agent.jobprocs import (
     pid_start_time,
     reap_adopted,
     reap_child,
+    signal_escaped,
     signal_job,
     sweep_adopted_group,
 )
@@ -309,12 +310,20 @@ class JobRunner:
 
     def _signal(self, job: JobProcess, sig: signal.Signals) -> None:
         if not job.finished:
-            signal_job(job.job_id, job.pid, job.pid_start, job.pidfd, child=job.child, sig=sig,
-                       tree=job.tree)
+            signal_job(job.job_id, job.pid, job.pid_start, job.pidfd, child=job.child, sig=sig)
+
+    async def _signal_all(self, job: JobProcess, sig: signal.Signals) -> None:
+        """``sig`` to the job's processes out of its group (read from ``/proc`` on a
+        thread), then to its group."""
+        if job.tree and not job.finished:
+            await asyncio.to_thread(signal_escaped, job.pid, job.pid_start, sig)
+        self._signal(job, sig)
 
     def _kill_now(self, job: JobProcess, reason: str) -> None:
         if job.stop_reason is None:
             job.stop_reason = reason
+        if job.tree and not job.finished:  # (on the loop: only for a start cancelled)
+            signal_escaped(job.pid, job.pid_start, signal.SIGKILL)
         self._signal(job, signal.SIGKILL)
 
     @staticmethod
@@ -347,10 +356,10 @@ class JobRunner:
         if job.stop_reason is None:
             job.stop_reason = reason
         if grace_s > 0:
-            self._signal(job, signal.SIGTERM)
+            await self._signal_all(job, signal.SIGTERM)
             if await self._wait_done(job, grace_s):
                 return True
-        self._signal(job, signal.SIGKILL)
+        await self._signal_all(job, signal.SIGKILL)
         if not await self._wait_done(job, _KILL_WAIT_S):
             log.warning(
                 "job %s: pid %d still there %.0f s after SIGKILL", job_id, job.pid, _KILL_WAIT_S

@@ -22,10 +22,12 @@ supervisor is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process of the j
 left its process group (``setsid``) and whose parent ended is re-parented to it rather
 than to init, so it stays among the supervisor's descendants, where ``jobprocs`` finds it
 when the job is stopped (the supervisor reaps such orphans as they end). Once the command
-has ended, the supervisor SIGKILLs whatever of its descendants is left (each pass kills
-its children; theirs come to it as they die) and reaps them, for at most ``SWEEP_S``
-seconds, before it records the exit status: the job's processes do not outlive it, in its
-group or out of it.
+has ended, the supervisor stops and then SIGKILLs whatever of its descendants is left,
+in passes (the children of one that died come to it), and reaps them, for at most
+``SWEEP_S`` seconds, before it records the exit status. What this cannot stop: a process
+that fights it (forking anew faster than a pass over ``/proc``), and one running as the
+agent's own user, which may kill the supervisor or leave its tree (a cgroup per job would
+hold both: not done yet).
 
 The script is isolated (``-I -S``: no site, no user environment) and imports only the
 standard library; it costs a few MiB of memory per job.
@@ -104,26 +106,32 @@ while True:  # (a subreaper reaps the orphans that come to it as they end, too)
         break
 code = os.waitstatus_to_exitcode(st)
 
-def children():
-    me, found = str(os.getpid()).encode(), []
+def descendants():
+    kids = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open("/proc/" + name + "/stat", "rb") as f:
                     data = f.read()
-                if data[data.rfind(b")") + 2:].split()[1] == me:
-                    found.append(int(name))
-            except (OSError, IndexError):
+                kids.setdefault(int(data[data.rfind(b")") + 2:].split()[1]), []).append(int(name))
+            except (OSError, IndexError, ValueError):
                 pass
+    found, todo = [], [os.getpid()]
+    while todo:
+        for kid in kids.get(todo.pop(), ()):
+            found.append(kid)
+            todo.append(kid)
     return found
 
 deadline = time.monotonic() + SWEEP_S
 while sweep and time.monotonic() < deadline:
-    for kid in children():
-        try:
-            os.kill(kid, signal.SIGKILL)
-        except OSError:
-            pass
+    found = descendants()
+    for how in (signal.SIGSTOP, signal.SIGKILL):  # (a stopped one forks nothing more)
+        for kid in found:
+            try:
+                os.kill(kid, how)
+            except OSError:
+                pass
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

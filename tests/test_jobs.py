@@ -322,6 +322,74 @@ def test_processes_that_leave_the_group_end_with_the_job(run: Run[None], tmp_pat
     run(scenario())
 
 
+CHAIN = """
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None)
+
+def child(*_):
+    if os.fork() == 0:  # a new child, told (SIGUSR1) when its parent dies: it makes another
+        libc.prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
+        signal.signal(signal.SIGUSR1, child)
+
+os.setsid()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGUSR1, child)
+child()
+print("chain", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def _running(marker: str) -> list[int]:
+    """Live processes whose command line holds ``marker``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmd = f.read()
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker.encode() in cmd and state not in (b"Z", b"X"):
+                found.append(int(name))
+    return found
+
+
+def test_a_chain_that_rebuilds_itself_as_it_is_killed_ends_with_its_job(
+        run: Run[None], tmp_path: Path) -> None:
+    """Out of the group, each of its processes makes a new child when its parent dies
+    (PR_SET_PDEATHSIG): killed a child at a time, it would outlive the job. The sweep stops
+    each pass's processes before it kills them."""
+    chain = tmp_path / "chain-a7f3.py"
+    chain.write_text(CHAIN)
+
+    async def scenario() -> None:
+        exits = Exits()
+        runner = JobRunner(tmp_path, exits)
+        try:
+            await runner.start("chain", [sys.executable, str(chain)], {})
+            await wait_for_output(runner, "chain", b"chain\n")
+            os.kill(runner.running()["chain"], 0)
+            assert len(_running("chain-a7f3")) >= 2
+            await runner.start("ends", sh(f"{sys.executable} {chain} & sleep 0.5; exit 0"), {})
+            assert (await exits.wait("ends"))[0] == 0
+            assert await runner.stop("chain", grace_s=0.2)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while _running("chain-a7f3"):
+                assert loop.time() < deadline, _running("chain-a7f3")
+                await asyncio.sleep(0.01)
+        finally:
+            await runner.shutdown(kill=True, grace_s=1)
+            for pid in _running("chain-a7f3"):
+                os.kill(pid, signal.SIGKILL)
+
+    run(scenario())
+
+
 def test_many_concurrent_jobs_beside_asyncio_subprocesses(run: Run[None], tmp_path: Path) -> None:
     async def scenario() -> None:
         exits = Exits()

@@ -132,6 +132,25 @@ def test_a_failed_write_is_retried_until_it_succeeds_and_a_submit_hears_at_once(
     assert "succeed again (after 3 failed tries)" in caplog.text
 
 
+def test_a_refused_submission_alone_does_not_leave_the_journal_failing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing else to write, the failed batch of a refused submission is not
+    retried: the status must not go on saying writes fail (the disk may have room by then);
+    the next write says."""
+    monkeypatch.setattr(commit, "RETRY_FIRST", 0.001)
+
+    async def scenario() -> None:
+        group = GroupCommit(FlakyJournal(fails=1))  # type: ignore[arg-type]
+        with pytest.raises(JournalWriteError):
+            await group.write([_job("s")], retry=False)
+        assert group._task is not None
+        await group._task
+        assert group.health(asyncio.get_running_loop().time())["ok"] is True
+        await group.write([_job("t")], retry=False)  # (room again: written)
+
+    asyncio.run(scenario())
+
+
 def test_describe_names_a_full_disk() -> None:
     assert describe(OSError(errno.ENOSPC, "No space left on device")).startswith("disk full")
     assert describe(sqlite3.OperationalError("database or disk is full")).startswith("disk")

@@ -123,6 +123,7 @@ class GroupCommit:
         self.failures = 0  # failed tries, in all
         self.failing_since: float | None = None  # loop time of the first failed try
         self.last_error = ""  # why the last try failed (while failing_since is set)
+        self._failures_before = 0  # ``failures`` when the last run of failures began
 
     def health(self, now: float) -> dict[str, Any]:
         """For the status API: whether writes succeed now, else for how long (``now``:
@@ -165,6 +166,18 @@ class GroupCommit:
 
     async def _commit_loop(self) -> None:
         delay = RETRY_FIRST
+        try:
+            await self._commit_while_waited(delay)
+        finally:
+            # Nothing left to write (what failed was a submission, refused): writes are
+            # not failing now; the next one says whether the disk has room again.
+            if not self._waiters and self.failing_since is not None:
+                log.warning("journal: nothing left to write after %d failed tries; the "
+                            "next write tries again", self.failures - self._failures_before)
+                self._failures_before = self.failures
+                self.failing_since, self.last_error = None, ""
+
+    async def _commit_while_waited(self, delay: float) -> None:
         while self._waiters:
             batch, waiters = self._take()
             try:
@@ -183,7 +196,8 @@ class GroupCommit:
                 continue
             if self.failing_since is not None:
                 log.warning("journal writes succeed again (after %d failed tries)",
-                            self.failures)
+                            self.failures - self._failures_before)
+                self._failures_before = self.failures
                 self.failing_since, self.last_error = None, ""
             delay = RETRY_FIRST
             self.batches += 1
@@ -199,7 +213,8 @@ class GroupCommit:
         self.last_error = why
         if self.failing_since is None:
             self.failing_since = asyncio.get_running_loop().time()
-            log.error("journal write failed: %s; trying again until it succeeds", why)
+            log.error("journal write failed: %s; trying again while something waits to be "
+                      "written", why)
         for w in waiters:
             ids = self._impatient.pop(w, None)
             if ids is None:
