@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from payloadmesh import partial_size, payload_config
 
 from flexmesh.agent import bundlefetch
 from flexmesh.agent.bundle import sha256_file
@@ -80,17 +81,6 @@ def test_a_fetch_that_fills_the_disk_leaves_no_partial(tmp_path: Path,
     assert not partial.exists() or partial.stat().st_size == 0, partial.stat().st_size
 
 
-def _config(mesh: LocalMesh, name: str, work: Path, extra: str = "") -> list[str]:
-    path = mesh.root / f"{name}.toml"
-    path.write_text(f'[payload]\nwork_dir = "{work / name}"\n{extra}')
-    return ["--config", str(path)]
-
-
-def _partial_size(mesh: LocalMesh, node: str) -> int:
-    d = mesh.agents[node].dir / "state" / "bundles" / "partial"
-    return sum(p.stat().st_size for p in d.iterdir()) if d.exists() else 0
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_an_owner_killed_mid_fetch_still_runs_the_job(mesh: LocalMesh, tmp_path: Path,
@@ -100,14 +90,14 @@ def test_an_owner_killed_mid_fetch_still_runs_the_job(mesh: LocalMesh, tmp_path:
     with open(src / "blob", "wb") as f:
         for _ in range(60):
             f.write(os.urandom(1 << 20))
-    mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work_root))
-    mesh.start("d", join=["a"], extra=["--priority", "10", *_config(
+    mesh.start("a", sim="gpu:1x16GiB", extra=payload_config(mesh, "a", work_root))
+    mesh.start("d", join=["a"], extra=["--priority", "10", *payload_config(
         mesh, "d", work_root, '[network]\nbulk_rate = "10MiB/s"\n')])
     mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
     res = mesh.cli("d", "submit", "--gpu", "0.25", "--workdir", str(src), "-o", "json", "--",
                    "sh", "-c", "wc -c < blob")
     job_id = json.loads(res.stdout)["id"]
-    mesh.wait_for("part of the bundle", lambda: _partial_size(mesh, "a") > 10 << 20,
+    mesh.wait_for("part of the bundle", lambda: partial_size(mesh, "a") > 10 << 20,
                   timeout=60, interval=0.05)
     mesh.kill("a", signal.SIGKILL)
     mesh.restart("a")

@@ -11,24 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from payloadmesh import partial_size, payload_config
 
 from flexmesh.agent.localmesh import LocalMesh
 
 TERMINAL = ("succeeded", "failed", "cancelled", "preempted", "lost")
 # Long enough that neither side gives up on the other while the origin is down here.
 JOBS = '[jobs]\norphan_limit = 60\nowner_dead_grace = 90\n'
-
-
-def _config(mesh: LocalMesh, name: str, work: Path, extra: str = "",
-            jobs: str = JOBS) -> list[str]:
-    path = mesh.root / f"{name}.toml"
-    path.write_text(f'[payload]\nwork_dir = "{work / name}"\n{jobs}{extra}')
-    return ["--config", str(path)]
-
-
-def _partial_size(mesh: LocalMesh, node: str) -> int:
-    d = mesh.agents[node].dir / "state" / "bundles" / "partial"
-    return sum(p.stat().st_size for p in d.iterdir()) if d.exists() else 0
 
 
 def _retries(mesh: LocalMesh, node: str) -> list[str]:
@@ -44,14 +33,14 @@ def _fetching(mesh: LocalMesh, tmp_path: Path, work_root: Path, jobs: str = JOBS
     with open(src / "blob", "wb") as f:
         for _ in range(40):
             f.write(os.urandom(1 << 20))
-    mesh.start("a", sim="gpu:1x16GiB", extra=_config(mesh, "a", work_root, jobs=jobs))
-    mesh.start("d", join=["a"], extra=["--priority", "10", *_config(
-        mesh, "d", work_root, '[network]\nbulk_rate = "8MiB/s"\n', jobs)])
+    mesh.start("a", sim="gpu:1x16GiB", extra=payload_config(mesh, "a", work_root, jobs))
+    mesh.start("d", join=["a"], extra=["--priority", "10", *payload_config(
+        mesh, "d", work_root, f'{jobs}[network]\nbulk_rate = "8MiB/s"\n')])
     mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]))
     res = mesh.cli("d", "submit", "--gpu", "0.25", "--workdir", str(src), "-o", "json", "--",
                    "sh", "-c", "wc -c < blob")
     job_id: str = json.loads(res.stdout)["id"]
-    mesh.wait_for("part of the bundle", lambda: _partial_size(mesh, "a") > 4 << 20,
+    mesh.wait_for("part of the bundle", lambda: partial_size(mesh, "a") > 4 << 20,
                   timeout=60, interval=0.05)
     return job_id
 
