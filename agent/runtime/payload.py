@@ -7,11 +7,12 @@ lease goes ``LENT``, which has no TTL, and the run is journaled ``placed``), and
 this node's store: a job submitted here, or one fetched before; else fetched from the
 origin, see ``bundlefetch``), unpacks it into ``work_dir/JOB`` owned by the job's user,
 and only then starts the process there. While it fetches, the origin's ``JobSync`` hears
-``placed``; a cancel or preemption meanwhile ends the run at once on the owner's books and
-stops the fetch at the next chunk. A fetch that cannot reach the origin keeps trying
-while the run is kept (see ``FETCH_PATIENCE``). A fetch or unpack that fails ends the run
-``failed`` with the reason, as a command that cannot start does. The directory is removed when the
-process has exited (or never started).
+``placed``; a cancel or preemption meanwhile ends the run at once on the owner's books,
+and the fetch is cancelled as soon as the run is written (``runs_changed``). A fetch that
+cannot reach the origin keeps trying while the run is kept (see ``FETCH_PATIENCE``). A
+fetch or unpack that fails ends the run ``failed`` with the reason, as a command that
+cannot start does. The directory is removed when the process has exited (or never
+started).
 """
 
 from __future__ import annotations
