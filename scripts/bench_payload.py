@@ -403,8 +403,8 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     work.chmod(0o711)
     method = args.plain if args.plain != "auto" else (
         "socat" if shutil.which("socat") else "python")
-    plain: list[tuple[float, int, float]] = []
-    loose: list[tuple[float, int, float]] = []
+    plain: list[Copy] = []
+    loose: list[Copy] = []
     held: list[dict[str, Any]] = []
 
     def copy_plain(undrained: bool, drain: bool = True) -> None:
@@ -422,14 +422,27 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         mesh.wait_for("convergence", lambda: mesh.converged(["a", "d"]), timeout=60)
         agents = transfer(mesh, args, src, copy_plain)
     copy_plain(True, drain=False)
-    plain_mib_s = statistics.median(n / MIB / s for s, n, _ in plain)
-    best_mib_s = max(n / MIB / s for s, n, _ in plain + loose)
     return {
         "bench": "payload", "size_mib": args.size_mib, "files": args.files, "seed": args.seed,
         "rounds": args.rounds, "sealed": not args.insecure_plaintext,
         "load_1m_before": round(load, 2),  # (a busy machine slows both sides)
-        **agents,
-        "plain_method": method, "plain_bytes": plain[-1][1],
+        **agents, "plain_method": method, **compared(agents, plain, loose, held),
+        "page_write_ms_per_mib": page_probe(root / "probe.bin", min(args.size_mib, 128),
+                                            args.drain_mib),
+    }
+
+
+Copy = tuple[float, int, float]  # a plain copy: seconds, bytes, CPU seconds
+
+
+def compared(agents: dict[str, Any], plain: list[Copy], loose: list[Copy],
+             held: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plain copies' figures (``plain``: drained, one a round; ``loose``: as the
+    machine was; ``held``: their drains), and the fetches' against them."""
+    plain_mib_s = statistics.median(n / MIB / s for s, n, _ in plain)
+    best_mib_s = max(n / MIB / s for s, n, _ in plain + loose)
+    return {
+        "plain_bytes": plain[-1][1],
         "plain_s_runs": [round(run[0], 3) for run in plain],
         "plain_mib_s": round(plain_mib_s, 1),
         "plain_cpu_ms_per_mib": round(statistics.median(
@@ -445,8 +458,6 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                                                  strict=True)],
         "plain_undrained_s_runs": [round(run[0], 3) for run in loose],
         "ratio_best_plain": round(agents["fetch_mib_s"] / best_mib_s, 3),
-        "page_write_ms_per_mib": page_probe(root / "probe.bin", min(args.size_mib, 128),
-                                            args.drain_mib),
     }
 
 
