@@ -173,6 +173,9 @@ def signal_escaped(pid: int, pid_start: int, sig: signal.Signals) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(kid, sig)
         return
+    stat = read_stat(pid)
+    if stat is None or stat.start != pid_start or stat.state in ("Z", "X"):
+        return  # (ended meanwhile: its group, or a pid reused, is not to be stopped)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGSTOP)
     for _ in range(ESCAPE_PASSES):

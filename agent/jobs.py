@@ -315,9 +315,11 @@ class JobRunner:
     async def _signal_all(self, job: JobProcess, sig: signal.Signals) -> None:
         """``sig`` to the job's processes out of its group (read from ``/proc`` on a
         thread), then to its group."""
-        if job.tree and not job.finished:
-            await asyncio.to_thread(signal_escaped, job.pid, job.pid_start, sig)
-        self._signal(job, sig)
+        try:
+            if job.tree and not job.finished:
+                await asyncio.to_thread(signal_escaped, job.pid, job.pid_start, sig)
+        finally:  # (cancelled, or failed: the group, stopped by it, is signalled anyway)
+            self._signal(job, sig)
 
     def _kill_now(self, job: JobProcess, reason: str) -> None:
         if job.stop_reason is None:

@@ -67,7 +67,7 @@ class Payload:
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock)
         # The fetches under way, by job id, with the run each is for.
-        self._fetches: dict[str, tuple[RunRecord, asyncio.Future[bundlefetch.Fetched]]] = {}
+        self._fetches: dict[str, tuple[RunRecord, asyncio.Task[bundlefetch.Fetched]]] = {}
 
     async def start(self) -> None:
         """Read the store; remove the directories of runs here that ended while the agent
@@ -218,7 +218,7 @@ class Payload:
         """Fetch the bundle of ``job`` from its origin, on a task that ``runs_changed``
         cancels once the run is stopped (a pause, or a call that hangs on an origin gone
         silent, would keep it going and the job from being placed here again)."""
-        task = asyncio.ensure_future(bundlefetch.fetch(
+        task = asyncio.create_task(bundlefetch.fetch(
             lambda msg: self._call(job.origin, msg),
             bundlefetch.Want(job.bundle, job.bundle_size, job.id),
             self.cache.partial(job.bundle), self.cache.path(job.bundle),
@@ -255,8 +255,8 @@ class Payload:
         (cancelled, preempted, its origin silent) ends now; its partial file stays."""
         for job_id in job_ids & self._fetches.keys():
             job, task = self._fetches[job_id]
-            if not self.wanted(job):
-                task.cancel()
+            if not self.wanted(job) and not task.done() and not task.cancelling():
+                task.cancel()  # (once: a second cancel would cut its cleanup short)
 
     async def _origin_known(self, job: RunRecord) -> None:
         """An agent just restarted may be asked to run a job before it has heard of the
